@@ -1,0 +1,114 @@
+"""`vitlens serve`: load models and serve them over gRPC until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from vitlens_server.config import ServerConfig
+from vitlens_server.imaging import DEFAULT_MAX_PIXELS
+from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
+from vitlens_server.models.loading import ModelLoadError, ModelSpec
+
+__all__ = ["main", "parse_model_spec"]
+
+log = logging.getLogger("vitlens.serve")
+
+
+def parse_model_spec(text: str, device: str) -> ModelSpec:
+    """``[NAME=]ARCH[:WEIGHTS|:random]``, or ``vitlens-demo`` for the embedded model.
+
+    ``ARCH`` alone loads timm's pretrained weights from the local cache; ``:random`` builds a
+    randomly initialised model (for testing); otherwise ``WEIGHTS`` is a local file.
+    """
+    if text == DEMO_MODEL_NAME:
+        return demo_spec(device)
+    name, _, rest = text.rpartition("=")
+    arch, _, weights = rest.partition(":")
+    if not arch:
+        raise ValueError(f"model spec {text!r} names no architecture")
+    return ModelSpec(
+        name=name or arch,
+        architecture=arch,
+        weights=Path(weights) if weights and weights != "random" else None,
+        pretrained=not weights,
+        device=device,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitlens serve", description="Serve Vision Transformers and their explanations."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="[NAME=]ARCH[:WEIGHTS|:random]",
+        help=f"model to serve (repeatable); default: the embedded {DEMO_MODEL_NAME!r}",
+    )
+    parser.add_argument("--default-model", help="model used when a request names none")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="images per model pass")
+    parser.add_argument("--max-images", type=int, default=256, help="images per request")
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel limit per image"
+    )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        specs = tuple(parse_model_spec(m, args.device) for m in args.model or [DEMO_MODEL_NAME])
+    except ValueError as err:
+        print(f"vitlens serve: {err}", file=sys.stderr)
+        return 2
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        models=specs,
+        default_model=args.default_model,
+        max_batch_size=args.max_batch_size,
+        max_images_per_request=args.max_images,
+        max_pixels=args.max_pixels,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        asyncio.run(serve(config))
+    except (ModelLoadError, ValueError, OSError) as err:
+        print(f"vitlens serve: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(config: ServerConfig) -> None:
+    """Load the models, serve until SIGINT/SIGTERM, then drain and stop."""
+    from vitlens_server.models import ModelRegistry, load_model
+    from vitlens_server.models.loading import offline_hub
+    from vitlens_server.rpc import VitlensServer
+
+    offline_hub()
+    loop = asyncio.get_running_loop()
+    models = [await loop.run_in_executor(None, load_model, spec) for spec in config.models]
+    server = VitlensServer(config, ModelRegistry(models, config.default_model))
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls (grace %.0f s)", config.grace_s)
+    await server.stop()

@@ -1,0 +1,38 @@
+"""Server configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vitlens_server.imaging import DEFAULT_MAX_PIXELS
+from vitlens_server.models.default import demo_spec
+from vitlens_server.models.loading import ModelSpec
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `vitlens serve` can set.
+
+    Attributes:
+        host, port: where gRPC listens; port 0 picks a free port.
+        models: models to load; the first is the default unless ``default_model`` is set.
+        max_batch_size: images per model pass (larger requests run in chunks).
+        max_images_per_request: larger requests are rejected with INVALID_ARGUMENT.
+        max_pixels: per-image pixel limit against decompression bombs.
+        max_message_bytes: gRPC send/receive message limit.
+        decode_threads: threads decoding images off the event loop.
+        grace_s: seconds in-flight calls get to finish on shutdown.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    models: tuple[ModelSpec, ...] = field(default_factory=lambda: (demo_spec(),))
+    default_model: str | None = None
+    max_batch_size: int = 32
+    max_images_per_request: int = 256
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_message_bytes: int = 256 * 1024 * 1024
+    decode_threads: int = 2
+    grace_s: float = 10.0

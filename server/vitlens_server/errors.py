@@ -1,0 +1,52 @@
+"""Domain errors. Each class names the gRPC status it maps to; only `rpc` imports grpc.
+
+Raise these from anywhere below the RPC layer with a message that tells the caller what to fix.
+Anything else escaping a handler becomes INTERNAL with a generic message and a logged traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "Unimplemented",
+    "VitlensError",
+]
+
+
+class VitlensError(Exception):
+    """Base class; `status` is a `grpc.StatusCode` member name."""
+
+    status: str = "INTERNAL"
+
+
+class InvalidArgument(VitlensError):
+    """The request itself is wrong (bad image, unknown method, class out of range...)."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(VitlensError):
+    """A named resource (model) does not exist."""
+
+    status = "NOT_FOUND"
+
+
+class FailedPrecondition(VitlensError):
+    """The request is valid but the server is not in a state to serve it."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(VitlensError):
+    """A limit was hit (queue full, request too large)."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unimplemented(VitlensError):
+    """The RPC or feature is declared but not available yet."""
+
+    status = "UNIMPLEMENTED"

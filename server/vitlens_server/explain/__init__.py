@@ -1,0 +1,23 @@
+"""Explanation methods and the engine that runs them. Never imports grpc."""
+
+from vitlens_server.explain import methods as _methods  # noqa: F401  (registers the methods)
+from vitlens_server.explain.engine import (
+    Explainer,
+    ExplainJob,
+    ExplainResult,
+    Predictions,
+    TargetSpec,
+)
+from vitlens_server.explain.registry import METHODS, MethodSpec, Pass, get_method
+
+__all__ = [
+    "METHODS",
+    "ExplainJob",
+    "ExplainResult",
+    "Explainer",
+    "MethodSpec",
+    "Pass",
+    "Predictions",
+    "TargetSpec",
+    "get_method",
+]

@@ -1,0 +1,230 @@
+"""Run one batch through a model: forward, the backward passes a method needs, the method.
+
+`Explainer` owns the model's cached `AttentionHooks`; it is driven by one worker thread at a time.
+Everything stays on the model's device until the final host copy of the outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitlens_server.errors import InvalidArgument
+from vitlens_server.explain.capture import AttentionHooks
+from vitlens_server.explain.registry import MethodOutput, MethodSpec, Pass
+from vitlens_server.models import LoadedModel
+
+__all__ = ["ExplainJob", "ExplainResult", "Explainer", "Predictions", "TargetSpec"]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which classes to explain: the prediction, one index, one per image, or the top k."""
+
+    kind: Literal["predicted", "index", "per_image", "top_k"] = "predicted"
+    indices: tuple[int, ...] = ()
+    k: int = 1
+
+    @property
+    def count(self) -> int:
+        """Explanations per image (K)."""
+        return self.k if self.kind == "top_k" else 1
+
+
+@dataclass(frozen=True)
+class ExplainJob:
+    """One batch to explain. ``pixels`` is (B, C, H, W) float32 in [0, 1] at the input size."""
+
+    pixels: Tensor
+    method: MethodSpec
+    params: object
+    target: TargetSpec
+    grid: Literal["tokens", "input"] = "tokens"
+    relevance: bool = False
+    top_k_predictions: int = 5
+    output_dtype: Literal["float32", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Top-k classes per image: ``indices``, ``probabilities``, ``logits`` all (B, k)."""
+
+    indices: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray
+
+    @staticmethod
+    def concat(parts: list[Predictions]) -> Predictions:
+        """Join per-chunk predictions along the batch axis."""
+        return Predictions(
+            indices=np.concatenate([p.indices for p in parts]),
+            probabilities=np.concatenate([p.probabilities for p in parts]),
+            logits=np.concatenate([p.logits for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    """Host arrays for a batch of B images with K explained classes each.
+
+    Attributes:
+        predictions: top-k predictions.
+        targets: (B, K) explained class indices, with their (B, K) probabilities and logits.
+        heatmaps: (B, K, h, w) raw maps at the token grid or input resolution.
+        relevance: (B, K, N, N) token relevance, when requested.
+        compute_seconds: device time of the passes and the method.
+    """
+
+    predictions: Predictions
+    targets: np.ndarray
+    target_probabilities: np.ndarray
+    target_logits: np.ndarray
+    heatmaps: np.ndarray
+    relevance: np.ndarray | None
+    compute_seconds: float
+
+    @staticmethod
+    def concat(parts: list[ExplainResult]) -> ExplainResult:
+        """Join per-chunk results along the batch axis."""
+        if len(parts) == 1:
+            return parts[0]
+        return ExplainResult(
+            predictions=Predictions.concat([p.predictions for p in parts]),
+            targets=np.concatenate([p.targets for p in parts]),
+            target_probabilities=np.concatenate([p.target_probabilities for p in parts]),
+            target_logits=np.concatenate([p.target_logits for p in parts]),
+            heatmaps=np.concatenate([p.heatmaps for p in parts]),
+            relevance=None
+            if parts[0].relevance is None
+            else np.concatenate([p.relevance for p in parts]),
+            compute_seconds=sum(p.compute_seconds for p in parts),
+        )
+
+
+class Explainer:
+    """Classifies and explains batches with one loaded model."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.hooks = AttentionHooks(model.module)
+        shape = (1, -1, 1, 1)
+        self._mean = torch.tensor(model.mean, device=model.device).view(shape)
+        self._std = torch.tensor(model.std, device=model.device).view(shape)
+
+    def close(self) -> None:
+        self.hooks.close()
+
+    def check(self, method: MethodSpec, params: object, target: TargetSpec) -> None:
+        """Reject a job that cannot run on this model, before it is queued."""
+        geometry = self.model.geometry
+        if method.requires_class_token and not geometry.has_class_token:
+            raise InvalidArgument(
+                f"method {method.name!r} reads the class token's row, and model "
+                f"{self.model.name!r} has no class token"
+            )
+        check = getattr(params, "check", None)
+        if check is not None:
+            check(geometry.num_layers)
+        classes = geometry.num_classes
+        if target.kind == "top_k" and not 1 <= target.k <= classes:
+            raise InvalidArgument(f"target.top_k must lie in [1, {classes}]; got {target.k}")
+        for index in target.indices:
+            if not 0 <= index < classes:
+                raise InvalidArgument(
+                    f"class index {index} is out of range; model {self.model.name!r} has "
+                    f"{classes} classes (0..{classes - 1})"
+                )
+
+    def predict(self, pixels: Tensor, top_k: int) -> Predictions:
+        """Classify (B, C, H, W) pixels on the fused fast path."""
+        with torch.inference_mode():
+            logits = self.model.module(self._normalize(pixels))
+            return _top_k(logits, top_k)
+
+    def explain(self, job: ExplainJob) -> ExplainResult:
+        """Run the passes ``job.method`` needs and the method itself."""
+        start = time.perf_counter()
+        x = self._normalize(job.pixels)
+        method = job.method
+        outputs: list[MethodOutput] = []
+        with self.hooks.record() as rec:
+            if Pass.BACKWARD in method.passes:
+                with torch.enable_grad():
+                    x.requires_grad_(True)  # the graph starts at the input; weights stay frozen
+                    logits = self.model.module(x)
+                    targets = self._targets(logits.detach(), job.target)  # (B, K)
+                    count = targets.shape[1]
+                    for rank in range(count):
+                        chosen = logits.gather(1, targets[:, rank : rank + 1]).sum()
+                        grads = torch.autograd.grad(
+                            chosen, rec.attention_outputs(), retain_graph=rank < count - 1
+                        )
+                        for layer, grad in zip(rec.layers, grads, strict=True):
+                            layer.out_grad = grad
+                        with torch.no_grad():
+                            outputs.append(method.fn(rec, job.params))
+                logits = logits.detach()
+            else:
+                with torch.inference_mode():
+                    logits = self.model.module(x)
+                    targets = self._targets(logits, job.target)
+                    output = method.fn(rec, job.params)
+                outputs = [output] * targets.shape[1]  # not class-specific: one map serves all
+        result = self._finish(job, logits, targets, outputs)
+        return ExplainResult(**result, compute_seconds=time.perf_counter() - start)
+
+    def _normalize(self, pixels: Tensor) -> Tensor:
+        x = pixels.to(self.model.device, non_blocking=True)
+        return (x - self._mean) / self._std
+
+    def _targets(self, logits: Tensor, target: TargetSpec) -> Tensor:
+        """(B, K) class indices to explain."""
+        batch = logits.shape[0]
+        if target.kind == "top_k":
+            return logits.topk(target.k, dim=1).indices
+        if target.kind == "index":
+            return torch.full((batch, 1), target.indices[0], device=logits.device)
+        if target.kind == "per_image":
+            return torch.tensor(target.indices, device=logits.device).view(batch, 1)
+        return logits.argmax(dim=1, keepdim=True)
+
+    def _finish(
+        self, job: ExplainJob, logits: Tensor, targets: Tensor, outputs: list[MethodOutput]
+    ) -> dict:
+        with torch.no_grad():
+            heatmaps = torch.stack([o.heatmap for o in outputs], dim=1)  # (B, K, gh, gw)
+            if job.grid == "input":
+                size = self.model.geometry.input_size[1:]
+                heatmaps = F.interpolate(heatmaps, size=size, mode="bilinear", align_corners=False)
+            relevance = None
+            if job.relevance:
+                relevance = torch.stack([o.relevance for o in outputs], dim=1)  # (B, K, N, N)
+            probs = logits.softmax(dim=1)
+            host = job.output_dtype
+            return {
+                "predictions": _top_k(logits, job.top_k_predictions),
+                "targets": targets.cpu().numpy(),
+                "target_probabilities": probs.gather(1, targets).cpu().numpy(),
+                "target_logits": logits.gather(1, targets).float().cpu().numpy(),
+                "heatmaps": heatmaps.float().cpu().numpy().astype(host, copy=False),
+                "relevance": None
+                if relevance is None
+                else relevance.float().cpu().numpy().astype(host, copy=False),
+            }
+
+
+def _top_k(logits: Tensor, k: int) -> Predictions:
+    k = min(k, logits.shape[1])
+    probs = logits.float().softmax(dim=1)
+    top = probs.topk(k, dim=1)
+    return Predictions(
+        indices=top.indices.cpu().numpy(),
+        probabilities=top.values.cpu().numpy(),
+        logits=logits.float().gather(1, top.indices).cpu().numpy(),
+    )

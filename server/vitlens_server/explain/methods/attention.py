@@ -1,0 +1,97 @@
+"""Forward-only attention methods: raw attention and attention rollout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vitlens_server.errors import InvalidArgument
+from vitlens_server.explain.capture import Recording
+from vitlens_server.explain.params import NoParams, choice, param
+from vitlens_server.explain.registry import MethodOutput, Pass, register_method
+
+__all__ = ["RolloutParams", "cls_row_map", "raw_attention", "rollout"]
+
+
+def cls_row_map(matrix: Tensor, rec: Recording) -> Tensor:
+    """CLS row of a (B, N, N) token matrix over the patch tokens, as (B, gh, gw)."""
+    p = rec.num_prefix_tokens
+    return matrix[:, 0, p:].reshape(matrix.shape[0], *rec.grid)
+
+
+@register_method(
+    "raw_attention",
+    passes=Pass.FORWARD,
+    class_specific=False,
+    relevance_matrix=True,
+    description="Last block's attention from the class token, mean over heads (Chefer 2021 "
+    "baseline).",
+)
+def raw_attention(rec: Recording, _params: NoParams) -> MethodOutput:
+    """map = mean_h A_L[:, h, 0, P:]; relevance = mean_h A_L, (B, N, N)."""
+    attn = rec.attention(rec.num_layers - 1).mean(dim=1)  # (B, N, N)
+    return MethodOutput(cls_row_map(attn, rec), attn)
+
+
+@dataclass(frozen=True)
+class RolloutParams:
+    head_fusion: str = choice("mean", "mean", "max", "min", doc="How heads are fused per layer.")
+    discard_ratio: float = param(
+        0.0,
+        "Fraction of the lowest fused attention weights of each layer (per image, over the whole "
+        "N x N matrix) set to zero before adding the identity.",
+        low=0.0,
+        high=0.99,
+    )
+    start_layer: int = param(0, "First block included in the product (0 = all blocks).", low=0)
+
+    def check(self, num_layers: int) -> None:
+        if self.start_layer >= num_layers:
+            raise InvalidArgument(
+                f"rollout.start_layer must be below the model's {num_layers} layers; "
+                f"got {self.start_layer}"
+            )
+
+
+@register_method(
+    "rollout",
+    passes=Pass.FORWARD,
+    class_specific=False,
+    relevance_matrix=True,
+    params=RolloutParams,
+    description="Attention rollout (Abnar & Zuidema 2020): product of head-fused, "
+    "identity-augmented, row-normalised attention over the blocks.",
+)
+def rollout(rec: Recording, params: RolloutParams) -> MethodOutput:
+    """R = Ã_L ··· Ã_s with Ã_l = norm_rows(fuse_h(A_l) + I); map = R[0, P:]."""
+    result: Tensor | None = None
+    for layer in range(params.start_layer, rec.num_layers):
+        fused = _fuse_heads(rec.attention(layer), params.head_fusion)  # (B, N, N)
+        if params.discard_ratio > 0:
+            fused = _discard_lowest(fused, params.discard_ratio)
+        eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+        augmented = fused + eye
+        augmented = augmented / augmented.sum(dim=-1, keepdim=True)
+        result = augmented if result is None else augmented @ result
+    return MethodOutput(cls_row_map(result, rec), result)
+
+
+def _fuse_heads(attn: Tensor, how: str) -> Tensor:
+    """(B, H, N, N) → (B, N, N)."""
+    if how == "max":
+        return attn.amax(dim=1)
+    if how == "min":
+        return attn.amin(dim=1)
+    return attn.mean(dim=1)
+
+
+def _discard_lowest(fused: Tensor, ratio: float) -> Tensor:
+    """Zero the ``ratio`` fraction of lowest entries of each (N, N) matrix of (B, N, N)."""
+    flat = fused.flatten(1)
+    count = int(flat.shape[1] * ratio)
+    if count == 0:
+        return fused
+    lowest = flat.topk(count, dim=1, largest=False).indices
+    return flat.scatter(1, lowest, 0.0).view_as(fused)

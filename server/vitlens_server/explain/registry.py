@@ -1,0 +1,119 @@
+"""The registry of explanation methods.
+
+A method is one small function ``(Recording, params) -> MethodOutput`` plus a `MethodSpec`
+declaring the passes it needs, so the engine runs each pass once for every method sharing it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from vitlens_server.errors import InvalidArgument
+from vitlens_server.explain.capture import Recording
+from vitlens_server.explain.params import NoParams
+
+__all__ = ["METHODS", "MethodOutput", "MethodSpec", "Pass", "get_method", "register_method"]
+
+
+class Pass(enum.Flag):
+    """Model passes a method needs."""
+
+    FORWARD = enum.auto()
+    BACKWARD = enum.auto()  # gradients of the target logit w.r.t. the attention maps
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    """A method's raw result on the model's device.
+
+    Attributes:
+        heatmap: (B, gh, gw) token-grid map (larger = more relevant).
+        relevance: (B, N, N) token x token relevance, for methods that have one.
+    """
+
+    heatmap: Tensor
+    relevance: Tensor | None = None
+
+
+MethodFn = Callable[[Recording, object], MethodOutput]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MethodFn
+    passes: Pass
+    class_specific: bool
+    relevance_matrix: bool
+    requires_class_token: bool
+    params: type
+    description: str
+
+    @property
+    def pass_names(self) -> list[str]:
+        return [p.name.lower() for p in Pass if p in self.passes]
+
+
+class MethodRegistry:
+    """Name → spec; registering a name twice is an error, never a silent overwrite."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, MethodSpec] = {}
+
+    def add(self, spec: MethodSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"method {spec.name!r} is registered twice")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> MethodSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            raise InvalidArgument(f"unknown method {name!r}; valid methods: {', '.join(self)}")
+        return spec
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._specs))
+
+    def specs(self) -> list[MethodSpec]:
+        return [self._specs[name] for name in self]
+
+
+METHODS = MethodRegistry()
+
+
+def register_method(
+    name: str,
+    *,
+    passes: Pass,
+    description: str,
+    class_specific: bool,
+    relevance_matrix: bool = False,
+    requires_class_token: bool = True,
+    params: type = NoParams,
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator adding a method function to `METHODS`."""
+
+    def add(fn: MethodFn) -> MethodFn:
+        METHODS.add(
+            MethodSpec(
+                name=name,
+                fn=fn,
+                passes=passes | Pass.FORWARD,
+                class_specific=class_specific,
+                relevance_matrix=relevance_matrix,
+                requires_class_token=requires_class_token,
+                params=params,
+                description=description,
+            )
+        )
+        return fn
+
+    return add
+
+
+def get_method(name: str) -> MethodSpec:
+    return METHODS.get(name)

@@ -1,0 +1,118 @@
+"""Decode and validate request images into model-ready pixel tensors.
+
+Every image is checked before any of them is queued: undecodable bytes, bad tensor layouts and
+oversized images (a decompression-bomb guard) raise `InvalidArgument` naming the image's index.
+Images are resized to the model's input size without cropping, so maps cover the whole image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image as PILImage
+from vitlens.tensors import TensorFormatError, tensor_to_numpy
+from vitlens.v1 import tensor_pb2
+
+from vitlens_server.errors import InvalidArgument
+
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecoder"]
+
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above any camera, below decompression-bomb sizes
+
+
+@dataclass(frozen=True)
+class ImageDecoder:
+    """Turns `Image` messages into a (B, 3, H, W) float32 batch in [0, 1] at ``size``."""
+
+    size: tuple[int, int]  # (H, W) model input
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __call__(self, images: Sequence[tensor_pb2.Image]) -> torch.Tensor:
+        return torch.stack([self.decode(i, image) for i, image in enumerate(images)])
+
+    def decode(self, index: int, image: tensor_pb2.Image) -> torch.Tensor:
+        """One image → (3, H, W) float32 in [0, 1]."""
+        where = f"images[{index}]" + (f" ({image.id!r})" if image.id else "")
+        source = image.WhichOneof("source")
+        if source == "encoded":
+            pixels = self._decode_bytes(image.encoded, where)
+        elif source == "pixels":
+            pixels = self._decode_tensor(image.pixels, where)
+        else:
+            raise InvalidArgument(f"{where} is empty: set `encoded` bytes or a `pixels` tensor")
+        return self._resize(pixels)
+
+    def _check_size(self, height: int, width: int, where: str) -> None:
+        if height * width > self.max_pixels:
+            raise InvalidArgument(
+                f"{where} has {width}x{height} = {height * width:,} pixels, above this server's "
+                f"limit of {self.max_pixels:,}; downscale it before sending"
+            )
+
+    def _decode_bytes(self, data: bytes, where: str) -> torch.Tensor:
+        if not data:
+            raise InvalidArgument(f"{where}: `encoded` holds no bytes")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+                img = PILImage.open(io.BytesIO(data))
+                self._check_size(img.height, img.width, where)  # before any pixel is decoded
+                rgb = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+        except InvalidArgument:
+            raise
+        except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
+            raise InvalidArgument(f"{where} is too large to decode safely: {err}") from err
+        except PILImage.UnidentifiedImageError as err:
+            raise InvalidArgument(
+                f"{where}: the {len(data)} `encoded` bytes are not an image format this server "
+                "reads; send PNG, JPEG, WebP, BMP or TIFF, or a `pixels` tensor"
+            ) from err
+        except Exception as err:  # Pillow raises many types for truncated or corrupt files
+            raise InvalidArgument(
+                f"{where}: the image is corrupt or truncated ({type(err).__name__}: {err})"
+            ) from err
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
+
+    def _decode_tensor(self, tensor: tensor_pb2.Tensor, where: str) -> torch.Tensor:
+        try:
+            array = tensor_to_numpy(tensor)
+        except TensorFormatError as err:
+            raise InvalidArgument(f"{where}.pixels: {err}") from err
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3):
+            raise InvalidArgument(
+                f"{where}.pixels has shape {tuple(array.shape)}; expected (H, W), (H, W, 1) or "
+                "(H, W, 3) (channels last, RGB)"
+            )
+        height, width, _ = array.shape
+        if height == 0 or width == 0:
+            raise InvalidArgument(f"{where}.pixels is empty (shape {tuple(array.shape)})")
+        self._check_size(height, width, where)
+        if array.dtype == np.uint8:
+            pixels = torch.from_numpy(array.copy()).float().div_(255)
+        else:
+            pixels = torch.from_numpy(array.astype(np.float32))
+            if not torch.isfinite(pixels).all():
+                raise InvalidArgument(f"{where}.pixels holds NaN or infinite values")
+            low, high = pixels.min().item(), pixels.max().item()
+            if low < 0 or high > 1:
+                raise InvalidArgument(
+                    f"{where}.pixels are floats in [{low:.3g}, {high:.3g}]; float pixels must "
+                    "lie in [0, 1] (send uint8 for 0..255)"
+                )
+        return pixels.permute(2, 0, 1).expand(3, -1, -1)
+
+    def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
+        if tuple(pixels.shape[1:]) == self.size:
+            return pixels.contiguous()
+        resized = F.interpolate(
+            pixels[None], size=self.size, mode="bicubic", align_corners=False, antialias=True
+        )
+        return resized[0].clamp_(0, 1)

@@ -1,0 +1,252 @@
+"""Build a timm Vision Transformer and load its weights without ever unpickling arbitrary code.
+
+Weights come from a local file (safetensors, or a `torch.load(weights_only=True)` checkpoint),
+from timm's pretrained cache when it is already on disk (never the network), or are a seeded
+random initialisation, which `ModelInfo.weights.random` then reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import ImageNetInfo, resolve_data_config
+from torch import nn
+
+__all__ = ["LoadedModel", "ModelGeometry", "ModelLoadError", "ModelSpec", "load_model"]
+
+log = logging.getLogger(__name__)
+
+_STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be built or its weights could not be loaded (a startup error)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to serve under one name.
+
+    Attributes:
+        name: served name, used in requests.
+        architecture: timm model name, e.g. ``vit_base_patch16_224``.
+        weights: local weights file; ``None`` with ``pretrained=False`` means random weights.
+        pretrained: load timm's pretrained weights from the local cache (offline only).
+        labels: class names; default: from a ``<weights>.json`` sidecar, ImageNet names for
+            1000-class models, else ``class_<i>``.
+        model_kwargs: extra ``timm.create_model`` arguments (``num_classes``, ``depth``...).
+        device: torch device string.
+        seed: seed of the random initialisation when no weights are given.
+        metadata: provenance shown in ``ModelInfo.weights.metadata``.
+    """
+
+    name: str
+    architecture: str
+    weights: Path | None = None
+    pretrained: bool = False
+    labels: tuple[str, ...] | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    seed: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """Shapes read from the model, never assumed (N = num_prefix_tokens + gh * gw)."""
+
+    input_size: tuple[int, int, int]  # (C, H, W)
+    patch_size: tuple[int, int]
+    grid: tuple[int, int]  # (gh, gw)
+    num_prefix_tokens: int
+    has_class_token: bool
+    num_layers: int
+    num_heads: int
+    num_classes: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    source: str
+    random: bool
+    sha256: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode on its device, with everything requests need to know about it."""
+
+    spec: ModelSpec
+    module: nn.Module
+    geometry: ModelGeometry
+    labels: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: WeightsInfo
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.spec.device)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Build ``spec.architecture`` with timm and load its weights.
+
+    Raises:
+        ModelLoadError: unknown architecture, unreadable or mismatched weights, missing cache.
+    """
+    sidecar = _read_sidecar(spec.weights)
+    kwargs = {**sidecar.get("model_kwargs", {}), **spec.model_kwargs}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            module = timm.create_model(spec.architecture, pretrained=spec.pretrained, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ModelLoadError(f"unknown timm architecture {spec.architecture!r}") from err
+        raise ModelLoadError(f"cannot build {spec.architecture!r}: {err}") from err
+    except Exception as err:  # timm's hub loader raises many types when offline
+        if spec.pretrained:
+            raise ModelLoadError(
+                f"pretrained weights for {spec.architecture!r} are not in the local timm/Hugging "
+                f"Face cache and cannot be downloaded; pass a weights file instead ({err})"
+            ) from err
+        raise ModelLoadError(f"cannot build {spec.architecture!r}: {err}") from err
+
+    weights = _load_weights(spec, module, sidecar)
+    module.eval().requires_grad_(False).to(spec.device)  # our copy: weights never train
+    geometry = _read_geometry(module)
+    data_cfg = resolve_data_config({}, model=module)
+    mean = tuple(sidecar.get("mean", data_cfg["mean"]))
+    std = tuple(sidecar.get("std", data_cfg["std"]))
+    labels = _resolve_labels(spec, sidecar, geometry.num_classes)
+    if weights.random:
+        log.warning(
+            "model %r has RANDOM weights: its predictions and explanations are meaningless",
+            spec.name,
+        )
+    return LoadedModel(spec, module, geometry, labels, mean, std, weights)  # type: ignore[arg-type]
+
+
+def _read_sidecar(weights: Path | None) -> dict[str, Any]:
+    """Metadata stored next to a weights file as ``<weights>.json`` (optional)."""
+    if weights is None:
+        return {}
+    path = weights.with_suffix(".json")
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read model metadata {path}: {err}") from err
+
+
+def _load_weights(spec: ModelSpec, module: nn.Module, sidecar: Mapping[str, Any]) -> WeightsInfo:
+    metadata = {str(k): str(v) for k, v in sidecar.get("metadata", {}).items()}
+    metadata.update(spec.metadata)
+    if spec.weights is None:
+        source = "timm-cache" if spec.pretrained else "random"
+        return WeightsInfo(source, random=not spec.pretrained, metadata=metadata)
+    state_dict = read_state_dict(spec.weights)
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights {spec.weights} do not fit {spec.architecture!r} with "
+            f"{dict(spec.model_kwargs) or 'default arguments'}: missing {_few(missing)}, "
+            f"unexpected {_few(unexpected)}"
+        )
+    digest = hashlib.sha256(spec.weights.read_bytes()).hexdigest()
+    return WeightsInfo(spec.weights.name, random=False, sha256=digest, metadata=metadata)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a weights-only torch checkpoint, on the CPU."""
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot read weights {path}: {err}") from err
+    for key in _STATE_DICT_KEYS:
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict):
+        raise ModelLoadError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def _read_geometry(module: nn.Module) -> ModelGeometry:
+    blocks = getattr(module, "blocks", None)
+    patch_embed = getattr(module, "patch_embed", None)
+    if blocks is None or patch_embed is None or not hasattr(module, "num_prefix_tokens"):
+        raise ModelLoadError(
+            f"{type(module).__name__} is not a timm VisionTransformer-family model "
+            "(needs blocks, patch_embed and num_prefix_tokens)"
+        )
+    img_size = tuple(patch_embed.img_size)
+    in_chans = patch_embed.proj.in_channels
+    has_cls = bool(
+        getattr(module, "has_class_token", getattr(module, "cls_token", None) is not None)
+    )
+    return ModelGeometry(
+        input_size=(in_chans, img_size[0], img_size[1]),
+        patch_size=tuple(patch_embed.patch_size),
+        grid=tuple(patch_embed.grid_size),
+        num_prefix_tokens=int(module.num_prefix_tokens),
+        has_class_token=has_cls,
+        num_layers=len(blocks),
+        num_heads=int(blocks[0].attn.num_heads),
+        num_classes=int(module.num_classes),
+    )
+
+
+def _resolve_labels(
+    spec: ModelSpec, sidecar: Mapping[str, Any], num_classes: int
+) -> tuple[str, ...]:
+    labels = spec.labels or sidecar.get("labels")
+    if labels is None and num_classes == 1000:
+        info = ImageNetInfo()
+        labels = [info.index_to_description(i).split(",")[0] for i in range(num_classes)]
+    if labels is None:
+        labels = [f"class_{i}" for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise ModelLoadError(
+            f"model {spec.name!r} has {num_classes} classes but {len(labels)} labels"
+        )
+    return tuple(labels)
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
+
+
+def offline_hub() -> None:
+    """Make timm's pretrained loader read only the local cache; call once at startup."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,80 @@
+"""Assemble the grpc.aio server: the Vitlens service, grpc.health.v1 and reflection."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
+
+from vitlens_server.config import ServerConfig
+from vitlens_server.models import ModelRegistry
+from vitlens_server.rpc.servicer import VitlensServicer
+from vitlens_server.runtime import ModelWorker, WorkerPool
+
+__all__ = ["SERVICE_NAME", "VitlensServer"]
+
+log = logging.getLogger("vitlens.server")
+
+SERVICE_NAME = vitlens_pb2.DESCRIPTOR.services_by_name["Vitlens"].full_name
+
+
+class VitlensServer:
+    """A running vitlens gRPC server over already-loaded models.
+
+    Usage::
+
+        server = VitlensServer(config, registry)
+        port = await server.start()
+        ...
+        await server.stop()
+    """
+
+    def __init__(self, config: ServerConfig, registry: ModelRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.workers = WorkerPool(
+            ModelWorker(model, max_batch_size=config.max_batch_size) for model in registry
+        )
+        self.health = health.aio.HealthServicer()
+        self.servicer = VitlensServicer(config, registry, self.workers)
+        limit = config.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+        vitlens_pb2_grpc.add_VitlensServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        """Bind, start serving and report SERVING; returns the bound port."""
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("vitlens serving on %s:%d", self.config.host, self.port)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within the grace period, then stop."""
+        await self.health.enter_graceful_shutdown()
+        grace = self.config.grace_s if grace_s is None else grace_s
+        await self._server.stop(grace)
+        self.servicer.close()
+        self.workers.close()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
