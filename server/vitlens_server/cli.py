@@ -98,10 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(config: ServerConfig) -> None:
     """Load the models, serve until SIGINT/SIGTERM, then drain and stop."""
     from vitlens_server.models import ModelRegistry, load_model
-    from vitlens_server.models.loading import offline_hub
     from vitlens_server.rpc import VitlensServer
 
-    offline_hub()
     loop = asyncio.get_running_loop()
     models = [await loop.run_in_executor(None, load_model, spec) for spec in config.models]
     server = VitlensServer(config, ModelRegistry(models, config.default_model))

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
+
 from vitlens.tensors import TensorFormatError, tensor_to_numpy
 from vitlens.v1 import tensor_pb2
-
 from vitlens_server.errors import InvalidArgument
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageDecoder"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
@@ -40,7 +41,8 @@ class ModelSpec:
         name: served name, used in requests.
         architecture: timm model name, e.g. ``vit_base_patch16_224``.
         weights: local weights file; ``None`` with ``pretrained=False`` means random weights.
-        pretrained: load timm's pretrained weights from the local cache (offline only).
+        pretrained: load timm's pretrained weights from the local Hugging Face or torch hub
+            cache (never downloaded).
         labels: class names; default: from a ``<weights>.json`` sidecar, ImageNet names for
             1000-class models, else ``class_<i>``.
         model_kwargs: extra ``timm.create_model`` arguments (``num_classes``, ``depth``...).
@@ -118,17 +120,12 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            module = timm.create_model(spec.architecture, pretrained=spec.pretrained, **kwargs)
+            module = timm.create_model(spec.architecture, pretrained=False, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ModelLoadError(f"unknown timm architecture {spec.architecture!r}") from err
         raise ModelLoadError(f"cannot build {spec.architecture!r}: {err}") from err
-    except Exception as err:  # timm's hub loader raises many types when offline
-        if spec.pretrained:
-            raise ModelLoadError(
-                f"pretrained weights for {spec.architecture!r} are not in the local timm/Hugging "
-                f"Face cache and cannot be downloaded; pass a weights file instead ({err})"
-            ) from err
+    except (TypeError, ValueError) as err:
         raise ModelLoadError(f"cannot build {spec.architecture!r}: {err}") from err
 
     weights = _load_weights(spec, module, sidecar)
@@ -162,20 +159,65 @@ def _read_sidecar(weights: Path | None) -> dict[str, Any]:
 def _load_weights(spec: ModelSpec, module: nn.Module, sidecar: Mapping[str, Any]) -> WeightsInfo:
     metadata = {str(k): str(v) for k, v in sidecar.get("metadata", {}).items()}
     metadata.update(spec.metadata)
+    if spec.pretrained:
+        path = cached_pretrained_file(module)
+        _load_state_dict(module, read_state_dict(path), path, spec)
+        return WeightsInfo("timm-cache", random=False, sha256=_sha256(path), metadata=metadata)
     if spec.weights is None:
-        source = "timm-cache" if spec.pretrained else "random"
-        return WeightsInfo(source, random=not spec.pretrained, metadata=metadata)
-    state_dict = read_state_dict(spec.weights)
+        return WeightsInfo("random", random=True, metadata=metadata)
+    _load_state_dict(module, read_state_dict(spec.weights), spec.weights, spec)
+    return WeightsInfo(
+        spec.weights.name, random=False, sha256=_sha256(spec.weights), metadata=metadata
+    )
+
+
+def _load_state_dict(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, spec: ModelSpec
+) -> None:
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ModelLoadError(
-            f"weights {spec.weights} do not fit {spec.architecture!r} with "
+            f"weights {path} do not fit {spec.architecture!r} with "
             f"{dict(spec.model_kwargs) or 'default arguments'}: missing {_few(missing)}, "
             f"unexpected {_few(unexpected)}"
         )
-    digest = hashlib.sha256(spec.weights.read_bytes()).hexdigest()
-    return WeightsInfo(spec.weights.name, random=False, sha256=digest, metadata=metadata)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_pretrained_file(module: nn.Module) -> Path:
+    """The model's pretrained weights in the local Hugging Face or torch hub cache.
+
+    Reads only the disk: vitlens never downloads weights.
+    """
+    cfg = getattr(module, "pretrained_cfg", {}) or {}
+    tried = []
+    if hub_id := cfg.get("hf_hub_id"):
+        cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+        )
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id, filename, cache_dir=cache)
+            if isinstance(found, str):
+                return Path(found)
+        tried.append(f"Hugging Face cache {cache} (repo {hub_id})")
+    if url := cfg.get("url"):
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if path.is_file():
+            return path
+        tried.append(str(path))
+    raise ModelLoadError(
+        f"pretrained weights for {cfg.get('architecture', type(module).__name__)!r} are not in "
+        f"the local cache ({'; '.join(tried) or 'no pretrained source known'}) and vitlens never "
+        "downloads them; pass a weights file instead"
+    )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -245,8 +287,3 @@ def _few(keys: list[str], limit: int = 4) -> str:
         return "none"
     shown = ", ".join(keys[:limit])
     return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
-
-
-def offline_hub() -> None:
-    """Make timm's pretrained loader read only the local cache; call once at startup."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from google.protobuf import json_format
+
 from vitlens.tensors import numpy_to_tensor
 from vitlens.v1 import tensor_pb2, vitlens_pb2
-
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain import METHODS, ExplainResult, Predictions, TargetSpec
 from vitlens_server.explain.params import describe_params

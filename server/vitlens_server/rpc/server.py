@@ -7,8 +7,8 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
 
+from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
 from vitlens_server.models import ModelRegistry
 from vitlens_server.rpc.servicer import VitlensServicer

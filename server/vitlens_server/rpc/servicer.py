@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
-from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
 
+from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain import ExplainJob, get_method

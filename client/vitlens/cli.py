@@ -1,0 +1,251 @@
+"""The ``vitlens`` command: explain, predict, models, serve.
+
+``vitlens serve`` hands its arguments to the server package (installed with
+``pip install "vitlens[server]"``); the other commands only need the SDK, plus Pillow for
+``explain``'s PNG figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vitlens.client import DEFAULT_TARGET, Client
+from vitlens.errors import UnavailableError, VitlensError
+from vitlens.results import ExplainResult, ImageExplanation, ModelInfo
+
+__all__ = ["main"]
+
+
+def _default_server() -> str:
+    return os.environ.get("VITLENS_SERVER") or DEFAULT_TARGET
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is parsed as JSON when it is valid JSON, else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "class"
+
+
+def _unique_stems(paths: Sequence[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for p in paths:
+        n = seen[p.stem] = seen.get(p.stem, 0) + 1
+        stems.append(p.stem if n == 1 else f"{p.stem}_{n}")
+    return stems
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), max(size, 1))]
+
+
+def _write_explanation(
+    path: Path, stem: str, item: ImageExplanation, result: ExplainResult, args: argparse.Namespace
+) -> list[Path]:
+    from vitlens.overlay import default_caption, render_explanation
+
+    out = Path(args.out)
+    data = path.read_bytes()
+    files, entries = [], []
+    for e in item.explanations:
+        name = f"{stem}_{_safe(e.target.label or str(e.target.index))}" if args.top_k else stem
+        target = out / f"{name}.png"
+        if target.resolve() == path.resolve():
+            raise ValueError(f"refusing to overwrite the input image {path}; choose another --out")
+        render_explanation(data, e, default_caption(e, result.method)).save(target)
+        files.append(target)
+        heat = e.heatmap
+        entries.append(
+            {
+                "target": dataclasses.asdict(e.target),
+                "file": target.name,
+                "heatmap_shape": list(heat.shape),
+                "heatmap_min": float(heat.min()) if heat.size else None,
+                "heatmap_max": float(heat.max()) if heat.size else None,
+            }
+        )
+    report = {
+        "image": str(path),
+        "id": item.id,
+        "model": result.model,
+        "method": result.method,
+        "predictions": [dataclasses.asdict(p) for p in item.predictions],
+        "explanations": entries,
+        "timing": dataclasses.asdict(result.timing),
+    }
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    return files
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from vitlens.overlay import require_pillow
+
+    require_pillow()
+    paths = [Path(p) for p in args.images]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"image file not found: {p}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(paths)
+    with Client(args.server, timeout_s=args.timeout_s) as client:
+        for chunk in _batches(list(zip(paths, stems, strict=True)), args.batch_size):
+            result = client.explain(
+                [str(p) for p, _ in chunk],
+                method=args.method,
+                model=args.model,
+                target=args.target,
+                top_k=args.top_k,
+                grid=args.grid,
+                method_options=dict(args.option or []),
+            )
+            for (path, stem), item in zip(chunk, result, strict=True):
+                files = _write_explanation(path, stem, item, result, args)
+                top = item.top
+                written = ", ".join(str(f) for f in files)
+                print(f"{path}: {top.label} {top.probability:.1%} -> {written}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    paths = list(args.images)
+    with Client(args.server, timeout_s=args.timeout_s) as client:
+        for chunk in _batches(paths, args.batch_size):
+            results = client.predict(chunk, model=args.model, top_k=args.top_k)
+            for path, c in zip(chunk, results, strict=True):
+                print(path)
+                for rank, p in enumerate(c.predictions, 1):
+                    print(f"  {rank:>2}. {p.probability:7.2%}  {p.label}  (class {p.index})")
+    return 0
+
+
+def _model_row(m: ModelInfo, default: str) -> list[str]:
+    return [
+        m.name + (" *" if m.name == default else ""),
+        m.architecture,
+        "x".join(str(d) for d in m.input_size),
+        "x".join(str(d) for d in m.patch_grid),
+        str(m.num_classes),
+        m.weights.source,
+        "yes" if m.random_weights else "no",
+    ]
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    with Client(args.server, timeout_s=args.timeout_s) as client:
+        models = client.models()
+        default = client.default_model
+    if args.json:
+        doc = {"default_model": default, "models": [dataclasses.asdict(m) for m in models]}
+        print(json.dumps(doc, indent=2))
+        return 0
+    header = ["NAME", "ARCHITECTURE", "INPUT", "GRID", "CLASSES", "WEIGHTS", "RANDOM"]
+    rows = [header] + [_model_row(m, default) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    if default:
+        print(f"(* default model: {default})")
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    try:
+        from vitlens_server.cli import main as serve_main
+    except ImportError as e:
+        print(
+            f'error: the server needs `pip install "vitlens[server]"` ({e})',
+            file=sys.stderr,
+        )
+        return 2
+    return int(serve_main(argv) or 0)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitlens", description="Explain Vision Transformer predictions with a vitlens server."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=_default_server(),
+        metavar="HOST:PORT",
+        help="server address (default: $VITLENS_SERVER or %(default)s)",
+    )
+    common.add_argument("--timeout-s", type=float, default=300.0, help="deadline per call")
+
+    batch = argparse.ArgumentParser(add_help=False)
+    batch.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    batch.add_argument("--model", default="", help="model name (default: the server's)")
+    batch.add_argument("--batch-size", type=int, default=8, help="images per request")
+
+    ex = sub.add_parser("explain", parents=[common, batch], help="write heatmap overlays")
+    ex.add_argument("--method", default="generic", help="explanation method")
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument("--target", type=int, metavar="N", help="explain class N")
+    which.add_argument("--top-k", type=int, metavar="K", help="explain the K top classes")
+    ex.add_argument("--grid", choices=["tokens", "input"], default="tokens")
+    ex.add_argument("--out", default="vitlens_out", metavar="DIR", help="output directory")
+    ex.add_argument(
+        "--option",
+        action="append",
+        type=_option,
+        metavar="KEY=VALUE",
+        help="method option (repeatable); VALUE is parsed as JSON when possible",
+    )
+    ex.set_defaults(func=_cmd_explain)
+
+    pr = sub.add_parser("predict", parents=[common, batch], help="print top classes")
+    pr.add_argument("--top-k", type=int, default=5, help="predictions per image")
+    pr.set_defaults(func=_cmd_predict)
+
+    mo = sub.add_parser("models", parents=[common], help="list the server's models")
+    mo.add_argument("--json", action="store_true", help="print JSON")
+    mo.set_defaults(func=_cmd_models)
+
+    sub.add_parser("serve", help="run the server (arguments go to `vitlens serve --help`)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``vitlens`` command; returns the exit status."""
+    arglist = list(sys.argv[1:] if argv is None else argv)
+    if arglist[:1] == ["serve"]:
+        return _serve(arglist[1:])
+    args = _build_parser().parse_args(arglist)
+    try:
+        return args.func(args)
+    except UnavailableError as e:
+        print(
+            f"error: UNAVAILABLE: server unreachable at {args.server} ({e.details})",
+            file=sys.stderr,
+        )
+    except VitlensError as e:
+        print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Blocking client for the vitlens service.
+
+`Client` wraps one gRPC channel. Every call has a deadline (``timeout_s``) and every failure is
+raised as a typed `vitlens.errors.VitlensError`. The request builders here are shared with
+`vitlens.aio.AsyncClient`.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+
+from vitlens.errors import UnavailableError, from_rpc_error
+from vitlens.images import ImageInput, to_images
+from vitlens.results import Classification, ExplainResult, ModelInfo
+from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
+
+__all__ = ["DEFAULT_TARGET", "Client", "TargetSpec"]
+
+DEFAULT_TARGET = "localhost:50051"
+
+TargetSpec = int | Sequence[int] | None
+"""Class(es) to explain: None (the predicted class), one index for every image, or one index
+per image."""
+
+_GRIDS = {"tokens": vitlens_pb2.OUTPUT_GRID_TOKENS, "input": vitlens_pb2.OUTPUT_GRID_INPUT}
+_DTYPES = {"float32": tensor_pb2.DTYPE_FLOAT32, "float16": tensor_pb2.DTYPE_FLOAT16}
+_T = TypeVar("_T")
+
+
+def channel_options(
+    max_message_bytes: int, options: Iterable[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """gRPC channel arguments: message size limits and keepalive; ``options`` override them."""
+    merged: dict[str, Any] = {
+        "grpc.max_send_message_length": max_message_bytes,
+        "grpc.max_receive_message_length": max_message_bytes,
+        "grpc.keepalive_time_ms": 60_000,
+        "grpc.keepalive_timeout_ms": 20_000,
+        "grpc.keepalive_permit_without_calls": 0,
+    }
+    merged.update(dict(options))
+    return list(merged.items())
+
+
+def _index(x: Any, what: str) -> int:
+    if isinstance(x, bool):
+        raise TypeError(f"{what} must be an int, got bool")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(x).__name__}") from None
+
+
+def build_target(target: TargetSpec, top_k: int | None, num_images: int) -> vitlens_pb2.Target:
+    """The `Target` message for ``target`` / ``top_k`` (at most one of them may be set)."""
+    if target is not None and top_k is not None:
+        raise ValueError("pass either target or top_k, not both")
+    if top_k is not None:
+        k = _index(top_k, "top_k")
+        if k < 1:
+            raise ValueError(f"top_k must be at least 1, got {k}")
+        return vitlens_pb2.Target(top_k=k)
+    if target is None:
+        return vitlens_pb2.Target(predicted=True)
+    if isinstance(target, str | bytes):
+        raise TypeError("target must be an int or a sequence of ints")
+    if isinstance(target, Iterable):
+        indices = [_index(t, "target") for t in target]
+        if len(indices) != num_images:
+            raise ValueError(f"got {len(indices)} targets for {num_images} images")
+        return vitlens_pb2.Target(per_image=vitlens_pb2.ClassIndices(indices=indices))
+    return vitlens_pb2.Target(class_index=_index(target, "target"))
+
+
+def _struct(options: Mapping[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    try:
+        s.update(dict(options))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"method_options must hold JSON-like values: {e}") from None
+    return s
+
+
+def _choice(table: Mapping[str, int], value: str, what: str) -> int:
+    try:
+        return table[str(value)]
+    except KeyError:
+        raise ValueError(f"{what} must be one of {sorted(table)}, got {value!r}") from None
+
+
+def build_explain_request(
+    images: ImageInput | Iterable[ImageInput],
+    *,
+    method: str = "generic",
+    model: str = "",
+    target: TargetSpec = None,
+    top_k: int | None = None,
+    grid: str = "tokens",
+    relevance: bool = False,
+    dtype: str = "float32",
+    top_k_predictions: int = 5,
+    method_options: Mapping[str, Any] | None = None,
+    ids: Sequence[str] | None = None,
+) -> vitlens_pb2.ExplainRequest:
+    """The `ExplainRequest` for `Client.explain`'s arguments; raises before any network use."""
+    msgs = to_images(images, ids=ids)
+    options = vitlens_pb2.ExplainOptions(
+        grid=_choice(_GRIDS, grid, "grid"),
+        return_relevance=relevance,
+        output_dtype=_choice(_DTYPES, dtype, "dtype"),
+        top_k_predictions=_index(top_k_predictions, "top_k_predictions"),
+    )
+    if method_options:
+        options.method_options.CopyFrom(_struct(method_options))
+    return vitlens_pb2.ExplainRequest(
+        model=model,
+        method=method,
+        images=msgs,
+        target=build_target(target, top_k, len(msgs)),
+        options=options,
+    )
+
+
+def build_predict_request(
+    images: ImageInput | Iterable[ImageInput],
+    *,
+    model: str = "",
+    top_k: int = 5,
+    ids: Sequence[str] | None = None,
+) -> vitlens_pb2.PredictRequest:
+    """The `PredictRequest` for `Client.predict`'s arguments."""
+    return vitlens_pb2.PredictRequest(
+        model=model, images=to_images(images, ids=ids), top_k=_index(top_k, "top_k")
+    )
+
+
+class Client:
+    """Blocking vitlens client over one gRPC channel.
+
+    Args:
+        target: server address, "host:port".
+        timeout_s: default deadline of every call in seconds (None: no deadline); each method
+            takes ``timeout_s=`` to override it.
+        credentials: TLS channel credentials; None opens an insecure (plaintext) channel.
+        metadata: (key, value) pairs sent with every call, e.g. an auth token.
+        max_message_bytes: send and receive size limit (large batches and input-grid
+            heatmaps need room).
+        options: extra gRPC channel arguments; they override the defaults.
+
+    Use as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        max_message_bytes: int = 256 * 1024 * 1024,
+        options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._metadata = tuple(metadata)
+        opts = channel_options(max_message_bytes, options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=opts)
+        # The raw generated stub, for RPCs the SDK does not wrap (e.g. Evaluate).
+        self.stub = vitlens_pb2_grpc.VitlensStub(self._channel)
+
+    def _call(self, rpc: Callable[..., _T], request: Any, timeout_s: float | None) -> _T:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return rpc(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def explain(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        *,
+        method: str = "generic",
+        model: str = "",
+        target: TargetSpec = None,
+        top_k: int | None = None,
+        grid: str = "tokens",
+        relevance: bool = False,
+        dtype: str = "float32",
+        top_k_predictions: int = 5,
+        method_options: Mapping[str, Any] | None = None,
+        ids: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> ExplainResult:
+        """Classify and explain one image or a batch with one method.
+
+        Args:
+            images: one image or an iterable of them (see `vitlens.images.to_image`).
+            method: method key from `ModelInfo.methods`.
+            model: model name; "" selects the server's default.
+            target: None explains the predicted class; an int explains that class for every
+                image; a sequence of ints gives one class per image.
+            top_k: explain each of the k most probable classes (exclusive with ``target``).
+            grid: "tokens" for (gh, gw) heatmaps, "input" for (H, W) at the model's input size.
+            relevance: also return the (N, N) token relevance matrix (methods that have one).
+            dtype: "float32" or "float16", the dtype of the returned arrays.
+            top_k_predictions: predictions returned per image.
+            method_options: method parameters, e.g. {"head_fusion": "max"}.
+            ids: one id per image, echoed in the results.
+            timeout_s: deadline for this call; None uses the client's default.
+        """
+        request = build_explain_request(
+            images,
+            method=method,
+            model=model,
+            target=target,
+            top_k=top_k,
+            grid=grid,
+            relevance=relevance,
+            dtype=dtype,
+            top_k_predictions=top_k_predictions,
+            method_options=method_options,
+            ids=ids,
+        )
+        return ExplainResult.from_proto(self._call(self.stub.Explain, request, timeout_s))
+
+    def predict(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        *,
+        model: str = "",
+        top_k: int = 5,
+        ids: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Classification]:
+        """Classify one image or a batch; one `Classification` per image, in order."""
+        request = build_predict_request(images, model=model, top_k=top_k, ids=ids)
+        response = self._call(self.stub.Predict, request, timeout_s)
+        return [Classification.from_proto(c) for c in response.results]
+
+    def _list_models(self, timeout_s: float | None = None) -> vitlens_pb2.ListModelsResponse:
+        return self._call(self.stub.ListModels, vitlens_pb2.ListModelsRequest(), timeout_s)
+
+    def models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        """The models the server has loaded."""
+        return [ModelInfo.from_proto(m) for m in self._list_models(timeout_s).models]
+
+    def model(self, name: str = "", *, timeout_s: float | None = None) -> ModelInfo:
+        """One model's details; "" selects the default model."""
+        request = vitlens_pb2.GetModelRequest(name=name)
+        return ModelInfo.from_proto(self._call(self.stub.GetModel, request, timeout_s))
+
+    @property
+    def default_model(self) -> str:
+        """Name of the model used when a request leaves ``model`` empty."""
+        return self._list_models().default_model
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the channel is connected and the server answers ListModels.
+
+        Raises:
+            UnavailableError: not ready within ``timeout_s`` seconds.
+        """
+        deadline = time.monotonic() + timeout_s
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            ready.cancel()
+            raise UnavailableError(
+                f"server at {self.target} not reachable within {timeout_s:g} s"
+            ) from None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UnavailableError(f"server at {self.target} not ready within {timeout_s:g} s")
+            try:
+                self.stub.ListModels(
+                    vitlens_pb2.ListModelsRequest(),
+                    timeout=remaining,
+                    metadata=self._metadata,
+                    wait_for_ready=True,
+                )
+                return
+            except grpc.RpcError as e:
+                code = e.code() if callable(getattr(e, "code", None)) else None
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(e) from None
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+
+    def close(self) -> None:
+        """Close the channel; further calls fail."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"

@@ -1,0 +1,221 @@
+"""Each method against a plain loop written from its paper's equations (float64, tiny ViT).
+
+References take A_l and ∂y/∂A_l from timm's unfused attention (tests/tiny.py), so both the
+capture and the method math are checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tiny import tiny_loaded, tiny_vit, unfused_attention_and_grads
+from vitlens_server.explain import METHODS, Explainer, ExplainJob, TargetSpec, get_method
+from vitlens_server.explain.capture import AttentionHooks, Recording
+from vitlens_server.explain.methods.attention import RolloutParams
+from vitlens_server.explain.params import NoParams, parse_params
+
+P = 1  # prefix tokens of the tiny ViT (class token)
+GRID = (4, 4)
+
+
+@pytest.fixture(scope="module")
+def case() -> dict:
+    """A float64 tiny ViT, a batch of 3 images and their recording and unfused references."""
+    model = tiny_vit(seed=1, dtype=torch.float64)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    targets = torch.tensor([2, 0, 4])
+    hooks = AttentionHooks(model)
+    with hooks.record() as rec, torch.enable_grad():
+        logits = model(x.clone().requires_grad_(True))
+        grads = torch.autograd.grad(
+            logits.gather(1, targets[:, None]).sum(), rec.attention_outputs()
+        )
+        for layer, grad in zip(rec.layers, grads, strict=True):
+            layer.out_grad = grad
+    hooks.close()
+    _, maps, map_grads = unfused_attention_and_grads(model, x, targets)
+    return {
+        "rec": rec,
+        "A": [a.numpy() for a in maps],  # per layer (B, H, N, N)
+        "dA": [g.numpy() for g in map_grads],
+    }
+
+
+def _run(rec: Recording, name: str, **options):
+    spec = get_method(name)
+    with torch.no_grad():
+        return spec.fn(rec, parse_params(spec.params, options, method=name))
+
+
+def _cls_map(matrix: np.ndarray) -> np.ndarray:
+    return matrix[0, P:].reshape(GRID)
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n = a.shape[0]
+    out = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = sum(a[i, k] * b[k, j] for k in range(n))
+    return out
+
+
+def test_raw_attention_is_the_last_layers_head_mean_cls_row(case) -> None:
+    out = _run(case["rec"], "raw_attention")
+    last = case["A"][-1]
+    batch, heads, n, _ = last.shape
+    for b in range(batch):
+        mean = np.zeros((n, n))
+        for h in range(heads):
+            mean += last[b, h] / heads
+        np.testing.assert_allclose(out.heatmap[b].numpy(), _cls_map(mean), rtol=1e-9)
+        np.testing.assert_allclose(out.relevance[b].numpy(), mean, rtol=1e-9)
+
+
+def _rollout_reference(maps, b, fusion="mean", discard=0.0, start=0) -> np.ndarray:
+    """Abnar & Zuidema: R = Ã_L ··· Ã_s, Ã_l = norm_rows(fuse_h(A_l) + I)."""
+    n = maps[0].shape[-1]
+    result = np.eye(n)
+    for layer in range(start, len(maps)):
+        heads = maps[layer][b]
+        fused = np.zeros((n, n))
+        for i in range(n):
+            for j in range(n):
+                column = [heads[h, i, j] for h in range(heads.shape[0])]
+                fused[i, j] = {"mean": np.mean, "max": max, "min": min}[fusion](column)
+        if discard:
+            order = sorted(range(n * n), key=lambda k: fused.flat[k])
+            for k in order[: int(n * n * discard)]:
+                fused.flat[k] = 0.0
+        augmented = fused + np.eye(n)
+        for i in range(n):
+            augmented[i] /= sum(augmented[i])
+        result = _matmul(augmented, result)
+    return result
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"head_fusion": "max"},
+        {"head_fusion": "min", "discard_ratio": 0.5},
+        {"start_layer": 1, "discard_ratio": 0.2},
+    ],
+    ids=["mean", "max", "min-discard", "start-layer"],
+)
+def test_rollout_matches_the_loop_reference(case, options) -> None:
+    out = _run(case["rec"], "rollout", **options)
+    for b in range(3):
+        ref = _rollout_reference(
+            case["A"],
+            b,
+            options.get("head_fusion", "mean"),
+            options.get("discard_ratio", 0.0),
+            options.get("start_layer", 0),
+        )
+        np.testing.assert_allclose(out.relevance[b].numpy(), ref, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(out.heatmap[b].numpy(), _cls_map(ref), rtol=1e-8, atol=1e-12)
+
+
+def test_rollout_rows_sum_to_one(case) -> None:
+    out = _run(case["rec"], "rollout", head_fusion="max", discard_ratio=0.3)
+    torch.testing.assert_close(out.relevance.sum(-1), torch.ones(3, 17, dtype=torch.float64))
+
+
+def test_generic_matches_chefer_eq_5_6(case) -> None:
+    """Ā_l = E_h((∇A_l ⊙ A_l)⁺); R = I; R ← R + Ā_l R; map = R[0, P:]."""
+    out = _run(case["rec"], "generic")
+    for b in range(3):
+        n = case["A"][0].shape[-1]
+        relevance = np.eye(n)
+        for attn, grad in zip(case["A"], case["dA"], strict=True):
+            heads = attn.shape[1]
+            weighted = np.zeros((n, n))
+            for h in range(heads):
+                for i in range(n):
+                    for j in range(n):
+                        weighted[i, j] += max(0.0, grad[b, h, i, j] * attn[b, h, i, j]) / heads
+            relevance = relevance + _matmul(weighted, relevance)
+        np.testing.assert_allclose(out.relevance[b].numpy(), relevance, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(out.heatmap[b].numpy(), _cls_map(relevance), rtol=1e-8)
+
+
+def test_generic_with_zero_gradients_is_the_identity_cls_row(case) -> None:
+    rec: Recording = case["rec"]
+    saved = [layer.out_grad for layer in rec.layers]
+    try:
+        for layer in rec.layers:
+            layer.out_grad = torch.zeros_like(layer.out_grad)
+        out = _run(rec, "generic")
+    finally:
+        for layer, grad in zip(rec.layers, saved, strict=True):
+            layer.out_grad = grad
+    eye = torch.eye(17, dtype=torch.float64).expand(3, 17, 17)
+    torch.testing.assert_close(out.relevance, eye)
+    torch.testing.assert_close(out.heatmap, torch.zeros(3, *GRID, dtype=torch.float64))
+
+
+def test_class_specific_methods_depend_on_the_target() -> None:
+    explainer = Explainer(tiny_loaded(seed=2))
+    x = torch.rand(1, 3, 32, 32)
+    maps = [
+        explainer.explain(
+            ExplainJob(x, get_method("generic"), NoParams(), TargetSpec("index", (c,)))
+        ).heatmaps
+        for c in (0, 1)
+    ]
+    assert not np.allclose(maps[0], maps[1])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_batch_of_b_equals_b_single_calls(name) -> None:
+    explainer = Explainer(tiny_loaded(seed=3))
+    spec = get_method(name)
+    params = parse_params(spec.params, {}, method=name)
+    x = torch.rand(4, 3, 32, 32)
+    classes = (1, 0, 4, 2)
+    job = ExplainJob(
+        x, spec, params, TargetSpec("per_image", classes), grid="input", relevance=True
+    )
+    batched = explainer.explain(job)
+    assert batched.heatmaps.shape == (4, 1, 32, 32)
+    assert np.isfinite(batched.heatmaps).all()
+    for b in range(4):
+        single = explainer.explain(
+            ExplainJob(
+                x[b : b + 1],
+                spec,
+                params,
+                TargetSpec("per_image", classes[b : b + 1]),
+                grid="input",
+                relevance=True,
+            )
+        )
+        np.testing.assert_allclose(single.heatmaps[0], batched.heatmaps[b], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(single.relevance[0], batched.relevance[b], rtol=1e-4, atol=1e-6)
+        assert single.targets[0, 0] == classes[b]
+
+
+def test_top_k_explains_each_class_in_probability_order() -> None:
+    explainer = Explainer(tiny_loaded(seed=4))
+    x = torch.rand(2, 3, 32, 32)
+    spec = get_method("generic")
+    top = explainer.explain(ExplainJob(x, spec, NoParams(), TargetSpec("top_k", k=3)))
+    assert top.targets.shape == (2, 3)
+    np.testing.assert_array_equal(top.targets, top.predictions.indices[:, :3])
+    for k in range(3):
+        single = explainer.explain(
+            ExplainJob(x, spec, NoParams(), TargetSpec("per_image", tuple(top.targets[:, k])))
+        )
+        np.testing.assert_allclose(single.heatmaps[:, 0], top.heatmaps[:, k], rtol=1e-4, atol=1e-6)
+
+
+def test_rollout_start_layer_must_exist() -> None:
+    explainer = Explainer(tiny_loaded())
+    from vitlens_server.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="start_layer"):
+        explainer.check(get_method("rollout"), RolloutParams(start_layer=3), TargetSpec())
