@@ -38,26 +38,17 @@ class VitlensServer:
         self.workers = WorkerPool(
             ModelWorker(model, max_batch_size=config.max_batch_size) for model in registry
         )
-        self.health = health.aio.HealthServicer()
         self.servicer = VitlensServicer(config, registry, self.workers)
-        limit = config.max_message_bytes
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-            ]
-        )
-        vitlens_pb2_grpc.add_VitlensServicer_to_server(self.servicer, self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        self.health: health.aio.HealthServicer | None = None
+        self._server: grpc.aio.Server | None = None
         self.port: int | None = None
 
     async def start(self) -> int:
-        """Bind, start serving and report SERVING; returns the bound port."""
+        """Bind, start serving and report SERVING; returns the bound port.
+
+        Call from the event loop that will run the server (grpc.aio binds to it).
+        """
+        self._server = self._build()
         address = f"{self.config.host}:{self.config.port}"
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
@@ -67,6 +58,24 @@ class VitlensServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("vitlens serving on %s:%d", self.config.host, self.port)
         return self.port
+
+    def _build(self) -> grpc.aio.Server:
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+        self.health = health.aio.HealthServicer()
+        vitlens_pb2_grpc.add_VitlensServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within the grace period, then stop."""
