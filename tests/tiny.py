@@ -31,9 +31,11 @@ def tiny_vit(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> 
     return model.eval().to(dtype)
 
 
-def tiny_loaded(seed: int = 0, **overrides) -> LoadedModel:
-    module = tiny_vit(seed, **overrides).requires_grad_(False)
-    spec = ModelSpec(name="tiny", architecture="vit_tiny_patch16_224", model_kwargs=TINY_KWARGS)
+def tiny_loaded(seed: int = 0, device: str = "cpu", **overrides) -> LoadedModel:
+    module = tiny_vit(seed, **overrides).requires_grad_(False).to(device)
+    spec = ModelSpec(
+        name="tiny", architecture="vit_tiny_patch16_224", model_kwargs=TINY_KWARGS, device=device
+    )
     geometry = _read_geometry(module)
     labels = tuple(f"c{i}" for i in range(geometry.num_classes))
     return LoadedModel(
