@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -165,16 +166,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(argv: list[str]) -> int:
+# Commands run by the server package, imported only when used (the SDK never imports torch).
+_SERVER_COMMANDS = {
+    "serve": ("vitlens_server.cli", "run the server"),
+    "train-demo": ("vitlens_server.training.train", "train the embedded demo model"),
+}
+
+
+def _server_command(name: str, argv: list[str]) -> int:
+    module_name, _ = _SERVER_COMMANDS[name]
     try:
-        from vitlens_server.cli import main as serve_main
+        module = importlib.import_module(module_name)
     except ImportError as e:
         print(
-            f'error: the server needs `pip install "vitlens[server]"` ({e})',
+            f'error: `vitlens {name}` needs `pip install "vitlens[server]"` ({e})',
             file=sys.stderr,
         )
         return 2
-    return int(serve_main(argv) or 0)
+    return int(module.main(argv) or 0)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -221,15 +230,16 @@ def _build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--json", action="store_true", help="print JSON")
     mo.set_defaults(func=_cmd_models)
 
-    sub.add_parser("serve", help="run the server (arguments go to `vitlens serve --help`)")
+    for name, (_, summary) in _SERVER_COMMANDS.items():
+        sub.add_parser(name, help=f"{summary} (see `vitlens {name} --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vitlens`` command; returns the exit status."""
     arglist = list(sys.argv[1:] if argv is None else argv)
-    if arglist[:1] == ["serve"]:
-        return _serve(arglist[1:])
+    if arglist and arglist[0] in _SERVER_COMMANDS:
+        return _server_command(arglist[0], arglist[1:])
     args = _build_parser().parse_args(arglist)
     try:
         return args.func(args)

@@ -1,32 +1,47 @@
 """The embedded default model, served when ``vitlens serve`` is given no model.
 
-Until vitlens ships trained demo weights, this is a small ViT with seeded random weights:
-the server says so in its log and in ``GetModel`` (``weights.random``).
+Its weights ship in ``assets/`` (written by ``vitlens train-demo``). Without that file the model
+falls back to seeded random weights, and the server says so in its log and in ``GetModel``
+(``weights.random``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from vitlens_server.data.shapes import CLASSES
 from vitlens_server.models.loading import ModelSpec
 
-__all__ = ["DEMO_LABELS", "DEMO_MODEL_NAME", "demo_spec"]
+__all__ = ["DEMO_LABELS", "DEMO_MODEL_NAME", "DEMO_WEIGHTS", "demo_spec"]
+
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "vitlens-demo.safetensors"
 
 DEMO_MODEL_NAME = "vitlens-demo"
 
 # The object classes of vitlens' generated scenes.
-DEMO_LABELS = ("disc", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
+DEMO_LABELS = CLASSES
 
 # A ViT-Tiny/16 at half depth: 224 px input, 14 x 14 patch grid, 6 blocks x 3 heads, 2.9 M params.
 DEMO_ARCHITECTURE = "vit_tiny_patch16_224"
 DEMO_KWARGS = {"depth": 6, "num_classes": len(DEMO_LABELS)}
 
 
-def demo_spec(device: str = "cpu") -> ModelSpec:
-    """Spec of the default model on ``device``."""
+def demo_spec(device: str = "cpu", weights: Path | None = DEMO_WEIGHTS) -> ModelSpec:
+    """Spec of the default model on ``device``; random weights if ``weights`` is missing."""
+    if weights is not None and weights.is_file():
+        return ModelSpec(
+            name=DEMO_MODEL_NAME,
+            architecture=DEMO_ARCHITECTURE,
+            weights=weights,
+            labels=DEMO_LABELS,
+            model_kwargs=DEMO_KWARGS,
+            device=device,
+        )
     return ModelSpec(
         name=DEMO_MODEL_NAME,
         architecture=DEMO_ARCHITECTURE,
         labels=DEMO_LABELS,
         model_kwargs=DEMO_KWARGS,
         device=device,
-        metadata={"note": "random initialisation (seed 0); no trained weights shipped yet"},
+        metadata={"note": f"random initialisation (seed 0): {weights} is missing"},
     )
