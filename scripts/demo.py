@@ -2,15 +2,16 @@
 
     python scripts/demo.py --out demo_out
 
-Writes per image and method an overlay PNG, one `summary.png` sheet (rows: images; columns: the
-input and each method), and the CLI's PNG + JSON output for the same images.
+Explains generated test scenes (never seen in training) and writes `summary.png`: per row the
+image, its ground-truth mask and each method's heatmap. The last two rows are one two-object scene
+explained once for each of its classes: class-specific methods should move to that object. Also
+writes per image and method an overlay PNG, and the CLI's PNG + JSON output.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import math
 import socket
 import subprocess
 import sys
@@ -18,11 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import vitlens
 from vitlens import cli
-from vitlens.overlay import default_caption, render_explanation
+from vitlens.overlay import render_explanation
+from vitlens_server.data import CLASSES, Scene, render_scene, split_seeds
 
 METHODS = ("raw_attention", "rollout", "generic")
 
@@ -33,31 +35,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def shape_image(kind: str, seed: int) -> bytes:
-    """A 224 x 224 PNG with one shape on a noisy background."""
-    rng = np.random.default_rng(seed)
-    background = rng.integers(60, 140, (224, 224, 3), dtype=np.uint8)
-    image = Image.fromarray(background)
-    draw = ImageDraw.Draw(image)
-    cx, cy, r = rng.integers(70, 154), rng.integers(70, 154), rng.integers(35, 55)
-    colour = tuple(int(c) for c in rng.integers(150, 256, 3))
-    if kind == "disc":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    elif kind == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    else:
-        corners = 3 if kind == "triangle" else 10
-        points = [
-            (
-                cx + (r if kind == "triangle" or i % 2 == 0 else r / 2.2) * math.cos(angle),
-                cy + (r if kind == "triangle" or i % 2 == 0 else r / 2.2) * math.sin(angle),
-            )
-            for i, angle in enumerate(np.linspace(-math.pi / 2, 1.5 * math.pi, corners, False))
-        ]
-        draw.polygon(points, fill=colour)
+def scene_png(scene: Scene) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, "PNG")
+    Image.fromarray(scene.image).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def mask_tile(scene: Scene, highlight: int | None = None) -> Image.Image:
+    """Ground-truth masks in white (the highlighted object) and grey (any other object)."""
+    tile = np.zeros(scene.image.shape[:2], np.uint8)
+    for label, mask in zip(scene.labels, scene.masks, strict=True):
+        tile[mask] = 255 if highlight in (None, label) else 90
+    return Image.fromarray(tile).convert("RGB")
 
 
 def main() -> int:
@@ -86,32 +75,51 @@ def main() -> int:
 
 def run(client: vitlens.Client, out: Path, port: int) -> None:
     info = client.model()
+    accuracy = info.weights.metadata.get("top1")
     print(
         f"model {info.name}: {info.architecture}, input {info.input_size}, grid {info.patch_grid}"
     )
     if info.random_weights:
         print("  note: this model has RANDOM weights, so its heatmaps only show the pipeline works")
-    kinds = ("disc", "square", "triangle", "star")
-    images = [shape_image(kind, seed) for seed, kind in enumerate(kinds)]
+    elif accuracy:
+        print(f"  trained weights {info.weights.source}, held-out top-1 {float(accuracy):.1%}")
+
+    # Four single-object test scenes, then one two-object scene explained for each class.
+    scenes = [render_scene(seed) for seed in split_seeds("test", 4)]
+    pair = render_scene(split_seeds("test", 5)[4], two_object=True)
+    rows_spec = [(scene, None) for scene in scenes] + [(pair, label) for label in pair.labels]
+    images = [scene_png(scene) for scene, _ in rows_spec]
+    ids = [f"scene{i}" for i in range(len(scenes))] + [f"pair_{CLASSES[c]}" for c in pair.labels]
+    targets = [int(scene.label) if label is None else label for scene, label in rows_spec]
     paths = []
-    for kind, data in zip(kinds, images, strict=True):
-        path = out / "inputs" / f"{kind}.png"
+    for name, data in zip(ids[: len(scenes)], images, strict=False):
+        path = out / "inputs" / f"{name}.png"
         path.write_bytes(data)
         paths.append(path)
 
-    rows = [[Image.open(io.BytesIO(data)).convert("RGB").resize((256, 256))] for data in images]
+    size = 224
+    rows = [
+        [Image.open(io.BytesIO(data)).convert("RGB"), mask_tile(scene, label)]
+        for data, (scene, label) in zip(images, rows_spec, strict=True)
+    ]
     for method in METHODS:
         started = time.perf_counter()
-        result = client.explain(images, method=method, grid="input", ids=list(kinds))
+        result = client.explain(images, method=method, grid="input", target=targets, ids=ids)
         elapsed = time.perf_counter() - started
         print(f"{method:>14}: {len(images)} images in {elapsed * 1000:.0f} ms "
               f"(server compute {result.timing.compute_seconds * 1000:.0f} ms)")  # fmt: skip
         for row, data, explained in zip(rows, images, result, strict=True):
             explanation = explained.explanations[0]
-            figure = render_explanation(data, explanation, default_caption(explanation, method))
+            caption = f"{method}: {explanation.target.label}"
+            figure = render_explanation(data, explanation, caption, min_width=size)
             figure.save(out / f"{explained.id}_{method}.png")
-            row.append(figure.resize((256, round(256 * figure.height / figure.width))))
-    _sheet(rows).save(out / "summary.png")
+            row.append(figure)
+    header = ["image", "ground truth", *METHODS]
+    _sheet(rows, header).save(out / "summary.png")
+    for (scene, label), explained in zip(rows_spec, result, strict=True):
+        want = CLASSES[scene.label if label is None else label]
+        print(f"  {explained.id:>14}: truth {want:<9} predicted {explained.top.label} "
+              f"({explained.top.probability:.1%})")  # fmt: skip
 
     print("\nthe CLI on the same images:")
     cli.main(
@@ -119,17 +127,21 @@ def run(client: vitlens.Client, out: Path, port: int) -> None:
     )
 
 
-def _sheet(rows: list[list[Image.Image]]) -> Image.Image:
-    width = sum(im.width for im in rows[0])
-    height = sum(max(im.height for im in row) for row in rows)
-    sheet = Image.new("RGB", (width, height), "white")
-    y = 0
-    for row in rows:
-        x = 0
-        for im in row:
-            sheet.paste(im, (x, y + max(i.height for i in row) - im.height))
-            x += im.width
-        y += max(im.height for im in row)
+def _sheet(rows: list[list[Image.Image]], header: list[str]) -> Image.Image:
+    """Tiles in a grid under a header line; every tile is scaled to 224 px wide."""
+    tile = 224
+    rows = [[im.resize((tile, round(tile * im.height / im.width))) for im in row] for row in rows]
+    heights = [max(im.height for im in row) for row in rows]
+    band = 24
+    sheet = Image.new("RGB", (tile * len(header), band + sum(heights)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, text in enumerate(header):
+        draw.text((column * tile + 6, 6), text, fill="black", font=ImageFont.load_default(14))
+    y = band
+    for row, height in zip(rows, heights, strict=True):
+        for column, im in enumerate(row):
+            sheet.paste(im, (column * tile, y + height - im.height))
+        y += height
     return sheet
 
 

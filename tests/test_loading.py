@@ -111,12 +111,14 @@ def test_pretrained_weights_load_from_the_hugging_face_cache(tmp_path, monkeypat
     torch.testing.assert_close(_outputs(loaded.module), _outputs(source))
 
 
-def test_default_model_reports_random_weights() -> None:
-    model = load_model(demo_spec())
+def test_default_model_without_weights_reports_random_weights(tmp_path: Path) -> None:
+    spec = demo_spec(weights=tmp_path / "absent.safetensors")
+    model = load_model(spec)
     assert model.weights.random and model.weights.source == "random"
+    assert "absent.safetensors is missing" in model.weights.metadata["note"]
     assert model.labels == DEMO_LABELS
     assert model.geometry.grid == (14, 14) and model.geometry.num_layers == 6
-    again = load_model(demo_spec())
+    again = load_model(spec)
     torch.testing.assert_close(_outputs_224(model.module), _outputs_224(again.module))
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 import vitlens
 from vitlens.v1 import tensor_pb2, vitlens_pb2
-from vitlens_server.models.default import DEMO_LABELS, DEMO_MODEL_NAME
+from vitlens_server.models import load_model
+from vitlens_server.models.default import DEMO_LABELS, DEMO_MODEL_NAME, demo_spec
 
 
 def _png(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
@@ -39,7 +40,8 @@ def test_list_and_get_models(client: vitlens.Client) -> None:
     assert demo.name == DEMO_MODEL_NAME and demo.labels == DEMO_LABELS
     assert demo.input_size == (3, 224, 224) and demo.patch_grid == (14, 14)
     assert demo.num_prefix_tokens == 1 and demo.num_layers == 6 and demo.num_heads == 3
-    assert demo.random_weights and demo.weights.source == "random"
+    expected = load_model(demo_spec()).weights
+    assert demo.random_weights == expected.random and demo.weights.source == expected.source
     assert {"raw_attention", "rollout", "generic"} <= set(demo.method_names)
     rollout = demo.method("rollout")
     assert rollout.relevance_matrix and not rollout.class_specific

@@ -170,6 +170,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 _SERVER_COMMANDS = {
     "serve": ("vitlens_server.cli", "run the server"),
     "train-demo": ("vitlens_server.training.train", "train the embedded demo model"),
+    "scenes": ("vitlens_server.data.__main__", "generate scenes: VOC export, previews"),
 }
 
 

@@ -50,8 +50,8 @@ class TrainConfig:
     out: Path = DEMO_WEIGHTS
     seed: int = 0
     low_res: int = 112  # side of the first phase's scenes
-    low_res_steps: int = 2500
-    full_res_steps: int = 600
+    low_res_steps: int = 4000
+    full_res_steps: int = 400
     batch_size: int = 64
     lr: float = 1e-3
     min_lr: float = 1e-5
@@ -122,7 +122,7 @@ def train(config: TrainConfig, command: str = "") -> dict:
             SceneStream(size, config, first_batch=step), batch_size=None, num_workers=config.workers
         )
         model.train()
-        loss_avg = acc_avg = 0.0
+        window_loss = window_hits = window_steps = 0.0
         phase_start = time.perf_counter()
         for phase_step, (images, targets) in enumerate(itertools.islice(loader, steps), 1):
             for group in optimizer.param_groups:
@@ -135,18 +135,20 @@ def train(config: TrainConfig, command: str = "") -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            hit = targets.gather(1, logits.argmax(1, keepdim=True)) > 0
-            loss_avg = 0.95 * loss_avg + 0.05 * loss.item()
-            acc_avg = 0.95 * acc_avg + 0.05 * hit.float().mean().item()
+            hit = targets.gather(1, logits.argmax(1, keepdim=True)) > 0  # top-1 is a true label
+            window_loss += loss.item()
+            window_hits += hit.float().mean().item()
+            window_steps += 1
             if step % 50 == 0 or phase_step == steps:
                 rate = phase_step * config.batch_size / (time.perf_counter() - phase_start)
                 remaining = (steps - phase_step) / max(rate, 1e-9) * config.batch_size
                 log.info(
                     "step %d/%d  %dpx  loss %.3f  train acc %.3f  lr %.1e  %.0f img/s  "
                     "phase eta %.1f min",
-                    step, config.total_steps, size, loss_avg, acc_avg, _lr(config, step), rate,
-                    remaining / 60,
+                    step, config.total_steps, size, window_loss / window_steps,
+                    window_hits / window_steps, _lr(config, step), rate, remaining / 60,
                 )  # fmt: skip
+                window_loss = window_hits = window_steps = 0.0
     train_seconds = time.perf_counter() - started
     model.eval()
     accuracy = scene_accuracy(model, count=config.eval_count, mean=MEAN, std=STD)
