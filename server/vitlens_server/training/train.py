@@ -9,9 +9,12 @@ at the native 224 px. On 2 CPU cores the 112 px phase runs ~5x faster than 224 p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import json
 import logging
 import math
+import os
 import platform
 import shlex
 import sys
@@ -24,6 +27,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitlens_server.data import SceneConfig, render_scene, split_seeds
@@ -50,18 +54,19 @@ class TrainConfig:
     out: Path = DEMO_WEIGHTS
     seed: int = 0
     low_res: int = 112  # side of the first phase's scenes
-    low_res_steps: int = 4000
-    full_res_steps: int = 400
-    batch_size: int = 64
-    lr: float = 1e-3
+    low_res_steps: int = 14000
+    full_res_steps: int = 1200
+    batch_size: int = 32
+    lr: float = 7e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_steps: int = 200
+    warmup_steps: int = 300
     label_smoothing: float = 0.1
     two_object_fraction: float = 0.25  # share of batches of two-object scenes (soft targets)
     eval_count: int = 1000
     device: str = "cpu"
     workers: int = 1
+    checkpoint_every: int = 250
 
     @property
     def total_steps(self) -> int:
@@ -84,10 +89,11 @@ class SceneStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         size = self.config.batch_size
-        rng = np.random.default_rng([self.config.seed, self.first_batch])
         for batch in itertools.count(self.first_batch + worker, workers):
             seeds = split_seeds("train", (batch + 1) * size, base_seed=self.config.seed)
-            two = rng.random() < self.config.two_object_fraction
+            two = np.random.default_rng([self.config.seed, batch]).random() < (
+                self.config.two_object_fraction
+            )
             scenes = [render_scene(s, two_object=two, config=self.scenes) for s in seeds[-size:]]
             targets = np.zeros((size, len(DEMO_LABELS)), np.float32)
             for row, scene in enumerate(scenes):
@@ -103,8 +109,23 @@ def _lr(config: TrainConfig, step: int) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def train(config: TrainConfig, command: str = "") -> dict:
-    """Train, evaluate on held-out scenes, export weights + metadata; returns the metadata."""
+def train(
+    config: TrainConfig,
+    command: str = "",
+    *,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    max_seconds: float | None = None,
+) -> dict | None:
+    """Train, evaluate on held-out scenes, export weights + metadata; returns the metadata.
+
+    With ``stop_at_step`` or ``max_seconds`` the run checkpoints and returns None when it gets
+    there; rerun with ``resume`` to finish.
+
+    Every ``checkpoint_every`` steps the model, optimiser and step go to ``<out>.ckpt``; with
+    ``resume`` a run continues from there (the data stream is a function of the step, so a
+    resumed run sees the same scenes as an uninterrupted one).
+    """
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model = timm.create_model(DEMO_ARCHITECTURE, dynamic_img_size=True, **DEMO_KWARGS).to(device)
@@ -115,16 +136,24 @@ def train(config: TrainConfig, command: str = "") -> dict:
         lr=config.lr,
         weight_decay=0.0,
     )
-    started = time.perf_counter()
-    step = 0
-    for size, steps in ((config.low_res, config.low_res_steps), (224, config.full_res_steps)):
+    checkpoint = config.out.with_suffix(".ckpt")
+    step, elapsed_s = 0, 0.0
+    if resume and checkpoint.is_file():
+        step, elapsed_s = load_checkpoint(checkpoint, model, optimizer, config)
+        log.info("resumed from %s at step %d", checkpoint, step)
+    started = time.perf_counter() - elapsed_s
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+    phases = ((config.low_res, config.low_res_steps), (224, config.total_steps))
+    for size, phase_end in phases:
+        if step >= phase_end:
+            continue
         loader = DataLoader(
             SceneStream(size, config, first_batch=step), batch_size=None, num_workers=config.workers
         )
         model.train()
         window_loss = window_hits = window_steps = 0.0
-        phase_start = time.perf_counter()
-        for phase_step, (images, targets) in enumerate(itertools.islice(loader, steps), 1):
+        phase_start, phase_first = time.perf_counter(), step
+        for images, targets in itertools.islice(loader, phase_end - step):
             for group in optimizer.param_groups:
                 group["lr"] = _lr(config, step)
             logits = model(to_model_input(images.numpy(), MEAN, STD, device))
@@ -139,9 +168,10 @@ def train(config: TrainConfig, command: str = "") -> dict:
             window_loss += loss.item()
             window_hits += hit.float().mean().item()
             window_steps += 1
-            if step % 50 == 0 or phase_step == steps:
-                rate = phase_step * config.batch_size / (time.perf_counter() - phase_start)
-                remaining = (steps - phase_step) / max(rate, 1e-9) * config.batch_size
+            if step % 50 == 0 or step == phase_end:
+                done = step - phase_first
+                rate = done * config.batch_size / (time.perf_counter() - phase_start)
+                remaining = (phase_end - step) * config.batch_size / max(rate, 1e-9)
                 log.info(
                     "step %d/%d  %dpx  loss %.3f  train acc %.3f  lr %.1e  %.0f img/s  "
                     "phase eta %.1f min",
@@ -149,6 +179,14 @@ def train(config: TrainConfig, command: str = "") -> dict:
                     window_hits / window_steps, _lr(config, step), rate, remaining / 60,
                 )  # fmt: skip
                 window_loss = window_hits = window_steps = 0.0
+            interrupted = step == stop_at_step or (deadline and time.perf_counter() > deadline)
+            if interrupted or step % config.checkpoint_every == 0 or step == config.total_steps:
+                elapsed = time.perf_counter() - started
+                save_checkpoint(checkpoint, model, optimizer, config, step, elapsed)
+            if interrupted:
+                log.info("stopped at step %d; continue with --resume", step)
+                return None
+
     train_seconds = time.perf_counter() - started
     model.eval()
     accuracy = scene_accuracy(model, count=config.eval_count, mean=MEAN, std=STD)
@@ -177,6 +215,45 @@ def train(config: TrainConfig, command: str = "") -> dict:
     return metadata
 
 
+def _config_key(config: TrainConfig) -> str:
+    """What must match for a checkpoint to be resumed (not where or how fast it runs)."""
+    fields = dataclasses.asdict(config)
+    for where in ("out", "device", "workers", "eval_count", "checkpoint_every"):
+        fields.pop(where)
+    return json.dumps(fields, sort_keys=True)
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer, config: TrainConfig, step: int, elapsed_s: float
+) -> None:
+    """Write atomically, so an interrupted save never leaves a broken checkpoint."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "elapsed_s": elapsed_s,
+        "config": _config_key(config),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".ckpt.partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer, config: TrainConfig
+) -> tuple[int, float]:
+    state = torch.load(path, map_location=config.device, weights_only=True)
+    if state["config"] != _config_key(config):
+        raise SystemExit(
+            f"{path} was written with other hyper-parameters ({state['config']}); "
+            "delete it or rerun with the same settings"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), float(state["elapsed_s"])
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -196,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-count", type=int, default=defaults.eval_count)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--workers", type=int, default=defaults.workers, help="scene processes")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from <out>.ckpt if it exists"
+    )
+    parser.add_argument(
+        "--max-minutes", type=float, help="checkpoint and stop after this long (resume later)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = TrainConfig(
@@ -211,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
     )
     command = "vitlens train-demo " + shlex.join(sys.argv[1:] if argv is None else argv)
-    metadata = train(config, command)
+    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
+    metadata = train(config, command, resume=args.resume, max_seconds=max_seconds)
+    if metadata is None:
+        return 0
     print(f"top-1 {metadata['top1']:.2%}  two-object top-2 {metadata['two_object_top2_both']:.2%}")
     return 0
 
