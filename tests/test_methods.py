@@ -143,6 +143,36 @@ def test_generic_matches_chefer_eq_5_6(case) -> None:
         np.testing.assert_allclose(out.heatmap[b].numpy(), _cls_map(relevance), rtol=1e-8)
 
 
+def test_gradcam_matches_the_chefer_adaptation(case) -> None:
+    """α_h = mean_j ∇A_L[h, 0, P+j]; map = ReLU(mean_h α_h A_L[h, 0, P:])."""
+    out = _run(case["rec"], "gradcam")
+    attn, grad = case["A"][-1], case["dA"][-1]
+    batch, heads, n, _ = attn.shape
+    for b in range(batch):
+        ref = np.zeros(n - P)
+        for h in range(heads):
+            alpha = sum(grad[b, h, 0, j] for j in range(P, n)) / (n - P)
+            for j in range(P, n):
+                ref[j - P] += alpha * attn[b, h, 0, j] / heads
+        np.testing.assert_allclose(out.heatmap[b].numpy(), np.maximum(ref, 0).reshape(GRID))
+    assert out.relevance is None
+
+
+def test_agcam_matches_leem_and_seo(case) -> None:
+    """map = Σ_l Σ_h ReLU(∇A_l[h, 0, P:]) · sigmoid(S_l[h, 0, P:]), S = log-softmax-free scores."""
+    out = _run(case["rec"], "agcam")
+    rec: Recording = case["rec"]
+    for b in range(3):
+        ref = np.zeros(16)
+        for layer, grad in enumerate(case["dA"]):
+            scores = rec.scores(layer).detach().numpy()  # checked against timm in test_capture
+            for h in range(grad.shape[1]):
+                for j in range(P, 17):
+                    sigmoid = 1 / (1 + np.exp(-scores[b, h, 0, j]))
+                    ref[j - P] += max(0.0, grad[b, h, 0, j]) * sigmoid
+        np.testing.assert_allclose(out.heatmap[b].numpy(), ref.reshape(GRID), rtol=1e-9)
+
+
 def test_generic_with_zero_gradients_is_the_identity_cls_row(case) -> None:
     rec: Recording = case["rec"]
     saved = [layer.out_grad for layer in rec.layers]
@@ -161,13 +191,14 @@ def test_generic_with_zero_gradients_is_the_identity_cls_row(case) -> None:
 def test_class_specific_methods_depend_on_the_target() -> None:
     explainer = Explainer(tiny_loaded(seed=2))
     x = torch.rand(1, 3, 32, 32)
-    maps = [
-        explainer.explain(
-            ExplainJob(x, get_method("generic"), NoParams(), TargetSpec("index", (c,)))
-        ).heatmaps
-        for c in (0, 1)
-    ]
-    assert not np.allclose(maps[0], maps[1])
+    for name in [s.name for s in METHODS.specs() if s.class_specific]:
+        maps = [
+            explainer.explain(
+                ExplainJob(x, get_method(name), NoParams(), TargetSpec("index", (c,)))
+            ).heatmaps
+            for c in (0, 1)
+        ]
+        assert not np.allclose(maps[0], maps[1]), name
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -178,7 +209,12 @@ def test_a_batch_of_b_equals_b_single_calls(name) -> None:
     x = torch.rand(4, 3, 32, 32)
     classes = (1, 0, 4, 2)
     job = ExplainJob(
-        x, spec, params, TargetSpec("per_image", classes), grid="input", relevance=True
+        x,
+        spec,
+        params,
+        TargetSpec("per_image", classes),
+        grid="input",
+        relevance=spec.relevance_matrix,
     )
     batched = explainer.explain(job)
     assert batched.heatmaps.shape == (4, 1, 32, 32)
@@ -191,11 +227,14 @@ def test_a_batch_of_b_equals_b_single_calls(name) -> None:
                 params,
                 TargetSpec("per_image", classes[b : b + 1]),
                 grid="input",
-                relevance=True,
+                relevance=spec.relevance_matrix,
             )
         )
         np.testing.assert_allclose(single.heatmaps[0], batched.heatmaps[b], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(single.relevance[0], batched.relevance[b], rtol=1e-4, atol=1e-6)
+        if spec.relevance_matrix:
+            np.testing.assert_allclose(
+                single.relevance[0], batched.relevance[b], rtol=1e-4, atol=1e-6
+            )
         assert single.targets[0, 0] == classes[b]
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 import vitlens
 from vitlens.v1 import tensor_pb2, vitlens_pb2
+from vitlens_server.explain import METHODS
 from vitlens_server.models import load_model
 from vitlens_server.models.default import DEMO_LABELS, DEMO_MODEL_NAME, demo_spec
 
@@ -62,7 +63,7 @@ def test_unknown_model_is_not_found(client: vitlens.Client) -> None:
 # ----------------------------------------------------------------------------------- explain
 
 
-@pytest.mark.parametrize("method", ["raw_attention", "rollout", "generic"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_explain_each_method(client: vitlens.Client, method: str) -> None:
     result = client.explain([_png(seed=1), _pixels(2)], method=method, ids=["a", "b"])
     assert result.model == DEMO_MODEL_NAME and result.method == method
@@ -223,7 +224,7 @@ BAD_REQUESTS = {
     ),
     "unknown method": (
         vitlens_pb2.ExplainRequest(method="gradcam++", images=[tensor_pb2.Image(encoded=_png())]),
-        r"unknown method 'gradcam\+\+'; valid methods: generic, raw_attention, rollout",
+        re.escape(f"unknown method 'gradcam++'; valid methods: {', '.join(METHODS)}"),
     ),
     "unknown method option": (
         vitlens_pb2.ExplainRequest(

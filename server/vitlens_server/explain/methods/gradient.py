@@ -30,3 +30,38 @@ def generic(rec: Recording, _params: NoParams) -> MethodOutput:
             relevance = eye.expand_as(weighted).clone()  # (B, N, N)
         relevance = relevance + weighted @ relevance
     return MethodOutput(cls_row_map(relevance, rec), relevance)
+
+
+@register_method(
+    "gradcam",
+    passes=Pass.BACKWARD,
+    class_specific=True,
+    description="Grad-CAM adapted to ViT as in Chefer et al. 2021: last block's class-token "
+    "attention weighted per head by its mean gradient.",
+)
+def gradcam(rec: Recording, _params: NoParams) -> MethodOutput:
+    """α_h = mean_j ∇A_L[h, 0, P+j]; map = ReLU(mean_h α_h · A_L[h, 0, P:])."""
+    last, p = rec.num_layers - 1, rec.num_prefix_tokens
+    attn = rec.attention(last)[:, :, 0, p:]  # (B, H, gh·gw)
+    weights = rec.attention_grad(last)[:, :, 0, p:].mean(dim=-1, keepdim=True)  # (B, H, 1)
+    heatmap = (weights * attn).mean(dim=1).clamp(min=0)
+    return MethodOutput(heatmap.reshape(-1, *rec.grid))
+
+
+@register_method(
+    "agcam",
+    passes=Pass.BACKWARD,
+    class_specific=True,
+    description="Attention-guided CAM (Leem & Seo, AAAI 2024): positive attention gradients of "
+    "every block, weighted by sigmoid-normalised attention scores, summed over heads and blocks.",
+)
+def agcam(rec: Recording, _params: NoParams) -> MethodOutput:
+    """map = Σ_l Σ_h ReLU(∇A_l[h, 0, P:]) ⊙ sigmoid(S_l[h, 0, P:])."""
+    p = rec.num_prefix_tokens
+    heatmap = None
+    for layer in range(rec.num_layers):
+        grads = rec.attention_grad(layer)[:, :, 0, p:].clamp(min=0)  # (B, H, gh·gw)
+        scores = rec.scores(layer)[:, :, 0, p:].sigmoid()
+        term = (grads * scores).sum(dim=1)
+        heatmap = term if heatmap is None else heatmap + term
+    return MethodOutput(heatmap.reshape(-1, *rec.grid))
