@@ -34,10 +34,16 @@ def case() -> dict:
         )
         for layer, grad in zip(rec.layers, grads, strict=True):
             layer.out_grad = grad
+        rec.targets = targets
     hooks.close()
     _, maps, map_grads = unfused_attention_and_grads(model, x, targets)
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # (B, N, D) after the final norm
     return {
         "rec": rec,
+        "tokens": tokens.numpy(),
+        "classifier": model.head.weight.detach().numpy(),
+        "targets": targets.tolist(),
         "A": [a.numpy() for a in maps],  # per layer (B, H, N, N)
         "dA": [g.numpy() for g in map_grads],
     }
@@ -171,6 +177,18 @@ def test_agcam_matches_leem_and_seo(case) -> None:
                     sigmoid = 1 / (1 + np.exp(-scores[b, h, 0, j]))
                     ref[j - P] += max(0.0, grad[b, h, 0, j]) * sigmoid
         np.testing.assert_allclose(out.heatmap[b].numpy(), ref.reshape(GRID), rtol=1e-9)
+
+
+def test_cam_scores_patch_tokens_with_the_classifier_row(case) -> None:
+    """map_i = w_c · z_i over the final-norm patch tokens."""
+    out = _run(case["rec"], "cam")
+    tokens, weights = case["tokens"], case["classifier"]
+    for b, c in enumerate(case["targets"]):
+        ref = [
+            sum(weights[c, d] * tokens[b, P + j, d] for d in range(tokens.shape[-1]))
+            for j in range(16)
+        ]
+        np.testing.assert_allclose(out.heatmap[b].numpy(), np.reshape(ref, GRID), rtol=1e-9)
 
 
 def test_generic_with_zero_gradients_is_the_identity_cls_row(case) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -51,7 +51,9 @@ class Recording:
         num_heads, scale: of the attention modules (the same in every block).
         num_prefix_tokens: P, tokens before the patch tokens.
         grid: (gh, gw) patch grid.
-        logits: (B, C) model output, set by the engine.
+        tokens: (B, N, D) output of the final norm, the tokens the classifier reads.
+        classifier: (C, D) weight of the linear head.
+        targets: (B,) the class being explained, set by the engine before each method call.
     """
 
     layers: list[LayerRecord]
@@ -59,8 +61,9 @@ class Recording:
     scale: float
     num_prefix_tokens: int
     grid: tuple[int, int]
-    logits: Tensor | None = None
-    targets: Tensor | None = field(default=None)  # (B,) class explained by the last backward
+    classifier: Tensor | None = None
+    tokens: Tensor | None = None
+    targets: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -99,6 +102,8 @@ class AttentionHooks:
 
     def __init__(self, model: nn.Module) -> None:
         self._attns = [_check_attention(i, block) for i, block in enumerate(model.blocks)]
+        head = getattr(model, "head", None)
+        self._classifier = head.weight if isinstance(head, nn.Linear) else None
         self._grid = tuple(model.patch_embed.grid_size)
         self._num_prefix_tokens = int(model.num_prefix_tokens)
         self._active: Recording | None = None
@@ -110,6 +115,7 @@ class AttentionHooks:
                 attn.k_norm.register_forward_hook(self._on_tensor(index, "k")),
                 attn.norm.register_forward_pre_hook(self._on_out(index)),
             ]
+        self._handles.append(model.norm.register_forward_hook(self._on_tokens))
 
     @contextmanager
     def record(self) -> Iterator[Recording]:
@@ -123,6 +129,7 @@ class AttentionHooks:
             scale=float(first.scale),
             num_prefix_tokens=self._num_prefix_tokens,
             grid=self._grid,
+            classifier=self._classifier,
         )
         self._active = recording
         try:
@@ -151,6 +158,10 @@ class AttentionHooks:
                 setattr(self._active.layers[index], name, output)  # (B, H, N, D)
 
         return hook
+
+    def _on_tokens(self, _module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if self._active is not None:
+            self._active.tokens = output  # (B, N, D)
 
     def _on_out(self, index: int):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:

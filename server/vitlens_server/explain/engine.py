@@ -167,6 +167,7 @@ class Explainer:
                         )
                         for layer, grad in zip(rec.layers, grads, strict=True):
                             layer.out_grad = grad
+                        rec.targets = targets[:, rank]
                         with torch.no_grad():
                             outputs.append(method.fn(rec, job.params))
                 logits = logits.detach()
@@ -174,8 +175,12 @@ class Explainer:
                 with torch.inference_mode():
                     logits = self.model.module(x)
                     targets = self._targets(logits, job.target)
-                    output = method.fn(rec, job.params)
-                outputs = [output] * targets.shape[1]  # not class-specific: one map serves all
+                    ranks = range(targets.shape[1] if method.class_specific else 1)
+                    for rank in ranks:
+                        rec.targets = targets[:, rank]
+                        outputs.append(method.fn(rec, job.params))
+                if not method.class_specific:  # one map serves every explained class
+                    outputs = outputs * targets.shape[1]
         result = self._finish(job, logits, targets, outputs)
         return ExplainResult(**result, compute_seconds=time.perf_counter() - start)
 

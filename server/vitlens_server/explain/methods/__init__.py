@@ -1,5 +1,5 @@
 """Explanation methods; importing this package registers them all in `METHODS`."""
 
-from vitlens_server.explain.methods import attention, gradient
+from vitlens_server.explain.methods import attention, cam, gradient
 
-__all__ = ["attention", "gradient"]
+__all__ = ["attention", "cam", "gradient"]
