@@ -131,6 +131,12 @@ def test_input_kinds_agree(client: vitlens.Client) -> None:
         np.testing.assert_allclose(other.heatmap, results[0].heatmap, rtol=1e-4, atol=1e-6)
 
 
+def test_grayscale_equals_rgb_with_equal_channels(client: vitlens.Client) -> None:
+    gray = _pixels(9, (60, 70))
+    results = client.explain([gray, np.repeat(gray[:, :, None], 3, axis=2)], method="rollout")
+    np.testing.assert_array_equal(results[0].heatmap, results[1].heatmap)
+
+
 # ----------------------------------------------------------------------------------- predict
 
 

@@ -37,7 +37,7 @@ class ImageDecoder:
         return torch.stack([self.decode(i, image) for i, image in enumerate(images)])
 
     def decode(self, index: int, image: tensor_pb2.Image) -> torch.Tensor:
-        """One image → (3, H, W) float32 in [0, 1]."""
+        """One image → (3, H, W) float32 in [0, 1] at the model's input size."""
         where = f"images[{index}]" + (f" ({image.id!r})" if image.id else "")
         source = image.WhichOneof("source")
         if source == "encoded":
@@ -77,7 +77,7 @@ class ImageDecoder:
             raise InvalidArgument(
                 f"{where}: the image is corrupt or truncated ({type(err).__name__}: {err})"
             ) from err
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
     def _decode_tensor(self, tensor: tensor_pb2.Tensor, where: str) -> torch.Tensor:
         try:
@@ -96,7 +96,7 @@ class ImageDecoder:
             raise InvalidArgument(f"{where}.pixels is empty (shape {tuple(array.shape)})")
         self._check_size(height, width, where)
         if array.dtype == np.uint8:
-            pixels = torch.from_numpy(array.copy()).float().div_(255)
+            pixels = torch.from_numpy(array.copy())
         else:
             pixels = torch.from_numpy(array.astype(np.float32))
             if not torch.isfinite(pixels).all():
@@ -110,9 +110,14 @@ class ImageDecoder:
         return pixels.permute(2, 0, 1).expand(3, -1, -1)
 
     def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
-        if tuple(pixels.shape[1:]) == self.size:
-            return pixels.contiguous()
-        resized = F.interpolate(
-            pixels[None], size=self.size, mode="bicubic", align_corners=False, antialias=True
-        )
-        return resized[0].clamp_(0, 1)
+        """(3, h, w) uint8 or float → (3, H, W) float32 in [0, 1].
+
+        uint8 images are resized before conversion, so a large upload never exists as floats.
+        """
+        if tuple(pixels.shape[1:]) != self.size:
+            pixels = F.interpolate(
+                pixels[None], size=self.size, mode="bicubic", align_corners=False, antialias=True
+            )[0]
+        if pixels.dtype == torch.uint8:
+            return pixels.float().div_(255)
+        return pixels.clamp(0, 1).contiguous()
