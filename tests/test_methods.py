@@ -191,6 +191,59 @@ def test_cam_scores_patch_tokens_with_the_classifier_row(case) -> None:
         np.testing.assert_allclose(out.heatmap[b].numpy(), np.reshape(ref, GRID), rtol=1e-9)
 
 
+def _saliency_case(mode: str, **options):
+    """A float64 tiny model explained with saliency through the engine, plus a plain reference."""
+    model = tiny_loaded(seed=6)
+    model.module.double()
+    explainer = Explainer(model)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    classes = (3, 1)
+    spec = get_method("saliency")
+    params = parse_params(spec.params, {"mode": mode, **options}, method="saliency")
+    job = ExplainJob(x, spec, params, TargetSpec("per_image", classes), grid="input")
+    maps = explainer.explain(job).heatmaps[:, 0]  # (B, H, W)
+
+    def logit(image: torch.Tensor, b: int) -> torch.Tensor:
+        return model.module(((image - 0.5) / 0.5)[None])[0, classes[b]]
+
+    return x, maps, logit
+
+
+def _gradient(logit, image: torch.Tensor, b: int) -> np.ndarray:
+    image = image.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(logit(image, b), image)
+    return grad.numpy()
+
+
+def test_saliency_is_the_channel_max_of_the_absolute_input_gradient() -> None:
+    x, maps, logit = _saliency_case("gradient")
+    for b in range(2):
+        grad = _gradient(logit, x[b], b)
+        ref = np.max(np.abs(grad), axis=0)
+        np.testing.assert_allclose(maps[b], ref, rtol=1e-4, atol=1e-9)
+
+
+def test_smoothgrad_averages_gradients_of_noisy_copies() -> None:
+    x, maps, logit = _saliency_case("smoothgrad", samples=4, noise=0.2, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    noises = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for _ in range(4)]
+    for b in range(2):
+        mean = sum(_gradient(logit, x[b] + 0.2 * n[b], b) for n in noises) / 4
+        np.testing.assert_allclose(maps[b], np.max(np.abs(mean), axis=0), rtol=1e-4, atol=1e-9)
+
+
+def test_integrated_gradients_riemann_sum_and_completeness() -> None:
+    steps = 256  # completeness holds as the Riemann sum converges
+    x, maps, logit = _saliency_case("integrated_gradients", steps=steps)
+    for b in range(2):
+        grads = sum(_gradient(logit, x[b] * k / steps, b) for k in range(1, steps + 1))
+        attribution = x[b].numpy() * grads / steps
+        np.testing.assert_allclose(maps[b], np.max(np.abs(attribution), axis=0), rtol=1e-4)
+        # Completeness (Sundararajan et al.): attributions sum to y(x) - y(black).
+        gap = (logit(x[b], b) - logit(torch.zeros_like(x[b]), b)).item()
+        assert attribution.sum() == pytest.approx(gap, rel=0.05, abs=1e-3)
+
+
 def test_generic_with_zero_gradients_is_the_identity_cls_row(case) -> None:
     rec: Recording = case["rec"]
     saved = [layer.out_grad for layer in rec.layers]
@@ -210,10 +263,10 @@ def test_class_specific_methods_depend_on_the_target() -> None:
     explainer = Explainer(tiny_loaded(seed=2))
     x = torch.rand(1, 3, 32, 32)
     for name in [s.name for s in METHODS.specs() if s.class_specific]:
+        spec = get_method(name)
+        params = parse_params(spec.params, {}, method=name)
         maps = [
-            explainer.explain(
-                ExplainJob(x, get_method(name), NoParams(), TargetSpec("index", (c,)))
-            ).heatmaps
+            explainer.explain(ExplainJob(x, spec, params, TargetSpec("index", (c,)))).heatmaps
             for c in (0, 1)
         ]
         assert not np.allclose(maps[0], maps[1]), name

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -54,6 +55,7 @@ class Recording:
         tokens: (B, N, D) output of the final norm, the tokens the classifier reads.
         classifier: (C, D) weight of the linear head.
         targets: (B,) the class being explained, set by the engine before each method call.
+        passes: further model passes (`ExtraPasses`), for methods that declare `Pass.EXTRA`.
     """
 
     layers: list[LayerRecord]
@@ -64,6 +66,7 @@ class Recording:
     classifier: Tensor | None = None
     tokens: Tensor | None = None
     targets: Tensor | None = None
+    passes: Any = None
 
     @property
     def num_layers(self) -> int:
@@ -136,6 +139,15 @@ class AttentionHooks:
             yield recording
         finally:
             self._active = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run passes inside a recording without recording them (extra passes of a method)."""
+        active, self._active = self._active, None
+        try:
+            yield
+        finally:
+            self._active = active
 
     def close(self) -> None:
         """Remove all hooks."""

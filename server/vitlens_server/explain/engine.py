@@ -113,9 +113,10 @@ class Explainer:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.hooks = AttentionHooks(model.module)
+        self._dtype = next(model.module.parameters()).dtype
         shape = (1, -1, 1, 1)
-        self._mean = torch.tensor(model.mean, device=model.device).view(shape)
-        self._std = torch.tensor(model.std, device=model.device).view(shape)
+        self._mean = torch.tensor(model.mean, device=model.device, dtype=self._dtype).view(shape)
+        self._std = torch.tensor(model.std, device=model.device, dtype=self._dtype).view(shape)
 
     def close(self) -> None:
         self.hooks.close()
@@ -172,9 +173,12 @@ class Explainer:
                             outputs.append(method.fn(rec, job.params))
                 logits = logits.detach()
             else:
-                with torch.inference_mode():
+                with torch.no_grad():
                     logits = self.model.module(x)
                     targets = self._targets(logits, job.target)
+                    if Pass.EXTRA in method.passes:
+                        pixels = job.pixels.to(self.model.device, self._dtype)
+                        rec.passes = ExtraPasses(self, pixels)
                     ranks = range(targets.shape[1] if method.class_specific else 1)
                     for rank in ranks:
                         rec.targets = targets[:, rank]
@@ -185,7 +189,7 @@ class Explainer:
         return ExplainResult(**result, compute_seconds=time.perf_counter() - start)
 
     def _normalize(self, pixels: Tensor) -> Tensor:
-        x = pixels.to(self.model.device, non_blocking=True)
+        x = pixels.to(self.model.device, self._dtype, non_blocking=True)
         return (x - self._mean) / self._std
 
     def _targets(self, logits: Tensor, target: TargetSpec) -> Tensor:
@@ -203,9 +207,12 @@ class Explainer:
         self, job: ExplainJob, logits: Tensor, targets: Tensor, outputs: list[MethodOutput]
     ) -> dict:
         with torch.no_grad():
-            heatmaps = torch.stack([o.heatmap for o in outputs], dim=1)  # (B, K, gh, gw)
-            if job.grid == "input":
-                size = self.model.geometry.input_size[1:]
+            heatmaps = torch.stack([o.heatmap for o in outputs], dim=1)  # (B, K, h, w)
+            geometry = self.model.geometry
+            size = geometry.input_size[1:] if job.grid == "input" else geometry.grid
+            if heatmaps.shape[-2] > size[0]:  # a pixel map shown on the token grid: patch means
+                heatmaps = F.adaptive_avg_pool2d(heatmaps, size)
+            elif heatmaps.shape[-2] < size[0]:  # a token map shown at input resolution
                 heatmaps = F.interpolate(heatmaps, size=size, mode="bilinear", align_corners=False)
             relevance = None
             if job.relevance:
@@ -222,6 +229,32 @@ class Explainer:
                 if relevance is None
                 else relevance.float().cpu().numpy().astype(host, copy=False),
             }
+
+
+class ExtraPasses:
+    """Model passes a method runs itself (`Pass.EXTRA`), with the recording hooks paused.
+
+    ``pixels`` is the batch being explained, (B, C, H, W) in [0, 1] on the model's device.
+    """
+
+    def __init__(self, explainer: Explainer, pixels: Tensor) -> None:
+        self._explainer = explainer
+        self.pixels = pixels
+
+    def logits(self, pixels: Tensor) -> Tensor:
+        """(B', C, H, W) pixels → (B', classes) logits."""
+        explainer = self._explainer
+        with explainer.hooks.paused(), torch.no_grad():
+            return explainer.model.module(explainer._normalize(pixels))
+
+    def input_gradients(self, pixels: Tensor, targets: Tensor) -> Tensor:
+        """∂y_t/∂pixels, (B', C, H, W), for targets (B',): one backward for the whole batch."""
+        explainer = self._explainer
+        with explainer.hooks.paused(), torch.enable_grad():
+            pixels = pixels.detach().requires_grad_(True)
+            logits = explainer.model.module(explainer._normalize(pixels))
+            (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), pixels)
+        return grad
 
 
 def _top_k(logits: Tensor, k: int) -> Predictions:

@@ -24,6 +24,7 @@ class Pass(enum.Flag):
 
     FORWARD = enum.auto()
     BACKWARD = enum.auto()  # gradients of the target logit w.r.t. the attention maps
+    EXTRA = enum.auto()  # further model passes the method runs itself (`Recording.passes`)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class MethodOutput:
     """A method's raw result on the model's device.
 
     Attributes:
-        heatmap: (B, gh, gw) token-grid map (larger = more relevant).
+        heatmap: (B, gh, gw) token-grid map, or (B, H, W) for pixel methods (larger = more
+            relevant); post-processing brings it to the requested grid.
         relevance: (B, N, N) token x token relevance, for methods that have one.
     """
 

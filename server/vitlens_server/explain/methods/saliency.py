@@ -1,0 +1,70 @@
+"""Input-gradient saliency (Simonyan et al. 2014), with SmoothGrad and Integrated Gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vitlens_server.explain.capture import Recording
+from vitlens_server.explain.params import choice, param
+from vitlens_server.explain.registry import MethodOutput, Pass, register_method
+
+__all__ = ["SaliencyParams", "attribution", "saliency"]
+
+
+@dataclass(frozen=True)
+class SaliencyParams:
+    mode: str = choice(
+        "gradient",
+        "gradient",
+        "smoothgrad",
+        "integrated_gradients",
+        doc="Plain gradient; SmoothGrad (Smilkov et al. 2017): mean gradient over noisy copies; "
+        "Integrated Gradients (Sundararajan et al. 2017) from a black image.",
+    )
+    samples: int = param(25, "SmoothGrad: noisy copies per image.", low=1, high=256)
+    noise: float = param(
+        0.15, "SmoothGrad: noise σ as a fraction of the pixel range [0, 1].", low=0.0, high=1.0
+    )
+    steps: int = param(32, "Integrated Gradients: Riemann steps.", low=1, high=512)
+    seed: int = param(0, "SmoothGrad: seed of the noise (results are reproducible).", low=0)
+
+
+@register_method(
+    "saliency",
+    passes=Pass.EXTRA,
+    class_specific=True,
+    requires_class_token=False,
+    params=SaliencyParams,
+    description="Saliency (Simonyan et al. 2014): max over colour channels of |∂y_c/∂x| at input "
+    "resolution; options SmoothGrad and Integrated Gradients.",
+)
+def saliency(rec: Recording, params: SaliencyParams) -> MethodOutput:
+    """map = max over channels of |a|, with a from `attribution`.
+
+    Returns a pixel map (B, H, W); on the token grid it is averaged over each patch.
+    """
+    return MethodOutput(attribution(rec, params).abs().amax(dim=1))
+
+
+def attribution(rec: Recording, params: SaliencyParams) -> Tensor:
+    """(B, C, H, W): the pixel gradient, its SmoothGrad mean, or the IG attribution."""
+    passes, targets = rec.passes, rec.targets
+    pixels: Tensor = passes.pixels  # (B, C, H, W) in [0, 1]
+    if params.mode == "smoothgrad":
+        generator = torch.Generator(device=pixels.device).manual_seed(params.seed)
+        grads = torch.zeros_like(pixels)
+        for _ in range(params.samples):  # one backward per noisy copy of the whole batch
+            noise = torch.randn(
+                pixels.shape, generator=generator, device=pixels.device, dtype=pixels.dtype
+            )
+            grads += passes.input_gradients(pixels + params.noise * noise, targets)
+        return grads / params.samples
+    if params.mode == "integrated_gradients":
+        grads = torch.zeros_like(pixels)
+        for step in range(1, params.steps + 1):  # right Riemann sum from the black baseline
+            grads += passes.input_gradients(pixels * (step / params.steps), targets)
+        return pixels * grads / params.steps
+    return passes.input_gradients(pixels, targets)
