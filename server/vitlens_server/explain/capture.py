@@ -22,8 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from vitlens_server.models.loading import READOUTS, readout_kind
 
 __all__ = ["AttentionHooks", "LayerRecord", "Recording", "UnsupportedModel"]
 
@@ -52,8 +55,11 @@ class Recording:
         num_heads, scale: of the attention modules (the same in every block).
         num_prefix_tokens: P, tokens before the patch tokens.
         grid: (gh, gw) patch grid.
+        readout: (N,) weights of the token rows the logits read — one-hot on the class token,
+            half on each of the class and distillation tokens (DeiT distilled), uniform over
+            the patch tokens (``global_pool='avg'``); None when the model pools otherwise.
         tokens: (B, N, D) output of the final norm, the tokens the classifier reads.
-        classifier: (C, D) weight of the linear head.
+        classifier: (C, D) weight of the linear head (mean of both heads for DeiT distilled).
         targets: (B,) the class being explained, set by the engine before each method call.
         passes: further model passes (`ExtraPasses`), for methods that declare `Pass.EXTRA`.
     """
@@ -63,6 +69,7 @@ class Recording:
     scale: float
     num_prefix_tokens: int
     grid: tuple[int, int]
+    readout: Tensor | None = None
     classifier: Tensor | None = None
     tokens: Tensor | None = None
     targets: Tensor | None = None
@@ -90,6 +97,22 @@ class Recording:
         grad = rec.out_grad.view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, H, N, D)
         return grad @ rec.v.transpose(-2, -1)
 
+    def readout_rows(self, matrix: Tensor) -> Tensor:
+        """The readout's mix of the rows of a (..., N, N) token matrix, over the patch tokens.
+
+        Returns (..., gh·gw): row 0 (the class token's) for class-token models, the mean of the
+        class- and distillation-token rows for DeiT distilled, the mean of the patch rows for
+        average-pooled models.
+        """
+        if self.readout is None:
+            raise RuntimeError("this model has no fixed readout row (checked before queueing)")
+        weights = self.readout.to(matrix.dtype)
+        return torch.einsum("n,...nm->...m", weights, matrix)[..., self.num_prefix_tokens :]
+
+    def readout_map(self, matrix: Tensor) -> Tensor:
+        """`readout_rows` of a (B, N, N) matrix as a (B, gh, gw) map."""
+        return self.readout_rows(matrix).reshape(matrix.shape[0], *self.grid)
+
     def attention_outputs(self) -> list[Tensor]:
         """O_l of every layer, (B, N, H·D): the tensors gradients are taken with respect to."""
         return [rec.out for rec in self.layers]
@@ -105,10 +128,10 @@ class AttentionHooks:
 
     def __init__(self, model: nn.Module) -> None:
         self._attns = [_check_attention(i, block) for i, block in enumerate(model.blocks)]
-        head = getattr(model, "head", None)
-        self._classifier = head.weight if isinstance(head, nn.Linear) else None
+        self._classifier = _classifier(model)
         self._grid = tuple(model.patch_embed.grid_size)
         self._num_prefix_tokens = int(model.num_prefix_tokens)
+        self._readout = _readout_weights(model)
         self._active: Recording | None = None
         self._handles: list[RemovableHandle] = []
         for index, attn in enumerate(self._attns):
@@ -132,6 +155,7 @@ class AttentionHooks:
             scale=float(first.scale),
             num_prefix_tokens=self._num_prefix_tokens,
             grid=self._grid,
+            readout=self._readout,
             classifier=self._classifier,
         )
         self._active = recording
@@ -181,6 +205,34 @@ class AttentionHooks:
                 self._active.layers[index].out = inputs[0]  # (B, N, H·D)
 
         return hook
+
+
+def _classifier(model: nn.Module) -> Tensor | None:
+    """(C, D) linear head weight; DeiT distilled averages its two heads as its logits do."""
+    head, dist = getattr(model, "head", None), getattr(model, "head_dist", None)
+    if not isinstance(head, nn.Linear):
+        return None
+    if isinstance(dist, nn.Linear):
+        return (head.weight + dist.weight).detach() / 2
+    return head.weight.detach()
+
+
+def _readout_weights(model: nn.Module) -> Tensor | None:
+    """(N,) weights of the token rows the logits read (see `Recording.readout`)."""
+    kind = readout_kind(model)
+    if kind not in READOUTS:
+        return None
+    p = int(model.num_prefix_tokens)
+    gh, gw = model.patch_embed.grid_size
+    param = next(model.parameters())
+    weights = torch.zeros(p + gh * gw, dtype=param.dtype, device=param.device)
+    if kind == "token":
+        weights[0] = 1.0
+    elif kind == "distilled":
+        weights[:2] = 0.5
+    else:
+        weights[p:] = 1.0 / (gh * gw)
+    return weights
 
 
 _REQUIRED = ("qkv", "q_norm", "k_norm", "norm", "num_heads", "scale")

@@ -124,10 +124,11 @@ class Explainer:
     def check(self, method: MethodSpec, params: object, target: TargetSpec) -> None:
         """Reject a job that cannot run on this model, before it is queued."""
         geometry = self.model.geometry
-        if method.requires_class_token and not geometry.has_class_token:
+        if method.requires_readout and not geometry.has_token_readout:
             raise InvalidArgument(
-                f"method {method.name!r} reads the class token's row, and model "
-                f"{self.model.name!r} has no class token"
+                f"method {method.name!r} reads the token row the classifier reads, and model "
+                f"{self.model.name!r} pools its tokens with {geometry.readout!r}; use a method "
+                "that does not (cam, saliency) or a model with token or average pooling"
             )
         check = getattr(params, "check", None)
         if check is not None:
@@ -155,6 +156,8 @@ class Explainer:
         method = job.method
         outputs: list[MethodOutput] = []
         with self.hooks.record() as rec:
+            if Pass.EXTRA in method.passes:
+                rec.passes = ExtraPasses(self, job.pixels.to(self.model.device, self._dtype))
             if Pass.BACKWARD in method.passes:
                 with torch.enable_grad():
                     x.requires_grad_(True)  # the graph starts at the input; weights stay frozen
@@ -176,9 +179,6 @@ class Explainer:
                 with torch.no_grad():
                     logits = self.model.module(x)
                     targets = self._targets(logits, job.target)
-                    if Pass.EXTRA in method.passes:
-                        pixels = job.pixels.to(self.model.device, self._dtype)
-                        rec.passes = ExtraPasses(self, pixels)
                     ranks = range(targets.shape[1] if method.class_specific else 1)
                     for rank in ranks:
                         rec.targets = targets[:, rank]

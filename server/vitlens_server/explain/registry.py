@@ -24,6 +24,7 @@ class Pass(enum.Flag):
 
     FORWARD = enum.auto()
     BACKWARD = enum.auto()  # gradients of the target logit w.r.t. the attention maps
+    LRP = enum.auto()  # activations for layer-wise relevance propagation (Chefer et al. 2021)
     EXTRA = enum.auto()  # further model passes the method runs itself (`Recording.passes`)
 
 
@@ -51,7 +52,7 @@ class MethodSpec:
     passes: Pass
     class_specific: bool
     relevance_matrix: bool
-    requires_class_token: bool
+    requires_readout: bool
     params: type
     description: str
 
@@ -94,7 +95,7 @@ def register_method(
     description: str,
     class_specific: bool,
     relevance_matrix: bool = False,
-    requires_class_token: bool = True,
+    requires_readout: bool = True,
     params: type = NoParams,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a method function to `METHODS`."""
@@ -107,7 +108,7 @@ def register_method(
                 passes=passes | Pass.FORWARD,
                 class_specific=class_specific,
                 relevance_matrix=relevance_matrix,
-                requires_class_token=requires_class_token,
+                requires_readout=requires_readout,
                 params=params,
                 description=description,
             )

@@ -71,6 +71,7 @@ class ModelGeometry:
     grid: tuple[int, int]  # (gh, gw)
     num_prefix_tokens: int
     has_class_token: bool
+    readout: str  # how the head reads the tokens: "token", "distilled", "avg", or timm's pool name
     num_layers: int
     num_heads: int
     num_classes: int
@@ -78,6 +79,11 @@ class ModelGeometry:
     @property
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+
+    @property
+    def has_token_readout(self) -> bool:
+        """Whether the logits read a fixed mix of token rows, which row-reading methods need."""
+        return self.readout in READOUTS
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
+READOUTS = ("token", "distilled", "avg")
+
+
+def readout_kind(module: nn.Module) -> str:
+    """How the classifier reads the final tokens.
+
+    ``token``: the class token (ViT, DeiT, models with registers); ``distilled``: the mean of the
+    class- and distillation-token heads (DeiT distilled at inference); ``avg``: the mean of the
+    patch tokens (``global_pool='avg'``). Any other timm pool (e.g. ``map`` attention pooling) is
+    returned by name and has no fixed readout row.
+    """
+    pool = getattr(module, "global_pool", "token") or "none"
+    if pool == "token" and getattr(module, "head_dist", None) is not None:
+        return "distilled"
+    if pool == "token" and getattr(module, "cls_token", None) is None:
+        return "none"
+    return pool
+
+
 def _read_geometry(module: nn.Module) -> ModelGeometry:
     blocks = getattr(module, "blocks", None)
     patch_embed = getattr(module, "patch_embed", None)
@@ -256,6 +281,7 @@ def _read_geometry(module: nn.Module) -> ModelGeometry:
     )
     return ModelGeometry(
         input_size=(in_chans, img_size[0], img_size[1]),
+        readout=readout_kind(module),
         patch_size=tuple(patch_embed.patch_size),
         grid=tuple(patch_embed.grid_size),
         num_prefix_tokens=int(module.num_prefix_tokens),

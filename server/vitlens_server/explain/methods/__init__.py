@@ -1,5 +1,11 @@
-"""Explanation methods; importing this package registers them all in `METHODS`."""
+"""Explanation methods: importing this package imports every module in it, registering them all.
 
-from vitlens_server.explain.methods import attention, cam, gradient, saliency
+Each module registers its methods in `METHODS` with `register_method`; adding a method is adding
+a module here.
+"""
 
-__all__ = ["attention", "cam", "gradient", "saliency"]
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

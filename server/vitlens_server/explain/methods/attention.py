@@ -1,4 +1,8 @@
-"""Forward-only attention methods: raw attention and attention rollout."""
+"""Forward-only attention methods: raw attention and attention rollout.
+
+Equations write the class token's row as row 0; for other readouts (DeiT distilled, average
+pooling) the row is `Recording.readout_rows`, the mix of token rows the classifier reads.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,7 @@ from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import NoParams, choice, param
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
-__all__ = ["RolloutParams", "cls_row_map", "raw_attention", "rollout"]
-
-
-def cls_row_map(matrix: Tensor, rec: Recording) -> Tensor:
-    """CLS row of a (B, N, N) token matrix over the patch tokens, as (B, gh, gw)."""
-    p = rec.num_prefix_tokens
-    return matrix[:, 0, p:].reshape(matrix.shape[0], *rec.grid)
+__all__ = ["RolloutParams", "raw_attention", "rollout"]
 
 
 @register_method(
@@ -32,7 +30,7 @@ def cls_row_map(matrix: Tensor, rec: Recording) -> Tensor:
 def raw_attention(rec: Recording, _params: NoParams) -> MethodOutput:
     """map = mean_h A_L[:, h, 0, P:]; relevance = mean_h A_L, (B, N, N)."""
     attn = rec.attention(rec.num_layers - 1).mean(dim=1)  # (B, N, N)
-    return MethodOutput(cls_row_map(attn, rec), attn)
+    return MethodOutput(rec.readout_map(attn), attn)
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ def rollout(rec: Recording, params: RolloutParams) -> MethodOutput:
         augmented = fused + eye
         augmented = augmented / augmented.sum(dim=-1, keepdim=True)
         result = augmented if result is None else augmented @ result
-    return MethodOutput(cls_row_map(result, rec), result)
+    return MethodOutput(rec.readout_map(result), result)
 
 
 def _fuse_heads(attn: Tensor, how: str) -> Tensor:

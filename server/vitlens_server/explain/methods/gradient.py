@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from vitlens_server.explain.capture import Recording
-from vitlens_server.explain.methods.attention import cls_row_map
 from vitlens_server.explain.params import NoParams
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
@@ -29,7 +28,7 @@ def generic(rec: Recording, _params: NoParams) -> MethodOutput:
             eye = torch.eye(weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
             relevance = eye.expand_as(weighted).clone()  # (B, N, N)
         relevance = relevance + weighted @ relevance
-    return MethodOutput(cls_row_map(relevance, rec), relevance)
+    return MethodOutput(rec.readout_map(relevance), relevance)
 
 
 @register_method(
@@ -41,9 +40,9 @@ def generic(rec: Recording, _params: NoParams) -> MethodOutput:
 )
 def gradcam(rec: Recording, _params: NoParams) -> MethodOutput:
     """α_h = mean_j ∇A_L[h, 0, P+j]; map = ReLU(mean_h α_h · A_L[h, 0, P:])."""
-    last, p = rec.num_layers - 1, rec.num_prefix_tokens
-    attn = rec.attention(last)[:, :, 0, p:]  # (B, H, gh·gw)
-    weights = rec.attention_grad(last)[:, :, 0, p:].mean(dim=-1, keepdim=True)  # (B, H, 1)
+    last = rec.num_layers - 1
+    attn = rec.readout_rows(rec.attention(last))  # (B, H, gh·gw)
+    weights = rec.readout_rows(rec.attention_grad(last)).mean(dim=-1, keepdim=True)  # (B, H, 1)
     heatmap = (weights * attn).mean(dim=1).clamp(min=0)
     return MethodOutput(heatmap.reshape(-1, *rec.grid))
 
@@ -57,11 +56,10 @@ def gradcam(rec: Recording, _params: NoParams) -> MethodOutput:
 )
 def agcam(rec: Recording, _params: NoParams) -> MethodOutput:
     """map = Σ_l Σ_h ReLU(∇A_l[h, 0, P:]) ⊙ sigmoid(S_l[h, 0, P:])."""
-    p = rec.num_prefix_tokens
     heatmap = None
     for layer in range(rec.num_layers):
-        grads = rec.attention_grad(layer)[:, :, 0, p:].clamp(min=0)  # (B, H, gh·gw)
-        scores = rec.scores(layer)[:, :, 0, p:].sigmoid()
+        grads = rec.readout_rows(rec.attention_grad(layer)).clamp(min=0)  # (B, H, gh·gw)
+        scores = rec.readout_rows(rec.scores(layer)).sigmoid()
         term = (grads * scores).sum(dim=1)
         heatmap = term if heatmap is None else heatmap + term
     return MethodOutput(heatmap.reshape(-1, *rec.grid))
