@@ -124,11 +124,11 @@ class Explainer:
     def check(self, method: MethodSpec, params: object, target: TargetSpec) -> None:
         """Reject a job that cannot run on this model, before it is queued."""
         geometry = self.model.geometry
-        if method.requires_readout and not geometry.has_token_readout:
+        if not method.applies_to(geometry.readout):
             raise InvalidArgument(
-                f"method {method.name!r} reads the token row the classifier reads, and model "
-                f"{self.model.name!r} pools its tokens with {geometry.readout!r}; use a method "
-                "that does not (cam, saliency) or a model with token or average pooling"
+                f"method {method.name!r} applies to models whose classifier reads "
+                f"{' or '.join(method.readouts)} tokens, and model {self.model.name!r} reads "
+                f"{geometry.readout!r}; see GetModel for the methods this model supports"
             )
         check = getattr(params, "check", None)
         if check is not None:

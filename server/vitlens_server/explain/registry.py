@@ -15,6 +15,7 @@ from torch import Tensor
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import NoParams
+from vitlens_server.models.loading import READOUTS
 
 __all__ = ["METHODS", "MethodOutput", "MethodSpec", "Pass", "get_method", "register_method"]
 
@@ -52,9 +53,13 @@ class MethodSpec:
     passes: Pass
     class_specific: bool
     relevance_matrix: bool
-    requires_readout: bool
+    readouts: tuple[str, ...] | None  # model readouts it applies to (None: any model)
     params: type
     description: str
+
+    def applies_to(self, readout: str) -> bool:
+        """Whether the method can explain a model whose head reads tokens by ``readout``."""
+        return self.readouts is None or readout in self.readouts
 
     @property
     def pass_names(self) -> list[str]:
@@ -95,7 +100,7 @@ def register_method(
     description: str,
     class_specific: bool,
     relevance_matrix: bool = False,
-    requires_readout: bool = True,
+    readouts: tuple[str, ...] | None = READOUTS,
     params: type = NoParams,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a method function to `METHODS`."""
@@ -108,7 +113,7 @@ def register_method(
                 passes=passes | Pass.FORWARD,
                 class_specific=class_specific,
                 relevance_matrix=relevance_matrix,
-                requires_readout=requires_readout,
+                readouts=readouts,
                 params=params,
                 description=description,
             )

@@ -80,11 +80,6 @@ class ModelGeometry:
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.grid[0] * self.grid[1]
 
-    @property
-    def has_token_readout(self) -> bool:
-        """Whether the logits read a fixed mix of token rows, which row-reading methods need."""
-        return self.readout in READOUTS
-
 
 @dataclass(frozen=True)
 class WeightsInfo:

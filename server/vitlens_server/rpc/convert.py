@@ -135,7 +135,7 @@ def model_info(model: LoadedModel) -> vitlens_pb2.ModelInfo:
             ],
         )
         for spec in METHODS.specs()
-        if g.has_token_readout or not spec.requires_readout
+        if spec.applies_to(g.readout)
     ]
     return vitlens_pb2.ModelInfo(
         name=model.name,

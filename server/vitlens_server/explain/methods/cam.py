@@ -13,7 +13,7 @@ __all__ = ["cam"]
     "cam",
     passes=Pass.FORWARD,
     class_specific=True,
-    requires_readout=False,
+    readouts=None,
     description="CAM (Zhou et al. 2016) adapted to ViT: each patch token after the final norm "
     "scored by the classifier row of the explained class.",
 )

@@ -36,7 +36,7 @@ class SaliencyParams:
     "saliency",
     passes=Pass.EXTRA,
     class_specific=True,
-    requires_readout=False,
+    readouts=None,
     params=SaliencyParams,
     description="Saliency (Simonyan et al. 2014): max over colour channels of |∂y_c/∂x| at input "
     "resolution; options SmoothGrad and Integrated Gradients.",
