@@ -20,10 +20,15 @@ TINY_KWARGS = {
 }
 
 
-def tiny_vit(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
+TINY_ARCH = "vit_tiny_patch16_224"
+
+
+def tiny_vit(
+    seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = TINY_ARCH, **overrides
+) -> nn.Module:
     """A 3-block, 3-head ViT on 32 px images with a 4 x 4 patch grid (N = 17 tokens)."""
     torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", **{**TINY_KWARGS, **overrides})
+    model = timm.create_model(arch, **{**TINY_KWARGS, **overrides})
     # Sharpen the random init so attention is far from uniform and maps are informative.
     with torch.no_grad():
         for block in model.blocks:
@@ -31,11 +36,12 @@ def tiny_vit(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> 
     return model.eval().to(dtype)
 
 
-def tiny_loaded(seed: int = 0, device: str = "cpu", **overrides) -> LoadedModel:
-    module = tiny_vit(seed, **overrides).requires_grad_(False).to(device)
-    spec = ModelSpec(
-        name="tiny", architecture="vit_tiny_patch16_224", model_kwargs=TINY_KWARGS, device=device
-    )
+def tiny_loaded(
+    seed: int = 0, device: str = "cpu", arch: str = TINY_ARCH, **overrides
+) -> LoadedModel:
+    module = tiny_vit(seed, arch=arch, **overrides).requires_grad_(False).to(device)
+    kwargs = {**TINY_KWARGS, **overrides}
+    spec = ModelSpec(name="tiny", architecture=arch, model_kwargs=kwargs, device=device)
     geometry = _read_geometry(module)
     labels = tuple(f"c{i}" for i in range(geometry.num_classes))
     return LoadedModel(

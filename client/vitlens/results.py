@@ -269,6 +269,8 @@ class ModelInfo:
         patch_grid: token grid (gh, gw).
         num_prefix_tokens: tokens before the patch tokens; N = num_prefix_tokens + gh * gw.
         labels: class labels; index i names class i.
+        readout: how the classifier reads the tokens: "token", "distilled", "avg" or another
+            timm pooling (then methods that read a fixed token row are not offered).
     """
 
     name: str
@@ -285,6 +287,7 @@ class ModelInfo:
     methods: tuple[MethodInfo, ...]
     weights: Weights
     device: str
+    readout: str
 
     @classmethod
     def from_proto(cls, m: vitlens_pb2.ModelInfo) -> ModelInfo:
@@ -303,6 +306,7 @@ class ModelInfo:
             methods=tuple(MethodInfo.from_proto(x) for x in m.methods),
             weights=Weights.from_proto(m.weights),
             device=m.device,
+            readout=m.readout,
         )
 
     @property

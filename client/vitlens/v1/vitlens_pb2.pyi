@@ -165,7 +165,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "input_size", "mean", "std", "patch_size", "patch_grid", "num_prefix_tokens", "num_layers", "num_heads", "labels", "methods", "weights", "device")
+    __slots__ = ("name", "architecture", "input_size", "mean", "std", "patch_size", "patch_grid", "num_prefix_tokens", "num_layers", "num_heads", "labels", "methods", "weights", "device", "readout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class ModelInfo(_message.Message):
     METHODS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    READOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     input_size: _containers.RepeatedScalarFieldContainer[int]
@@ -194,7 +195,8 @@ class ModelInfo(_message.Message):
     methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
     weights: Weights
     device: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[_Iterable[int]] = ..., patch_grid: _Optional[_Iterable[int]] = ..., num_prefix_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
+    readout: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[_Iterable[int]] = ..., patch_grid: _Optional[_Iterable[int]] = ..., num_prefix_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., device: _Optional[str] = ..., readout: _Optional[str] = ...) -> None: ...
 
 class Weights(_message.Message):
     __slots__ = ("source", "random", "sha256", "metadata")

@@ -160,4 +160,5 @@ def model_info(model: LoadedModel) -> vitlens_pb2.ModelInfo:
             },
         ),
         device=str(model.device),
+        readout=g.readout,
     )
