@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.report import REPORT
 from tests.tiny import tiny_loaded
 from vitlens_server.config import ServerConfig
 from vitlens_server.models import ModelRegistry, load_model
@@ -72,3 +73,11 @@ def client(server: RunningServer):
 
     with vitlens.Client(server.address, timeout_s=60) as c:
         yield c
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the figures tests recorded with `tests.report.report`."""
+    for section, lines in REPORT.items():
+        terminalreporter.section(section)
+        for line in lines:
+            terminalreporter.line(line)

@@ -41,6 +41,7 @@ def test_list_and_get_models(client: vitlens.Client) -> None:
     assert demo.name == DEMO_MODEL_NAME and demo.labels == DEMO_LABELS
     assert demo.input_size == (3, 224, 224) and demo.patch_grid == (14, 14)
     assert demo.num_prefix_tokens == 1 and demo.num_layers == 6 and demo.num_heads == 3
+    assert demo.readout == "token"
     expected = load_model(demo_spec()).weights
     assert demo.random_weights == expected.random and demo.weights.source == expected.source
     assert {"raw_attention", "rollout", "generic"} <= set(demo.method_names)
@@ -63,9 +64,34 @@ def test_unknown_model_is_not_found(client: vitlens.Client) -> None:
 # ----------------------------------------------------------------------------------- explain
 
 
+def _model_state(server) -> dict:
+    """What an explanation must leave as it found it: hooks, attention paths, weights, grads."""
+    module = server.server.registry.get(DEMO_MODEL_NAME).module
+    return {
+        "hooks": [
+            (name, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for name, m in module.named_modules()
+        ],
+        "fused_attn": [block.attn.fused_attn for block in module.blocks],
+        "grads": [name for name, p in module.named_parameters() if p.grad is not None],
+        "requires_grad": [name for name, p in module.named_parameters() if p.requires_grad],
+        "weights": {k: v.clone() for k, v in module.state_dict().items()},
+        "training": module.training,
+    }
+
+
 @pytest.mark.parametrize("method", list(METHODS))
-def test_explain_each_method(client: vitlens.Client, method: str) -> None:
+def test_explain_each_method(server, client: vitlens.Client, method: str) -> None:
+    before = _model_state(server)
+    if METHODS.get(method).needs_mask:
+        with pytest.raises(vitlens.InvalidArgumentError, match="Evaluate"):
+            client.explain(_png(seed=1), method=method)
+        return
     result = client.explain([_png(seed=1), _pixels(2)], method=method, ids=["a", "b"])
+    after = _model_state(server)
+    weights = after.pop("weights")
+    assert all(v.equal(weights[k]) for k, v in before.pop("weights").items())
+    assert after == before and not after["grads"]
     assert result.model == DEMO_MODEL_NAME and result.method == method
     assert [r.id for r in result] == ["a", "b"]
     for image in result:

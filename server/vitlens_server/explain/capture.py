@@ -13,6 +13,11 @@ attention output O = A·V (the input of `attn.norm`), and the maps are rebuilt f
 The last line is the exact gradient w.r.t. the post-softmax attention, as an unfused model with a
 hook on `attn` would report it. One backward pass, `torch.autograd.grad` w.r.t. the recorded O_l
 of all layers, serves the whole batch and never touches parameter `.grad`.
+
+With ``record(lrp=True)`` further hooks (installed with the others, inert otherwise) keep what
+layer-wise relevance propagation (`vitlens_server.explain.lrp`) reads: every block's input, the
+inputs of its Linear layers and its two residual branches, and the classifier's inputs/outputs
+(`LrpRecord`). They only keep references to tensors the forward pass computes anyway.
 """
 
 from __future__ import annotations
@@ -23,12 +28,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.layers import Attention, LayerScale, Mlp
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vitlens_server.models.loading import READOUTS, readout_kind
 
-__all__ = ["AttentionHooks", "LayerRecord", "Recording", "UnsupportedModel"]
+__all__ = [
+    "AttentionHooks",
+    "LayerRecord",
+    "LrpLayer",
+    "LrpRecord",
+    "Recording",
+    "UnsupportedModel",
+]
 
 
 class UnsupportedModel(TypeError):
@@ -47,6 +61,55 @@ class LayerRecord:
 
 
 @dataclass
+class LrpLayer:
+    """One block's tensors for LRP, kept by ``record(lrp=True)``; D model width, F MLP width.
+
+    Block: x_mid = x + ls1(attn(norm1(x))), x_out = x_mid + ls2(mlp(norm2(x_mid))).
+
+    Attributes:
+        x: (B, N, D) block input.
+        qkv_in: (B, N, D) input of ``attn.qkv`` (= norm1(x)).
+        proj_in: (B, N, H·D_h) input of ``attn.proj`` (= attn.norm(A·V)).
+        attn_branch: (B, N, D) output of ``ls1``, the first residual branch.
+        fc1_in: (B, N, D) input of ``mlp.fc1`` (= norm2(x_mid)).
+        fc2_in: (B, N, F) input of ``mlp.fc2``.
+        mlp_branch: (B, N, D) output of ``ls2``, the second residual branch.
+    """
+
+    x: Tensor | None = None
+    qkv_in: Tensor | None = None
+    proj_in: Tensor | None = None
+    attn_branch: Tensor | None = None
+    fc1_in: Tensor | None = None
+    fc2_in: Tensor | None = None
+    mlp_branch: Tensor | None = None
+
+
+@dataclass
+class LrpRecord:
+    """What LRP reads besides the attention records: activations and the modules' weights.
+
+    Attributes:
+        layers: one `LrpLayer` per block.
+        blocks: the model's blocks, whose Linear weights the rules read (never write).
+        heads: the classifier Linear layers (``head``, plus ``head_dist`` for DeiT distilled).
+        head_in: (B, D) input of each head; head_out: (B, C) its output.
+        pool: the readout, ``token`` / ``distilled`` / ``avg``.
+        pool_start: first token the average pool reads (P, or 0 when it includes the prefix).
+        pooled: (B, D) output of the average pool (input of ``fc_norm``), ``avg`` only.
+    """
+
+    layers: list[LrpLayer]
+    blocks: list[nn.Module]
+    heads: list[nn.Linear]
+    pool: str
+    pool_start: int
+    head_in: list[Tensor | None]
+    head_out: list[Tensor | None]
+    pooled: Tensor | None = None
+
+
+@dataclass
 class Recording:
     """What one forward (and optional backward) pass captured.
 
@@ -61,7 +124,9 @@ class Recording:
         tokens: (B, N, D) output of the final norm, the tokens the classifier reads.
         classifier: (C, D) weight of the linear head (mean of both heads for DeiT distilled).
         targets: (B,) the class being explained, set by the engine before each method call.
+        pixels: (B, C, H, W) float32 explained images in [0, 1], as requested (not normalised).
         passes: further model passes (`ExtraPasses`), for methods that declare `Pass.EXTRA`.
+        lrp: activations for layer-wise relevance propagation, when recorded with ``lrp=True``.
     """
 
     layers: list[LayerRecord]
@@ -73,7 +138,9 @@ class Recording:
     classifier: Tensor | None = None
     tokens: Tensor | None = None
     targets: Tensor | None = None
+    pixels: Tensor | None = None
     passes: Any = None
+    lrp: LrpRecord | None = None
 
     @property
     def num_layers(self) -> int:
@@ -127,6 +194,7 @@ class AttentionHooks:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self._model = model
         self._attns = [_check_attention(i, block) for i, block in enumerate(model.blocks)]
         self._classifier = _classifier(model)
         self._grid = tuple(model.patch_embed.grid_size)
@@ -142,12 +210,21 @@ class AttentionHooks:
                 attn.norm.register_forward_pre_hook(self._on_out(index)),
             ]
         self._handles.append(model.norm.register_forward_hook(self._on_tokens))
+        self.lrp_problem = _lrp_problem(model)
+        if self.lrp_problem is None:
+            self._add_lrp_hooks(model)
 
     @contextmanager
-    def record(self) -> Iterator[Recording]:
-        """Activate the hooks for the passes run inside the ``with`` block."""
+    def record(self, lrp: bool = False) -> Iterator[Recording]:
+        """Activate the hooks for the passes run inside the ``with`` block.
+
+        ``lrp``: also keep the activations layer-wise relevance propagation reads
+        (`Recording.lrp`); raises `UnsupportedModel` where the model's layout has no LRP rules.
+        """
         if self._active is not None:
             raise RuntimeError("a recording is already active on this model")
+        if lrp and self.lrp_problem is not None:
+            raise UnsupportedModel(self.lrp_problem)
         first = self._attns[0]
         recording = Recording(
             layers=[LayerRecord() for _ in self._attns],
@@ -157,6 +234,7 @@ class AttentionHooks:
             grid=self._grid,
             readout=self._readout,
             classifier=self._classifier,
+            lrp=self._new_lrp_record() if lrp else None,
         )
         self._active = recording
         try:
@@ -206,6 +284,65 @@ class AttentionHooks:
 
         return hook
 
+    def _add_lrp_hooks(self, model: nn.Module) -> None:
+        """Hooks keeping `LrpRecord` tensors; they return None, so outputs are unchanged."""
+        for index, block in enumerate(model.blocks):
+            self._handles += [
+                block.register_forward_pre_hook(self._lrp_input(index, "x")),
+                block.attn.qkv.register_forward_pre_hook(self._lrp_input(index, "qkv_in")),
+                block.attn.proj.register_forward_pre_hook(self._lrp_input(index, "proj_in")),
+                block.ls1.register_forward_hook(self._lrp_output(index, "attn_branch")),
+                block.mlp.fc1.register_forward_pre_hook(self._lrp_input(index, "fc1_in")),
+                block.mlp.fc2.register_forward_pre_hook(self._lrp_input(index, "fc2_in")),
+                block.ls2.register_forward_hook(self._lrp_output(index, "mlp_branch")),
+            ]
+        for index, head in enumerate(_heads(model)):
+            self._handles.append(head.register_forward_hook(self._lrp_head(index)))
+        if readout_kind(model) == "avg":
+            self._handles.append(model.fc_norm.register_forward_pre_hook(self._lrp_pooled))
+
+    def _new_lrp_record(self) -> LrpRecord:
+        model = self._model
+        pool = readout_kind(model)
+        heads = _heads(model)
+        return LrpRecord(
+            layers=[LrpLayer() for _ in self._attns],
+            blocks=list(model.blocks),
+            heads=heads,
+            pool=pool,
+            pool_start=0
+            if getattr(model, "pool_include_prefix", False)
+            else self._num_prefix_tokens,
+            head_in=[None] * len(heads),
+            head_out=[None] * len(heads),
+        )
+
+    def _lrp_input(self, index: int, name: str):
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            if self._active is not None and self._active.lrp is not None:
+                setattr(self._active.lrp.layers[index], name, inputs[0])
+
+        return hook
+
+    def _lrp_output(self, index: int, name: str):
+        def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self._active is not None and self._active.lrp is not None:
+                setattr(self._active.lrp.layers[index], name, output)
+
+        return hook
+
+    def _lrp_head(self, index: int):
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self._active is not None and self._active.lrp is not None:
+                self._active.lrp.head_in[index] = inputs[0]  # (B, D)
+                self._active.lrp.head_out[index] = output  # (B, C)
+
+        return hook
+
+    def _lrp_pooled(self, _module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        if self._active is not None and self._active.lrp is not None:
+            self._active.lrp.pooled = inputs[0]  # (B, D)
+
 
 def _classifier(model: nn.Module) -> Tensor | None:
     """(C, D) linear head weight; DeiT distilled averages its two heads as its logits do."""
@@ -215,6 +352,46 @@ def _classifier(model: nn.Module) -> Tensor | None:
     if isinstance(dist, nn.Linear):
         return (head.weight + dist.weight).detach() / 2
     return head.weight.detach()
+
+
+def _heads(model: nn.Module) -> list[nn.Linear]:
+    """The Linear classifier heads whose outputs the logits average (one, or two for DeiT)."""
+    heads = [getattr(model, "head", None)]
+    if readout_kind(model) == "distilled":
+        heads.append(getattr(model, "head_dist", None))
+    return heads
+
+
+def _lrp_problem(model: nn.Module) -> str | None:
+    """Why LRP cannot propagate through ``model``, or None when every part has a rule."""
+    kind = readout_kind(model)
+    if kind not in READOUTS:
+        return f"LRP has no rule for the {kind!r} pooling of this model"
+    if getattr(model, "attn_pool", None) is not None:
+        return "LRP has no rule for attention pooling"
+    if not all(isinstance(head, nn.Linear) for head in _heads(model)):
+        return "LRP needs a Linear classifier head"
+    scale_types = (nn.Identity, LayerScale)
+    for index, block in enumerate(model.blocks):
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+        layout = (
+            type(block).forward is Block.forward
+            and type(attn).forward is Attention.forward
+            and getattr(attn, "gate", None) is None
+            and isinstance(attn.proj, nn.Linear)
+            and type(mlp).forward is Mlp.forward
+            and isinstance(mlp.fc1, nn.Linear)
+            and isinstance(mlp.fc2, nn.Linear)
+            and isinstance(block.ls1, scale_types)
+            and isinstance(block.ls2, scale_types)
+        )
+        if not layout:
+            return (
+                f"LRP rules cover timm's pre-norm Block (Attention, Mlp, LayerScale); block "
+                f"{index} is {type(block).__name__} with {type(attn).__name__} and "
+                f"{type(mlp).__name__}"
+            )
+    return None
 
 
 def _readout_weights(model: nn.Module) -> Tensor | None:

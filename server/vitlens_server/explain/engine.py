@@ -17,7 +17,7 @@ from torch import Tensor
 
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain.capture import AttentionHooks
-from vitlens_server.explain.registry import MethodOutput, MethodSpec, Pass
+from vitlens_server.explain.registry import METHODS, MethodOutput, MethodSpec, Pass
 from vitlens_server.models import LoadedModel
 
 __all__ = ["ExplainJob", "ExplainResult", "Explainer", "Predictions", "TargetSpec"]
@@ -121,15 +121,37 @@ class Explainer:
     def close(self) -> None:
         self.hooks.close()
 
-    def check(self, method: MethodSpec, params: object, target: TargetSpec) -> None:
-        """Reject a job that cannot run on this model, before it is queued."""
+    def refusal(self, method: MethodSpec) -> str | None:
+        """Why ``method`` cannot explain this model in an Explain request, or None if it can."""
+        if method.needs_mask:
+            return (
+                f"method {method.name!r} needs a ground-truth mask and is available only in "
+                "Evaluate, on datasets that carry masks; Explain requests have no mask input"
+            )
         geometry = self.model.geometry
         if not method.applies_to(geometry.readout):
-            raise InvalidArgument(
+            return (
                 f"method {method.name!r} applies to models whose classifier reads "
                 f"{' or '.join(method.readouts)} tokens, and model {self.model.name!r} reads "
                 f"{geometry.readout!r}; see GetModel for the methods this model supports"
             )
+        if Pass.LRP in method.passes and self.hooks.lrp_problem is not None:
+            return (
+                f"method {method.name!r} cannot explain model {self.model.name!r}: "
+                f"{self.hooks.lrp_problem}"
+            )
+        return None
+
+    def supported_methods(self) -> list[MethodSpec]:
+        """The registered methods Explain accepts for this model."""
+        return [spec for spec in METHODS.specs() if self.refusal(spec) is None]
+
+    def check(self, method: MethodSpec, params: object, target: TargetSpec) -> None:
+        """Reject a job that cannot run on this model, before it is queued."""
+        refusal = self.refusal(method)
+        if refusal is not None:
+            raise InvalidArgument(refusal)
+        geometry = self.model.geometry
         check = getattr(params, "check", None)
         if check is not None:
             check(geometry.num_layers)
@@ -155,9 +177,12 @@ class Explainer:
         x = self._normalize(job.pixels)
         method = job.method
         outputs: list[MethodOutput] = []
-        with self.hooks.record() as rec:
+        # LRP methods without BACKWARD run in the no-grad branch: their relevance walk reads the
+        # captured activations, one call per explained class.
+        with self.hooks.record(lrp=Pass.LRP in method.passes) as rec:
+            rec.pixels = job.pixels.to(self.model.device)
             if Pass.EXTRA in method.passes:
-                rec.passes = ExtraPasses(self, job.pixels.to(self.model.device, self._dtype))
+                rec.passes = ExtraPasses(self, rec.pixels.to(self._dtype))
             if Pass.BACKWARD in method.passes:
                 with torch.enable_grad():
                     x.requires_grad_(True)  # the graph starts at the input; weights stay frozen

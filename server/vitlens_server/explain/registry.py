@@ -56,6 +56,7 @@ class MethodSpec:
     readouts: tuple[str, ...] | None  # model readouts it applies to (None: any model)
     params: type
     description: str
+    needs_mask: bool = False  # needs a ground-truth mask: Evaluate only, refused by Explain
 
     def applies_to(self, readout: str) -> bool:
         """Whether the method can explain a model whose head reads tokens by ``readout``."""
@@ -102,6 +103,7 @@ def register_method(
     relevance_matrix: bool = False,
     readouts: tuple[str, ...] | None = READOUTS,
     params: type = NoParams,
+    needs_mask: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a method function to `METHODS`."""
 
@@ -116,6 +118,7 @@ def register_method(
                 readouts=readouts,
                 params=params,
                 description=description,
+                needs_mask=needs_mask,
             )
         )
         return fn

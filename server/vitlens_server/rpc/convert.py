@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from google.protobuf import json_format
 
 from vitlens.tensors import numpy_to_tensor
 from vitlens.v1 import tensor_pb2, vitlens_pb2
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.explain import METHODS, ExplainResult, Predictions, TargetSpec
+from vitlens_server.explain import ExplainResult, MethodSpec, Predictions, TargetSpec
 from vitlens_server.explain.params import describe_params
 from vitlens_server.models import LoadedModel
 
@@ -114,9 +115,10 @@ def image_explanations(model: LoadedModel, result: ExplainResult, ids: list[str]
     return out
 
 
-def model_info(model: LoadedModel) -> vitlens_pb2.ModelInfo:
+def model_info(model: LoadedModel, methods: Iterable[MethodSpec]) -> vitlens_pb2.ModelInfo:
+    """GetModel's answer; ``methods`` are those Explain accepts for the model."""
     g = model.geometry
-    methods = [
+    infos = [
         vitlens_pb2.MethodInfo(
             name=spec.name,
             description=spec.description,
@@ -134,8 +136,7 @@ def model_info(model: LoadedModel) -> vitlens_pb2.ModelInfo:
                 for p in describe_params(spec.params)
             ],
         )
-        for spec in METHODS.specs()
-        if spec.applies_to(g.readout)
+        for spec in methods
     ]
     return vitlens_pb2.ModelInfo(
         name=model.name,
@@ -149,7 +150,7 @@ def model_info(model: LoadedModel) -> vitlens_pb2.ModelInfo:
         num_layers=g.num_layers,
         num_heads=g.num_heads,
         labels=model.labels,
-        methods=methods,
+        methods=infos,
         weights=vitlens_pb2.Weights(
             source=model.weights.source,
             random=model.weights.random,

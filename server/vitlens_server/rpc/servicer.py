@@ -36,7 +36,10 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
         self._decoders = {
             m.name: ImageDecoder(m.geometry.input_size[1:], config.max_pixels) for m in registry
         }
-        self._infos = {m.name: convert.model_info(m) for m in registry}
+        self._infos = {
+            m.name: convert.model_info(m, workers.get(m.name).explainer.supported_methods())
+            for m in registry
+        }
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=True)
