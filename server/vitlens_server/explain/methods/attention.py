@@ -16,7 +16,7 @@ from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import NoParams, choice, param
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
-__all__ = ["RolloutParams", "raw_attention", "rollout"]
+__all__ = ["RolloutParams", "augmented_attention", "raw_attention", "rollout"]
 
 
 @register_method(
@@ -66,14 +66,22 @@ def rollout(rec: Recording, params: RolloutParams) -> MethodOutput:
     """R = Ã_L ··· Ã_s with Ã_l = norm_rows(fuse_h(A_l) + I); map = R[0, P:]."""
     result: Tensor | None = None
     for layer in range(params.start_layer, rec.num_layers):
-        fused = _fuse_heads(rec.attention(layer), params.head_fusion)  # (B, N, N)
-        if params.discard_ratio > 0:
-            fused = _discard_lowest(fused, params.discard_ratio)
-        eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-        augmented = fused + eye
-        augmented = augmented / augmented.sum(dim=-1, keepdim=True)
+        augmented = augmented_attention(rec, layer, params)
         result = augmented if result is None else augmented @ result
     return MethodOutput(rec.readout_map(result), result)
+
+
+def augmented_attention(
+    rec: Recording, layer: int, params: RolloutParams, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Ã_l = norm_rows(fuse_h(A_l) + I), (B, N, N), computed in ``dtype`` after the fusion."""
+    fused = _fuse_heads(rec.attention(layer), params.head_fusion)  # (B, N, N)
+    if params.discard_ratio > 0:
+        fused = _discard_lowest(fused, params.discard_ratio)
+    if dtype is not None:
+        fused = fused.to(dtype)
+    augmented = fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+    return augmented / augmented.sum(dim=-1, keepdim=True)
 
 
 def _fuse_heads(attn: Tensor, how: str) -> Tensor:
