@@ -65,6 +65,7 @@ class TrainConfig:
     two_object_fraction: float = 0.25  # share of batches of two-object scenes (soft targets)
     eval_count: int = 1000
     device: str = "cpu"
+    precision: str = "auto"  # "fp32", "bf16" (autocast; weights stay fp32) or "auto"
     workers: int = 1
     checkpoint_every: int = 250
 
@@ -128,6 +129,8 @@ def train(
     """
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
+    precision = resolve_precision(config.precision, device)
+    log.info("training on %s in %s", _device_name(device), precision)
     model = timm.create_model(DEMO_ARCHITECTURE, dynamic_img_size=True, **DEMO_KWARGS).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
@@ -156,8 +159,9 @@ def train(
         for images, targets in itertools.islice(loader, phase_end - step):
             for group in optimizer.param_groups:
                 group["lr"] = _lr(config, step)
-            logits = model(to_model_input(images.numpy(), MEAN, STD, device))
-            targets = targets.to(device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(to_model_input(images.numpy(), MEAN, STD, device))
+            logits, targets = logits.float(), targets.to(device)
             loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -202,6 +206,7 @@ def train(
         "train_images": config.total_steps * config.batch_size,
         "train_seconds": round(train_seconds, 1),
         "device": _device_name(device),
+        "precision": precision,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "eval_split": "test",
@@ -218,7 +223,7 @@ def train(
 def _config_key(config: TrainConfig) -> str:
     """What must match for a checkpoint to be resumed (not where or how fast it runs)."""
     fields = dataclasses.asdict(config)
-    for where in ("out", "device", "workers", "eval_count", "checkpoint_every"):
+    for where in ("out", "device", "precision", "workers", "eval_count", "checkpoint_every"):
         fields.pop(where)
     return json.dumps(fields, sort_keys=True)
 
@@ -254,6 +259,29 @@ def load_checkpoint(
     return int(state["step"]), float(state["elapsed_s"])
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 autocast where the hardware computes in bf16 natively, else fp32.
+
+    On a 2-core AVX512-BF16 CPU (AMD EPYC) bf16 autocast trains the demo ViT 1.5x faster than
+    fp32 (209 vs 134 images/s at 112 px); without native bf16 it would be emulated and slower.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise SystemExit(f"--precision must be auto, fp32 or bf16; got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _cpu_has_native_bf16() else "fp32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -272,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--eval-count", type=int, default=defaults.eval_count)
     parser.add_argument("--device", default=defaults.device)
+    parser.add_argument(
+        "--precision",
+        default=defaults.precision,
+        choices=("auto", "fp32", "bf16"),
+        help="bf16 autocast (fp32 weights); auto = bf16 where the hardware has it natively",
+    )
     parser.add_argument("--workers", type=int, default=defaults.workers, help="scene processes")
     parser.add_argument(
         "--resume", action="store_true", help="continue from <out>.ckpt if it exists"
@@ -291,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         eval_count=args.eval_count,
         device=args.device,
+        precision=args.precision,
         workers=args.workers,
     )
     command = "vitlens train-demo " + shlex.join(sys.argv[1:] if argv is None else argv)
