@@ -54,7 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--default-model", help="model used when a request names none")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="images per model pass")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="images per model pass: concurrent requests are batched up to it (1: no batching)",
+    )
+    parser.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=5.0,
+        help="longest a request waits for batch-mates before its pass starts",
+    )
+    parser.add_argument(
+        "--max-queue-images",
+        type=int,
+        default=1024,
+        help="images allowed to wait per model; beyond it requests get RESOURCE_EXHAUSTED",
+    )
     parser.add_argument("--max-images", type=int, default=256, help="images per request")
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel limit per image"
@@ -80,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         models=specs,
         default_model=args.default_model,
         max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        max_queue_images=args.max_queue_images,
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,
     )

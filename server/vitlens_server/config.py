@@ -18,7 +18,11 @@ class ServerConfig:
     Attributes:
         host, port: where gRPC listens; port 0 picks a free port.
         models: models to load; the first is the default unless ``default_model`` is set.
-        max_batch_size: images per model pass (larger requests run in chunks).
+        max_batch_size: images per model pass; concurrent requests are batched up to it, and
+            larger requests run in chunks (1 disables batching).
+        max_delay_ms: longest a request waits for batch-mates before its pass starts.
+        max_queue_images: images allowed to wait per model; beyond it requests get
+            RESOURCE_EXHAUSTED with a retry hint.
         max_images_per_request: larger requests are rejected with INVALID_ARGUMENT.
         max_pixels: per-image pixel limit against decompression bombs.
         max_message_bytes: gRPC send/receive message limit.
@@ -31,6 +35,8 @@ class ServerConfig:
     models: tuple[ModelSpec, ...] = field(default_factory=lambda: (demo_spec(),))
     default_model: str | None = None
     max_batch_size: int = 32
+    max_delay_ms: float = 5.0
+    max_queue_images: int = 1024
     max_images_per_request: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_message_bytes: int = 256 * 1024 * 1024

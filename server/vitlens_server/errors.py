@@ -7,10 +7,12 @@ Anything else escaping a handler becomes INTERNAL with a generic message and a l
 from __future__ import annotations
 
 __all__ = [
+    "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
+    "Unavailable",
     "Unimplemented",
     "VitlensError",
 ]
@@ -41,9 +43,29 @@ class FailedPrecondition(VitlensError):
 
 
 class ResourceExhausted(VitlensError):
-    """A limit was hit (queue full, request too large)."""
+    """A limit was hit (queue full, out of device memory for a single request).
+
+    ``retry_after_s``: when the caller may retry (sent as the ``grpc-retry-pushback-ms``
+    trailer, which gRPC retry policies honour), or None when retrying will not help.
+    """
 
     status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(VitlensError):
+    """The caller's deadline passed before the work could start."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(VitlensError):
+    """The server cannot take the request now (shutting down); another replica can."""
+
+    status = "UNAVAILABLE"
 
 
 class Unimplemented(VitlensError):

@@ -22,6 +22,7 @@ inputs of its Linear layers and its two residual branches, and the classifier's 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,6 +109,28 @@ class LrpRecord:
     head_out: list[Tensor | None]
     pooled: Tensor | None = None
 
+    def narrow(self, rows: slice) -> LrpRecord:
+        """The activations of the images ``rows`` of the batch (views, no copies)."""
+        return dataclasses.replace(
+            self,
+            layers=[_narrow_fields(layer, rows) for layer in self.layers],
+            head_in=[_narrow(t, rows) for t in self.head_in],
+            head_out=[_narrow(t, rows) for t in self.head_out],
+            pooled=_narrow(self.pooled, rows),
+        )
+
+
+def _narrow(tensor: Tensor | None, rows: slice) -> Tensor | None:
+    return None if tensor is None else tensor[rows]
+
+
+def _narrow_fields(record, rows: slice):
+    """A per-layer record with every (B, ...) tensor field cut to ``rows``."""
+    fields = dataclasses.fields(record)
+    return dataclasses.replace(
+        record, **{f.name: _narrow(getattr(record, f.name), rows) for f in fields}
+    )
+
 
 @dataclass
 class Recording:
@@ -179,6 +202,18 @@ class Recording:
     def readout_map(self, matrix: Tensor) -> Tensor:
         """`readout_rows` of a (B, N, N) matrix as a (B, gh, gw) map."""
         return self.readout_rows(matrix).reshape(matrix.shape[0], *self.grid)
+
+    def narrow(self, rows: slice) -> Recording:
+        """The recording of the images ``rows`` of the batch (views, no copies)."""
+        return dataclasses.replace(
+            self,
+            layers=[_narrow_fields(layer, rows) for layer in self.layers],
+            tokens=_narrow(self.tokens, rows),
+            targets=_narrow(self.targets, rows),
+            pixels=_narrow(self.pixels, rows),
+            passes=None if self.passes is None else self.passes.narrow(rows),
+            lrp=None if self.lrp is None else self.lrp.narrow(rows),
+        )
 
     def attention_outputs(self) -> list[Tensor]:
         """O_l of every layer, (B, N, H·D): the tensors gradients are taken with respect to."""

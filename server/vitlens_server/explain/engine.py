@@ -6,7 +6,10 @@ Everything stays on the model's device until the final host copy of the outputs.
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -173,45 +176,98 @@ class Explainer:
 
     def explain(self, job: ExplainJob) -> ExplainResult:
         """Run the passes ``job.method`` needs and the method itself."""
+        (result,) = self.explain_batch([job])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def explain_batch(self, jobs: Sequence[ExplainJob]) -> list[ExplainResult | Exception]:
+        """Explain several jobs (requests, or chunks of them) from one capture.
+
+        The images of all jobs go through one forward pass; when any job needs gradients, one
+        backward pass per target rank serves every such job (images explaining fewer classes
+        contribute nothing to the later ranks). Each job's method then reads its own rows of the
+        recording. A method failing for one job fails only that job: its slot in the returned
+        list holds the exception. A failure of the passes themselves (e.g. out of memory)
+        raises, for the caller to split the batch.
+        """
         start = time.perf_counter()
-        x = self._normalize(job.pixels)
-        method = job.method
-        outputs: list[MethodOutput] = []
-        # LRP methods without BACKWARD run in the no-grad branch: their relevance walk reads the
-        # captured activations, one call per explained class.
-        with self.hooks.record(lrp=Pass.LRP in method.passes) as rec:
-            rec.pixels = job.pixels.to(self.model.device)
-            if Pass.EXTRA in method.passes:
+        pixels = torch.cat([job.pixels for job in jobs]) if len(jobs) > 1 else jobs[0].pixels
+        rows = _rows(jobs)
+        passes = functools.reduce(operator.or_, (job.method.passes for job in jobs))
+        outputs: list[list[MethodOutput]] = [[] for _ in jobs]
+        failures: list[Exception | None] = [None] * len(jobs)
+        with self.hooks.record(lrp=Pass.LRP in passes) as rec:
+            rec.pixels = pixels.to(self.model.device)
+            if Pass.EXTRA in passes:
                 rec.passes = ExtraPasses(self, rec.pixels.to(self._dtype))
-            if Pass.BACKWARD in method.passes:
-                with torch.enable_grad():
-                    x.requires_grad_(True)  # the graph starts at the input; weights stay frozen
-                    logits = self.model.module(x)
-                    targets = self._targets(logits.detach(), job.target)  # (B, K)
-                    count = targets.shape[1]
-                    for rank in range(count):
-                        chosen = logits.gather(1, targets[:, rank : rank + 1]).sum()
-                        grads = torch.autograd.grad(
-                            chosen, rec.attention_outputs(), retain_graph=rank < count - 1
-                        )
-                        for layer, grad in zip(rec.layers, grads, strict=True):
-                            layer.out_grad = grad
-                        rec.targets = targets[:, rank]
-                        with torch.no_grad():
-                            outputs.append(method.fn(rec, job.params))
-                logits = logits.detach()
-            else:
-                with torch.no_grad():
-                    logits = self.model.module(x)
-                    targets = self._targets(logits, job.target)
-                    ranks = range(targets.shape[1] if method.class_specific else 1)
-                    for rank in ranks:
-                        rec.targets = targets[:, rank]
-                        outputs.append(method.fn(rec, job.params))
-                if not method.class_specific:  # one map serves every explained class
-                    outputs = outputs * targets.shape[1]
-        result = self._finish(job, logits, targets, outputs)
-        return ExplainResult(**result, compute_seconds=time.perf_counter() - start)
+            x = self._normalize(pixels)
+            grad_jobs = [i for i, job in enumerate(jobs) if Pass.BACKWARD in job.method.passes]
+            with torch.set_grad_enabled(bool(grad_jobs)):
+                x.requires_grad_(bool(grad_jobs))  # the graph starts at the input, never weights
+                logits = self.model.module(x)
+            scores = logits.detach().float()
+            targets = [
+                self._targets(scores[r], job.target) for r, job in zip(rows, jobs, strict=True)
+            ]
+            if grad_jobs:
+                self._backward_ranks(rec, logits, jobs, rows, targets, grad_jobs, outputs, failures)
+            del logits, x
+            with torch.no_grad():
+                for i, job in enumerate(jobs):
+                    if i not in grad_jobs:
+                        self._forward_method(rec, job, rows[i], targets[i], outputs[i], failures, i)
+        compute_s = time.perf_counter() - start
+        results: list[ExplainResult | Exception] = []
+        for i, job in enumerate(jobs):
+            if failures[i] is not None:
+                results.append(failures[i])
+                continue
+            try:
+                finished = self._finish(job, scores[rows[i]], targets[i], outputs[i])
+                results.append(ExplainResult(**finished, compute_seconds=compute_s))
+            except Exception as err:  # isolated to this job, reported to it
+                results.append(err)
+        return results
+
+    def _backward_ranks(self, rec, logits, jobs, rows, targets, grad_jobs, outputs, failures):
+        """One backward per target rank for the gradient jobs, each then running its method."""
+        ranks = max(targets[i].shape[1] for i in grad_jobs)
+        for rank in range(ranks):
+            index = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            weight = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+            for i in grad_jobs:
+                if rank < targets[i].shape[1]:
+                    index[rows[i]] = targets[i][:, rank]
+                    weight[rows[i]] = 1
+            chosen = (logits.gather(1, index[:, None])[:, 0] * weight).sum()
+            grads = torch.autograd.grad(
+                chosen, rec.attention_outputs(), retain_graph=rank < ranks - 1
+            )
+            for layer, grad in zip(rec.layers, grads, strict=True):
+                layer.out_grad = grad
+            with torch.no_grad():
+                for i in grad_jobs:
+                    if rank < targets[i].shape[1] and failures[i] is None:
+                        try:
+                            sub = rec.narrow(rows[i])
+                            sub.targets = targets[i][:, rank]
+                            outputs[i].append(jobs[i].method.fn(sub, jobs[i].params))
+                        except Exception as err:  # this job only
+                            failures[i] = err
+
+    @staticmethod
+    def _forward_method(rec, job, rows, targets, outputs, failures, i) -> None:
+        """Methods without gradients: one call per explained class (one if class-agnostic)."""
+        try:
+            sub = rec.narrow(rows)
+            for rank in range(targets.shape[1] if job.method.class_specific else 1):
+                sub.targets = targets[:, rank]
+                outputs.append(job.method.fn(sub, job.params))
+            if not job.method.class_specific:  # one map serves every explained class
+                outputs[:] = outputs * targets.shape[1]
+        except Exception as err:  # this job only
+            failures[i] = err
 
     def _normalize(self, pixels: Tensor) -> Tensor:
         x = pixels.to(self.model.device, self._dtype, non_blocking=True)
@@ -256,6 +312,15 @@ class Explainer:
             }
 
 
+def _rows(jobs: Sequence[ExplainJob]) -> list[slice]:
+    """Each job's rows in the concatenated batch."""
+    rows, first = [], 0
+    for job in jobs:
+        rows.append(slice(first, first + job.pixels.shape[0]))
+        first += job.pixels.shape[0]
+    return rows
+
+
 class ExtraPasses:
     """Model passes a method runs itself (`Pass.EXTRA`), with the recording hooks paused.
 
@@ -265,6 +330,10 @@ class ExtraPasses:
     def __init__(self, explainer: Explainer, pixels: Tensor) -> None:
         self._explainer = explainer
         self.pixels = pixels
+
+    def narrow(self, rows: slice) -> ExtraPasses:
+        """The same passes for the images ``rows`` of the batch."""
+        return ExtraPasses(self._explainer, self.pixels[rows])
 
     def logits(self, pixels: Tensor) -> Tensor:
         """(B', C, H, W) pixels → (B', classes) logits."""

@@ -36,7 +36,13 @@ class VitlensServer:
         self.config = config
         self.registry = registry
         self.workers = WorkerPool(
-            ModelWorker(model, max_batch_size=config.max_batch_size) for model in registry
+            ModelWorker(
+                model,
+                max_batch_size=config.max_batch_size,
+                max_delay_s=config.max_delay_ms / 1000,
+                max_queue_images=config.max_queue_images,
+            )
+            for model in registry
         )
         self.servicer = VitlensServicer(config, registry, self.workers)
         self.health: health.aio.HealthServicer | None = None
@@ -49,6 +55,7 @@ class VitlensServer:
         Call from the event loop that will run the server (grpc.aio binds to it).
         """
         self._server = self._build()
+        self.workers.start()
         address = f"{self.config.host}:{self.config.port}"
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
@@ -82,6 +89,7 @@ class VitlensServer:
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_s if grace_s is None else grace_s
         await self._server.stop(grace)
+        await self.workers.stop()
         self.servicer.close()
         self.workers.close()
 

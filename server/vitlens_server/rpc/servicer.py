@@ -20,6 +20,7 @@ from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.rpc import convert
 from vitlens_server.rpc.status import map_errors
 from vitlens_server.runtime import WorkerPool
+from vitlens_server.runtime.worker import monotonic_deadline
 
 __all__ = ["VitlensServicer"]
 
@@ -74,7 +75,7 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
             top_k_predictions=options.top_k_predictions or DEFAULT_TOP_K,
             output_dtype=convert.output_dtype(options.output_dtype),
         )
-        result, queue_s = await worker.explain(job)
+        result, queue_s = await worker.explain(job, monotonic_deadline(context.time_remaining()))
         ids = [image.id for image in request.images]
         return vitlens_pb2.ExplainResponse(
             model=model.name,
@@ -93,7 +94,9 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
         pixels, decode_s = await self._decode(model, request.images)
         started = time.perf_counter()
         worker = self._workers.get(model.name)
-        preds, queue_s = await worker.predict(pixels, request.top_k or DEFAULT_TOP_K)
+        preds, queue_s = await worker.predict(
+            pixels, request.top_k or DEFAULT_TOP_K, monotonic_deadline(context.time_remaining())
+        )
         compute_s = time.perf_counter() - started - queue_s
         return vitlens_pb2.PredictResponse(
             model=model.name,

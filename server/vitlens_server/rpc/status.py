@@ -27,6 +27,11 @@ def map_errors(handler: F) -> F:
         try:
             return await handler(self, request, context)
         except VitlensError as err:
+            retry_after_s = getattr(err, "retry_after_s", None)
+            if retry_after_s is not None:
+                context.set_trailing_metadata(
+                    (("grpc-retry-pushback-ms", str(round(retry_after_s * 1000))),)
+                )
             await context.abort(grpc.StatusCode[err.status], str(err))
         except Exception:
             incident = uuid.uuid4().hex[:12]

@@ -1,69 +1,166 @@
-"""One worker thread per loaded model: device work never runs on the asyncio event loop.
+"""Model workers: a dynamic batcher in front of each loaded model's device thread.
 
-A request's images are split into chunks of at most ``max_batch_size`` so memory stays bounded
-whatever the request size.
+Requests never run on the asyncio event loop: they queue in the model's `Batcher`, which hands
+batches to the model's own thread. A request larger than ``max_batch_size`` is split into chunks
+that batch like separate requests. A batch that fails is retried in halves when the device ran
+out of memory and one request at a time otherwise, so one bad request never fails its
+batch-mates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from vitlens_server.errors import NotFound
-from vitlens_server.explain import Explainer, ExplainJob, ExplainResult, Predictions
+from vitlens_server.errors import NotFound, ResourceExhausted
+from vitlens_server.explain import Explainer, ExplainJob, ExplainResult, Pass, Predictions
 from vitlens_server.models import LoadedModel
+from vitlens_server.runtime.batcher import Batcher, BatchStats
 
-__all__ = ["ModelWorker", "WorkerPool"]
+__all__ = ["ModelWorker", "PredictJob", "WorkerPool"]
 
-T = TypeVar("T")
+log = logging.getLogger("vitlens.worker")
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """Classification only: (B, C, H, W) pixels in [0, 1] and the predictions to return."""
+
+    pixels: torch.Tensor
+    top_k: int
 
 
 class ModelWorker:
-    """Serialises passes of one model on its own thread."""
+    """One loaded model: its explainer (cached hooks), device thread and batcher."""
 
-    def __init__(self, model: LoadedModel, *, max_batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.005,
+        max_queue_images: int = 1024,
+        on_batch: Callable[[str, BatchStats], None] | None = None,
+    ) -> None:
         self.model = model
         self.explainer = Explainer(model)
         self.max_batch_size = max_batch_size
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"vitlens-{model.name}")
+        self._replicas = [self.explainer]
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"vitlens-{model.name}")]
+        self._batcher: Batcher[Any, Any] = Batcher(
+            self._run,
+            self._executors,
+            max_batch_size=max_batch_size,
+            max_delay_s=max_delay_s,
+            max_queue_images=max_queue_images,
+            on_batch=None if on_batch is None else lambda stats: on_batch(model.name, stats),
+        )
 
-    async def explain(self, job: ExplainJob) -> tuple[ExplainResult, float]:
-        """Explain a job; returns the result and the seconds it waited for the thread."""
+    @property
+    def queued_images(self) -> int:
+        return self._batcher.queued_images
+
+    def start(self) -> None:
+        """Start batching (on the running event loop)."""
+        self._batcher.start()
+
+    async def stop(self) -> None:
+        await self._batcher.stop()
+
+    async def explain(
+        self, job: ExplainJob, deadline: float | None = None
+    ) -> tuple[ExplainResult, float]:
+        """Explain a job; returns the result and the longest queue wait of its chunks."""
+        kind = ("explain", Pass.BACKWARD in job.method.passes)
         chunks = [
             dataclasses.replace(job, pixels=pixels)
             for pixels in job.pixels.split(self.max_batch_size)
         ]
-        results, queue_s = await self._run(lambda: [self.explainer.explain(c) for c in chunks])
-        return ExplainResult.concat(results), queue_s
+        done = await self._submit_all(chunks, kind, deadline)
+        return ExplainResult.concat([r for r, _ in done]), max(w for _, w in done)
 
-    async def predict(self, pixels: torch.Tensor, top_k: int) -> tuple[Predictions, float]:
+    async def predict(
+        self, pixels: torch.Tensor, top_k: int, deadline: float | None = None
+    ) -> tuple[Predictions, float]:
         """Classify (B, C, H, W) pixels; returns predictions and the queue wait in seconds."""
-        chunks = pixels.split(self.max_batch_size)
-        results, queue_s = await self._run(
-            lambda: [self.explainer.predict(c, top_k) for c in chunks]
-        )
-        return Predictions.concat(results), queue_s
+        chunks = [PredictJob(chunk, top_k) for chunk in pixels.split(self.max_batch_size)]
+        done = await self._submit_all(chunks, ("predict",), deadline)
+        return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
 
-    async def _run(self, work: Callable[[], T]) -> tuple[T, float]:
-        submitted = time.perf_counter()
-        started: list[float] = []
+    async def _submit_all(self, chunks: Sequence[Any], kind, deadline) -> list[tuple[Any, float]]:
+        tasks = [
+            self._batcher.submit(c, images=c.pixels.shape[0], kind=kind, deadline=deadline)
+            for c in chunks
+        ]
+        if len(tasks) == 1:
+            return [await tasks[0]]
+        return list(await asyncio.gather(*tasks))
 
-        def timed() -> T:
-            started.append(time.perf_counter())
-            return work()
-
-        result = await asyncio.get_running_loop().run_in_executor(self._executor, timed)
-        return result, started[0] - submitted
+    def _run(self, replica: int, items: list[Any]) -> list[Any]:
+        """Run one batch on replica ``replica``'s thread (all items of one kind)."""
+        explainer = self._replicas[replica]
+        if isinstance(items[0], PredictJob):
+            return _isolated(lambda batch: _predict_batch(explainer, batch), items)
+        return _isolated(explainer.explain_batch, items)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True)
         self.explainer.close()
+
+
+def _predict_batch(explainer: Explainer, jobs: Sequence[PredictJob]) -> list[Predictions]:
+    """One fused forward for every job; each gets its own rows and top-k."""
+    pixels = torch.cat([j.pixels for j in jobs]) if len(jobs) > 1 else jobs[0].pixels
+    predictions = explainer.predict(pixels, max(j.top_k for j in jobs))
+    results, first = [], 0
+    for job in jobs:
+        rows = slice(first, first + job.pixels.shape[0])
+        first = rows.stop
+        results.append(
+            Predictions(
+                indices=predictions.indices[rows, : job.top_k],
+                probabilities=predictions.probabilities[rows, : job.top_k],
+                logits=predictions.logits[rows, : job.top_k],
+            )
+        )
+    return results
+
+
+def _isolated(run: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[Any]:
+    """``run(items)``, retried in halves on out-of-memory and one by one on other failures."""
+    try:
+        return run(items)
+    except Exception as err:
+        if _is_out_of_memory(err):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                return [
+                    ResourceExhausted(
+                        "the device ran out of memory for this request alone; send fewer "
+                        "images per request"
+                    )
+                ]
+            log.warning("out of memory on a batch of %d requests; splitting it", len(items))
+            half = len(items) // 2
+            return _isolated(run, items[:half]) + _isolated(run, items[half:])
+        if len(items) == 1:
+            return [err]
+        log.warning("a batch of %d requests failed (%s); running them one by one", len(items), err)
+        return [result for item in items for result in _isolated(run, [item])]
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 class WorkerPool:
@@ -72,12 +169,27 @@ class WorkerPool:
     def __init__(self, workers: Iterable[ModelWorker]) -> None:
         self._workers = {w.model.name: w for w in workers}
 
+    def __iter__(self):
+        return iter(self._workers.values())
+
     def get(self, name: str) -> ModelWorker:
         worker = self._workers.get(name)
         if worker is None:
             raise NotFound(f"model {name!r} is not loaded")
         return worker
 
+    def start(self) -> None:
+        for worker in self._workers.values():
+            worker.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self._workers.values()))
+
     def close(self) -> None:
         for worker in self._workers.values():
             worker.close()
+
+
+def monotonic_deadline(time_remaining_s: float | None) -> float | None:
+    """A gRPC ``context.time_remaining()`` as a `time.monotonic` instant (None: no deadline)."""
+    return None if time_remaining_s is None else time.monotonic() + time_remaining_s
