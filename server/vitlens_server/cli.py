@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-images", type=int, default=256, help="images per request")
     parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (0: any)"
+    )
+    parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel limit per image"
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
         max_queue_images=args.max_queue_images,
+        metrics_port=args.metrics_port,
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,
     )

@@ -27,6 +27,8 @@ class ServerConfig:
         max_pixels: per-image pixel limit against decompression bombs.
         max_message_bytes: gRPC send/receive message limit.
         decode_threads: threads decoding images off the event loop.
+        metrics_port: HTTP port of the Prometheus ``/metrics`` endpoint (0: any free port,
+            None: not served; the metrics are still kept).
         grace_s: seconds in-flight calls get to finish on shutdown.
     """
 
@@ -41,4 +43,5 @@ class ServerConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_message_bytes: int = 256 * 1024 * 1024
     decode_threads: int = 2
+    metrics_port: int | None = None
     grace_s: float = 10.0

@@ -10,6 +10,7 @@ from grpc_reflection.v1alpha import reflection
 
 from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
+from vitlens_server.metrics import Metrics
 from vitlens_server.models import ModelRegistry
 from vitlens_server.rpc.servicer import VitlensServicer
 from vitlens_server.runtime import ModelWorker, WorkerPool
@@ -35,16 +36,22 @@ class VitlensServer:
     def __init__(self, config: ServerConfig, registry: ModelRegistry) -> None:
         self.config = config
         self.registry = registry
+        self.metrics = Metrics()
         self.workers = WorkerPool(
             ModelWorker(
                 model,
                 max_batch_size=config.max_batch_size,
                 max_delay_s=config.max_delay_ms / 1000,
                 max_queue_images=config.max_queue_images,
+                on_batch=self.metrics.on_batch,
             )
             for model in registry
         )
-        self.servicer = VitlensServicer(config, registry, self.workers)
+        for worker in self.workers:
+            self.metrics.watch_queue(worker.model.name, lambda w=worker: w.queued_images)
+            self.metrics.watch_device(str(worker.model.device))
+        self.servicer = VitlensServicer(config, registry, self.workers, self.metrics)
+        self.metrics_port: int | None = None
         self.health: health.aio.HealthServicer | None = None
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -56,6 +63,9 @@ class VitlensServer:
         """
         self._server = self._build()
         self.workers.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         address = f"{self.config.host}:{self.config.port}"
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
@@ -90,6 +100,7 @@ class VitlensServer:
         grace = self.config.grace_s if grace_s is None else grace_s
         await self._server.stop(grace)
         await self.workers.stop()
+        self.metrics.close()
         self.servicer.close()
         self.workers.close()
 

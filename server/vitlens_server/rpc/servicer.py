@@ -16,6 +16,7 @@ from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain import ExplainJob, get_method
 from vitlens_server.explain.params import parse_params
 from vitlens_server.imaging import ImageDecoder
+from vitlens_server.metrics import Metrics
 from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.rpc import convert
 from vitlens_server.rpc.status import map_errors
@@ -29,7 +30,14 @@ DEFAULT_TOP_K = 5
 
 
 class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
-    def __init__(self, config: ServerConfig, registry: ModelRegistry, workers: WorkerPool) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        registry: ModelRegistry,
+        workers: WorkerPool,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics  # read by `map_errors`
         self._config = config
         self._registry = registry
         self._workers = workers

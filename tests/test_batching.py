@@ -1,0 +1,100 @@
+"""Batched execution: many jobs from one capture equal one job at a time; failures stay local."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tiny import tiny_loaded
+from vitlens_server.errors import ResourceExhausted
+from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
+from vitlens_server.explain.params import parse_params
+from vitlens_server.runtime.worker import PredictJob, _isolated, _predict_batch
+
+JOBS = [  # method, options, target, images
+    ("generic", {}, TargetSpec("top_k", k=2), 2),
+    ("rollout", {"head_fusion": "max"}, TargetSpec(), 1),
+    ("gradcam", {}, TargetSpec("per_image", indices=(3, 1, 0)), 3),
+    ("partial_lrp", {}, TargetSpec("index", indices=(4,)), 2),
+    ("transformer_attribution", {}, TargetSpec("top_k", k=3), 1),
+    ("saliency", {"mode": "smoothgrad", "samples": 3}, TargetSpec(), 2),
+    ("cam", {}, TargetSpec("top_k", k=2), 1),
+]
+
+
+def _job(method: str, options: dict, target: TargetSpec, images: int, seed: int) -> ExplainJob:
+    spec = get_method(method)
+    pixels = torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    params = parse_params(spec.params, options, method=method)
+    return ExplainJob(pixels, spec, params, target, relevance=spec.relevance_matrix)
+
+
+@pytest.fixture(scope="module")
+def explainer() -> Explainer:
+    return Explainer(tiny_loaded(seed=4, dtype=torch.float64))
+
+
+def test_a_mixed_batch_equals_each_job_alone(explainer: Explainer) -> None:
+    jobs = [_job(*spec, seed=i) for i, spec in enumerate(JOBS)]
+    together = explainer.explain_batch(jobs)
+    for job, batched in zip(jobs, together, strict=True):
+        alone = explainer.explain(job)
+        assert not isinstance(batched, Exception), batched
+        np.testing.assert_array_equal(batched.targets, alone.targets)
+        np.testing.assert_allclose(batched.heatmaps, alone.heatmaps, rtol=1e-9, atol=1e-12)
+        if job.relevance:
+            np.testing.assert_allclose(batched.relevance, alone.relevance, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            batched.predictions.probabilities, alone.predictions.probabilities, rtol=1e-9
+        )
+
+
+def test_a_failing_method_fails_only_its_job(explainer: Explainer) -> None:
+    def broken(_rec, _params):
+        raise ValueError("this method is broken")
+
+    good = _job("generic", {}, TargetSpec(), 2, seed=1)
+    bad = dataclasses.replace(
+        _job("generic", {}, TargetSpec(), 1, seed=2),
+        method=dataclasses.replace(get_method("generic"), fn=broken),
+    )
+    results = explainer.explain_batch([good, bad, good])
+    assert isinstance(results[1], ValueError)
+    for result in (results[0], results[2]):
+        np.testing.assert_allclose(result.heatmaps, explainer.explain(good).heatmaps, rtol=1e-9)
+
+
+def test_out_of_memory_splits_the_batch_and_a_poisoned_request_fails_alone() -> None:
+    calls: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        calls.append(items)
+        if len(items) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        if "poison" in items:
+            raise RuntimeError("NaN everywhere")
+        return [f"ok {i}" for i in items]
+
+    results = _isolated(run, ["a", "b", "poison", "c", "d"])
+    assert results[:2] == ["ok a", "ok b"] and results[3:] == ["ok c", "ok d"]
+    assert isinstance(results[2], RuntimeError)
+    assert calls[0] == ["a", "b", "poison", "c", "d"] and ["poison"] in calls
+
+    def always_oom(items: list[str]) -> list[str]:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    (alone,) = _isolated(always_oom, ["huge"])
+    assert isinstance(alone, ResourceExhausted) and "fewer images" in str(alone)
+
+
+def test_predict_batches_keep_each_requests_top_k(explainer: Explainer) -> None:
+    jobs = [PredictJob(torch.rand(2, 3, 32, 32), 1), PredictJob(torch.rand(3, 3, 32, 32), 4)]
+    results = _predict_batch(explainer, jobs)
+    for job, result in zip(jobs, results, strict=True):
+        alone = explainer.predict(job.pixels, job.top_k)
+        assert result.indices.shape == (job.pixels.shape[0], job.top_k)
+        np.testing.assert_array_equal(result.indices, alone.indices)
+        np.testing.assert_allclose(result.probabilities, alone.probabilities, rtol=1e-9)
