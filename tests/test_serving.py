@@ -24,7 +24,7 @@ DELAY_MS = 1000  # long: a batch flushes when full, well before the delay
 @pytest.fixture(scope="module")
 def batching_server():
     config = ServerConfig(
-        port=0, max_batch_size=4, max_delay_ms=DELAY_MS, max_queue_images=6, metrics_port=0
+        port=0, max_batch_size=4, max_delay_ms=DELAY_MS, max_queue_images=8, metrics_port=0
     )
     running, stop = start_server(config, ModelRegistry([tiny_loaded(seed=5)]))
     yield running
@@ -64,11 +64,11 @@ def test_a_full_queue_answers_resource_exhausted_with_pushback(batching_server) 
     worker = batching_server.server.workers.get("tiny")
     client = vitlens.Client(batching_server.address, timeout_s=30)
     with client, ThreadPoolExecutor(1) as pool:
-        # 3 images wait up to DELAY_MS for batch-mates; 4 more would exceed the 6-image bound.
+        # 3 images wait up to DELAY_MS for batch-mates; 6 more would exceed the 8-image bound.
         waiting = pool.submit(client.predict, [_image(i) for i in range(3)])
         _wait_for(lambda: worker.queued_images == 3 or waiting.done())
         with pytest.raises(vitlens.ResourceExhaustedError, match="queue is full") as info:
-            client.predict([_image(10 + i) for i in range(4)])
+            client.predict([_image(10 + i) for i in range(6)])
         assert "retry after" in str(info.value)
         assert len(waiting.result()) == 3  # the queued request is unharmed
 

@@ -131,12 +131,7 @@ class Batcher(Generic[T, R]):
             raise Unavailable("the model's batcher is not running")
         if deadline is not None and deadline <= self._clock():
             raise DeadlineExceeded("the request's deadline passed before it was queued")
-        if self._queued_images + images > self.max_queue_images and self._queue:
-            raise ResourceExhausted(
-                f"the model's queue is full ({self._queued_images} images waiting, limit "
-                f"{self.max_queue_images}); retry after about {self.retry_after_s():.1f} s",
-                retry_after_s=self.retry_after_s(),
-            )
+        self.admit(images)
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(item, images, kind, deadline, future, self._clock())
         self._queue.append(pending)
@@ -144,6 +139,18 @@ class Batcher(Generic[T, R]):
         async with self._changed:
             self._changed.notify_all()
         return await future
+
+    def admit(self, images: int) -> None:
+        """Raise RESOURCE_EXHAUSTED unless ``images`` more images fit in the queue.
+
+        An empty queue admits any request, so a request larger than the bound still runs.
+        """
+        if self._queued_images + images > self.max_queue_images and self._queue:
+            raise ResourceExhausted(
+                f"the model's queue is full ({self._queued_images} images waiting, limit "
+                f"{self.max_queue_images}); retry after about {self.retry_after_s():.1f} s",
+                retry_after_s=self.retry_after_s(),
+            )
 
     def retry_after_s(self) -> float:
         """How long the current queue takes to drain at the recent throughput (≥ 50 ms)."""

@@ -96,6 +96,7 @@ class ModelWorker:
         return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
 
     async def _submit_all(self, chunks: Sequence[Any], kind, deadline) -> list[tuple[Any, float]]:
+        self._batcher.admit(sum(c.pixels.shape[0] for c in chunks))  # all chunks or none
         tasks = [
             self._batcher.submit(c, images=c.pixels.shape[0], kind=kind, deadline=deadline)
             for c in chunks
