@@ -95,3 +95,33 @@ def test_metrics_endpoint_serves_prometheus_text(batching_server) -> None:
     ):
         assert name in text, name
     assert 'le="120.0"' in text  # explain latency buckets reach two minutes
+
+
+def test_repeated_images_are_answered_from_the_cache(server, client) -> None:
+    metrics = server.server.metrics
+    hits = _sample(metrics.text(), "vitlens_cache_hits_total", model="tiny")
+    first = client.explain(
+        [_image(100), _image(101)], model="tiny", method="rollout", ids=["a", "b"]
+    )
+    again = client.explain(
+        [_image(101), _image(102)], model="tiny", method="rollout", ids=["c", "d"]
+    )
+    other = client.explain(
+        _image(101), model="tiny", method="rollout", grid="input"
+    )  # other options
+    assert [r.id for r in again] == ["c", "d"]
+    np.testing.assert_array_equal(
+        again[0].explanations[0].heatmap, first[1].explanations[0].heatmap
+    )
+    assert other[0].explanations[0].heatmap.shape == (32, 32)
+    assert _sample(metrics.text(), "vitlens_cache_hits_total", model="tiny") - hits == 1
+
+
+def test_a_cached_top_k_answer_is_not_reused_for_another_class(client) -> None:
+    top = client.explain(_image(200), model="tiny", method="generic", top_k=2)
+    second = top[0].explanations[1].target.index
+    chosen = client.explain(_image(200), model="tiny", method="generic", target=second)
+    assert chosen[0].explanations[0].target.index == second
+    np.testing.assert_allclose(
+        chosen[0].explanations[0].heatmap, top[0].explanations[1].heatmap, rtol=1e-5
+    )

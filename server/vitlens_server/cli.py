@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-images", type=int, default=256, help="images per request")
     parser.add_argument(
+        "--cache-mb",
+        type=float,
+        default=256,
+        help="result cache size in MiB (identical requests are answered from it; 0: off)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (0: any)"
     )
     parser.add_argument(
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         max_delay_ms=args.max_delay_ms,
         max_queue_images=args.max_queue_images,
         metrics_port=args.metrics_port,
+        cache_bytes=int(args.cache_mb * 1024 * 1024),
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,
     )

@@ -27,6 +27,7 @@ class ServerConfig:
         max_pixels: per-image pixel limit against decompression bombs.
         max_message_bytes: gRPC send/receive message limit.
         decode_threads: threads decoding images off the event loop.
+        cache_bytes: size of the per-image result cache (0 disables it).
         metrics_port: HTTP port of the Prometheus ``/metrics`` endpoint (0: any free port,
             None: not served; the metrics are still kept).
         grace_s: seconds in-flight calls get to finish on shutdown.
@@ -44,4 +45,5 @@ class ServerConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     decode_threads: int = 2
     metrics_port: int | None = None
+    cache_bytes: int = 256 * 1024 * 1024
     grace_s: float = 10.0

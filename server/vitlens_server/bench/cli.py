@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     roof.add_argument("--device", help="roof device (default: the served model's)")
     roof.add_argument("--precision", choices=PRECISIONS, default="fp32")
     roof.add_argument("--repeats", type=int, default=10, help="timed runs per roof point")
+    roof.add_argument("--threads", type=int, help="torch intra-op threads of the roof")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
     return p
 
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {m.name: roof_kind(m.passes) for m in info.methods}
     roof, warning = None, ""
     if args.roof:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         spec = args.roof_model or default_roof_spec(info)
         roof, warning = measure_roof_for(
             spec,

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import multiprocessing
+import secrets
 import threading
 import time
 from collections import Counter
@@ -30,9 +30,9 @@ import numpy as np
 
 from vitlens import AsyncClient
 from vitlens.errors import VitlensError
-from vitlens.images import to_images
 from vitlens.results import ModelInfo
 from vitlens.v1 import tensor_pb2
+from vitlens_server.bench.images import make_images, stamped
 from vitlens_server.bench.scrape import (
     BATCH_SIZE_METRIC,
     QUEUE_WAIT_METRIC,
@@ -71,6 +71,10 @@ class LoadConfig:
         method_options: options passed to the method.
         metrics_url: Prometheus endpoint of the server, for the batch-size distribution.
         seed: first scene seed / noise seed.
+        unique_images: stamp every image sent with a 16-byte tag (random per client and run,
+            then a counter) so that no two images carry the same bytes and a server-side result
+            cache never answers; raw pixels get the tag in their first bytes (a few pixels of
+            the top row), PNGs in a ``tEXt`` chunk.
     """
 
     target: str
@@ -88,6 +92,7 @@ class LoadConfig:
     method_options: Mapping[str, Any] = field(default_factory=dict)
     metrics_url: str | None = None
     seed: int = 0
+    unique_images: bool = True
 
 
 @dataclass
@@ -199,37 +204,6 @@ def summarize(
     )
 
 
-def make_images(
-    kind: str, input_size: Sequence[int], count: int, seed: int = 0, wire: str = "pixels"
-) -> list[bytes]:
-    """``count`` distinct images at ``input_size`` (C, H, W), as serialised `Image` messages."""
-    _, height, width = input_size
-    if kind == "scenes" and height == width:
-        from vitlens_server.data import SceneConfig, render_scene
-
-        config = SceneConfig(size=height)
-        arrays = [render_scene(seed + i, config=config).image for i in range(count)]
-    elif kind in ("scenes", "random"):  # scenes are square; other inputs get noise
-        rng = np.random.default_rng(seed)
-        arrays = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
-    else:
-        raise ValueError(f"images must be 'scenes' or 'random', got {kind!r}")
-    if wire == "png":
-        from PIL import Image
-
-        encoded = []
-        for a in arrays:
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, format="PNG")
-            encoded.append(buf.getvalue())
-        messages = to_images(encoded)
-    elif wire == "pixels":
-        messages = to_images(arrays)
-    else:
-        raise ValueError(f"wire must be 'pixels' or 'png', got {wire!r}")
-    return [m.SerializeToString() for m in messages]
-
-
 async def _drive(
     config: LoadConfig,
     model: str,
@@ -244,6 +218,7 @@ async def _drive(
     k = config.images_per_request
     samples = Samples()
     sent = 0
+    nonce = secrets.token_bytes(8)
 
     async with AsyncClient(config.target, timeout_s=config.timeout_s) as client:
 
@@ -251,6 +226,11 @@ async def _drive(
             nonlocal sent
             first = (sent * k) % len(pool)
             batch = [pool[(first + j) % len(pool)] for j in range(k)]
+            if config.unique_images:
+                batch = [
+                    stamped(im, nonce + (sent * k + j).to_bytes(8, "little"))
+                    for j, im in enumerate(batch)
+                ]
             sent += 1
             start = time.monotonic()
             try:

@@ -39,6 +39,20 @@ class TargetSpec:
         """Explanations per image (K)."""
         return self.k if self.kind == "top_k" else 1
 
+    def subset(self, images: Sequence[int]) -> TargetSpec:
+        """The target of the images ``images`` of the request, as a request of their own."""
+        if self.kind != "per_image":
+            return self
+        return TargetSpec("per_image", tuple(self.indices[i] for i in images))
+
+    def key(self, image: int) -> str:
+        """What image ``image`` is explained for (equal keys: equal explanations)."""
+        if self.kind == "per_image":
+            return f"index:{self.indices[image]}"
+        if self.kind == "index":
+            return f"index:{self.indices[0]}"
+        return "top_k:1" if self.kind == "predicted" else f"top_k:{self.k}"
+
 
 @dataclass(frozen=True)
 class ExplainJob:

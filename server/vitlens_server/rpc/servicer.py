@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,7 @@ from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.rpc import convert
 from vitlens_server.rpc.status import map_errors
 from vitlens_server.runtime import WorkerPool
+from vitlens_server.runtime.cache import ResultCache, cache_key
 from vitlens_server.runtime.worker import monotonic_deadline
 
 __all__ = ["VitlensServicer"]
@@ -45,6 +48,8 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
         self._decoders = {
             m.name: ImageDecoder(m.geometry.input_size[1:], config.max_pixels) for m in registry
         }
+        self._cache = ResultCache(config.cache_bytes)
+        self._versions = {m.name: _model_version(m) for m in registry}
         self._infos = {
             m.name: convert.model_info(m, workers.get(m.name).explainer.supported_methods())
             for m in registry
@@ -72,25 +77,66 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
         target = convert.target_spec(request.target, len(request.images))
         worker = self._workers.get(model.name)
         worker.explainer.check(method, params, target)
-        pixels, decode_s = await self._decode(model, request.images)
-        job = ExplainJob(
-            pixels=pixels,
-            method=method,
-            params=params,
-            target=target,
-            grid="input" if options.grid == vitlens_pb2.OUTPUT_GRID_INPUT else "tokens",
-            relevance=options.return_relevance,
-            top_k_predictions=options.top_k_predictions or DEFAULT_TOP_K,
-            output_dtype=convert.output_dtype(options.output_dtype),
-        )
-        result, queue_s = await worker.explain(job, monotonic_deadline(context.time_remaining()))
-        ids = [image.id for image in request.images]
+        grid = "input" if options.grid == vitlens_pb2.OUTPUT_GRID_INPUT else "tokens"
+        top_k = options.top_k_predictions or DEFAULT_TOP_K
+        dtype = convert.output_dtype(options.output_dtype)
+        keys = self._cache_keys(model, method.name, params, request, target, grid, top_k, dtype)
+        cached = [self._cache.get(key) for key in keys] if keys else [None] * len(request.images)
+        missing = [i for i, value in enumerate(cached) if value is None]
+        if self.metrics is not None and keys:
+            self.metrics.cache_hits.labels(model.name).inc(len(cached) - len(missing))
+            self.metrics.cache_misses.labels(model.name).inc(len(missing))
+        decode_s = queue_s = compute_s = 0.0
+        computed: dict[int, vitlens_pb2.ImageExplanation] = {}
+        if missing:
+            pixels, decode_s = await self._decode(model, [request.images[i] for i in missing])
+            job = ExplainJob(
+                pixels=pixels,
+                method=method,
+                params=params,
+                target=target.subset(missing),
+                grid=grid,
+                relevance=options.return_relevance,
+                top_k_predictions=top_k,
+                output_dtype=dtype,
+            )
+            deadline = monotonic_deadline(context.time_remaining())
+            result, queue_s = await worker.explain(job, deadline)
+            compute_s = result.compute_seconds
+            messages = convert.image_explanations(model, result, [""] * len(missing))
+            for i, message in zip(missing, messages, strict=True):
+                computed[i] = message
+                if keys:
+                    self._cache.put(keys[i], message.SerializeToString())
+        results = []
+        for i, image in enumerate(request.images):
+            message = computed[i] if i in computed else _decode_cached(cached[i])
+            message.id = image.id
+            results.append(message)
         return vitlens_pb2.ExplainResponse(
             model=model.name,
             method=method.name,
-            results=convert.image_explanations(model, result, ids),
-            timing=_timing(received, decode_s, queue_s, result.compute_seconds),
+            results=results,
+            timing=_timing(received, decode_s, queue_s, compute_s),
         )
+
+    def _cache_keys(
+        self, model, method: str, params, request, target, grid: str, top_k: int, dtype: str
+    ) -> list[bytes] | None:
+        """Per image: SHA-256 of model version, image bytes, method, its target and options."""
+        if not self._cache.enabled:
+            return None
+        shared = (
+            model.name,
+            self._versions[model.name],
+            method,
+            json.dumps(dataclasses.asdict(params), sort_keys=True),
+            f"{grid}|{int(request.options.return_relevance)}|{top_k}|{dtype}",
+        )
+        return [
+            cache_key(*shared, target.key(i), _image_bytes(image))
+            for i, image in enumerate(request.images)
+        ]
 
     @map_errors
     async def Predict(
@@ -150,6 +196,26 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(self._decode_pool, self._decoders[model.name], images)
         return pixels, time.perf_counter() - started
+
+
+def _decode_cached(value: bytes) -> vitlens_pb2.ImageExplanation:
+    return vitlens_pb2.ImageExplanation.FromString(value)
+
+
+def _image_bytes(image: tensor_pb2.Image) -> bytes:
+    """What identifies an image's content (not its id): the encoded file or the raw tensor."""
+    if image.WhichOneof("source") == "encoded":
+        return b"encoded:" + image.encoded
+    pixels = image.pixels
+    header = f"pixels:{pixels.dtype}:{list(pixels.shape)}:".encode()
+    return header + pixels.data
+
+
+def _model_version(model: LoadedModel) -> str:
+    """The weights a model answers with: their file's SHA-256, or how they were initialised."""
+    spec = model.spec
+    weights = model.weights.sha256 or f"{model.weights.source}:seed={spec.seed}"
+    return f"{spec.architecture}|{json.dumps(dict(spec.model_kwargs), sort_keys=True)}|{weights}"
 
 
 def _methods_with_relevance(info: vitlens_pb2.ModelInfo) -> list[vitlens_pb2.MethodInfo]:
