@@ -24,8 +24,10 @@ class Runner:
 
     def __call__(self, replica: int, items: list[str]) -> list:
         self.batches.append(list(items))
+        first = len(self.batches) == 1
         self.started.set()
-        self.release.wait(timeout=30)
+        if first:
+            self.release.wait(timeout=30)
         if "poison-all" in items:
             raise RuntimeError("the whole batch failed")
         return [ValueError(f"bad {i}") if i.startswith("bad") else f"done {i}" for i in items]
@@ -146,4 +148,23 @@ async def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint() -> No
     runner.release.set()
     assert [(await q)[0] for q in queued] == ["done q0", "done q1"]
     await first
+    await batcher.stop()
+
+
+async def test_a_free_replica_takes_the_next_batch_while_another_is_busy() -> None:
+    runner = Runner(block_first=True)  # replica that takes the first batch stays busy
+    stats: list[BatchStats] = []
+    executors = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
+    batcher = Batcher(
+        runner, executors, max_batch_size=1, max_delay_s=0.0, max_queue_images=8,
+        on_batch=stats.append,
+    )  # fmt: skip
+    batcher.start()
+    first = asyncio.create_task(batcher.submit("first", images=1, kind="k"))
+    await _started(runner)
+    second = await batcher.submit("second", images=1, kind="k")  # served while "first" blocks
+    assert second[0] == "done second" and not first.done()
+    assert {s.replica for s in stats} == {0, 1}
+    runner.release.set()
+    assert (await first)[0] == "done first"
     await batcher.stop()

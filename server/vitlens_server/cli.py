@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -19,14 +20,14 @@ __all__ = ["main", "parse_model_spec"]
 log = logging.getLogger("vitlens.serve")
 
 
-def parse_model_spec(text: str, device: str) -> ModelSpec:
+def parse_model_spec(text: str, device: str, precision: str = "fp32") -> ModelSpec:
     """``[NAME=]ARCH[:WEIGHTS|:random]``, or ``vitlens-demo`` for the embedded model.
 
     ``ARCH`` alone loads timm's pretrained weights from the local cache; ``:random`` builds a
     randomly initialised model (for testing); otherwise ``WEIGHTS`` is a local file.
     """
     if text == DEMO_MODEL_NAME:
-        return demo_spec(device)
+        return dataclasses.replace(demo_spec(device), precision=precision)
     name, _, rest = text.rpartition("=")
     arch, _, weights = rest.partition(":")
     if not arch:
@@ -37,6 +38,7 @@ def parse_model_spec(text: str, device: str) -> ModelSpec:
         weights=Path(weights) if weights and weights != "random" else None,
         pretrained=not weights,
         device=device,
+        precision=precision,
     )
 
 
@@ -53,7 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"model to serve (repeatable); default: the embedded {DEMO_MODEL_NAME!r}",
     )
     parser.add_argument("--default-model", help="model used when a request names none")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument(
+        "--devices",
+        "--device",
+        default="cpu",
+        help="comma-separated torch devices, e.g. cpu, cuda:0 or cuda:0,cuda:1: every model "
+        "gets a replica on each, fed by one batcher",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "tf32", "bf16"),
+        help="fp32; tf32 (CUDA matmuls in TensorFloat-32); bf16 (autocast model passes)",
+    )
     parser.add_argument(
         "--max-batch-size",
         type=int,
@@ -96,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        specs = tuple(parse_model_spec(m, args.device) for m in args.model or [DEMO_MODEL_NAME])
+        devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
+        if not devices:
+            raise ValueError("--devices names no device")
+        specs = tuple(
+            parse_model_spec(m, devices[0], args.precision) for m in args.model or [DEMO_MODEL_NAME]
+        )
     except ValueError as err:
         print(f"vitlens serve: {err}", file=sys.stderr)
         return 2
@@ -104,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         models=specs,
+        devices=devices,
         default_model=args.default_model,
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
@@ -131,8 +151,14 @@ async def serve(config: ServerConfig) -> None:
     from vitlens_server.rpc import VitlensServer
 
     loop = asyncio.get_running_loop()
-    models = [await loop.run_in_executor(None, load_model, spec) for spec in config.models]
-    server = VitlensServer(config, ModelRegistry(models, config.default_model))
+    models, replicas = [], {}
+    for spec in config.models:
+        models.append(await loop.run_in_executor(None, load_model, spec))
+        replicas[spec.name] = [
+            await loop.run_in_executor(None, load_model, dataclasses.replace(spec, device=device))
+            for device in config.devices[1:]
+        ]
+    server = VitlensServer(config, ModelRegistry(models, config.default_model), replicas)
     await server.start()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ class ServerConfig:
     Attributes:
         host, port: where gRPC listens; port 0 picks a free port.
         models: models to load; the first is the default unless ``default_model`` is set.
+        devices: devices each model gets a replica on (the first is the models' own device).
         max_batch_size: images per model pass; concurrent requests are batched up to it, and
             larger requests run in chunks (1 disables batching).
         max_delay_ms: longest a request waits for batch-mates before its pass starts.
@@ -37,6 +38,7 @@ class ServerConfig:
     port: int = 50051
     models: tuple[ModelSpec, ...] = field(default_factory=lambda: (demo_spec(),))
     default_model: str | None = None
+    devices: tuple[str, ...] = ("cpu",)
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
     max_queue_images: int = 1024

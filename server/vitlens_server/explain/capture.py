@@ -184,7 +184,7 @@ class Recording:
         if rec.out_grad is None:
             raise RuntimeError("attention gradients need a backward pass (passes include BACKWARD)")
         b, n, _ = rec.out_grad.shape
-        grad = rec.out_grad.view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, H, N, D)
+        grad = rec.out_grad.to(rec.v.dtype).view(b, n, self.num_heads, -1).transpose(1, 2)
         return grad @ rec.v.transpose(-2, -1)
 
     def readout_rows(self, matrix: Tensor) -> Tensor:
@@ -235,6 +235,7 @@ class AttentionHooks:
         self._grid = tuple(model.patch_embed.grid_size)
         self._num_prefix_tokens = int(model.num_prefix_tokens)
         self._readout = _readout_weights(model)
+        self._dtype = next(model.parameters()).dtype
         self._active: Recording | None = None
         self._handles: list[RemovableHandle] = []
         for index, attn in enumerate(self._attns):
@@ -292,25 +293,30 @@ class AttentionHooks:
             handle.remove()
         self._handles.clear()
 
+    def _keep(self, tensor: Tensor) -> Tensor:
+        """A captured activation in the weights' dtype: under bf16 autocast the methods still
+        compute in float32 (`out`, the gradient anchor, is kept as the model made it)."""
+        return tensor if tensor.dtype == self._dtype else tensor.to(self._dtype)
+
     def _on_qkv(self, index: int, attn: nn.Module):
         def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if self._active is not None:
                 b, n, _ = output.shape  # (B, N, 3·H·D)
                 v = output.view(b, n, 3, attn.num_heads, -1)[:, :, 2]  # (B, N, H, D)
-                self._active.layers[index].v = v.transpose(1, 2)
+                self._active.layers[index].v = self._keep(v.transpose(1, 2))
 
         return hook
 
     def _on_tensor(self, index: int, name: str):
         def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if self._active is not None:
-                setattr(self._active.layers[index], name, output)  # (B, H, N, D)
+                setattr(self._active.layers[index], name, self._keep(output))  # (B, H, N, D)
 
         return hook
 
     def _on_tokens(self, _module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if self._active is not None:
-            self._active.tokens = output  # (B, N, D)
+            self._active.tokens = self._keep(output)  # (B, N, D)
 
     def _on_out(self, index: int):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
@@ -355,28 +361,28 @@ class AttentionHooks:
     def _lrp_input(self, index: int, name: str):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             if self._active is not None and self._active.lrp is not None:
-                setattr(self._active.lrp.layers[index], name, inputs[0])
+                setattr(self._active.lrp.layers[index], name, self._keep(inputs[0]))
 
         return hook
 
     def _lrp_output(self, index: int, name: str):
         def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if self._active is not None and self._active.lrp is not None:
-                setattr(self._active.lrp.layers[index], name, output)
+                setattr(self._active.lrp.layers[index], name, self._keep(output))
 
         return hook
 
     def _lrp_head(self, index: int):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if self._active is not None and self._active.lrp is not None:
-                self._active.lrp.head_in[index] = inputs[0]  # (B, D)
-                self._active.lrp.head_out[index] = output  # (B, C)
+                self._active.lrp.head_in[index] = self._keep(inputs[0])  # (B, D)
+                self._active.lrp.head_out[index] = self._keep(output)  # (B, C)
 
         return hook
 
     def _lrp_pooled(self, _module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         if self._active is not None and self._active.lrp is not None:
-            self._active.lrp.pooled = inputs[0]  # (B, D)
+            self._active.lrp.pooled = self._keep(inputs[0])  # (B, D)
 
 
 def _classifier(model: nn.Module) -> Tensor | None:

@@ -185,8 +185,9 @@ class Explainer:
     def predict(self, pixels: Tensor, top_k: int) -> Predictions:
         """Classify (B, C, H, W) pixels on the fused fast path."""
         with torch.inference_mode():
-            logits = self.model.module(self._normalize(pixels))
-            return _top_k(logits, top_k)
+            with self.autocast():
+                logits = self.model.module(self._normalize(pixels))
+            return _top_k(logits.float(), top_k)
 
     def explain(self, job: ExplainJob) -> ExplainResult:
         """Run the passes ``job.method`` needs and the method itself."""
@@ -219,7 +220,8 @@ class Explainer:
             grad_jobs = [i for i, job in enumerate(jobs) if Pass.BACKWARD in job.method.passes]
             with torch.set_grad_enabled(bool(grad_jobs)):
                 x.requires_grad_(bool(grad_jobs))  # the graph starts at the input, never weights
-                logits = self.model.module(x)
+                with self.autocast():
+                    logits = self.model.module(x)
             scores = logits.detach().float()
             targets = [
                 self._targets(scores[r], job.target) for r, job in zip(rows, jobs, strict=True)
@@ -282,6 +284,11 @@ class Explainer:
                 outputs[:] = outputs * targets.shape[1]
         except Exception as err:  # this job only
             failures[i] = err
+
+    def autocast(self):
+        """bfloat16 autocast around model passes when the model's precision is ``bf16``."""
+        enabled = self.model.spec.precision == "bf16"
+        return torch.autocast(self.model.device.type, torch.bfloat16, enabled=enabled)
 
     def _normalize(self, pixels: Tensor) -> Tensor:
         x = pixels.to(self.model.device, self._dtype, non_blocking=True)
@@ -352,15 +359,16 @@ class ExtraPasses:
     def logits(self, pixels: Tensor) -> Tensor:
         """(B', C, H, W) pixels → (B', classes) logits."""
         explainer = self._explainer
-        with explainer.hooks.paused(), torch.no_grad():
-            return explainer.model.module(explainer._normalize(pixels))
+        with explainer.hooks.paused(), torch.no_grad(), explainer.autocast():
+            return explainer.model.module(explainer._normalize(pixels)).float()
 
     def input_gradients(self, pixels: Tensor, targets: Tensor) -> Tensor:
         """∂y_t/∂pixels, (B', C, H, W), for targets (B',): one backward for the whole batch."""
         explainer = self._explainer
         with explainer.hooks.paused(), torch.enable_grad():
             pixels = pixels.detach().requires_grad_(True)
-            logits = explainer.model.module(explainer._normalize(pixels))
+            with explainer.autocast():
+                logits = explainer.model.module(explainer._normalize(pixels))
             (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), pixels)
         return grad
 

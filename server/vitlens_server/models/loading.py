@@ -48,6 +48,9 @@ class ModelSpec:
         model_kwargs: extra ``timm.create_model`` arguments (``num_classes``, ``depth``...).
         device: torch device string.
         seed: seed of the random initialisation when no weights are given.
+        precision: ``fp32``; ``tf32`` (CUDA matmuls in TensorFloat-32, a process-wide
+            setting); ``bf16`` (model passes under bfloat16 autocast, weights and method math
+            in float32).
         metadata: provenance shown in ``ModelInfo.weights.metadata``.
     """
 
@@ -59,6 +62,7 @@ class ModelSpec:
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     seed: int = 0
+    precision: str = "fp32"
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -130,6 +134,13 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise ModelLoadError(f"cannot build {spec.architecture!r}: {err}") from err
 
     weights = _load_weights(spec, module, sidecar)
+    if spec.precision not in PRECISIONS:
+        raise ModelLoadError(
+            f"precision must be one of {', '.join(PRECISIONS)}; got {spec.precision!r}"
+        )
+    if spec.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     module.eval().requires_grad_(False).to(spec.device)  # our copy: weights never train
     geometry = _read_geometry(module)
     data_cfg = resolve_data_config({}, model=module)
@@ -243,6 +254,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 READOUTS = ("token", "distilled", "avg")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def readout_kind(module: nn.Module) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
 from vitlens_server.metrics import Metrics
-from vitlens_server.models import ModelRegistry
+from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.rpc.servicer import VitlensServicer
 from vitlens_server.runtime import ModelWorker, WorkerPool
 
@@ -33,13 +34,20 @@ class VitlensServer:
         await server.stop()
     """
 
-    def __init__(self, config: ServerConfig, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        registry: ModelRegistry,
+        replicas: Mapping[str, Sequence[LoadedModel]] | None = None,
+    ) -> None:
+        """``replicas``: further copies of a model on other devices, by model name."""
         self.config = config
         self.registry = registry
         self.metrics = Metrics()
         self.workers = WorkerPool(
             ModelWorker(
                 model,
+                replicas=(replicas or {}).get(model.name, ()),
                 max_batch_size=config.max_batch_size,
                 max_delay_s=config.max_delay_ms / 1000,
                 max_queue_images=config.max_queue_images,
@@ -49,7 +57,8 @@ class VitlensServer:
         )
         for worker in self.workers:
             self.metrics.watch_queue(worker.model.name, lambda w=worker: w.queued_images)
-            self.metrics.watch_device(str(worker.model.device))
+            for replica in [worker.model, *(replicas or {}).get(worker.model.name, ())]:
+                self.metrics.watch_device(str(replica.device))
         self.servicer = VitlensServicer(config, registry, self.workers, self.metrics)
         self.metrics_port: int | None = None
         self.health: health.aio.HealthServicer | None = None

@@ -39,12 +39,14 @@ class PredictJob:
 
 
 class ModelWorker:
-    """One loaded model: its explainer (cached hooks), device thread and batcher."""
+    """One served model: a replica per device (each with its cached hooks and its own thread)
+    fed by one batcher, so whichever device is free takes the next batch."""
 
     def __init__(
         self,
         model: LoadedModel,
         *,
+        replicas: Sequence[LoadedModel] = (),
         max_batch_size: int = 32,
         max_delay_s: float = 0.005,
         max_queue_images: int = 1024,
@@ -53,8 +55,11 @@ class ModelWorker:
         self.model = model
         self.explainer = Explainer(model)
         self.max_batch_size = max_batch_size
-        self._replicas = [self.explainer]
-        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"vitlens-{model.name}")]
+        self._replicas = [self.explainer, *(Explainer(m) for m in replicas)]
+        self._executors = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"vitlens-{model.name}-{e.model.device}")
+            for e in self._replicas
+        ]
         self._batcher: Batcher[Any, Any] = Batcher(
             self._run,
             self._executors,
@@ -115,7 +120,8 @@ class ModelWorker:
     def close(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=True)
-        self.explainer.close()
+        for explainer in self._replicas:
+            explainer.close()
 
 
 def _predict_batch(explainer: Explainer, jobs: Sequence[PredictJob]) -> list[Predictions]:
