@@ -11,6 +11,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "Unavailable",
     "Unimplemented",
@@ -34,6 +35,12 @@ class NotFound(VitlensError):
     """A named resource (model) does not exist."""
 
     status = "NOT_FOUND"
+
+
+class PermissionDenied(VitlensError):
+    """The request names something the operator did not allow (a path outside dataset roots)."""
+
+    status = "PERMISSION_DENIED"
 
 
 class FailedPrecondition(VitlensError):
