@@ -171,6 +171,7 @@ _SERVER_COMMANDS = {
     "serve": ("vitlens_server.cli", "run the server"),
     "train-demo": ("vitlens_server.training.train", "train the embedded demo model"),
     "scenes": ("vitlens_server.data.__main__", "generate scenes: VOC export, previews"),
+    "bench": ("vitlens_server.bench.cli", "load-test a server beside the in-process roof"),
 }
 
 

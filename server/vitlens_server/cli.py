@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-delay-ms",
         type=float,
-        default=5.0,
-        help="longest a request waits for batch-mates before its pass starts",
+        default=0.0,
+        help="longest a request waits for batch-mates before its pass starts (0: none; "
+        "batches still form from requests arriving while the device is busy)",
     )
     parser.add_argument(
         "--max-queue-images",

@@ -21,7 +21,9 @@ class ServerConfig:
         devices: devices each model gets a replica on (the first is the models' own device).
         max_batch_size: images per model pass; concurrent requests are batched up to it, and
             larger requests run in chunks (1 disables batching).
-        max_delay_ms: longest a request waits for batch-mates before its pass starts.
+        max_delay_ms: longest a request waits for batch-mates before its pass starts. 0 (the
+            default) starts a pass as soon as a replica is free: batches still form from the
+            requests that arrive while the device is busy, and a lone request never waits.
         max_queue_images: images allowed to wait per model; beyond it requests get
             RESOURCE_EXHAUSTED with a retry hint.
         max_images_per_request: larger requests are rejected with INVALID_ARGUMENT.
@@ -40,7 +42,7 @@ class ServerConfig:
     default_model: str | None = None
     devices: tuple[str, ...] = ("cpu",)
     max_batch_size: int = 32
-    max_delay_ms: float = 5.0
+    max_delay_ms: float = 0.0
     max_queue_images: int = 1024
     max_images_per_request: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS

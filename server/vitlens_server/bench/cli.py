@@ -21,10 +21,12 @@ from vitlens.errors import VitlensError
 from vitlens.results import ModelInfo
 from vitlens_server.bench.load import LoadConfig, LoadReport, resolve_model, run_load
 from vitlens_server.bench.report import (
+    LOAD_HEADER,
     environment,
     load_table,
     roof_kind,
     roof_table,
+    select_columns,
     text_table,
 )
 from vitlens_server.bench.roof import PRECISIONS, RoofReport
@@ -193,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             methods=methods,
             repeats=args.repeats,
         )
-    print(text_table(load_table([("server", r) for r in reports], roof=roof, roof_kinds=kinds)))
+    table = load_table([("server", r) for r in reports], roof=roof, roof_kinds=kinds)
+    columns = [c for c in LOAD_HEADER if c not in ("server", "÷ no batching")]
+    print(text_table(select_columns(table, columns)))
     notes = {r.metrics_note for r in reports if r.metrics_note}
     for note in sorted(notes):
         print(f"batch sizes unavailable: {note}")

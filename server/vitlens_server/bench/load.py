@@ -4,13 +4,16 @@ C workers each send one Explain request, await its answer and send the next, unt
 were sent in all or T seconds passed (whichever comes first); requests in flight at the deadline
 are awaited and counted. ``processes`` > 1 spreads the workers over that many client processes,
 each with its own event loop and channel, so that a fast server is not limited by one Python
-client; their windows are joined on the system-wide monotonic clock (Linux ``CLOCK_MONOTONIC``).
+client; they draw from one shared request budget, and their windows are joined on the
+system-wide monotonic clock (Linux ``CLOCK_MONOTONIC``).
 
 Throughput is completed work over the window from the first send to the last answer:
 images/s = Σ images of successful requests / window_s, requests/s likewise. Latency percentiles
-are over successful requests. When a metrics URL answers, the server's ``vitlens_batch_size``
-histogram is scraped after the warm-up and after the window, and the difference is the batch-size
-distribution of the window.
+are over successful requests and are what an SDK user sees: they include building the request
+and decoding the answer. Every image sent is made unique (see `LoadConfig.unique_images`) so a
+server-side result cache cannot stand in for computation. When a metrics URL answers, the
+server's ``vitlens_batch_size`` histogram is scraped after the warm-up and after the window, and
+the difference is the batch-size distribution of the window.
 """
 
 from __future__ import annotations
@@ -204,16 +207,44 @@ def summarize(
     )
 
 
+class _Budget:
+    """Requests left to send, in this process."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def take(self) -> bool:
+        if self.count <= 0:
+            return False
+        self.count -= 1
+        return True
+
+
+class _SharedBudget(_Budget):
+    """Requests left to send, shared by the client processes (a locked shared integer)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def take(self) -> bool:
+        with self.value.get_lock():
+            if self.value.value <= 0:
+                return False
+            self.value.value -= 1
+            return True
+
+
 async def _drive(
     config: LoadConfig,
     model: str,
     images: Sequence[bytes],
     concurrency: int,
-    requests: int,
+    budget: _Budget,
     warmup: int,
     between: Callable[[], Awaitable[None]],
 ) -> Samples:
-    """One client: warm up, await ``between()``, then the timed closed loop."""
+    """One client: warm up, await ``between()``, then the timed closed loop until ``budget``
+    runs out or ``config.duration_s`` passes."""
     pool = [tensor_pb2.Image.FromString(b) for b in images]
     k = config.images_per_request
     samples = Samples()
@@ -254,19 +285,17 @@ async def _drive(
                 samples.queue_s.append(result.timing.queue_seconds)
                 samples.compute_s.append(result.timing.compute_seconds)
 
-        async def worker(budget: list[int], deadline: float, record: bool) -> None:
-            while budget[0] > 0 and time.monotonic() < deadline:
-                budget[0] -= 1
+        async def worker(left: _Budget, deadline: float, record: bool) -> None:
+            while time.monotonic() < deadline and left.take():
                 await one(record)
 
         await client.wait_ready(timeout_s=config.timeout_s)
         if warmup:
-            budget = [warmup]
-            deadline = time.monotonic() + config.timeout_s
-            await asyncio.gather(*(worker(budget, deadline, False) for _ in range(concurrency)))
+            left, deadline = _Budget(warmup), time.monotonic() + config.timeout_s
+            await asyncio.gather(*(worker(left, deadline, False) for _ in range(concurrency)))
         await between()
         samples.started = time.monotonic()
-        budget, deadline = [requests], samples.started + config.duration_s
+        deadline = samples.started + config.duration_s
         await asyncio.gather(*(worker(budget, deadline, True) for _ in range(concurrency)))
     return samples
 
@@ -280,7 +309,7 @@ def _child(
     model: str,
     images: list[bytes],
     concurrency: int,
-    requests: int,
+    requests: Any,
     warmup: int,
     barrier: Any,
     results: Any,
@@ -292,7 +321,8 @@ def _child(
         await asyncio.to_thread(barrier.wait)  # the parent says go
 
     try:
-        samples = asyncio.run(_drive(config, model, images, concurrency, requests, warmup, between))
+        budget = _SharedBudget(requests)
+        samples = asyncio.run(_drive(config, model, images, concurrency, budget, warmup, between))
         results.put(samples)
     except BaseException as err:
         barrier.abort()
@@ -361,7 +391,7 @@ async def run_load(config: LoadConfig, info: ModelInfo | None = None) -> LoadRep
             info.name,
             images,
             config.concurrency,
-            config.requests,
+            _Budget(config.requests),
             warmup,
             histograms.start,
         )
@@ -390,19 +420,15 @@ async def _run_processes(
     """Spread the workers over spawned processes; the parent scrapes between the barriers."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
-    shares = zip(
-        _split(config.concurrency, processes),
-        _split(config.requests, processes),
-        _split(warmup, processes),
-        strict=True,
-    )
+    requests = ctx.Value("q", config.requests)  # one budget for all, so none idles early
+    shares = zip(_split(config.concurrency, processes), _split(warmup, processes), strict=True)
     children = [
         ctx.Process(
             target=_child,
-            args=(config, model, images, c, n, w, barrier, results),
+            args=(config, model, images, c, requests, w, barrier, results),
             name=f"vitlens-bench-client-{i}",
         )
-        for i, (c, n, w) in enumerate(shares)
+        for i, (c, w) in enumerate(shares)
     ]
     for child in children:
         child.start()

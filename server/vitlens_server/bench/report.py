@@ -13,11 +13,17 @@ from vitlens_server.bench.load import LoadReport
 from vitlens_server.bench.roof import RoofReport
 
 __all__ = [
+    "LOAD_HEADER",
+    "device_label",
     "environment",
     "load_table",
+    "markdown_table",
     "replace_section",
     "roof_images_per_s",
     "roof_kind",
+    "roof_table",
+    "section",
+    "select_columns",
     "text_table",
 ]
 
@@ -107,6 +113,7 @@ LOAD_HEADER = (
     "p50 ms",
     "p90 ms",
     "p99 ms",
+    "queue ms",
     "mean batch",
     "batch sizes",
 )
@@ -146,11 +153,18 @@ def load_table(
                 _ms(r.latency.p50_s),
                 _ms(r.latency.p90_s),
                 _ms(r.latency.p99_s),
+                _ms(r.server_queue_mean_s),
                 _num(sizes.mean if sizes else None, 2),
                 sizes.compact() if sizes else "unavailable",
             )
         )
     return rows
+
+
+def select_columns(rows: Sequence[Sequence[str]], names: Sequence[str]) -> list[tuple[str, ...]]:
+    """The columns of ``rows`` (header first) called ``names``, in that order."""
+    keep = [list(rows[0]).index(n) for n in names]
+    return [tuple(r[i] for i in keep) for r in rows]
 
 
 def roof_table(roof: RoofReport) -> list[tuple[str, ...]]:

@@ -48,7 +48,7 @@ class ModelWorker:
         *,
         replicas: Sequence[LoadedModel] = (),
         max_batch_size: int = 32,
-        max_delay_s: float = 0.005,
+        max_delay_s: float = 0.0,
         max_queue_images: int = 1024,
         on_batch: Callable[[str, BatchStats], None] | None = None,
     ) -> None:
