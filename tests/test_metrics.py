@@ -7,7 +7,15 @@ import pytest
 import torch
 from scipy import stats
 
-from vitlens_server.evaluate import iou, min_max, otsu_masks, otsu_thresholds, spearman
+from vitlens_server.evaluate import (
+    auc,
+    average_precision,
+    iou,
+    min_max,
+    otsu_masks,
+    otsu_thresholds,
+    spearman,
+)
 
 
 def _otsu_reference(values: np.ndarray, bins: int = 256) -> float:
@@ -79,3 +87,50 @@ def test_spearman_of_a_constant_map_is_zero() -> None:
     a = torch.ones(1, 10)
     assert spearman(a, torch.arange(10.0)[None]).item() == 0
     assert spearman(torch.arange(10.0)[None], -torch.arange(10.0)[None]).item() == pytest.approx(-1)
+
+
+def _ap_reference(scores: np.ndarray, truth: np.ndarray) -> float:
+    """sklearn's definition by a plain loop: Σ (R_n − R_{n−1}) P_n over the distinct scores as
+    thresholds, highest first (predicted positive ⇔ score ≥ threshold)."""
+    positives = truth.sum()
+    ap, previous_recall = 0.0, 0.0
+    for threshold in sorted(set(scores.tolist()), reverse=True):
+        selected = scores >= threshold
+        hits = (selected & truth).sum()
+        recall, precision = hits / positives, hits / selected.sum()
+        ap += (recall - previous_recall) * precision
+        previous_recall = recall
+    return ap
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_average_precision_matches_a_threshold_loop(ties: bool) -> None:
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(size=(6, 300)) < np.array([0.05, 0.2, 0.5, 0.8, 0.3, 0.5])[:, None]
+    scores = truth * rng.uniform(0, 1, truth.shape) + rng.normal(0, 0.6, truth.shape)
+    if ties:  # quantised scores: many tied groups that mix positives and negatives
+        scores = np.round(scores, 1)
+    got = average_precision(torch.from_numpy(scores), torch.from_numpy(truth)).numpy()
+    expected = [_ap_reference(s, t) for s, t in zip(scores, truth, strict=True)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_average_precision_by_hand() -> None:
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.5, 0.5, 0.5, 0.1], [1.0, 2.0, 3.0, 4.0]])
+    truth = torch.tensor([[1, 0, 1, 0], [1, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    # row 0: positives at ranks 1 and 3 → (1/1 + 2/3) / 2; row 1: the tied top three hold one
+    # positive → precision 1/3 for it, then 2/4 for the last → (1/3 + 1/2) / 2; row 2: none → 0.
+    expected = torch.tensor([(1 + 2 / 3) / 2, (1 / 3 + 1 / 2) / 2, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(average_precision(scores, truth), expected)
+    perfect = average_precision(truth[:2].float(), truth[:2])
+    torch.testing.assert_close(perfect, torch.ones(2, dtype=torch.float64))
+
+
+def test_auc_of_known_curves() -> None:
+    x = torch.tensor([0.0, 0.5, 1.0])
+    curves = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.5, 1.0]])
+    torch.testing.assert_close(auc(x, curves), torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64))
+    dense = torch.linspace(0, 1, 1001, dtype=torch.float64)  # ∫ x² = 1/3, trapezoid error h²/6
+    assert auc(dense, dense**2).item() == pytest.approx(1 / 3 + 1e-6 / 6, abs=1e-12)
+    uneven = torch.tensor([0.0, 0.1, 0.4])  # (0.1·(1+2) + 0.3·(2+0)) / 2
+    assert auc(uneven, torch.tensor([1.0, 2.0, 0.0])).item() == pytest.approx(0.45)

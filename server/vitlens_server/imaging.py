@@ -110,14 +110,18 @@ class ImageDecoder:
         return pixels.permute(2, 0, 1).expand(3, -1, -1)
 
     def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(3, h, w) uint8 or float → (3, H, W) float32 in [0, 1].
+        return resize_pixels(pixels, self.size)
 
-        uint8 images are resized before conversion, so a large upload never exists as floats.
-        """
-        if tuple(pixels.shape[1:]) != self.size:
-            pixels = F.interpolate(
-                pixels[None], size=self.size, mode="bicubic", align_corners=False, antialias=True
-            )[0]
-        if pixels.dtype == torch.uint8:
-            return pixels.float().div_(255)
-        return pixels.clamp(0, 1).contiguous()
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, h, w) uint8 or float → (3, H, W) float32 in [0, 1] at ``size`` (bicubic, antialiased).
+
+    uint8 images are resized before conversion, so a large upload never exists as floats.
+    """
+    if tuple(pixels.shape[1:]) != tuple(size):
+        pixels = F.interpolate(
+            pixels[None], size=size, mode="bicubic", align_corners=False, antialias=True
+        )[0]
+    if pixels.dtype == torch.uint8:
+        return pixels.float().div_(255)
+    return pixels.clamp(0, 1).contiguous()

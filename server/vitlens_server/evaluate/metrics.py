@@ -1,4 +1,5 @@
-"""Batched building blocks of the metrics: upsampling, min-max, Otsu, IoU, Spearman.
+"""Batched building blocks of the metrics: upsampling, min-max, Otsu, IoU, Spearman, average
+precision and the trapezoidal area under a curve.
 
 All functions take a batch of maps and return one value per map, on the maps' device.
 """
@@ -9,7 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["iou", "min_max", "otsu_masks", "otsu_thresholds", "spearman", "upsample_maps"]
+__all__ = [
+    "auc",
+    "average_precision",
+    "iou",
+    "min_max",
+    "otsu_masks",
+    "otsu_thresholds",
+    "spearman",
+    "upsample_maps",
+]
 
 OTSU_BINS = 256
 
@@ -67,6 +77,38 @@ def iou(predicted: Tensor, truth: Tensor) -> Tensor:
     inter = (predicted & truth).sum(dim=1).double()
     union = (predicted | truth).sum(dim=1).double()
     return torch.where(union > 0, inter / union.clamp(min=1), 0.0)
+
+
+def average_precision(scores: Tensor, truth: Tensor) -> Tensor:
+    """Average precision of each row's scores against its bool labels, (B, ...) x (B, ...) → (B,).
+
+    The step-wise (non-interpolated) AP that sklearn's ``average_precision_score`` computes:
+    AP = Σ_n (R_n − R_{n−1}) P_n over the distinct score values t_n taken as thresholds in
+    descending order (predicted positive ⇔ score ≥ t_n). Ties therefore enter together: tied
+    elements share one threshold, and the value does not depend on their order. Equivalently,
+    AP = mean over the positives j of precision(score ≥ s_j), which is what is computed here.
+    A row without positives has AP 0 (undefined; sklearn warns there, Chefer zeroes NaN).
+    """
+    values, truth = scores.flatten(1), truth.flatten(1).bool()
+    count = values.shape[1]
+    ascending, order = values.sort(dim=1)
+    positive = truth.gather(1, order).to(torch.float64)  # (B, P) labels in ascending order
+    first = torch.searchsorted(ascending.contiguous(), ascending.contiguous(), side="left")
+    before = torch.cat([positive.new_zeros(len(values), 1), positive.cumsum(dim=1)], dim=1)
+    total = before[:, -1:]  # (B, 1) number of positives
+    hits = total - before.gather(1, first)  # positives with score ≥ s_j
+    ranked = (count - first).to(torch.float64)  # elements with score ≥ s_j
+    ap = (positive * hits / ranked).sum(dim=1) / total.squeeze(1).clamp(min=1)
+    return torch.where(total.squeeze(1) > 0, ap, 0.0)
+
+
+def auc(x: Tensor, y: Tensor) -> Tensor:
+    """Trapezoidal area under the curves y (..., S) sampled at x (S,) → (...) in float64.
+
+    Σ_i (x_{i+1} − x_i)·(y_i + y_{i+1})/2, linear in y: the mean of per-image areas equals the
+    area under the mean curve, so per-image values can be averaged by the caller.
+    """
+    return torch.trapezoid(y.to(torch.float64), x.to(device=y.device, dtype=torch.float64), dim=-1)
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:

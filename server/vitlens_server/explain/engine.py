@@ -23,7 +23,14 @@ from vitlens_server.explain.capture import AttentionHooks
 from vitlens_server.explain.registry import METHODS, MethodOutput, MethodSpec, Pass
 from vitlens_server.models import LoadedModel
 
-__all__ = ["ExplainJob", "ExplainResult", "Explainer", "Predictions", "TargetSpec"]
+__all__ = [
+    "ExplainJob",
+    "ExplainResult",
+    "Explainer",
+    "Predictions",
+    "TargetSpec",
+    "top_k_predictions",
+]
 
 
 @dataclass(frozen=True)
@@ -184,10 +191,12 @@ class Explainer:
 
     def predict(self, pixels: Tensor, top_k: int) -> Predictions:
         """Classify (B, C, H, W) pixels on the fused fast path."""
-        with torch.inference_mode():
-            with self.autocast():
-                logits = self.model.module(self._normalize(pixels))
-            return _top_k(logits.float(), top_k)
+        return top_k_predictions(self.logits(pixels), top_k)
+
+    def logits(self, pixels: Tensor) -> Tensor:
+        """(B, C, H, W) pixels in [0, 1] → (B, classes) float32 logits, fused fast path."""
+        with torch.inference_mode(), self.autocast():
+            return self.model.module(self._normalize(pixels)).float()
 
     def explain(self, job: ExplainJob) -> ExplainResult:
         """Run the passes ``job.method`` needs and the method itself."""
@@ -322,7 +331,7 @@ class Explainer:
             probs = logits.softmax(dim=1)
             host = job.output_dtype
             return {
-                "predictions": _top_k(logits, job.top_k_predictions),
+                "predictions": top_k_predictions(logits, job.top_k_predictions),
                 "targets": targets.cpu().numpy(),
                 "target_probabilities": probs.gather(1, targets).cpu().numpy(),
                 "target_logits": logits.gather(1, targets).float().cpu().numpy(),
@@ -373,7 +382,8 @@ class ExtraPasses:
         return grad
 
 
-def _top_k(logits: Tensor, k: int) -> Predictions:
+def top_k_predictions(logits: Tensor, k: int) -> Predictions:
+    """The k most probable classes of (B, classes) logits, on the host."""
     k = min(k, logits.shape[1])
     probs = logits.float().softmax(dim=1)
     top = probs.topk(k, dim=1)

@@ -22,6 +22,7 @@ import torch
 
 from vitlens_server.errors import NotFound, ResourceExhausted
 from vitlens_server.explain import Explainer, ExplainJob, ExplainResult, Pass, Predictions
+from vitlens_server.explain.engine import top_k_predictions
 from vitlens_server.models import LoadedModel
 from vitlens_server.runtime.batcher import Batcher, BatchStats
 
@@ -32,7 +33,8 @@ log = logging.getLogger("vitlens.worker")
 
 @dataclass(frozen=True)
 class PredictJob:
-    """Classification only: (B, C, H, W) pixels in [0, 1] and the predictions to return."""
+    """Classification only: (B, C, H, W) pixels in [0, 1] and the predictions to return
+    (``top_k`` most probable classes; 0: the raw (B, classes) logits on the host)."""
 
     pixels: torch.Tensor
     top_k: int
@@ -100,6 +102,13 @@ class ModelWorker:
         done = await self._submit_all(chunks, ("predict",), deadline)
         return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
 
+    async def logits(self, pixels: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
+        """(B, C, H, W) pixels → (B, classes) float32 logits on the host, batched like Predict
+        (Evaluate's re-classification of perturbed images)."""
+        chunks = [PredictJob(chunk, 0) for chunk in pixels.split(self.max_batch_size)]
+        done = await self._submit_all(chunks, ("predict",), deadline)
+        return torch.cat([r for r, _ in done])
+
     async def _submit_all(self, chunks: Sequence[Any], kind, deadline) -> list[tuple[Any, float]]:
         self._batcher.admit(sum(c.pixels.shape[0] for c in chunks))  # all chunks or none
         tasks = [
@@ -124,21 +133,18 @@ class ModelWorker:
             explainer.close()
 
 
-def _predict_batch(explainer: Explainer, jobs: Sequence[PredictJob]) -> list[Predictions]:
-    """One fused forward for every job; each gets its own rows and top-k."""
+def _predict_batch(
+    explainer: Explainer, jobs: Sequence[PredictJob]
+) -> list[Predictions | torch.Tensor]:
+    """One fused forward for every job; each gets its own rows, as top-k or raw logits."""
     pixels = torch.cat([j.pixels for j in jobs]) if len(jobs) > 1 else jobs[0].pixels
-    predictions = explainer.predict(pixels, max(j.top_k for j in jobs))
-    results, first = [], 0
+    logits = explainer.logits(pixels)
+    results: list[Predictions | torch.Tensor] = []
+    first = 0
     for job in jobs:
-        rows = slice(first, first + job.pixels.shape[0])
-        first = rows.stop
-        results.append(
-            Predictions(
-                indices=predictions.indices[rows, : job.top_k],
-                probabilities=predictions.probabilities[rows, : job.top_k],
-                logits=predictions.logits[rows, : job.top_k],
-            )
-        )
+        rows = logits[first : first + job.pixels.shape[0]]
+        first += job.pixels.shape[0]
+        results.append(top_k_predictions(rows, job.top_k) if job.top_k else rows.cpu())
     return results
 
 

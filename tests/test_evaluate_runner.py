@@ -1,0 +1,92 @@
+"""The Evaluate runner in process: every metric for several methods, progress, cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from tests.tiny import tiny_loaded
+from vitlens_server.errors import InvalidArgument
+from vitlens_server.evaluate.datasets import SyntheticDataset
+from vitlens_server.evaluate.runner import METRICS, Cancelled, EvaluationPlan, run_evaluation
+from vitlens_server.explain import Explainer
+
+SIZE = (32, 32)
+
+
+class InProcess:
+    """`ModelCalls` straight on an Explainer (the server routes them through its batcher)."""
+
+    def __init__(self) -> None:
+        self.explainer = Explainer(tiny_loaded(seed=6, num_classes=8))
+
+    def explain(self, job):
+        return self.explainer.explain(job)
+
+    def logits(self, pixels):
+        return self.explainer.logits(pixels)
+
+
+@pytest.fixture(scope="module")
+def calls() -> InProcess:
+    return InProcess()
+
+
+def test_every_metric_for_reference_and_real_methods(calls) -> None:
+    plan = EvaluationPlan(
+        methods=("oracle", "random", "generic", "rollout"),
+        metrics=tuple(m for m in METRICS if m != "class_sensitivity"),
+        metric_options={"deletion": {"steps": 4}, "insertion": {"steps": 4}},
+        chunk_size=3,
+    )
+    events = []
+    results = run_evaluation(
+        plan, SyntheticDataset(5), calls, input_size=SIZE, progress=events.append
+    )
+    assert [(r.method, r.metric) for r in results] == [
+        (m, k) for m in plan.methods for k in plan.metrics
+    ]
+    for result in results:
+        assert result.values and all(s.n == 5 for s in result.values.values())
+        assert all(np.isfinite(s.mean) for s in result.values.values())
+    by = {(r.method, r.metric): r for r in results}
+    oracle = by[("oracle", "segmentation")].values
+    assert oracle["iou"].mean == pytest.approx(1.0) and oracle["f1"].mean == pytest.approx(1.0)
+    x, y = by[("generic", "perturbation")].curves["positive"]
+    assert x[0] == 0 and len(x) == len(y) == 10
+    assert len(by[("rollout", "deletion")].curves["probability"][1]) == 5
+    assert [e.done for e in events] == [3, 6, 9, 12, 14, 16, 18, 20]
+    assert events[-1].total == 20 and events[-1].eta_seconds == 0
+
+
+def test_class_sensitivity_on_two_object_scenes(calls) -> None:
+    plan = EvaluationPlan(methods=("oracle", "generic"), metrics=("class_sensitivity",))
+    results = run_evaluation(plan, SyntheticDataset(3, two_object=True), calls, input_size=SIZE)
+    oracle, generic = (r.values["difference"] for r in results)
+    assert oracle.n == generic.n == 6 and oracle.mean == pytest.approx(1.0)
+    assert -1 <= generic.mean <= 1
+
+
+def test_cancellation_stops_between_steps(calls) -> None:
+    cancelled = threading.Event()
+    plan = EvaluationPlan(methods=("rollout",), metrics=("segmentation",), chunk_size=1)
+    with pytest.raises(Cancelled):
+        run_evaluation(
+            plan, SyntheticDataset(4), calls, input_size=SIZE,
+            progress=lambda _: cancelled.set(), cancelled=cancelled,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        (EvaluationPlan(("generic",), ("nope",)), "unknown metrics"),
+        (EvaluationPlan(("nope",), ("segmentation",)), "unknown method"),
+        (EvaluationPlan(("generic",), ("class_sensitivity",)), "two-object"),
+    ],
+)
+def test_bad_plans_are_invalid_arguments(calls, plan, message) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        run_evaluation(plan, SyntheticDataset(2), calls, input_size=SIZE)
