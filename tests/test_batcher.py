@@ -56,9 +56,7 @@ async def _started(runner: Runner) -> None:
 async def test_concurrent_requests_form_full_batches() -> None:
     runner = Runner()
     batcher, stats = make(runner)
-    results = await asyncio.gather(
-        *(batcher.submit(f"r{i}", images=1, kind="k") for i in range(8))
-    )
+    results = await asyncio.gather(*(batcher.submit(f"r{i}", images=1, kind="k") for i in range(8)))
     assert [r for r, _ in results] == [f"done r{i}" for i in range(8)]
     assert runner.batches == [["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"]]
     assert [s.images for s in stats] == [4, 4] and all(w >= 0 for _, w in results)

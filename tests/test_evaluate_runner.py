@@ -43,7 +43,7 @@ def test_every_metric_for_reference_and_real_methods(calls) -> None:
     )
     events = []
     results = run_evaluation(
-        plan, SyntheticDataset(5), calls, input_size=SIZE, progress=events.append
+        plan, SyntheticDataset(5), calls, input_size=SIZE, num_classes=8, progress=events.append
     )
     assert [(r.method, r.metric) for r in results] == [
         (m, k) for m in plan.methods for k in plan.metrics
@@ -63,7 +63,9 @@ def test_every_metric_for_reference_and_real_methods(calls) -> None:
 
 def test_class_sensitivity_on_two_object_scenes(calls) -> None:
     plan = EvaluationPlan(methods=("oracle", "generic"), metrics=("class_sensitivity",))
-    results = run_evaluation(plan, SyntheticDataset(3, two_object=True), calls, input_size=SIZE)
+    results = run_evaluation(
+        plan, SyntheticDataset(3, two_object=True), calls, input_size=SIZE, num_classes=8
+    )
     oracle, generic = (r.values["difference"] for r in results)
     assert oracle.n == generic.n == 6 and oracle.mean == pytest.approx(1.0)
     assert -1 <= generic.mean <= 1
@@ -74,7 +76,7 @@ def test_cancellation_stops_between_steps(calls) -> None:
     plan = EvaluationPlan(methods=("rollout",), metrics=("segmentation",), chunk_size=1)
     with pytest.raises(Cancelled):
         run_evaluation(
-            plan, SyntheticDataset(4), calls, input_size=SIZE,
+            plan, SyntheticDataset(4), calls, input_size=SIZE, num_classes=8,
             progress=lambda _: cancelled.set(), cancelled=cancelled,
         )  # fmt: skip
 
@@ -89,4 +91,4 @@ def test_cancellation_stops_between_steps(calls) -> None:
 )
 def test_bad_plans_are_invalid_arguments(calls, plan, message) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        run_evaluation(plan, SyntheticDataset(2), calls, input_size=SIZE)
+        run_evaluation(plan, SyntheticDataset(2), calls, input_size=SIZE, num_classes=8)

@@ -193,13 +193,6 @@ def test_health_and_reflection(server) -> None:
         assert {"vitlens.v1.Vitlens", "grpc.health.v1.Health"} <= names
 
 
-def test_evaluate_is_declared_but_unimplemented(client: vitlens.Client) -> None:
-    request = vitlens_pb2.EvaluateRequest(methods=["generic"], metrics=["segmentation"])
-    with pytest.raises(grpc.RpcError) as caught:
-        list(client.stub.Evaluate(request, timeout=10))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 # --------------------------------------------------------------------------------- bad input
 
 

@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-images", type=int, default=256, help="images per request")
     parser.add_argument(
+        "--dataset-root",
+        action="append",
+        type=Path,
+        default=[],
+        help="folder Evaluate may read datasets from (repeatable; nothing else is readable)",
+    )
+    parser.add_argument(
         "--cache-mb",
         type=float,
         default=256,
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         max_queue_images=args.max_queue_images,
         metrics_port=args.metrics_port,
         cache_bytes=int(args.cache_mb * 1024 * 1024),
+        dataset_roots=tuple(args.dataset_root),
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,
     )

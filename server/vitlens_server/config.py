@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vitlens_server.imaging import DEFAULT_MAX_PIXELS
 from vitlens_server.models.default import demo_spec
@@ -31,6 +32,8 @@ class ServerConfig:
         max_message_bytes: gRPC send/receive message limit.
         decode_threads: threads decoding images off the event loop.
         cache_bytes: size of the per-image result cache (0 disables it).
+        dataset_roots: folders under which Evaluate may read server-side datasets (none: no
+            server-side datasets; generated and inline data still work).
         metrics_port: HTTP port of the Prometheus ``/metrics`` endpoint (0: any free port,
             None: not served; the metrics are still kept).
         grace_s: seconds in-flight calls get to finish on shutdown.
@@ -50,4 +53,5 @@ class ServerConfig:
     decode_threads: int = 2
     metrics_port: int | None = None
     cache_bytes: int = 256 * 1024 * 1024
+    dataset_roots: tuple[Path, ...] = ()
     grace_s: float = 10.0

@@ -101,11 +101,12 @@ def run_evaluation(
     calls: ModelCalls,
     *,
     input_size: tuple[int, int],
+    num_classes: int,
     progress: Callable[[Progress], None] = lambda _: None,
     cancelled: threading.Event | None = None,
 ) -> list[MetricSummary]:
     """Run ``plan`` over ``dataset``; returns one summary per method x metric."""
-    _check(plan, dataset)
+    _check(plan, dataset, num_classes)
     cancelled = cancelled or threading.Event()
     values: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
     curves: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
@@ -113,6 +114,7 @@ def run_evaluation(
     total, done, started = len(dataset) * len(plan.methods), 0, time.monotonic()
     for first in range(0, len(dataset), plan.chunk_size):
         samples = [dataset[i] for i in range(first, min(first + plan.chunk_size, len(dataset)))]
+        _check_labels(samples, num_classes)
         pixels, labels, masks = _batch(samples, input_size)
         for method in plan.methods:
             if cancelled.is_set():
@@ -131,7 +133,7 @@ def run_evaluation(
     return _summaries(plan, values, curves, xs)
 
 
-def _check(plan: EvaluationPlan, dataset: Sequence[Sample]) -> None:
+def _check(plan: EvaluationPlan, dataset: Sequence[Sample], num_classes: int) -> None:
     unknown = [m for m in plan.metrics if m not in METRICS]
     if unknown:
         raise InvalidArgument(f"unknown metrics {unknown}; valid metrics: {', '.join(METRICS)}")
@@ -147,10 +149,24 @@ def _check(plan: EvaluationPlan, dataset: Sequence[Sample]) -> None:
             f"metrics {sorted(NEEDS_MASKS & set(plan.metrics))} need ground-truth masks, which "
             "this dataset does not have"
         )
+    if max(sample.labels) >= num_classes:
+        raise InvalidArgument(
+            f"sample {sample.id!r} is labelled {max(sample.labels)}, beyond the model's "
+            f"{num_classes} classes: the dataset's labels must be the model's"
+        )
     if "class_sensitivity" in plan.metrics and len(sample.labels) < 2:
         raise InvalidArgument(
             "class_sensitivity needs two-object samples (synthetic:N::two_object)"
         )
+
+
+def _check_labels(samples: list[Sample], num_classes: int) -> None:
+    for sample in samples:
+        if max(sample.labels) >= num_classes or min(sample.labels) < 0:
+            raise InvalidArgument(
+                f"sample {sample.id!r} has labels {sample.labels}; the model has classes "
+                f"0..{num_classes - 1}"
+            )
 
 
 def _batch(samples: list[Sample], size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -14,13 +14,14 @@ import torch
 
 from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
-from vitlens_server.errors import InvalidArgument
+from vitlens_server.errors import InvalidArgument, VitlensError
 from vitlens_server.explain import ExplainJob, get_method
 from vitlens_server.explain.params import parse_params
 from vitlens_server.imaging import ImageDecoder
 from vitlens_server.metrics import Metrics
 from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.rpc import convert
+from vitlens_server.rpc.evaluate import Evaluator
 from vitlens_server.rpc.status import map_errors
 from vitlens_server.runtime import WorkerPool
 from vitlens_server.runtime.cache import ResultCache, cache_key
@@ -49,6 +50,7 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
             m.name: ImageDecoder(m.geometry.input_size[1:], config.max_pixels) for m in registry
         }
         self._cache = ResultCache(config.cache_bytes)
+        self._evaluator = Evaluator(config.dataset_roots, config.max_pixels)
         self._versions = {m.name: _model_version(m) for m in registry}
         self._infos = {
             m.name: convert.model_info(m, workers.get(m.name).explainer.supported_methods())
@@ -57,6 +59,7 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=True)
+        self._evaluator.close()
 
     @map_errors
     async def Explain(
@@ -173,11 +176,13 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
     async def Evaluate(
         self, request: vitlens_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vitlens_pb2.EvaluateEvent]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Evaluate is declared but not implemented in this server version yet",
-        )
-        yield vitlens_pb2.EvaluateEvent()  # unreachable; makes this an async generator
+        try:
+            model = self._registry.get(request.model)
+        except VitlensError as err:
+            await context.abort(grpc.StatusCode[err.status], str(err))
+        worker = self._workers.get(model.name)
+        async for event in self._evaluator.stream(request, model, worker, context):
+            yield event
 
     def _check_count(self, images: Sequence[tensor_pb2.Image]) -> None:
         if not images:

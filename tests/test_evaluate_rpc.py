@@ -1,0 +1,102 @@
+"""Evaluate over real gRPC: progress then results, errors with precise statuses, cancellation."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from vitlens.v1 import vitlens_pb2
+
+
+def _request(**fields) -> vitlens_pb2.EvaluateRequest:
+    dataset = vitlens_pb2.Dataset(synthetic=fields.pop("synthetic", "synthetic:4"))
+    return vitlens_pb2.EvaluateRequest(dataset=dataset, **fields)  # the demo model
+
+
+def test_progress_streams_before_results(client) -> None:
+    options = struct_pb2.Struct()
+    options.update({"steps": 4})
+    request = _request(
+        methods=["oracle", "generic"],
+        metrics=["segmentation", "deletion"],
+        metric_options={"deletion": options},
+    )
+    events = list(client.stub.Evaluate(request, timeout=120))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["progress"] * 2 + ["result"] * 4
+    assert events[1].progress.done == events[1].progress.total == 8
+    results = {(e.result.method, e.result.metric): e.result for e in events[2:]}
+    iou = next(v for v in results[("oracle", "segmentation")].values if v.name == "iou")
+    assert iou.mean == pytest.approx(1.0) and iou.n == 4 and iou.ci95_low <= 1 <= iou.ci95_high
+    (curve,) = results[("generic", "deletion")].curves
+    assert curve.name == "probability" and len(curve.x) == len(curve.y) == 5
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "code", "message"),
+    [
+        ({"methods": ["generic"], "metrics": ["nope"]}, "INVALID_ARGUMENT", "unknown metrics"),
+        ({"methods": ["nope"], "metrics": ["segmentation"]}, "INVALID_ARGUMENT", "unknown method"),
+        (
+            {"methods": ["generic"], "metrics": ["segmentation"], "synthetic": "synthetic:x"},
+            "INVALID_ARGUMENT",
+            "N\\[:seed\\]",
+        ),
+    ],
+)
+def test_bad_requests_get_precise_statuses(client, request_fields, code, message) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.stub.Evaluate(_request(**request_fields), timeout=30))
+    assert caught.value.code() == grpc.StatusCode[code]
+    assert pytest.importorskip("re").search(message, caught.value.details())
+
+
+def test_server_folders_need_an_allowed_root_and_models_must_exist(client) -> None:
+    dataset = vitlens_pb2.Dataset(server_path="/etc")
+    request = vitlens_pb2.EvaluateRequest(
+        model="tiny", methods=["generic"], metrics=["segmentation"], dataset=dataset
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.stub.Evaluate(request, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    request = vitlens_pb2.EvaluateRequest(model="nope", methods=["generic"])
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.stub.Evaluate(request, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancelling_the_call_stops_the_run(server, client) -> None:
+    evaluator = server.server.servicer._evaluator
+    request = _request(methods=["generic"], metrics=["segmentation"], synthetic="synthetic:400")
+    call = client.stub.Evaluate(request, timeout=120)
+    first = next(call)
+    assert first.WhichOneof("event") == "progress" and first.progress.total == 400
+    assert evaluator.running == 1
+    call.cancel()
+    deadline = time.monotonic() + 30
+    while evaluator.running:  # the run's thread notices at its next step
+        assert time.monotonic() < deadline, "the evaluation kept running after cancel"
+        time.sleep(0.01)
+    assert client.explain(_image())[0].explanations  # still serving
+
+
+def _image():
+    import numpy as np
+
+    return np.zeros((32, 32, 3), np.uint8)
+
+
+def test_labels_beyond_the_models_classes_are_refused(client) -> None:
+    request = vitlens_pb2.EvaluateRequest(
+        model="tiny",  # 5 classes; the scenes have 8
+        methods=["rollout"],
+        metrics=["segmentation"],
+        dataset=vitlens_pb2.Dataset(synthetic="synthetic:30"),
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.stub.Evaluate(request, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "classes" in caught.value.details()
