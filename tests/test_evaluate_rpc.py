@@ -100,3 +100,22 @@ def test_labels_beyond_the_models_classes_are_refused(client) -> None:
         list(client.stub.Evaluate(request, timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "classes" in caught.value.details()
+
+
+def test_sdk_and_cli_evaluate(server, client, tmp_path, capsys) -> None:
+    from vitlens.cli import main
+
+    seen = []
+    result = client.evaluate(
+        ["oracle", "rollout"], ["segmentation"], dataset="synthetic:3", on_progress=seen.append
+    )
+    assert [p.done for p in seen] == [3, 6] and seen[-1].total == 6
+    assert result.get("oracle", "segmentation").value("iou").mean == pytest.approx(1.0)
+    assert "segmentation.iou" in result.table().splitlines()[0]
+    out = tmp_path / "results.json"
+    code = main(
+        ["evaluate", "--server", server.address, "--methods", "random", "--metrics",
+         "segmentation", "--dataset", "synthetic:2", "--json", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 0 and "random" in capsys.readouterr().out
+    assert '"metric": "segmentation"' in out.read_text()

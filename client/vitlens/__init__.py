@@ -26,6 +26,7 @@ from vitlens.errors import (
     VitlensError,
     from_rpc_error,
 )
+from vitlens.evaluation import Curve, EvaluationResult, MetricResult, Progress, Statistic
 from vitlens.images import to_image, to_images
 from vitlens.results import (
     Classification,
@@ -46,7 +47,9 @@ __all__ = [
     "CancelledError",
     "Classification",
     "Client",
+    "Curve",
     "DeadlineExceededError",
+    "EvaluationResult",
     "ExplainResult",
     "Explanation",
     "FailedPreconditionError",
@@ -55,11 +58,14 @@ __all__ = [
     "InvalidArgumentError",
     "MethodInfo",
     "MethodParameter",
+    "MetricResult",
     "ModelInfo",
     "NotFoundError",
     "PermissionDeniedError",
     "Prediction",
+    "Progress",
     "ResourceExhaustedError",
+    "Statistic",
     "TensorFormatError",
     "Timing",
     "UnauthenticatedError",

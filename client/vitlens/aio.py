@@ -56,7 +56,7 @@ class AsyncClient:
             self._channel = grpc.aio.insecure_channel(target, options=opts)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=opts)
-        # The raw generated stub, for RPCs the SDK does not wrap (e.g. Evaluate).
+        # The raw generated stub, for calls the SDK does not wrap.
         self.stub = vitlens_pb2_grpc.VitlensStub(self._channel)
 
     async def _call(

@@ -1,4 +1,4 @@
-"""The ``vitlens`` command: explain, predict, models, serve.
+"""The ``vitlens`` command: explain, predict, models, evaluate, and the server commands.
 
 ``vitlens serve`` hands its arguments to the server package (installed with
 ``pip install "vitlens[server]"``); the other commands only need the SDK, plus Pillow for
@@ -20,6 +20,7 @@ from typing import Any
 
 from vitlens.client import DEFAULT_TARGET, Client
 from vitlens.errors import UnavailableError, VitlensError
+from vitlens.evaluation import Progress
 from vitlens.results import ExplainResult, ImageExplanation, ModelInfo
 
 __all__ = ["main"]
@@ -175,6 +176,51 @@ _SERVER_COMMANDS = {
 }
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    def show(progress: Progress) -> None:
+        width = 30
+        filled = int(width * progress.done / max(progress.total, 1))
+        print(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total} "
+            f"{progress.images_per_second:.1f} img/s, ETA {progress.eta_seconds:.0f} s  "
+            f"({progress.stage})   ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with Client(args.server, timeout_s=args.timeout_s) as client:
+        result = client.evaluate(
+            _split(args.methods),
+            _split(args.metrics),
+            dataset=args.dataset,
+            model=args.model,
+            explain_label=args.explain_label,
+            metric_options={k: v for k, v in (args.metric_option or [])},
+            on_progress=None if args.quiet else show,
+        )
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(result.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _metric_option(text: str) -> tuple[str, dict]:
+    """``metric.key=value``, e.g. ``deletion.steps=32``."""
+    key, value = _option(text)
+    metric, dot, name = key.partition(".")
+    if not dot or not name:
+        raise argparse.ArgumentTypeError(f"expected METRIC.KEY=VALUE, got {text!r}")
+    return metric, {name: value}
+
+
 def _server_command(name: str, argv: list[str]) -> int:
     module_name, _ = _SERVER_COMMANDS[name]
     try:
@@ -231,6 +277,27 @@ def _build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("models", parents=[common], help="list the server's models")
     mo.add_argument("--json", action="store_true", help="print JSON")
     mo.set_defaults(func=_cmd_models)
+
+    ev = sub.add_parser("evaluate", parents=[common], help="score methods with quality metrics")
+    ev.add_argument("--model", default="", help="model name (default: the server's)")
+    ev.add_argument("--methods", required=True, help="comma-separated, e.g. generic,rollout,random")
+    ev.add_argument(
+        "--metrics", required=True, help="comma-separated, e.g. segmentation,perturbation"
+    )
+    ev.add_argument(
+        "--dataset",
+        default="synthetic:100",
+        help="synthetic:N[:seed][:two_object] or an absolute folder on the server",
+    )
+    ev.add_argument(
+        "--explain-label", action="store_true", help="explain the label, not the prediction"
+    )
+    ev.add_argument(
+        "--metric-option", action="append", type=_metric_option, metavar="METRIC.KEY=VALUE"
+    )
+    ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_evaluate)
 
     for name, (_, summary) in _SERVER_COMMANDS.items():
         sub.add_parser(name, help=f"{summary} (see `vitlens {name} --help`)")

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from vitlens.errors import UnavailableError, from_rpc_error
+from vitlens.evaluation import EvaluationResult, MetricResult, Progress, build_evaluate_request
 from vitlens.images import ImageInput, to_images
 from vitlens.results import Classification, ExplainResult, ModelInfo
 from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
@@ -175,7 +176,7 @@ class Client:
             self._channel = grpc.insecure_channel(target, options=opts)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=opts)
-        # The raw generated stub, for RPCs the SDK does not wrap (e.g. Evaluate).
+        # The raw generated stub, for calls the SDK does not wrap.
         self.stub = vitlens_pb2_grpc.VitlensStub(self._channel)
 
     def _call(self, rpc: Callable[..., _T], request: Any, timeout_s: float | None) -> _T:
@@ -246,6 +247,54 @@ class Client:
         request = build_predict_request(images, model=model, top_k=top_k, ids=ids)
         response = self._call(self.stub.Predict, request, timeout_s)
         return [Classification.from_proto(c) for c in response.results]
+
+    def evaluate(
+        self,
+        methods: Sequence[str],
+        metrics: Sequence[str],
+        *,
+        dataset: str = "synthetic:100",
+        model: str = "",
+        method_options: Mapping[str, Mapping[str, Any]] | None = None,
+        metric_options: Mapping[str, Mapping[str, Any]] | None = None,
+        explain_label: bool = False,
+        limit: int = 0,
+        on_progress: Callable[[Progress], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> EvaluationResult:
+        """Score explanation methods with quality metrics on a dataset (server-side).
+
+        ``dataset`` is ``synthetic:N[:seed][:two_object]`` or an absolute folder on the server
+        (VOC or ImageFolder layout, under a root its operator allowed). Progress events go to
+        ``on_progress`` as they arrive; interrupting (Ctrl-C) cancels the server's run. The
+        default deadline is the client's; long runs may need ``timeout_s``.
+        """
+        request = build_evaluate_request(
+            methods=methods,
+            metrics=metrics,
+            dataset=dataset,
+            model=model,
+            method_options=method_options,
+            metric_options=metric_options,
+            explain_label=explain_label,
+            limit=limit,
+        )
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        call = self.stub.Evaluate(request, timeout=timeout, metadata=self._metadata)
+        results = []
+        try:
+            for event in call:
+                if event.WhichOneof("event") == "progress":
+                    if on_progress is not None:
+                        on_progress(Progress.from_proto(event.progress))
+                else:
+                    results.append(MetricResult.from_proto(event.result))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        except BaseException:
+            call.cancel()
+            raise
+        return EvaluationResult(model or self.default_model, dataset, tuple(results))
 
     def _list_models(self, timeout_s: float | None = None) -> vitlens_pb2.ListModelsResponse:
         return self._call(self.stub.ListModels, vitlens_pb2.ListModelsRequest(), timeout_s)
