@@ -114,8 +114,14 @@ def test_sdk_and_cli_evaluate(server, client, tmp_path, capsys) -> None:
     assert "segmentation.iou" in result.table().splitlines()[0]
     out = tmp_path / "results.json"
     code = main(
-        ["evaluate", "--server", server.address, "--methods", "random", "--metrics",
-         "segmentation", "--dataset", "synthetic:2", "--json", str(out), "--quiet"]
+        ["evaluate", "--server", server.address, "--methods", "random,oracle", "--metrics",
+         "segmentation,deletion", "--metric-option", "deletion.steps=2", "--dataset",
+         "synthetic:2", "--json", str(out), "--report", str(tmp_path / "report"), "--quiet"]
     )  # fmt: skip
     assert code == 0 and "random" in capsys.readouterr().out
     assert '"metric": "segmentation"' in out.read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "| `oracle` |" in report and "![deletion probability](deletion_probability.png)" in report
+    )
+    assert (tmp_path / "report" / "deletion_probability.png").read_bytes()[:4] == b"\x89PNG"

@@ -205,6 +205,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(result.to_json())
         print(f"wrote {args.json}")
+    if args.report:
+        from vitlens.report import write_report
+
+        print(f"wrote {write_report(result, args.report)}")
     return 0
 
 
@@ -296,6 +300,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--metric-option", action="append", type=_metric_option, metavar="METRIC.KEY=VALUE"
     )
     ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ev.add_argument(
+        "--report", metavar="DIR", help="write results.json, curve PNGs and report.md there"
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_evaluate)
 
