@@ -421,6 +421,16 @@ def test_build_explain_request() -> None:
         build_explain_request(b"a", dtype="float64")
 
 
+def test_dns_targets_balance_round_robin() -> None:
+    assert (
+        dict(channel_options(1, target="dns:///vitlens-headless:50051"))["grpc.lb_policy_name"]
+        == "round_robin"
+    )
+    assert "grpc.lb_policy_name" not in dict(channel_options(1, target="localhost:50051"))
+    overridden = channel_options(1, [("grpc.lb_policy_name", "pick_first")], target="dns:///x:1")
+    assert dict(overridden)["grpc.lb_policy_name"] == "pick_first"
+
+
 def test_channel_options() -> None:
     opts = dict(channel_options(1024, [("grpc.keepalive_time_ms", 5)]))
     assert opts["grpc.max_send_message_length"] == opts["grpc.max_receive_message_length"] == 1024

@@ -51,7 +51,7 @@ class AsyncClient:
         self.target = target
         self.timeout_s = timeout_s
         self._metadata = tuple(metadata)
-        opts = channel_options(max_message_bytes, options)
+        opts = channel_options(max_message_bytes, options, target)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=opts)
         else:

@@ -36,9 +36,14 @@ _T = TypeVar("_T")
 
 
 def channel_options(
-    max_message_bytes: int, options: Iterable[tuple[str, Any]] = ()
+    max_message_bytes: int, options: Iterable[tuple[str, Any]] = (), target: str = ""
 ) -> list[tuple[str, Any]]:
-    """gRPC channel arguments: message size limits and keepalive; ``options`` override them."""
+    """gRPC channel arguments: message size limits and keepalive; ``options`` override them.
+
+    A ``dns:///`` target (e.g. a Kubernetes headless Service, which resolves to every pod) gets
+    the ``round_robin`` load-balancing policy, so calls spread over all addresses instead of
+    sticking to the first.
+    """
     merged: dict[str, Any] = {
         "grpc.max_send_message_length": max_message_bytes,
         "grpc.max_receive_message_length": max_message_bytes,
@@ -46,6 +51,8 @@ def channel_options(
         "grpc.keepalive_timeout_ms": 20_000,
         "grpc.keepalive_permit_without_calls": 0,
     }
+    if target.startswith("dns:"):
+        merged["grpc.lb_policy_name"] = "round_robin"
     merged.update(dict(options))
     return list(merged.items())
 
@@ -171,7 +178,7 @@ class Client:
         self.target = target
         self.timeout_s = timeout_s
         self._metadata = tuple(metadata)
-        opts = channel_options(max_message_bytes, options)
+        opts = channel_options(max_message_bytes, options, target)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=opts)
         else:
