@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -65,10 +66,12 @@ class VitlensServer:
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
 
-    async def start(self) -> int:
-        """Bind, start serving and report SERVING; returns the bound port.
+    async def start(self, *, warm_up: bool = True) -> int:
+        """Bind and serve; health says NOT_SERVING until every model is warmed up, then SERVING.
 
-        Call from the event loop that will run the server (grpc.aio binds to it).
+        Returns the bound port. Call from the event loop that will run the server (grpc.aio
+        binds to it). ``warm_up`` runs one small pass of each kind per model first (kernels,
+        allocator, compiled solvers), so the first real request is not the slow one.
         """
         self._server = self._build()
         self.workers.start()
@@ -79,7 +82,16 @@ class VitlensServer:
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
+        log.info(
+            "vitlens listening on %s:%d (not serving until warmed up)", self.config.host, self.port
+        )
+        if warm_up:
+            started = time.perf_counter()
+            await self.workers.warm_up()
+            log.info("warmed up in %.1f s", time.perf_counter() - started)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("vitlens serving on %s:%d", self.config.host, self.port)

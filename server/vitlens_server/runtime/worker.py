@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from vitlens_server.errors import NotFound, ResourceExhausted
-from vitlens_server.explain import Explainer, ExplainJob, ExplainResult, Pass, Predictions
+from vitlens_server.explain import (
+    Explainer,
+    ExplainJob,
+    ExplainResult,
+    Pass,
+    Predictions,
+    TargetSpec,
+)
 from vitlens_server.explain.engine import top_k_predictions
 from vitlens_server.models import LoadedModel
 from vitlens_server.runtime.batcher import Batcher, BatchStats
@@ -108,6 +115,21 @@ class ModelWorker:
         chunks = [PredictJob(chunk, 0) for chunk in pixels.split(self.max_batch_size)]
         done = await self._submit_all(chunks, ("predict",), deadline)
         return torch.cat([r for r, _ in done])
+
+    async def warm_up(self) -> None:
+        """One small pass of each kind through the batcher: classification, a forward-only and
+        a gradient explanation, and the attention-flow solver's compilation."""
+        from vitlens_server.explain import get_method
+        from vitlens_server.explain.params import parse_params
+
+        _, height, width = self.model.geometry.input_size
+        pixels = torch.zeros(1, 3, height, width)
+        await self.predict(pixels, 1)
+        for name in ("rollout", "generic", "attention_flow"):
+            spec = get_method(name)
+            if self.explainer.refusal(spec) is None:
+                params = parse_params(spec.params, {}, method=name)
+                await self.explain(ExplainJob(pixels, spec, params, TargetSpec()))
 
     async def _submit_all(self, chunks: Sequence[Any], kind, deadline) -> list[tuple[Any, float]]:
         self._batcher.admit(sum(c.pixels.shape[0] for c in chunks))  # all chunks or none
@@ -197,6 +219,9 @@ class WorkerPool:
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self._workers.values()))
+
+    async def warm_up(self) -> None:
+        await asyncio.gather(*(w.warm_up() for w in self._workers.values()))
 
     def close(self) -> None:
         for worker in self._workers.values():
