@@ -47,10 +47,13 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = 256 * 1024 * 1024,
         options: Iterable[tuple[str, Any]] = (),
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._metadata = tuple(metadata)
+        self._metadata = tuple(metadata) + (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         opts = channel_options(max_message_bytes, options, target)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=opts)

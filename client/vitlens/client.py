@@ -161,6 +161,8 @@ class Client:
         max_message_bytes: send and receive size limit (large batches and input-grid
             heatmaps need room).
         options: extra gRPC channel arguments; they override the defaults.
+        token: bearer token for servers started with ``--auth-token-file`` (sent as
+            ``authorization: Bearer <token>`` on every call).
 
     Use as a context manager, or call `close()`.
     """
@@ -174,10 +176,13 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = 256 * 1024 * 1024,
         options: Iterable[tuple[str, Any]] = (),
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._metadata = tuple(metadata)
+        self._metadata = tuple(metadata) + (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         opts = channel_options(max_message_bytes, options, target)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=opts)

@@ -14,6 +14,7 @@ from vitlens_server.config import ServerConfig
 from vitlens_server.imaging import DEFAULT_MAX_PIXELS
 from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
 from vitlens_server.models.loading import ModelLoadError, ModelSpec
+from vitlens_server.rpc.security import read_tokens
 
 __all__ = ["main", "parse_model_spec"]
 
@@ -88,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="images allowed to wait per model; beyond it requests get RESOURCE_EXHAUSTED",
     )
     parser.add_argument("--max-images", type=int, default=256, help="images per request")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mTLS)"
+    )
+    parser.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="require 'authorization: Bearer <token>' with one of the tokens in this file "
+        "(one per line; health and reflection stay open)",
+    )
     parser.add_argument(
         "--dataset-root",
         action="append",
@@ -118,16 +130,39 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
-        if not devices:
-            raise ValueError("--devices names no device")
-        specs = tuple(
-            parse_model_spec(m, devices[0], args.precision) for m in args.model or [DEMO_MODEL_NAME]
-        )
-    except ValueError as err:
+        config = _config(args)
+    except (ValueError, OSError) as err:
         print(f"vitlens serve: {err}", file=sys.stderr)
         return 2
-    config = ServerConfig(
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        asyncio.run(serve(config))
+    except (ModelLoadError, ValueError, OSError) as err:
+        print(f"vitlens serve: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    """The flags as a `ServerConfig`; ValueError/OSError say what is wrong with them."""
+    devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
+    if not devices:
+        raise ValueError("--devices names no device")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                       ("--tls-client-ca", args.tls_client_ca)):  # fmt: skip
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path} is not a readable file")
+    specs = tuple(
+        parse_model_spec(m, devices[0], args.precision) for m in args.model or [DEMO_MODEL_NAME]
+    )
+    return ServerConfig(
         host=args.host,
         port=args.port,
         models=specs,
@@ -139,19 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         cache_bytes=int(args.cache_mb * 1024 * 1024),
         dataset_roots=tuple(args.dataset_root),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_tokens=read_tokens(args.auth_token_file) if args.auth_token_file else (),
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        asyncio.run(serve(config))
-    except (ModelLoadError, ValueError, OSError) as err:
-        print(f"vitlens serve: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 async def serve(config: ServerConfig) -> None:

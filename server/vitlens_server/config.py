@@ -32,6 +32,10 @@ class ServerConfig:
         max_message_bytes: gRPC send/receive message limit.
         decode_threads: threads decoding images off the event loop.
         cache_bytes: size of the per-image result cache (0 disables it).
+        tls_cert, tls_key: PEM certificate chain and key: serve TLS instead of plaintext.
+        tls_client_ca: PEM CA bundle: require client certificates it signed (mutual TLS).
+        auth_tokens: accepted bearer tokens (none: no authentication); health and reflection
+            stay open.
         dataset_roots: folders under which Evaluate may read server-side datasets (none: no
             server-side datasets; generated and inline data still work).
         metrics_port: HTTP port of the Prometheus ``/metrics`` endpoint (0: any free port,
@@ -54,4 +58,8 @@ class ServerConfig:
     metrics_port: int | None = None
     cache_bytes: int = 256 * 1024 * 1024
     dataset_roots: tuple[Path, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens: tuple[bytes, ...] = field(default=(), repr=False)
     grace_s: float = 10.0

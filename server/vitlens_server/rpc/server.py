@@ -14,6 +14,7 @@ from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
 from vitlens_server.metrics import Metrics
 from vitlens_server.models import LoadedModel, ModelRegistry
+from vitlens_server.rpc.security import BearerTokenAuth, server_credentials
 from vitlens_server.rpc.servicer import VitlensServicer
 from vitlens_server.runtime import ModelWorker, WorkerPool
 
@@ -79,7 +80,12 @@ class VitlensServer:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self._server.add_insecure_port(address)
+        config = self.config
+        if config.tls_cert is not None:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         for service in ("", SERVICE_NAME):
@@ -100,12 +106,15 @@ class VitlensServer:
     def _build(self) -> grpc.aio.Server:
         limit = self.config.max_message_bytes
         server = grpc.aio.server(
+            interceptors=[BearerTokenAuth(self.config.auth_tokens)]
+            if self.config.auth_tokens
+            else [],
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-            ]
+            ],
         )
         self.health = health.aio.HealthServicer()
         vitlens_pb2_grpc.add_VitlensServicer_to_server(self.servicer, server)
