@@ -15,6 +15,7 @@ from vitlens_server.imaging import DEFAULT_MAX_PIXELS
 from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
 from vitlens_server.models.loading import ModelLoadError, ModelSpec
 from vitlens_server.rpc.security import read_tokens
+from vitlens_server.settings import SettingsError, parse_settings
 
 __all__ = ["main", "parse_model_spec"]
 
@@ -125,12 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_settings(build_parser(), argv)
+    except SettingsError as err:
+        print(f"vitlens serve: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = _config(args)
+        config = config_from_args(args)
     except (ValueError, OSError) as err:
         print(f"vitlens serve: {err}", file=sys.stderr)
         return 2
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace) -> ServerConfig:
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The flags as a `ServerConfig`; ValueError/OSError say what is wrong with them."""
     devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
     if not devices:
