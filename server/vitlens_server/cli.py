@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vitlens_server.config import ServerConfig
 from vitlens_server.imaging import DEFAULT_MAX_PIXELS
+from vitlens_server.logs import configure_logging
 from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
 from vitlens_server.models.loading import ModelLoadError, ModelSpec
 from vitlens_server.rpc.security import read_tokens
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object per line"
+    )
     return parser
 
 
@@ -131,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as err:
         print(f"vitlens serve: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except (ValueError, OSError) as err:

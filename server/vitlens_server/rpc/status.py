@@ -14,6 +14,7 @@ import grpc
 
 from vitlens_server.errors import VitlensError
 from vitlens_server.explain import METHODS
+from vitlens_server.logs import request_id
 
 __all__ = ["map_errors"]
 
@@ -33,6 +34,10 @@ def map_errors(handler: F) -> F:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         metrics = getattr(self, "metrics", None)
         method = _method_label(rpc, request)
+        given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+        call_id = given[:64] if given else uuid.uuid4().hex[:16]
+        token = request_id.set(call_id)
+        context.set_trailing_metadata((("x-request-id", call_id),))
         started = time.perf_counter()
         code = "OK"
         if metrics is not None:
@@ -44,7 +49,10 @@ def map_errors(handler: F) -> F:
             retry_after_s = getattr(err, "retry_after_s", None)
             if retry_after_s is not None:
                 context.set_trailing_metadata(
-                    (("grpc-retry-pushback-ms", str(round(retry_after_s * 1000))),)
+                    (
+                        ("x-request-id", call_id),
+                        ("grpc-retry-pushback-ms", str(round(retry_after_s * 1000))),
+                    )
                 )
             await context.abort(grpc.StatusCode[err.status], str(err))
         except asyncio.CancelledError:
@@ -59,6 +67,7 @@ def map_errors(handler: F) -> F:
                 f"internal server error (incident {incident}); the server log has the details",
             )
         finally:
+            request_id.reset(token)
             if metrics is not None:
                 metrics.in_flight.labels(rpc).dec()
                 metrics.requests.labels(rpc, method, code).inc()
