@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision pinned to the releases available offline on the build machines.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint protos clean
+.PHONY: install demo test lint protos clean deploy-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,13 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python scripts/demo.py --out demo_out
 
-test: install
+test: install deploy-check
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Render deploy/k8s (kustomize), validate it against Kubernetes schemas, hadolint the Dockerfiles.
+deploy-check: install
+	PATH=$(BIN):$$PATH $(BIN)/python deploy/validate.py
 
 lint: install
 	$(BIN)/ruff check .
