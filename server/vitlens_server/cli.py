@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel limit per image"
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds accepted calls get to finish before the server stops",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="json: one object per line"
@@ -185,6 +191,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_tokens=read_tokens(args.auth_token_file) if args.auth_token_file else (),
+        grace_s=args.grace_s,
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,
     )
