@@ -1,0 +1,186 @@
+"""What a recording holds: per-layer attention tensors, LRP activations, the whole `Recording`.
+
+Filled by `AttentionHooks` (capture.py) during a model's passes and read by the methods; every
+per-image tensor is batch-first, so `Recording.narrow` can hand each request its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LayerRecord", "LrpLayer", "LrpRecord", "Recording"]
+
+
+@dataclass
+class LayerRecord:
+    """Tensors of one attention layer, all (B, H, N, D) except `out` which is (B, N, H·D)."""
+
+    q: Tensor | None = None
+    k: Tensor | None = None
+    v: Tensor | None = None
+    out: Tensor | None = None
+    out_grad: Tensor | None = None
+
+
+@dataclass
+class LrpLayer:
+    """One block's tensors for LRP, kept by ``record(lrp=True)``; D model width, F MLP width.
+
+    Block: x_mid = x + ls1(attn(norm1(x))), x_out = x_mid + ls2(mlp(norm2(x_mid))).
+
+    Attributes:
+        x: (B, N, D) block input.
+        qkv_in: (B, N, D) input of ``attn.qkv`` (= norm1(x)).
+        proj_in: (B, N, H·D_h) input of ``attn.proj`` (= attn.norm(A·V)).
+        attn_branch: (B, N, D) output of ``ls1``, the first residual branch.
+        fc1_in: (B, N, D) input of ``mlp.fc1`` (= norm2(x_mid)).
+        fc2_in: (B, N, F) input of ``mlp.fc2``.
+        mlp_branch: (B, N, D) output of ``ls2``, the second residual branch.
+    """
+
+    x: Tensor | None = None
+    qkv_in: Tensor | None = None
+    proj_in: Tensor | None = None
+    attn_branch: Tensor | None = None
+    fc1_in: Tensor | None = None
+    fc2_in: Tensor | None = None
+    mlp_branch: Tensor | None = None
+
+
+@dataclass
+class LrpRecord:
+    """What LRP reads besides the attention records: activations and the modules' weights.
+
+    Attributes:
+        layers: one `LrpLayer` per block.
+        blocks: the model's blocks, whose Linear weights the rules read (never write).
+        heads: the classifier Linear layers (``head``, plus ``head_dist`` for DeiT distilled).
+        head_in: (B, D) input of each head; head_out: (B, C) its output.
+        pool: the readout, ``token`` / ``distilled`` / ``avg``.
+        pool_start: first token the average pool reads (P, or 0 when it includes the prefix).
+        pooled: (B, D) output of the average pool (input of ``fc_norm``), ``avg`` only.
+    """
+
+    layers: list[LrpLayer]
+    blocks: list[nn.Module]
+    heads: list[nn.Linear]
+    pool: str
+    pool_start: int
+    head_in: list[Tensor | None]
+    head_out: list[Tensor | None]
+    pooled: Tensor | None = None
+
+    def narrow(self, rows: slice) -> LrpRecord:
+        """The activations of the images ``rows`` of the batch (views, no copies)."""
+        return dataclasses.replace(
+            self,
+            layers=[_narrow_fields(layer, rows) for layer in self.layers],
+            head_in=[_narrow(t, rows) for t in self.head_in],
+            head_out=[_narrow(t, rows) for t in self.head_out],
+            pooled=_narrow(self.pooled, rows),
+        )
+
+
+def _narrow(tensor: Tensor | None, rows: slice) -> Tensor | None:
+    return None if tensor is None else tensor[rows]
+
+
+def _narrow_fields(record, rows: slice):
+    """A per-layer record with every (B, ...) tensor field cut to ``rows``."""
+    fields = dataclasses.fields(record)
+    return dataclasses.replace(
+        record, **{f.name: _narrow(getattr(record, f.name), rows) for f in fields}
+    )
+
+
+@dataclass
+class Recording:
+    """What one forward (and optional backward) pass captured.
+
+    Attributes:
+        layers: one record per block, input side first.
+        num_heads, scale: of the attention modules (the same in every block).
+        num_prefix_tokens: P, tokens before the patch tokens.
+        grid: (gh, gw) patch grid.
+        readout: (N,) weights of the token rows the logits read — one-hot on the class token,
+            half on each of the class and distillation tokens (DeiT distilled), uniform over
+            the patch tokens (``global_pool='avg'``); None when the model pools otherwise.
+        tokens: (B, N, D) output of the final norm, the tokens the classifier reads.
+        classifier: (C, D) weight of the linear head (mean of both heads for DeiT distilled).
+        targets: (B,) the class being explained, set by the engine before each method call.
+        pixels: (B, C, H, W) float32 explained images in [0, 1], as requested (not normalised).
+        passes: further model passes (`ExtraPasses`), for methods that declare `Pass.EXTRA`.
+        lrp: activations for layer-wise relevance propagation, when recorded with ``lrp=True``.
+    """
+
+    layers: list[LayerRecord]
+    num_heads: int
+    scale: float
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    readout: Tensor | None = None
+    classifier: Tensor | None = None
+    tokens: Tensor | None = None
+    targets: Tensor | None = None
+    pixels: Tensor | None = None
+    passes: Any = None
+    lrp: LrpRecord | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def scores(self, layer: int) -> Tensor:
+        """Pre-softmax scores S_l = scale · q kᵀ, (B, H, N, N)."""
+        rec = self.layers[layer]
+        return (rec.q * self.scale) @ rec.k.transpose(-2, -1)
+
+    def attention(self, layer: int) -> Tensor:
+        """Attention A_l = softmax(S_l), (B, H, N, N); rows sum to 1."""
+        return self.scores(layer).softmax(dim=-1)
+
+    def attention_grad(self, layer: int) -> Tensor:
+        """∂y/∂A_l for the targets of the last backward pass, (B, H, N, N)."""
+        rec = self.layers[layer]
+        if rec.out_grad is None:
+            raise RuntimeError("attention gradients need a backward pass (passes include BACKWARD)")
+        b, n, _ = rec.out_grad.shape
+        grad = rec.out_grad.to(rec.v.dtype).view(b, n, self.num_heads, -1).transpose(1, 2)
+        return grad @ rec.v.transpose(-2, -1)
+
+    def readout_rows(self, matrix: Tensor) -> Tensor:
+        """The readout's mix of the rows of a (..., N, N) token matrix, over the patch tokens.
+
+        Returns (..., gh·gw): row 0 (the class token's) for class-token models, the mean of the
+        class- and distillation-token rows for DeiT distilled, the mean of the patch rows for
+        average-pooled models.
+        """
+        if self.readout is None:
+            raise RuntimeError("this model has no fixed readout row (checked before queueing)")
+        weights = self.readout.to(matrix.dtype)
+        return torch.einsum("n,...nm->...m", weights, matrix)[..., self.num_prefix_tokens :]
+
+    def readout_map(self, matrix: Tensor) -> Tensor:
+        """`readout_rows` of a (B, N, N) matrix as a (B, gh, gw) map."""
+        return self.readout_rows(matrix).reshape(matrix.shape[0], *self.grid)
+
+    def narrow(self, rows: slice) -> Recording:
+        """The recording of the images ``rows`` of the batch (views, no copies)."""
+        return dataclasses.replace(
+            self,
+            layers=[_narrow_fields(layer, rows) for layer in self.layers],
+            tokens=_narrow(self.tokens, rows),
+            targets=_narrow(self.targets, rows),
+            pixels=_narrow(self.pixels, rows),
+            passes=None if self.passes is None else self.passes.narrow(rows),
+            lrp=None if self.lrp is None else self.lrp.narrow(rows),
+        )
+
+    def attention_outputs(self) -> list[Tensor]:
+        """O_l of every layer, (B, N, H·D): the tensors gradients are taken with respect to."""
+        return [rec.out for rec in self.layers]
