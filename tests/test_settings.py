@@ -64,3 +64,17 @@ def test_help_documents_the_environment_and_file(capsys) -> None:
         serve_main(["--help"])
     text = capsys.readouterr().out
     assert "VITLENS_MAX_BATCH_SIZE" in text and "TOML" in text
+
+
+def test_weights_must_lie_under_the_weights_roots(tmp_path, capsys) -> None:
+    allowed = tmp_path / "models"
+    allowed.mkdir()
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+    (allowed / "link.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    for weights in (tmp_path / "elsewhere.safetensors", allowed / "link.safetensors"):
+        argv = ["--weights-root", str(allowed), "--model", f"m=vit_tiny_patch16_224:{weights}"]
+        assert serve_main(argv) == 2
+        assert "outside --weights-root" in capsys.readouterr().err
+    inside = allowed / "ok.safetensors"
+    args = _args(["--weights-root", str(allowed), "--model", f"m=vit_tiny_patch16_224:{inside}"])
+    assert config_from_args(args).models[0].weights == inside

@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(one per line; health and reflection stay open)",
     )
     parser.add_argument(
+        "--weights-root",
+        action="append",
+        type=Path,
+        default=[],
+        help="folder model weights must lie in (repeatable; symlinks resolved); unset: any path "
+        "the operator names",
+    )
+    parser.add_argument(
         "--dataset-root",
         action="append",
         type=Path,
@@ -175,6 +183,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     specs = tuple(
         parse_model_spec(m, devices[0], args.precision) for m in args.model or [DEMO_MODEL_NAME]
     )
+    if args.weights_root:
+        roots = [root.resolve() for root in args.weights_root]
+        for spec in specs:
+            if spec.weights is not None and spec.name != DEMO_MODEL_NAME:
+                resolved = spec.weights.resolve()
+                if not any(resolved.is_relative_to(root) for root in roots):
+                    raise ValueError(
+                        f"model {spec.name!r}: weights {spec.weights} are outside --weights-root "
+                        f"({', '.join(map(str, args.weights_root))})"
+                    )
     return ServerConfig(
         host=args.host,
         port=args.port,
