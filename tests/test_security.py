@@ -144,3 +144,15 @@ def test_bearer_tokens(tmp_path) -> None:
 def test_configuration_errors_exit_non_zero_with_a_message(argv, message, capsys) -> None:
     assert serve_main(["--port", "0", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_messages_above_the_limit_are_refused() -> None:
+    running, stop = _serve(max_message_bytes=64 * 1024)
+    try:
+        big = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)  # 196 KB
+        with vitlens.Client(running.address, timeout_s=10) as client:
+            with pytest.raises(vitlens.ResourceExhaustedError):
+                client.predict(big)
+            assert client.predict(IMAGE)[0].predictions  # small ones still pass
+    finally:
+        stop()

@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=256,
+        help="largest gRPC message the server sends or receives, in MiB",
+    )
+    parser.add_argument(
         "--grace-s",
         type=float,
         default=10.0,
@@ -210,6 +216,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         auth_tokens=read_tokens(args.auth_token_file) if args.auth_token_file else (),
         grace_s=args.grace_s,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,
     )
