@@ -303,3 +303,19 @@ def test_merge_equals_unsharded_run(tmp_path: Path) -> None:
     assert merge.main(["--dir", str(tmp_path), "--expect", "5", "--out", str(out)]) == 1
     with pytest.raises(ValueError, match="gap or overlap"):
         merge.merge_datasets(["synthetic:5:0", "synthetic:5:6"])
+
+
+def test_grafana_dashboard_queries_only_metrics_the_server_exports() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from vitlens_server.metrics import Metrics
+
+    dashboard = json.loads(Path("deploy/grafana/vitlens-dashboard.json").read_text())
+    exported = set(re.findall(r"^# TYPE (\S+)", Metrics().text(), re.M))
+    exported |= {f"{n}_{s}" for n in exported for s in ("bucket", "sum", "count", "total")}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\b(vitlens_[a-z_]+)", target["expr"]):
+                assert name in exported, (panel["title"], name)
