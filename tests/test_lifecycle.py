@@ -109,3 +109,18 @@ def test_a_drain_finishes_every_accepted_request_and_refuses_new_ones() -> None:
                 client.explain(images[0], method="rollout", timeout_s=5)
     finally:
         running.close()
+
+
+def test_the_default_deadline_drops_calls_that_set_none() -> None:
+    # Lone requests wait 2 s for batch-mates; the 0.2 s default deadline expires first.
+    config = ServerConfig(port=0, max_delay_ms=2000, default_deadline_s=0.2, cache_bytes=0)
+    server = VitlensServer(config, ModelRegistry([tiny_loaded(seed=8)]))
+    running = Running(server)
+    assert running.started.wait(60)
+    try:
+        client = vitlens.Client(f"127.0.0.1:{server.port}", timeout_s=None)  # no deadline
+        with client, pytest.raises(vitlens.DeadlineExceededError, match="deadline passed"):
+            client.predict(np.zeros((32, 32, 3), np.uint8))
+    finally:
+        running.call(server.stop(grace_s=1.0))
+        running.close()

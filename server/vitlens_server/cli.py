@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
+        "--default-deadline-s",
+        type=float,
+        help="deadline for Explain/Predict calls that set none (default: none)",
+    )
+    parser.add_argument(
         "--max-message-mb",
         type=float,
         default=256,
@@ -216,6 +221,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         auth_tokens=read_tokens(args.auth_token_file) if args.auth_token_file else (),
         grace_s=args.grace_s,
+        default_deadline_s=args.default_deadline_s,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,

@@ -41,6 +41,8 @@ class ServerConfig:
         metrics_port: HTTP port of the Prometheus ``/metrics`` endpoint (0: any free port,
             None: not served; the metrics are still kept).
         grace_s: seconds in-flight calls get to finish on shutdown.
+        default_deadline_s: deadline of Explain and Predict calls whose caller set none (None:
+            no deadline); a request still queued then is dropped with DEADLINE_EXCEEDED.
     """
 
     host: str = "127.0.0.1"
@@ -63,3 +65,4 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     auth_tokens: tuple[bytes, ...] = field(default=(), repr=False)
     grace_s: float = 10.0
+    default_deadline_s: float | None = None

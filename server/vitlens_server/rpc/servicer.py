@@ -103,7 +103,7 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
                 top_k_predictions=top_k,
                 output_dtype=dtype,
             )
-            deadline = monotonic_deadline(context.time_remaining())
+            deadline = self._deadline(context)
             result, queue_s = await worker.explain(job, deadline)
             compute_s = result.compute_seconds
             messages = convert.image_explanations(model, result, [""] * len(missing))
@@ -152,7 +152,7 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
         started = time.perf_counter()
         worker = self._workers.get(model.name)
         preds, queue_s = await worker.predict(
-            pixels, request.top_k or DEFAULT_TOP_K, monotonic_deadline(context.time_remaining())
+            pixels, request.top_k or DEFAULT_TOP_K, self._deadline(context)
         )
         compute_s = time.perf_counter() - started - queue_s
         return vitlens_pb2.PredictResponse(
@@ -183,6 +183,13 @@ class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
         worker = self._workers.get(model.name)
         async for event in self._evaluator.stream(request, model, worker, context):
             yield event
+
+    def _deadline(self, context) -> float | None:
+        """The call's deadline, or the server's default for callers that set none."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            remaining = self._config.default_deadline_s
+        return monotonic_deadline(remaining)
 
     def _check_count(self, images: Sequence[tensor_pb2.Image]) -> None:
         if not images:
