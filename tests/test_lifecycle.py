@@ -124,3 +124,31 @@ def test_the_default_deadline_drops_calls_that_set_none() -> None:
     finally:
         running.call(server.stop(grace_s=1.0))
         running.close()
+
+
+def test_sigterm_drains_and_exits_zero() -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port for the child
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vitlens_server", "--port", str(port), "--threads", "1",
+         "--model", "tiny=vit_tiny_patch16_224:random"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with vitlens.Client(f"127.0.0.1:{port}", timeout_s=30) as client:
+            client.wait_ready(timeout_s=120)  # health SERVING: loaded and warmed up
+            assert client.predict(np.zeros((32, 32, 3), np.uint8))[0].predictions
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0, child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

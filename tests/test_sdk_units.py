@@ -608,3 +608,13 @@ def test_cli_serve_without_server_package(monkeypatch: pytest.MonkeyPatch, capsy
     monkeypatch.setitem(sys.modules, "vitlens_server.cli", None)  # makes the import fail
     assert cli.main(["serve"]) == 2
     assert 'pip install "vitlens[server]"' in capsys.readouterr().err
+
+
+def test_health_status_decoding_matches_the_generated_message() -> None:
+    from grpc_health.v1 import health_pb2
+
+    from vitlens.client import health_status
+
+    for status in (0, 1, 2, 3):
+        encoded = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+        assert health_status(encoded) == status

@@ -17,10 +17,14 @@ import grpc.aio
 
 from vitlens.client import (
     DEFAULT_TARGET,
+    HEALTH_CHECK,
+    SERVING,
     TargetSpec,
     build_explain_request,
     build_predict_request,
     channel_options,
+    empty_request,
+    health_status,
 )
 from vitlens.errors import UnavailableError, from_rpc_error
 from vitlens.images import ImageInput
@@ -135,35 +139,29 @@ class AsyncClient:
         return (await self._list_models()).default_model
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Wait until the channel is connected and the server answers ListModels.
+        """Wait until the server reports SERVING on grpc.health.v1 (see `Client.wait_ready`).
 
         Raises:
             UnavailableError: not ready within ``timeout_s`` seconds.
         """
         deadline = time.monotonic() + timeout_s
-        try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout=timeout_s)
-        except TimeoutError:
-            raise UnavailableError(
-                f"server at {self.target} not reachable within {timeout_s:g} s"
-            ) from None
+        check = self._channel.unary_unary(
+            HEALTH_CHECK, request_serializer=empty_request, response_deserializer=health_status
+        )
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise UnavailableError(f"server at {self.target} not ready within {timeout_s:g} s")
             try:
-                await self.stub.ListModels(
-                    vitlens_pb2.ListModelsRequest(),
-                    timeout=remaining,
-                    metadata=self._metadata,
-                    wait_for_ready=True,
-                )
-                return
+                if await check(None, timeout=remaining, wait_for_ready=True) == SERVING:
+                    return
             except grpc.RpcError as e:
                 code = e.code() if callable(getattr(e, "code", None)) else None
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    return
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise from_rpc_error(e) from None
-            await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+            await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
 
     async def close(self) -> None:
         """Close the channel; further calls fail."""

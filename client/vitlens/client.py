@@ -35,6 +35,22 @@ _DTYPES = {"float32": tensor_pb2.DTYPE_FLOAT32, "float16": tensor_pb2.DTYPE_FLOA
 _T = TypeVar("_T")
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SERVING = 1  # grpc.health.v1.HealthCheckResponse.ServingStatus.SERVING
+
+
+def empty_request(_request: object) -> bytes:
+    return b""  # HealthCheckRequest{service: ""}: the server as a whole
+
+
+def health_status(data: bytes) -> int:
+    """The status of an encoded HealthCheckResponse (field 1, a varint below 128).
+
+    Decoded by hand so the SDK needs no grpcio-health-checking; 0 (UNKNOWN) if absent.
+    """
+    return data[1] if len(data) >= 2 and data[0] == 0x08 else 0
+
+
 def channel_options(
     max_message_bytes: int, options: Iterable[tuple[str, Any]] = (), target: str = ""
 ) -> list[tuple[str, Any]]:
@@ -326,37 +342,30 @@ class Client:
         return self._list_models().default_model
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Block until the channel is connected and the server answers ListModels.
+        """Block until the server reports SERVING on grpc.health.v1 (models loaded and warmed
+        up; a server without the health service counts as ready once it answers).
 
         Raises:
             UnavailableError: not ready within ``timeout_s`` seconds.
         """
         deadline = time.monotonic() + timeout_s
-        ready = grpc.channel_ready_future(self._channel)
-        try:
-            ready.result(timeout=timeout_s)
-        except grpc.FutureTimeoutError:
-            ready.cancel()
-            raise UnavailableError(
-                f"server at {self.target} not reachable within {timeout_s:g} s"
-            ) from None
+        check = self._channel.unary_unary(
+            HEALTH_CHECK, request_serializer=empty_request, response_deserializer=health_status
+        )
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise UnavailableError(f"server at {self.target} not ready within {timeout_s:g} s")
             try:
-                self.stub.ListModels(
-                    vitlens_pb2.ListModelsRequest(),
-                    timeout=remaining,
-                    metadata=self._metadata,
-                    wait_for_ready=True,
-                )
-                return
+                if check(None, timeout=remaining, wait_for_ready=True) == SERVING:
+                    return
             except grpc.RpcError as e:
                 code = e.code() if callable(getattr(e, "code", None)) else None
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    return
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise from_rpc_error(e) from None
-            time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
 
     def close(self) -> None:
         """Close the channel; further calls fail."""
