@@ -6,6 +6,7 @@ import time
 
 import grpc
 import pytest
+import torch
 from google.protobuf import struct_pb2
 
 from vitlens.v1 import vitlens_pb2
@@ -87,6 +88,21 @@ def _image():
     import numpy as np
 
     return np.zeros((32, 32, 3), np.uint8)
+
+
+def test_sanity_uses_one_randomised_copy_per_model(server, client) -> None:
+    served = next(iter(server.server.workers)).model
+    before = [p.clone() for p in served.module.parameters()]
+    request = _request(methods=["generic", "oracle"], metrics=["sanity"])
+    for _ in range(2):
+        events = [e for e in client.stub.Evaluate(request, timeout=120) if e.HasField("result")]
+        values = {e.result.method: e.result.values[0] for e in events}
+        assert {v.name for v in values.values()} == {"spearman"}
+        assert values["oracle"].mean == pytest.approx(1.0) and values["generic"].n == 4
+        assert -1 <= values["generic"].mean < 1
+    copies = server.server.servicer._evaluator._randomised._copies
+    assert list(copies) == [served.name]  # made once, kept
+    assert all(torch.equal(a, b) for a, b in zip(before, served.module.parameters(), strict=True))
 
 
 def test_labels_beyond_the_models_classes_are_refused(client) -> None:

@@ -19,11 +19,15 @@ SIZE = (32, 32)
 class InProcess:
     """`ModelCalls` straight on an Explainer (the server routes them through its batcher)."""
 
-    def __init__(self) -> None:
+    def __init__(self, randomised_seed: int = 99) -> None:
         self.explainer = Explainer(tiny_loaded(seed=6, num_classes=8))
+        self.randomised = Explainer(tiny_loaded(seed=randomised_seed, num_classes=8))
 
     def explain(self, job):
         return self.explainer.explain(job)
+
+    def randomised_explain(self, job):
+        return self.randomised.explain(job)
 
     def logits(self, pixels):
         return self.explainer.logits(pixels)
@@ -69,6 +73,19 @@ def test_class_sensitivity_on_two_object_scenes(calls) -> None:
     oracle, generic = (r.values["difference"] for r in results)
     assert oracle.n == generic.n == 6 and oracle.mean == pytest.approx(1.0)
     assert -1 <= generic.mean <= 1
+
+
+def test_sanity_compares_with_the_randomised_copy(calls) -> None:
+    plan = EvaluationPlan(methods=("oracle", "generic", "rollout"), metrics=("sanity",))
+    run = lambda c: {  # noqa: E731
+        r.method: r.values["spearman"]
+        for r in run_evaluation(plan, SyntheticDataset(4), c, input_size=SIZE, num_classes=8)
+    }
+    other = run(calls)
+    same = run(InProcess(randomised_seed=6))  # the "randomised" copy is the model itself
+    assert other["oracle"].mean == pytest.approx(1.0) and other["oracle"].n == 4
+    assert same["generic"].mean == pytest.approx(1.0) and same["rollout"].mean == pytest.approx(1.0)
+    assert other["generic"].mean < 0.9 and other["rollout"].mean < 0.9
 
 
 def test_cancellation_stops_between_steps(calls) -> None:

@@ -21,6 +21,8 @@ BETTER = {
     "insertion": "higher is better",
     "average_drop": "average_drop: lower is better; average_increase: higher is better",
     "class_sensitivity": "higher is better (0: the map ignores which class is explained)",
+    "sanity": "lower is better (a map that reads the model changes when its weights are "
+    "randomised; Adebayo et al. 2018 pass below 0.5)",
 }
 X_LABELS = {
     "perturbation": "fraction of pixels zeroed",

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.evaluate.datasets import Sample
-from vitlens_server.evaluate.metrics import iou, otsu_masks
+from vitlens_server.evaluate.metrics import iou, otsu_masks, spearman
 from vitlens_server.evaluate.perturbation import (
     CHEFER_STEPS,
     average_drop_increase,
@@ -48,6 +48,7 @@ METRICS = (
     "insertion",
     "average_drop",
     "class_sensitivity",
+    "sanity",
 )
 NEEDS_MASKS = {"segmentation", "class_sensitivity"}
 
@@ -62,6 +63,10 @@ class ModelCalls(Protocol):
     def explain(self, job: ExplainJob) -> ExplainResult: ...
 
     def logits(self, pixels: Tensor) -> Tensor: ...
+
+    def randomised_explain(self, job: ExplainJob) -> ExplainResult:
+        """``job`` explained by the model's weight-randomised copy (the ``sanity`` metric)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,8 @@ def _score(plan, method, pixels, labels, masks, samples, calls, size) -> dict[tu
     if "class_sensitivity" in plan.metrics:
         difference = _class_sensitivity(plan, method, pixels, labels, masks, calls, size)
         value("class_sensitivity", "difference", difference)
+    if "sanity" in plan.metrics:
+        value("sanity", "spearman", _sanity(plan, method, pixels, explained, main_mask, calls))
     return out
 
 
@@ -262,6 +269,21 @@ def _class_sensitivity(plan, method, pixels, labels, masks, calls, size) -> Tens
         predicted = otsu_masks(maps, size)
         values.append(iou(predicted, masks[:, k]) - iou(predicted, masks[:, 1 - k]))
     return torch.cat(values)
+
+
+def _sanity(plan, method, pixels, classes, mask, calls) -> Tensor:
+    """(B,) Spearman correlation of the token-grid maps of the model and of its weight-randomised
+    copy, both explaining ``classes`` (Adebayo et al. 2018): low for a method that reads the
+    model. The oracle reads only the mask, so its two maps are the same map."""
+    if method == "oracle":
+        return spearman(*(2 * [oracle_map(mask)]))
+    spec = get_method(method)
+    params = parse_params(spec.params, plan.method_options.get(method, {}), method=method)
+    target = TargetSpec("per_image", tuple(classes.tolist()))
+    job = ExplainJob(pixels, spec, params, target, grid="tokens")
+    trained = calls.explain(job).heatmaps[:, 0]
+    randomised = calls.randomised_explain(job).heatmaps[:, 0]
+    return spearman(torch.from_numpy(trained), torch.from_numpy(randomised))
 
 
 def _summaries(plan, values, curves, xs) -> list[MetricSummary]:

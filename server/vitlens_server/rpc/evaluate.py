@@ -25,6 +25,7 @@ from vitlens.tensors import tensor_to_numpy
 from vitlens.v1 import vitlens_pb2
 from vitlens_server.errors import InvalidArgument, VitlensError
 from vitlens_server.evaluate.datasets import Sample, open_server_path, parse_synthetic
+from vitlens_server.evaluate.protocols import randomised_copy
 from vitlens_server.evaluate.runner import (
     Cancelled,
     EvaluationPlan,
@@ -32,7 +33,7 @@ from vitlens_server.evaluate.runner import (
     Progress,
     run_evaluation,
 )
-from vitlens_server.explain import ExplainJob, ExplainResult, TargetSpec, get_method
+from vitlens_server.explain import Explainer, ExplainJob, ExplainResult, TargetSpec, get_method
 from vitlens_server.explain.params import parse_params
 from vitlens_server.imaging import ImageDecoder
 from vitlens_server.models import LoadedModel
@@ -50,10 +51,12 @@ class Evaluator:
         self._roots = tuple(Path(r) for r in dataset_roots)
         self._max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vitlens-evaluate")
+        self._randomised = _RandomisedCopies()
         self.running = 0  # runs whose thread has not finished (cancelled ones stop at a step)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._randomised.close()
 
     async def stream(
         self,
@@ -70,7 +73,7 @@ class Evaluator:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Progress] = asyncio.Queue()
         cancelled = threading.Event()
-        calls = _BatcherCalls(worker, loop, cancelled)
+        calls = _BatcherCalls(worker, loop, cancelled, self._randomised)
 
         def work() -> list[MetricSummary]:
             try:
@@ -140,9 +143,19 @@ class _BatcherCalls:
     """
 
     def __init__(
-        self, worker: ModelWorker, loop: asyncio.AbstractEventLoop, cancelled: threading.Event
+        self,
+        worker: ModelWorker,
+        loop: asyncio.AbstractEventLoop,
+        cancelled: threading.Event,
+        randomised: _RandomisedCopies,
     ) -> None:
         self._worker, self._loop, self._cancelled = worker, loop, cancelled
+        self._randomised = randomised
+
+    def randomised_explain(self, job: ExplainJob) -> ExplainResult:
+        if self._cancelled.is_set():
+            raise Cancelled("the evaluation was cancelled")
+        return self._randomised.explain(self._worker.model, job)
 
     def explain(self, job: ExplainJob) -> ExplainResult:
         return self._call(self._worker.explain(job))[0]
@@ -155,6 +168,32 @@ class _BatcherCalls:
             coro.close()
             raise Cancelled("the evaluation was cancelled")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+class _RandomisedCopies:
+    """Weight-randomised copies of served models for the ``sanity`` metric, made on first use
+    and kept (one per model, on its device). Only evaluation runs use them, one at a time per
+    model, on the evaluation's thread: the batches are already whole chunks of the dataset."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._copies: dict[str, tuple[Explainer, threading.Lock]] = {}
+
+    def explain(self, model: LoadedModel, job: ExplainJob) -> ExplainResult:
+        with self._lock:
+            if model.name not in self._copies:
+                log.info("making a weight-randomised copy of %s for the sanity metric", model.name)
+                explainer = Explainer(randomised_copy(model))
+                self._copies[model.name] = explainer, threading.Lock()
+            explainer, lock = self._copies[model.name]
+        with lock:
+            return explainer.explain(job)
+
+    def close(self) -> None:
+        with self._lock:
+            for explainer, _ in self._copies.values():
+                explainer.close()
+            self._copies.clear()
 
 
 class _Limited:
