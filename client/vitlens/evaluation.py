@@ -123,6 +123,23 @@ class EvaluationResult:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
+        """The inverse of ``json.loads(result.to_json())`` (e.g. a saved or merged result)."""
+        return cls(
+            data["model"],
+            data["dataset"],
+            tuple(
+                MetricResult(
+                    r["method"],
+                    r["metric"],
+                    tuple(Statistic(**v) for v in r["values"]),
+                    tuple(Curve(c["name"], tuple(c["x"]), tuple(c["y"])) for c in r["curves"]),
+                )
+                for r in data["results"]
+            ),
+        )
+
 
 def build_evaluate_request(
     *,

@@ -1,0 +1,222 @@
+"""The demo model's evaluation table: every method x every metric on held-out generated scenes.
+
+    python scripts/eval_table.py                      # 500 scenes, all methods, resumable
+    python scripts/eval_table.py --scenes 40 --block 20 --methods oracle,random,generic
+
+Starts `vitlens serve` (the embedded demo model, result cache off) on loopback and calls
+`Evaluate` through the SDK, block by block: ``synthetic:BLOCK:START`` single-object scenes with
+every single-object metric, and ``synthetic:BLOCK:START:two_object`` scenes with
+`class_sensitivity`. Blocks are the same scenes as one ``synthetic:SCENES`` run (a scene is a
+function of its seed), so their results merge exactly (deploy/eval/merge_results.py, the
+pooled statistics of the sharded Kubernetes Job). Each finished block is written to
+``OUT/shards/`` with its wall time, and blocks already there are skipped: an interrupted run
+continues where it stopped. At the end the merged results become ``OUT/<part>/report.md``
+(tables and curve plots, `vitlens.report`) and ``OUT/README.md`` (time, machine, orderings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "client"), str(ROOT / "deploy" / "eval")]
+
+from merge_results import merge_results  # noqa: E402
+
+import vitlens  # noqa: E402
+from vitlens.evaluation import EvaluationResult  # noqa: E402
+from vitlens.report import write_report  # noqa: E402
+
+SINGLE_METRICS = ("segmentation", "perturbation", "deletion", "insertion", "average_drop", "sanity")
+PARTS = {"single": ("", SINGLE_METRICS), "two_object": (":two_object", ("class_sensitivity",))}
+ALL_METHODS = (
+    "oracle", "random", "raw_attention", "rollout", "attention_flow", "saliency", "cam",
+    "gradcam", "agcam", "isaw", "partial_lrp", "transformer_attribution", "generic",
+    "token_reflection",
+)  # fmt: skip
+CLASS_SPECIFIC = ("generic", "transformer_attribution", "gradcam", "agcam")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scenes", type=int, default=500, help="held-out scenes per part")
+    p.add_argument("--block", type=int, default=50, help="scenes per Evaluate call")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated")
+    p.add_argument("--parts", default="single,two_object", help="single, two_object or both")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "evaluation")
+    p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument("--note", default="", help="a sentence about the machine, e.g. its load")
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    shards = args.out / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    todo = [
+        (part, start)
+        for part in args.parts.split(",")
+        for start in range(0, args.scenes, args.block)
+        if not (shards / f"{part}-{start:04d}.json").exists()
+    ]
+    if todo:
+        with (
+            _server(args.threads, args.out / "serve.log") as address,
+            vitlens.Client(address, timeout_s=30) as client,
+        ):
+            client.wait_ready(timeout_s=600)
+            for number, (part, start) in enumerate(todo, 1):
+                size = min(args.block, args.scenes - start)
+                print(f"[{number}/{len(todo)}] {part} scenes {start}..{start + size - 1}")
+                _block(client, part, start, size, methods, shards)
+    _finish(args, methods, shards, argv)
+    return 0
+
+
+class _server:
+    """`vitlens serve` with the demo model on a free loopback port, stopped (SIGTERM) on exit."""
+
+    def __init__(self, threads: int, log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.argv = [sys.executable, "-m", "vitlens_server", "--host", "127.0.0.1", "--port",
+                     str(self.port), "--cache-mb", "0", "--log-level", "warning"]  # fmt: skip
+        if threads:
+            self.argv += ["--threads", str(threads)]
+        self.log = log
+
+    def __enter__(self) -> str:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "client"), str(ROOT / "server"), env.get("PYTHONPATH", "")]
+        )
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(self.argv, stdout=sink, stderr=sink, env=env)
+        return f"127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=120)
+
+
+def _block(client, part: str, start: int, size: int, methods, shards: Path) -> None:
+    suffix, metrics = PARTS[part]
+    dataset = f"synthetic:{size}:{start}{suffix}"
+    began = time.monotonic()
+
+    def show(progress) -> None:
+        elapsed = time.monotonic() - began
+        print(
+            f"\r  {progress.done}/{progress.total} image-methods  {progress.stage:<24} "
+            f"{elapsed:6.0f} s  eta {progress.eta_seconds:6.0f} s",
+            end="",
+            flush=True,
+        )
+
+    result = client.evaluate(
+        methods, list(metrics), dataset=dataset, on_progress=show, timeout_s=24 * 3600
+    )
+    seconds = time.monotonic() - began
+    print(f"\r  done in {seconds:.0f} s{' ' * 60}")
+    record = json.loads(result.to_json())
+    record["seconds"] = round(seconds, 1)
+    record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    path = shards / f"{part}-{start:04d}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+    path.with_suffix(".tmp").rename(path)  # a half-written block is never merged
+
+
+def _finish(args, methods, shards: Path, argv) -> None:
+    """Merge every part whose blocks are all there; write its report and the summary."""
+    lines = [
+        "# Evaluation of every method on the demo model",
+        "",
+        "Produced by",
+        "",
+        "```",
+        "python scripts/eval_table.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "```",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; "
+        + (args.note or "no note given."),
+        "",
+    ]
+    merged: dict[str, EvaluationResult] = {}
+    for part in args.parts.split(","):
+        files = sorted(shards.glob(f"{part}-*.json"))
+        blocks = [json.loads(f.read_text()) for f in files]
+        if sum(_size(b["dataset"]) for b in blocks) < args.scenes:
+            lines += [f"## {part}: incomplete ({len(blocks)} blocks so far)", ""]
+            continue
+        result = EvaluationResult.from_dict(merge_results(blocks))
+        merged[part] = result
+        write_report(result, args.out / part)
+        seconds = sum(b["seconds"] for b in blocks)
+        images = _size(result.dataset)
+        lines += [
+            f"## {part}: `{result.dataset}`, {len(methods)} methods",
+            "",
+            f"Wall time {seconds / 60:.1f} min in {len(blocks)} Evaluate calls "
+            f"({images * len(methods) / seconds:.2f} image-methods/s); tables and curves in "
+            f"[{part}/report.md]({part}/report.md).",
+            "",
+        ]
+    lines += _orderings(merged)
+    (args.out / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'README.md'}")
+
+
+def _size(dataset: str) -> int:
+    return int(dataset.split(":")[1])
+
+
+def _orderings(merged: dict[str, EvaluationResult]) -> list[str]:
+    """The orderings issue #6 expects, each with its numbers and whether it holds."""
+    lines = ["## Expected orderings", ""]
+
+    def mean(result, method, metric, name) -> float | None:
+        try:
+            return result.get(method, metric).value(name).mean
+        except KeyError:
+            return None
+
+    def check(text: str, holds: bool) -> None:
+        lines.append(f"- {'holds' if holds else '**does not hold**'}: {text}")
+
+    single = merged.get("single")
+    if single is not None:
+        ious = {r.method: r.value("iou").mean for r in single.results if r.metric == "segmentation"}
+        best, worst = max(ious, key=ious.get), min(ious, key=ious.get)
+        check(f"oracle best on IoU (best: {best}, {ious[best]:.3f})", best == "oracle")
+        check(f"random worst on IoU (worst: {worst}, {ious[worst]:.3f})", worst == "random")
+        chance = mean(single, "random", "perturbation", "positive_auc")
+        for method in ("generic", "transformer_attribution"):
+            auc = mean(single, method, "perturbation", "positive_auc")
+            if auc is not None and chance is not None:
+                check(
+                    f"positive perturbation AUC of {method} {auc:.1f} < random {chance:.1f}",
+                    auc < chance,
+                )
+    pairs = merged.get("two_object")
+    if pairs is not None:
+        baseline = mean(pairs, "rollout", "class_sensitivity", "difference")
+        for method in CLASS_SPECIFIC:
+            value = mean(pairs, method, "class_sensitivity", "difference")
+            if value is not None and baseline is not None:
+                check(
+                    f"class sensitivity of {method} {value:.3f} > rollout {baseline:.3f}",
+                    value > baseline,
+                )
+    return [*lines, ""]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
