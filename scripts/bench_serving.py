@@ -26,12 +26,8 @@ import datetime
 import json
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +36,10 @@ for _p in (ROOT / "client", ROOT / "server"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-
 from vitlens.results import ModelInfo  # noqa: E402
 from vitlens_server.bench.cli import measure_roof_for, parse_ints  # noqa: E402
 from vitlens_server.bench.load import LoadConfig, LoadReport, resolve_model, run_load  # noqa: E402
+from vitlens_server.bench.process import ServeProcess, free_port  # noqa: E402
 from vitlens_server.bench.report import (  # noqa: E402
     device_label,
     environment,
@@ -143,12 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_supports(flag: str, value: str) -> bool:
     """Whether this build's `vitlens serve` accepts ``flag value``."""
     try:
@@ -162,17 +150,18 @@ def serve_supports(flag: str, value: str) -> bool:
 class Server:
     label: str
     argv: list[str]  # the `vitlens serve` arguments that matter for the reader
-    address: str
     metrics_url: str | None
-    process: subprocess.Popen
-    log: Path
+    child: ServeProcess
+
+    @property
+    def address(self) -> str:
+        return self.child.address
 
 
 def start_server(
     label: str, args: argparse.Namespace, batch: int, delay_ms: float | None, logs: Path
 ) -> tuple[Server, list[str]]:
     """Start `vitlens serve`; returns it and the flags left out because this build lacks them."""
-    port = free_port()
     shown = ["--max-batch-size", str(batch)]
     display = list(shown)
     missing = []
@@ -190,61 +179,13 @@ def start_server(
             display += [flag, value]
         else:
             missing.append(flag)
-    extra = ["--device", args.device, "--model", args.model, "--host", "127.0.0.1"]
-    extra += ["--port", str(port), "--log-level", "warning"]
+    extra = ["--device", args.device, "--model", args.model, "--log-level", "warning"]
     if args.threads:
         extra += ["--threads", str(args.threads)]
     log = logs / f"serve-{label.replace(' ', '-')}.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "client"), str(ROOT / "server"), env.get("PYTHONPATH", "")]
-    ).rstrip(os.pathsep)
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vitlens_server", *extra, *shown],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    child = ServeProcess.start([*extra, *shown], log=log)
     metrics = f"http://127.0.0.1:{metrics_port}/metrics" if "--metrics-port" in shown else None
-    return Server(label, display, f"127.0.0.1:{port}", metrics, process, log), missing
-
-
-def wait_serving(server: Server, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until SERVING; fail early if the process exits or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    request = health_pb2.HealthCheckRequest(service="")
-    with grpc.insecure_channel(server.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if server.process.poll() is not None:
-                tail = server.log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{server.label} server exited during startup:\n{tail}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{server.label} server not SERVING after {timeout_s:g} s")
-            try:
-                # wait_for_ready blocks until the port accepts connections (or the slice ends).
-                reply = stub.Check(request, timeout=min(2.0, remaining), wait_for_ready=True)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as err:
-                if err.code() not in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ):
-                    raise
-
-
-def stop_server(server: Server) -> None:
-    """SIGTERM (graceful drain), then SIGKILL if it is still there after 60 s."""
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    return Server(label, display, metrics, child), missing
 
 
 async def load_points(
@@ -283,11 +224,9 @@ def run_server(
 ) -> tuple[Server, list[str], ModelInfo, list[LoadReport]]:
     with tempfile.TemporaryDirectory(prefix="vitlens-bench-") as logs:
         server, missing = start_server(label, args, batch, delay, Path(logs))
-        try:
-            wait_serving(server, args.startup_timeout_s)
+        with server.child:
+            server.child.wait_serving(args.startup_timeout_s)
             info, reports = asyncio.run(load_points(server, args, methods))
-        finally:
-            stop_server(server)
     return server, missing, info, reports
 
 

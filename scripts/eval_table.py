@@ -22,20 +22,19 @@ import json
 import os
 import platform
 import shlex
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "client"), str(ROOT / "deploy" / "eval")]
+sys.path[:0] = [str(ROOT / "client"), str(ROOT / "server"), str(ROOT / "deploy" / "eval")]
 
 from merge_results import merge_results  # noqa: E402
 
 import vitlens  # noqa: E402
 from vitlens.evaluation import EvaluationResult  # noqa: E402
 from vitlens.report import write_report  # noqa: E402
+from vitlens_server.bench.process import ServeProcess  # noqa: E402
 
 SINGLE_METRICS = ("segmentation", "perturbation", "deletion", "insertion", "average_drop", "sanity")
 PARTS = {"single": ("", SINGLE_METRICS), "two_object": (":two_object", ("class_sensitivity",))}
@@ -67,44 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         if not (shards / f"{part}-{start:04d}.json").exists()
     ]
     if todo:
+        flags = ["--cache-mb", "0", "--log-level", "warning"]
+        flags += ["--threads", str(args.threads)] if args.threads else []
         with (
-            _server(args.threads, args.out / "serve.log") as address,
-            vitlens.Client(address, timeout_s=30) as client,
+            ServeProcess.start(flags, log=args.out / "serve.log") as server,
+            vitlens.Client(server.address, timeout_s=30) as client,
         ):
-            client.wait_ready(timeout_s=600)
+            server.wait_serving(timeout_s=600)
             for number, (part, start) in enumerate(todo, 1):
                 size = min(args.block, args.scenes - start)
                 print(f"[{number}/{len(todo)}] {part} scenes {start}..{start + size - 1}")
                 _block(client, part, start, size, methods, shards)
     _finish(args, methods, shards, argv)
     return 0
-
-
-class _server:
-    """`vitlens serve` with the demo model on a free loopback port, stopped (SIGTERM) on exit."""
-
-    def __init__(self, threads: int, log: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.argv = [sys.executable, "-m", "vitlens_server", "--host", "127.0.0.1", "--port",
-                     str(self.port), "--cache-mb", "0", "--log-level", "warning"]  # fmt: skip
-        if threads:
-            self.argv += ["--threads", str(threads)]
-        self.log = log
-
-    def __enter__(self) -> str:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT / "client"), str(ROOT / "server"), env.get("PYTHONPATH", "")]
-        )
-        with self.log.open("ab") as sink:
-            self.process = subprocess.Popen(self.argv, stdout=sink, stderr=sink, env=env)
-        return f"127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=120)
 
 
 def _block(client, part: str, start: int, size: int, methods, shards: Path) -> None:
