@@ -6,14 +6,19 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from tests.tiny import tiny_loaded
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.evaluate.datasets import SyntheticDataset
 from vitlens_server.evaluate.runner import METRICS, Cancelled, EvaluationPlan, run_evaluation
-from vitlens_server.explain import Explainer
+from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
+from vitlens_server.explain.engine import resize_maps
+from vitlens_server.explain.params import parse_params
 
 SIZE = (32, 32)
+GRID = (4, 4)  # tiny_loaded: 8 px patches
+GEOMETRY = {"input_size": SIZE, "grid": GRID, "num_classes": 8}
 
 
 class InProcess:
@@ -47,7 +52,13 @@ def test_every_metric_for_reference_and_real_methods(calls) -> None:
     )
     events = []
     results = run_evaluation(
-        plan, SyntheticDataset(5), calls, input_size=SIZE, num_classes=8, progress=events.append
+        plan,
+        SyntheticDataset(5),
+        calls,
+        input_size=SIZE,
+        grid=GRID,
+        num_classes=8,
+        progress=events.append,
     )
     assert [(r.method, r.metric) for r in results] == [
         (m, k) for m in plan.methods for k in plan.metrics
@@ -67,9 +78,7 @@ def test_every_metric_for_reference_and_real_methods(calls) -> None:
 
 def test_class_sensitivity_on_two_object_scenes(calls) -> None:
     plan = EvaluationPlan(methods=("oracle", "generic"), metrics=("class_sensitivity",))
-    results = run_evaluation(
-        plan, SyntheticDataset(3, two_object=True), calls, input_size=SIZE, num_classes=8
-    )
+    results = run_evaluation(plan, SyntheticDataset(3, two_object=True), calls, **GEOMETRY)
     oracle, generic = (r.values["difference"] for r in results)
     assert oracle.n == generic.n == 6 and oracle.mean == pytest.approx(1.0)
     assert -1 <= generic.mean <= 1
@@ -77,10 +86,11 @@ def test_class_sensitivity_on_two_object_scenes(calls) -> None:
 
 def test_sanity_compares_with_the_randomised_copy(calls) -> None:
     plan = EvaluationPlan(methods=("oracle", "generic", "rollout"), metrics=("sanity",))
-    run = lambda c: {  # noqa: E731
-        r.method: r.values["spearman"]
-        for r in run_evaluation(plan, SyntheticDataset(4), c, input_size=SIZE, num_classes=8)
-    }
+
+    def run(c):
+        results = run_evaluation(plan, SyntheticDataset(4), c, **GEOMETRY)
+        return {r.method: r.values["spearman"] for r in results}
+
     other = run(calls)
     same = run(InProcess(randomised_seed=6))  # the "randomised" copy is the model itself
     assert other["oracle"].mean == pytest.approx(1.0) and other["oracle"].n == 4
@@ -88,12 +98,27 @@ def test_sanity_compares_with_the_randomised_copy(calls) -> None:
     assert other["generic"].mean < 0.9 and other["rollout"].mean < 0.9
 
 
+@pytest.mark.parametrize("method", ["saliency", "generic"])  # a pixel map, a token map
+def test_native_maps_resize_to_what_either_grid_returns(calls, method) -> None:
+    """The runner explains once at the method's own resolution and resizes for each metric."""
+    spec = get_method(method)
+    params = parse_params(spec.params, {}, method=method)
+    pixels = torch.rand(2, 3, *SIZE, generator=torch.Generator().manual_seed(0))
+    maps = {
+        grid: calls.explain(ExplainJob(pixels, spec, params, TargetSpec(), grid=grid)).heatmaps
+        for grid in ("native", "input", "tokens")
+    }
+    native = torch.from_numpy(maps["native"])
+    for grid, size in (("input", SIZE), ("tokens", GRID)):
+        assert torch.equal(resize_maps(native, size), torch.from_numpy(maps[grid]))
+
+
 def test_cancellation_stops_between_steps(calls) -> None:
     cancelled = threading.Event()
     plan = EvaluationPlan(methods=("rollout",), metrics=("segmentation",), chunk_size=1)
     with pytest.raises(Cancelled):
         run_evaluation(
-            plan, SyntheticDataset(4), calls, input_size=SIZE, num_classes=8,
+            plan, SyntheticDataset(4), calls, **GEOMETRY,
             progress=lambda _: cancelled.set(), cancelled=cancelled,
         )  # fmt: skip
 
@@ -108,4 +133,4 @@ def test_cancellation_stops_between_steps(calls) -> None:
 )
 def test_bad_plans_are_invalid_arguments(calls, plan, message) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        run_evaluation(plan, SyntheticDataset(2), calls, input_size=SIZE, num_classes=8)
+        run_evaluation(plan, SyntheticDataset(2), calls, **GEOMETRY)

@@ -35,6 +35,7 @@ from vitlens_server.evaluate.perturbation import (
 from vitlens_server.evaluate.protocols import Summary
 from vitlens_server.evaluate.segmentation import segmentation_scores
 from vitlens_server.explain import ExplainJob, ExplainResult, TargetSpec, get_method
+from vitlens_server.explain.engine import resize_maps
 from vitlens_server.explain.methods.reference import oracle_map
 from vitlens_server.explain.params import parse_params
 from vitlens_server.imaging import resize_pixels
@@ -106,6 +107,7 @@ def run_evaluation(
     calls: ModelCalls,
     *,
     input_size: tuple[int, int],
+    grid: tuple[int, int],
     num_classes: int,
     progress: Callable[[Progress], None] = lambda _: None,
     cancelled: threading.Event | None = None,
@@ -124,7 +126,7 @@ def run_evaluation(
         for method in plan.methods:
             if cancelled.is_set():
                 raise Cancelled("the evaluation was cancelled")
-            scored = _score(plan, method, pixels, labels, masks, samples, calls, input_size)
+            scored = _score(plan, method, pixels, labels, masks, calls, input_size, grid)
             for (metric, name), (kind, x, y) in scored.items():
                 key = (method, metric, name)
                 if kind == "value":
@@ -190,25 +192,30 @@ def _batch(samples: list[Sample], size: tuple[int, int]) -> tuple[Tensor, Tensor
 
 
 def _maps(plan, method, pixels, classes, mask, calls, *, label: bool) -> tuple[Tensor, Tensor]:
-    """Input-resolution maps (B, H, W) of ``method`` and the classes they explain (B,).
-
-    ``label``: explain ``classes`` (else the prediction); ``mask`` (B, H, W) is the oracle's map.
-    """
+    """Maps (B, h, w) of ``method`` at its own resolution (token grid or input pixels) and the
+    classes they explain (B,); `resize_maps` turns them into what the service would return for
+    either grid. ``label``: explain ``classes`` (else the prediction); ``mask`` (B, H, W) is the
+    oracle's map."""
     if method == "oracle":
         return oracle_map(mask), classes
     spec = get_method(method)
     params = parse_params(spec.params, plan.method_options.get(method, {}), method=method)
     target = TargetSpec("per_image", tuple(classes.tolist())) if label else TargetSpec()
-    result = calls.explain(ExplainJob(pixels, spec, params, target, grid="input"))
+    result = calls.explain(ExplainJob(pixels, spec, params, target, grid="native"))
     return torch.from_numpy(result.heatmaps[:, 0]).float(), torch.from_numpy(result.targets[:, 0])
 
 
-def _score(plan, method, pixels, labels, masks, samples, calls, size) -> dict[tuple, tuple]:
+def _resized(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    return resize_maps(maps[:, None], size)[:, 0]
+
+
+def _score(plan, method, pixels, labels, masks, calls, size, grid) -> dict[tuple, tuple]:
     """Per-image values and curves of every metric for one chunk and method."""
     main_mask = None if masks is None else masks[:, 0]
-    maps, explained = _maps(
+    native, explained = _maps(
         plan, method, pixels, labels[:, 0], main_mask, calls, label=plan.explain_label
     )
+    maps = _resized(native, size)
     options = plan.metric_options
     out: dict[tuple[str, str], tuple[str, Any, np.ndarray]] = {}
 
@@ -256,7 +263,8 @@ def _score(plan, method, pixels, labels, masks, samples, calls, size) -> dict[tu
         difference = _class_sensitivity(plan, method, pixels, labels, masks, calls, size)
         value("class_sensitivity", "difference", difference)
     if "sanity" in plan.metrics:
-        value("sanity", "spearman", _sanity(plan, method, pixels, explained, main_mask, calls))
+        tokens = _resized(native, grid)
+        value("sanity", "spearman", _sanity(plan, method, pixels, explained, tokens, calls))
     return out
 
 
@@ -266,24 +274,22 @@ def _class_sensitivity(plan, method, pixels, labels, masks, calls, size) -> Tens
     values = []
     for k in (0, 1):
         maps, _ = _maps(plan, method, pixels, labels[:, k], masks[:, k], calls, label=True)
-        predicted = otsu_masks(maps, size)
+        predicted = otsu_masks(_resized(maps, size), size)
         values.append(iou(predicted, masks[:, k]) - iou(predicted, masks[:, 1 - k]))
     return torch.cat(values)
 
 
-def _sanity(plan, method, pixels, classes, mask, calls) -> Tensor:
-    """(B,) Spearman correlation of the token-grid maps of the model and of its weight-randomised
-    copy, both explaining ``classes`` (Adebayo et al. 2018): low for a method that reads the
-    model. The oracle reads only the mask, so its two maps are the same map."""
+def _sanity(plan, method, pixels, classes, maps, calls) -> Tensor:
+    """(B,) Spearman correlation of the model's token-grid ``maps`` (B, gh, gw) with those of its
+    weight-randomised copy for the same ``classes`` (Adebayo et al. 2018): low for a method that
+    reads what the model learned. The oracle reads only the mask: its maps are the same map."""
     if method == "oracle":
-        return spearman(*(2 * [oracle_map(mask)]))
+        return spearman(maps, maps)
     spec = get_method(method)
     params = parse_params(spec.params, plan.method_options.get(method, {}), method=method)
     target = TargetSpec("per_image", tuple(classes.tolist()))
-    job = ExplainJob(pixels, spec, params, target, grid="tokens")
-    trained = calls.explain(job).heatmaps[:, 0]
-    randomised = calls.randomised_explain(job).heatmaps[:, 0]
-    return spearman(torch.from_numpy(trained), torch.from_numpy(randomised))
+    randomised = calls.randomised_explain(ExplainJob(pixels, spec, params, target, grid="tokens"))
+    return spearman(maps, torch.from_numpy(randomised.heatmaps[:, 0]).float())
 
 
 def _summaries(plan, values, curves, xs) -> list[MetricSummary]:

@@ -29,6 +29,7 @@ __all__ = [
     "Explainer",
     "Predictions",
     "TargetSpec",
+    "resize_maps",
     "top_k_predictions",
 ]
 
@@ -69,7 +70,7 @@ class ExplainJob:
     method: MethodSpec
     params: object
     target: TargetSpec
-    grid: Literal["tokens", "input"] = "tokens"
+    grid: Literal["tokens", "input", "native"] = "tokens"  # native: as the method makes it
     relevance: bool = False
     top_k_predictions: int = 5
     output_dtype: Literal["float32", "float16"] = "float32"
@@ -100,7 +101,8 @@ class ExplainResult:
     Attributes:
         predictions: top-k predictions.
         targets: (B, K) explained class indices, with their (B, K) probabilities and logits.
-        heatmaps: (B, K, h, w) raw maps at the token grid or input resolution.
+        heatmaps: (B, K, h, w) raw maps at the token grid, the input resolution, or (grid
+            "native") the method's own.
         relevance: (B, K, N, N) token relevance, when requested.
         compute_seconds: device time of the passes and the method.
     """
@@ -129,6 +131,16 @@ class ExplainResult:
             else np.concatenate([p.relevance for p in parts]),
             compute_seconds=sum(p.compute_seconds for p in parts),
         )
+
+
+def resize_maps(heatmaps: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, K, h, w) maps → (B, K, *size): a pixel map onto the token grid as patch means, a
+    token map onto the input as bilinear upsampling; unchanged at its own size."""
+    if heatmaps.shape[-2] > size[0]:
+        return F.adaptive_avg_pool2d(heatmaps, size)
+    if heatmaps.shape[-2] < size[0]:
+        return F.interpolate(heatmaps, size=size, mode="bilinear", align_corners=False)
+    return heatmaps
 
 
 class Explainer:
@@ -320,11 +332,9 @@ class Explainer:
         with torch.no_grad():
             heatmaps = torch.stack([o.heatmap for o in outputs], dim=1)  # (B, K, h, w)
             geometry = self.model.geometry
-            size = geometry.input_size[1:] if job.grid == "input" else geometry.grid
-            if heatmaps.shape[-2] > size[0]:  # a pixel map shown on the token grid: patch means
-                heatmaps = F.adaptive_avg_pool2d(heatmaps, size)
-            elif heatmaps.shape[-2] < size[0]:  # a token map shown at input resolution
-                heatmaps = F.interpolate(heatmaps, size=size, mode="bilinear", align_corners=False)
+            if job.grid != "native":
+                size = geometry.input_size[1:] if job.grid == "input" else geometry.grid
+                heatmaps = resize_maps(heatmaps, size)
             relevance = None
             if job.relevance:
                 relevance = torch.stack([o.relevance for o in outputs], dim=1)  # (B, K, N, N)

@@ -82,6 +82,7 @@ class Evaluator:
                     dataset,
                     calls,
                     input_size=model.geometry.input_size[1:],
+                    grid=model.geometry.grid,
                     num_classes=model.geometry.num_classes,
                     progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, p),
                     cancelled=cancelled,
