@@ -85,22 +85,30 @@ def class_specificity(explainer: Explainer, method: str, scenes: Sequence[Scene]
     """Per two-object scene and per object: IoU of the Otsu mask of the map explaining that
     object's class with that object's mask, and with the other object's mask.
 
-    Returns arrays of length 2·S: ``explained``, ``other`` and ``difference`` (the metric).
+    Returns arrays of length 2·S: ``explained``, ``other`` and ``difference`` (the metric); and
+    of length S: ``between_classes``, the Spearman correlation of the scene's two maps (1 for a
+    method whose map ignores the class).
     """
     pixels = scene_pixels(scenes)
     size = tuple(pixels.shape[-2:])
-    explained, other = [], []
+    explained, other, per_class = [], [], []
     shared = None if get_method(method).class_specific else explain_maps(explainer, method, pixels)
     for k in range(2):
         targets = [s.labels[k] for s in scenes]
         maps = shared if shared is not None else explain_maps(explainer, method, pixels, targets)
+        per_class.append(maps)
         masks = otsu_masks(maps, size)
         truth = torch.from_numpy(np.stack([s.masks[k] for s in scenes]))
         rest = torch.from_numpy(np.stack([s.masks[1 - k] for s in scenes]))
         explained.append(iou(masks, truth).numpy())
         other.append(iou(masks, rest).numpy())
     explained_a, other_a = np.concatenate(explained), np.concatenate(other)
-    return {"explained": explained_a, "other": other_a, "difference": explained_a - other_a}
+    return {
+        "explained": explained_a,
+        "other": other_a,
+        "difference": explained_a - other_a,
+        "between_classes": spearman(*per_class).numpy(),
+    }
 
 
 def randomised_copy(model: LoadedModel, seed: int = 1) -> LoadedModel:
