@@ -349,3 +349,19 @@ def test_explainer_runs_the_method_end_to_end(source, monkeypatch) -> None:
             )
         expected = logits + relevance[:, 0, P:].reshape(-1, *GRID)
         np.testing.assert_allclose(maps[256][:, k], expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_reflected_forwards_stay_float32_under_bf16_autocast() -> None:
+    """bf16 rounding of logits erases the differences token reflection reads, so its extra
+    forwards run in float32 even when the model serves in bf16."""
+    import dataclasses
+
+    from vitlens_server.explain.engine import ExtraPasses
+
+    model = tiny_loaded(seed=3)
+    bf16 = dataclasses.replace(model, spec=dataclasses.replace(model.spec, precision="bf16"))
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    fp32_logits = ExtraPasses(Explainer(model), pixels).logits(pixels)
+    explainer = Explainer(bf16)
+    assert explainer.autocast().fast_dtype == torch.bfloat16 and explainer.autocast()._enabled
+    assert torch.equal(ExtraPasses(explainer, pixels).logits(pixels), fp32_logits)
