@@ -113,7 +113,10 @@ class VitlensServer:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                # Accept client keepalive pings every 10 s even while a call sends nothing (a
+                # long Evaluate step): gRPC's default, 5 min, answers the SDK's 60 s pings with
+                # GOAWAY "too many pings". (The C macro says RECV; the key does not.)
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
         )
         self.health = health.aio.HealthServicer()
