@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,15 +22,10 @@ from PIL import Image, ImageDraw, ImageFont
 import vitlens
 from vitlens import cli
 from vitlens.overlay import render_explanation
+from vitlens_server.bench.process import ServeProcess
 from vitlens_server.data import CLASSES, Scene, render_scene, split_seeds
 
 METHODS = ("raw_attention", "rollout", "generic")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scene_png(scene: Scene) -> bytes:
@@ -56,24 +49,16 @@ def main() -> int:
     out: Path = args.out
     (out / "inputs").mkdir(parents=True, exist_ok=True)
 
-    port = free_port()
-    log = (out / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vitlens_server", "--port", str(port)], stdout=log, stderr=log
-    )
-    try:
-        with vitlens.Client(f"127.0.0.1:{port}") as client:
-            client.wait_ready(timeout_s=120)
-            run(client, out, port)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    log = out / "server.log"
+    log.unlink(missing_ok=True)
+    with ServeProcess.start([], log=log) as server, vitlens.Client(server.address) as client:
+        server.wait_serving(timeout_s=120)
+        run(client, out, server.address)
     print(f"\nwrote {out}/summary.png and per-method overlays; server log: {out}/server.log")
     return 0
 
 
-def run(client: vitlens.Client, out: Path, port: int) -> None:
+def run(client: vitlens.Client, out: Path, address: str) -> None:
     info = client.model()
     accuracy = info.weights.metadata.get("top1")
     print(
@@ -122,9 +107,7 @@ def run(client: vitlens.Client, out: Path, port: int) -> None:
               f"({explained.top.probability:.1%})")  # fmt: skip
 
     print("\nthe CLI on the same images:")
-    cli.main(
-        ["explain", *map(str, paths), "--server", f"127.0.0.1:{port}", "--out", str(out / "cli")]
-    )
+    cli.main(["explain", *map(str, paths), "--server", address, "--out", str(out / "cli")])
 
 
 def _sheet(rows: list[list[Image.Image]], header: list[str]) -> Image.Image:
