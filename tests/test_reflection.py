@@ -361,7 +361,9 @@ def test_reflected_forwards_stay_float32_under_bf16_autocast() -> None:
     model = tiny_loaded(seed=3)
     bf16 = dataclasses.replace(model, spec=dataclasses.replace(model.spec, precision="bf16"))
     pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    fp32_logits = ExtraPasses(Explainer(model), pixels).logits(pixels)
+    fp32 = Explainer(model)
+    fp32_logits = ExtraPasses(fp32, pixels).logits(pixels)
+    fp32.close()  # one set of hooks per module at a time
     explainer = Explainer(bf16)
     assert explainer.autocast().fast_dtype == torch.bfloat16 and explainer.autocast()._enabled
     assert torch.equal(ExtraPasses(explainer, pixels).logits(pixels), fp32_logits)
