@@ -15,6 +15,9 @@ from vitlens_server.models.default import DEMO_WEIGHTS, demo_spec
 pytestmark = pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="no demo weights shipped")
 
 SCENES = 50
+# Token reflection classifies gh·gw = 196 masked images per scene and model (≈ 11 s a scene for
+# both models on one core); 10 scenes keep it inside the suite's time budget.
+SCENES_FOR = {"token_reflection": 10}
 CLASS_SENSITIVE = [s.name for s in METHODS.specs() if s.class_specific and not s.needs_mask]
 
 
@@ -33,9 +36,10 @@ def scenes() -> list:
 @pytest.mark.parametrize("method", CLASS_SENSITIVE)
 def test_maps_decorrelate_from_a_randomised_model(explainers, scenes, method: str) -> None:
     trained, randomised = explainers
+    scenes = scenes[: SCENES_FOR.get(method, SCENES)]
     rho = Summary.of(sanity_correlations(trained, randomised, method, scenes))
     report(
-        f"sanity: Spearman rho, trained vs randomised weights ({SCENES} scenes)",
-        f"{method:24s} {rho.mean:+.3f} ± {rho.ci95:.3f}",
+        "sanity: Spearman rho, trained vs randomised weights",
+        f"{method:24s} {rho.mean:+.3f} ± {rho.ci95:.3f}  ({rho.n} scenes)",
     )
     assert rho.mean < 0.5, f"{method}: rho {rho.mean:.3f} (n={rho.n})"
