@@ -2,6 +2,8 @@
 
     python scripts/eval_table.py                      # 500 scenes, all methods, resumable
     python scripts/eval_table.py --scenes 40 --block 20 --methods oracle,random,generic
+    python scripts/eval_table.py --parts single --metrics perturbation,deletion \
+        --metric-option perturbation.baseline=inpaint --out benchmarks/evaluation-inpaint
 
 Starts `vitlens serve` (the embedded demo model, result cache off) on loopback and calls
 `Evaluate` through the SDK, block by block: ``synthetic:BLOCK:START`` single-object scenes with
@@ -9,9 +11,11 @@ every single-object metric, and ``synthetic:BLOCK:START:two_object`` scenes with
 `class_sensitivity`. Blocks are the same scenes as one ``synthetic:SCENES`` run (a scene is a
 function of its seed), so their results merge exactly (deploy/eval/merge_results.py, the
 pooled statistics of the sharded Kubernetes Job). Each finished block is written to
-``OUT/shards/`` with its wall time, and blocks already there are skipped: an interrupted run
-continues where it stopped. At the end the merged results become ``OUT/<part>/report.md``
-(tables and curve plots, `vitlens.report`) and ``OUT/README.md`` (time, machine, orderings).
+``OUT/shards/`` with its wall time and plan (methods, metrics, metric options), and blocks
+already there are skipped: an interrupted run continues where it stopped; a block made with
+another plan stops the run (use another ``--out``). At the end the merged results become
+``OUT/<part>/report.md`` (tables and curve plots, `vitlens.report`) and ``OUT/README.md``
+(time, machine, options, orderings).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ sys.path[:0] = [str(ROOT / "client"), str(ROOT / "server"), str(ROOT / "deploy" 
 from merge_results import merge_results  # noqa: E402
 
 import vitlens  # noqa: E402
+from vitlens.cli import metric_option_arg  # noqa: E402
 from vitlens.evaluation import EvaluationResult  # noqa: E402
 from vitlens.report import write_report  # noqa: E402
 from vitlens_server.bench.process import ServeProcess  # noqa: E402
@@ -52,16 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=50, help="scenes per Evaluate call")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated")
     p.add_argument("--parts", default="single,two_object", help="single, two_object or both")
+    p.add_argument("--metrics", default="", help="only these metrics (comma-separated)")
+    p.add_argument(
+        "--metric-option", action="append", default=[], type=metric_option_arg,
+        metavar="METRIC.KEY=VALUE", help="e.g. perturbation.baseline=inpaint; repeatable",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "evaluation")
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
     p.add_argument("--note", default="", help="a sentence about the machine, e.g. its load")
     args = p.parse_args(argv)
-    methods = args.methods.split(",")
+    plans = _plans(args)
     shards = args.out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
+    for part, plan in plans.items():
+        for done in shards.glob(f"{part}-*.json"):
+            if json.loads(done.read_text()).get("plan") != plan:
+                p.error(f"{done} was made with another plan; pass another --out")
     todo = [
         (part, start)
-        for part in args.parts.split(",")
+        for part in plans
         for start in range(0, args.scenes, args.block)
         if not (shards / f"{part}-{start:04d}.json").exists()
     ]
@@ -76,14 +90,28 @@ def main(argv: list[str] | None = None) -> int:
             for number, (part, start) in enumerate(todo, 1):
                 size = min(args.block, args.scenes - start)
                 print(f"[{number}/{len(todo)}] {part} scenes {start}..{start + size - 1}")
-                _block(client, part, start, size, methods, shards)
-    _finish(args, methods, shards, argv)
+                _block(client, part, start, size, plans[part], shards)
+    _finish(args, plans, shards, argv)
     return 0
 
 
-def _block(client, part: str, start: int, size: int, methods, shards: Path) -> None:
-    suffix, metrics = PARTS[part]
-    dataset = f"synthetic:{size}:{start}{suffix}"
+def _plans(args) -> dict[str, dict]:
+    """part → what its Evaluate calls ask for (kept in each block's record)."""
+    chosen = set(args.metrics.split(",")) if args.metrics else None
+    options: dict[str, dict] = {}
+    for metric, values in args.metric_option:
+        options.setdefault(metric, {}).update(values)
+    plans = {}
+    for part in args.parts.split(","):
+        metrics = [m for m in PARTS[part][1] if chosen is None or m in chosen]
+        if metrics:
+            used = {m: o for m, o in sorted(options.items()) if m in metrics}
+            plans[part] = {"methods": args.methods.split(","), "metrics": metrics, "options": used}
+    return plans
+
+
+def _block(client, part: str, start: int, size: int, plan: dict, shards: Path) -> None:
+    dataset = f"synthetic:{size}:{start}{PARTS[part][0]}"
     began = time.monotonic()
 
     def show(progress) -> None:
@@ -96,11 +124,13 @@ def _block(client, part: str, start: int, size: int, methods, shards: Path) -> N
         )
 
     result = client.evaluate(
-        methods, list(metrics), dataset=dataset, on_progress=show, timeout_s=24 * 3600
-    )
+        plan["methods"], plan["metrics"], dataset=dataset, metric_options=plan["options"],
+        on_progress=show, timeout_s=24 * 3600,
+    )  # fmt: skip
     seconds = time.monotonic() - began
     print(f"\r  done in {seconds:.0f} s{' ' * 60}")
     record = json.loads(result.to_json())
+    record["plan"] = plan
     record["seconds"] = round(seconds, 1)
     record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     path = shards / f"{part}-{start:04d}.json"
@@ -108,7 +138,7 @@ def _block(client, part: str, start: int, size: int, methods, shards: Path) -> N
     path.with_suffix(".tmp").rename(path)  # a half-written block is never merged
 
 
-def _finish(args, methods, shards: Path, argv) -> None:
+def _finish(args, plans: dict[str, dict], shards: Path, argv) -> None:
     """Merge every part whose blocks are all there; write its report and the summary."""
     lines = [
         "# Evaluation of every method on the demo model",
@@ -124,7 +154,7 @@ def _finish(args, methods, shards: Path, argv) -> None:
         "",
     ]
     merged: dict[str, EvaluationResult] = {}
-    for part in args.parts.split(","):
+    for part, plan in plans.items():
         files = sorted(shards.glob(f"{part}-*.json"))
         blocks = [json.loads(f.read_text()) for f in files]
         if sum(_size(b["dataset"]) for b in blocks) < args.scenes:
@@ -135,12 +165,16 @@ def _finish(args, methods, shards: Path, argv) -> None:
         write_report(result, args.out / part)
         seconds = sum(b["seconds"] for b in blocks)
         images = _size(result.dataset)
+        settings = ", ".join(
+            f"`{m}.{k}={v}`" for m, o in plan["options"].items() for k, v in o.items()
+        )
         lines += [
-            f"## {part}: `{result.dataset}`, {len(methods)} methods",
+            f"## {part}: `{result.dataset}`, {len(plan['methods'])} methods",
             "",
+            f"Metrics {', '.join(plan['metrics'])}; options: {settings or 'the defaults'}. "
             f"Wall time {seconds / 60:.1f} min in {len(blocks)} Evaluate calls "
-            f"({images * len(methods) / seconds:.2f} image-methods/s); tables and curves in "
-            f"[{part}/report.md]({part}/report.md).",
+            f"({images * len(plan['methods']) / seconds:.2f} image-methods/s); tables and curves "
+            f"in [{part}/report.md]({part}/report.md).",
             "",
         ]
     lines += _orderings(merged)
@@ -168,9 +202,10 @@ def _orderings(merged: dict[str, EvaluationResult]) -> list[str]:
     single = merged.get("single")
     if single is not None:
         ious = {r.method: r.value("iou").mean for r in single.results if r.metric == "segmentation"}
-        best, worst = max(ious, key=ious.get), min(ious, key=ious.get)
-        check(f"oracle best on IoU (best: {best}, {ious[best]:.3f})", best == "oracle")
-        check(f"random worst on IoU (worst: {worst}, {ious[worst]:.3f})", worst == "random")
+        if ious:
+            best, worst = max(ious, key=ious.get), min(ious, key=ious.get)
+            check(f"oracle best on IoU (best: {best}, {ious[best]:.3f})", best == "oracle")
+            check(f"random worst on IoU (worst: {worst}, {ious[worst]:.3f})", worst == "random")
         chance = mean(single, "random", "perturbation", "positive_auc")
         for method in ("generic", "transformer_attribution"):
             auc = mean(single, method, "perturbation", "positive_auc")

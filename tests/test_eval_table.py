@@ -42,3 +42,16 @@ def test_blocks_merge_into_the_report_and_a_rerun_resumes(tmp_path) -> None:
     assert table.main(argv) == 0
     assert (tmp_path / "shards" / "single-0000.json").read_text() == kept
     assert (tmp_path / "shards" / "single-0002.json").exists()
+
+    # Blocks remember their plan: other metric options need another output folder.
+    inpaint = ["--metric-option", "perturbation.baseline=inpaint"]
+    with pytest.raises(SystemExit):
+        table.main([*argv, *inpaint])
+    other = tmp_path / "inpaint"
+    argv = ["--scenes", "2", "--block", "2", "--methods", "oracle,random", "--threads", "1"]
+    argv += ["--parts", "single", "--metrics", "perturbation", "--out", str(other), *inpaint]
+    assert table.main(argv) == 0
+    record = json.loads((other / "shards" / "single-0000.json").read_text())
+    assert record["plan"]["options"] == {"perturbation": {"baseline": "inpaint"}}
+    assert [r["metric"] for r in record["results"]] == ["perturbation"] * 2
+    assert "options: `perturbation.baseline=inpaint`" in (other / "README.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -9,6 +10,7 @@ import pytest
 import torch
 from google.protobuf import struct_pb2
 
+from vitlens.evaluation import EvaluationResult
 from vitlens.v1 import vitlens_pb2
 
 
@@ -17,13 +19,17 @@ def _request(**fields) -> vitlens_pb2.EvaluateRequest:
     return vitlens_pb2.EvaluateRequest(dataset=dataset, **fields)  # the demo model
 
 
+def _struct(values: dict) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
 def test_progress_streams_before_results(client) -> None:
-    options = struct_pb2.Struct()
-    options.update({"steps": 4})
     request = _request(
         methods=["oracle", "generic"],
         metrics=["segmentation", "deletion"],
-        metric_options={"deletion": options},
+        metric_options={"deletion": _struct({"steps": 4})},
     )
     events = list(client.stub.Evaluate(request, timeout=120))
     kinds = [e.WhichOneof("event") for e in events]
@@ -45,6 +51,33 @@ def test_progress_streams_before_results(client) -> None:
             {"methods": ["generic"], "metrics": ["segmentation"], "synthetic": "synthetic:x"},
             "INVALID_ARGUMENT",
             "N\\[:seed\\]",
+        ),
+        (
+            {
+                "methods": ["generic"],
+                "metrics": ["deletion"],
+                "metric_options": {"deletion": _struct({"stpes": 4})},
+            },
+            "INVALID_ARGUMENT",
+            "metric 'deletion' has no option 'stpes'; valid: steps, baseline, batch_size",
+        ),
+        (
+            {
+                "methods": ["generic"],
+                "metrics": ["insertion"],
+                "metric_options": {"insertion": _struct({"baseline": "inpaint"})},
+            },
+            "INVALID_ARGUMENT",
+            "insertion.baseline must be one of zeros, blur",
+        ),
+        (
+            {
+                "methods": ["generic"],
+                "metrics": ["segmentation"],
+                "metric_options": {"perturbaton": _struct({"baseline": "inpaint"})},
+            },
+            "INVALID_ARGUMENT",
+            "unknown metrics \\['perturbaton'\\]",
         ),
     ],
 )
@@ -131,11 +164,14 @@ def test_sdk_and_cli_evaluate(server, client, tmp_path, capsys) -> None:
     out = tmp_path / "results.json"
     code = main(
         ["evaluate", "--server", server.address, "--methods", "random,oracle", "--metrics",
-         "segmentation,deletion", "--metric-option", "deletion.steps=2", "--dataset",
-         "synthetic:2", "--json", str(out), "--report", str(tmp_path / "report"), "--quiet"]
+         "segmentation,deletion", "--metric-option", "deletion.steps=2", "--metric-option",
+         "deletion.baseline=blur", "--dataset", "synthetic:2", "--json", str(out), "--report",
+         str(tmp_path / "report"), "--quiet"]
     )  # fmt: skip
     assert code == 0 and "random" in capsys.readouterr().out
-    assert '"metric": "segmentation"' in out.read_text()
+    saved = EvaluationResult.from_dict(json.loads(out.read_text()))
+    (curve,) = saved.get("random", "deletion").curves
+    assert curve.x == (0.0, 0.5, 1.0)  # both options of one metric arrive: steps=2 and the baseline
     report = (tmp_path / "report" / "report.md").read_text()
     assert (
         "| `oracle` |" in report and "![deletion probability](deletion_probability.png)" in report

@@ -76,6 +76,30 @@ def test_every_metric_for_reference_and_real_methods(calls) -> None:
     assert events[-1].total == 20 and events[-1].eta_seconds == 0
 
 
+def test_metric_options_reach_the_metrics_with_defaults_filled_in(calls, monkeypatch) -> None:
+    import vitlens_server.evaluate.runner as runner
+
+    seen = []
+    real = runner.perturbation_curve
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["positive"], kwargs["baseline"], kwargs["batch_size"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "perturbation_curve", spy)
+    plan = EvaluationPlan(
+        methods=("oracle",),
+        metrics=("perturbation", "average_drop"),
+        metric_options={"perturbation": {"baseline": "inpaint"}},
+    )
+    run_evaluation(plan, SyntheticDataset(2), calls, **GEOMETRY)
+    assert seen == [(True, "inpaint", 64), (False, "inpaint", 64)]
+    bad = EvaluationPlan(methods=("oracle",), metrics=("average_drop",),
+                         metric_options={"average_drop": {"keep": 1.5}})  # fmt: skip
+    with pytest.raises(InvalidArgument, match=r"average_drop.keep must lie in \[0.0, 1.0\]"):
+        run_evaluation(bad, SyntheticDataset(2), calls, **GEOMETRY)
+
+
 def test_class_sensitivity_on_two_object_scenes(calls) -> None:
     plan = EvaluationPlan(methods=("oracle", "generic"), metrics=("class_sensitivity",))
     results = run_evaluation(plan, SyntheticDataset(3, two_object=True), calls, **GEOMETRY)

@@ -14,6 +14,7 @@ from vitlens_server.evaluate import (
     average_drop_increase,
     blur,
     deletion_curve,
+    inpaint,
     insertion_curve,
     perturbation_auc,
     perturbation_curve,
@@ -255,6 +256,59 @@ def test_blur_is_a_normalised_gaussian() -> None:
     torch.testing.assert_close(blur(delta)[0, 0], expected)
 
 
+class ShapeClassifier:
+    """Class 1 when the pixels of ``region`` differ from the grey background (0.5), whatever
+    colour they have: it sees an object's silhouette as well as the object."""
+
+    def __init__(self, region: tuple[slice, slice]) -> None:
+        self.region = region
+
+    def __call__(self, images: Tensor) -> Tensor:
+        inside = images[:, :, self.region[0], self.region[1]]
+        evidence = 40 * ((inside - 0.5).abs().mean((1, 2, 3)) - 0.1)
+        return torch.stack([-evidence / 2, evidence / 2], dim=1)
+
+
+def test_inpainting_removes_what_zeroing_leaves_visible() -> None:
+    # A white square on grey; the map that marks exactly the square (the oracle) removes it.
+    # Zeroing leaves a black square, still class 1 at every step: the oracle looks useless
+    # (AUC 90, the maximum). Inpainting fills it with grey: the prediction falls once the whole
+    # square is gone, and random maps, which leave parts of it, keep it longer.
+    region = (slice(4, 12), slice(4, 12))  # 64 of 256 pixels: gone after p = 0.3
+    oracle = _region_maps(16, region)
+    noise = torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    maps = torch.cat([oracle[None], noise])
+    pixels = torch.full((len(maps), 3, 16, 16), 0.5)
+    pixels[:, :, region[0], region[1]] = 1.0
+    labels = torch.ones(len(maps), dtype=torch.long)
+    classify = ShapeClassifier(region)
+    zeroed = perturbation_auc(perturbation_curve(pixels, maps, labels, classify, positive=True))
+    filled = perturbation_curve(pixels, maps, labels, classify, positive=True, baseline="inpaint")
+    assert zeroed.tolist() == pytest.approx([90.0] * len(maps))
+    assert filled[0].tolist() == [True] * 3 + [False] * 7  # 0, 0.1, 0.2 hit; from 0.3 on, grey
+    assert perturbation_auc(filled)[0] < perturbation_auc(filled)[1:].min()
+
+
+def test_inpaint_keeps_known_pixels_and_fills_holes_from_their_surroundings() -> None:
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, 3, 20, 13, generator=generator, dtype=torch.float64)
+    holes = torch.rand(3, 1, 20, 13, generator=generator) < 0.6
+    holes[2] = True  # nothing known: black
+    filled = inpaint(pixels, holes)
+    known = ~holes.expand_as(pixels)
+    torch.testing.assert_close(filled[known], pixels[known], rtol=0, atol=0)
+    torch.testing.assert_close(filled[2], torch.zeros_like(filled[2]))
+    for b in (0, 1):  # every fill is a weighted average of known pixels of the same channel
+        for c in range(3):
+            values = pixels[b, c][~holes[b, 0]]
+            assert values.min() - 1e-12 <= filled[b, c].min() <= filled[b, c].max()
+            assert filled[b, c].max() <= values.max() + 1e-12
+    uniform = torch.full((1, 3, 16, 16), 0.25)
+    square = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    square[..., 3:11, 5:13] = True  # a hole in a uniform region becomes that colour
+    torch.testing.assert_close(inpaint(uniform, square), uniform)
+
+
 def test_bad_arguments_are_refused() -> None:
     pixels, maps, labels = torch.rand(1, 3, 4, 4), torch.rand(1, 4, 4), torch.tensor([0])
     classify = LinearClassifier((3, 4, 4))
@@ -262,5 +316,7 @@ def test_bad_arguments_are_refused() -> None:
         deletion_curve(pixels, maps, labels, classify, baseline="noise")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="steps"):
         insertion_curve(pixels, maps, labels, classify, steps=0)
+    with pytest.raises(ValueError, match="empty canvas"):
+        insertion_curve(pixels, maps, labels, classify, baseline="inpaint")
     with pytest.raises(ValueError, match="fraction"):
         perturbation_curve(pixels, maps, labels, classify, positive=True, steps=(0.5, 1.5))

@@ -196,7 +196,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             model=args.model,
             explain_label=args.explain_label,
-            metric_options={k: v for k, v in (args.metric_option or [])},
+            metric_options=_merged(args.metric_option or []),
             on_progress=None if args.quiet else show,
         )
     if not args.quiet:
@@ -216,7 +216,16 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _metric_option(text: str) -> tuple[str, dict]:
+def _merged(options: Sequence[tuple[str, dict]]) -> dict[str, dict]:
+    """Repeated ``--metric-option`` values, one dict per metric: ``[("deletion", {"steps": 8}),
+    ("deletion", {"baseline": "blur"})]`` → ``{"deletion": {"steps": 8, "baseline": "blur"}}``."""
+    merged: dict[str, dict] = {}
+    for metric, values in options:
+        merged.setdefault(metric, {}).update(values)
+    return merged
+
+
+def metric_option_arg(text: str) -> tuple[str, dict]:
     """``metric.key=value``, e.g. ``deletion.steps=32``."""
     key, value = _option(text)
     metric, dot, name = key.partition(".")
@@ -297,7 +306,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--explain-label", action="store_true", help="explain the label, not the prediction"
     )
     ev.add_argument(
-        "--metric-option", action="append", type=_metric_option, metavar="METRIC.KEY=VALUE"
+        "--metric-option", action="append", type=metric_option_arg, metavar="METRIC.KEY=VALUE"
     )
     ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ev.add_argument(

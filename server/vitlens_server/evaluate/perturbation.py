@@ -16,6 +16,11 @@ Shared conventions (choices the papers leave open, fixed here):
   mean/std normalisation: a black pixel, as in Chefer's code (which zeroes ``data`` and then
   normalises). RISE's reference code zeroes the *normalised* tensor (the data set's mean colour);
   pass ``baseline=`` a (C,) mean colour to get that.
+- Removal by a constant leaves the *shape* of what was removed in the image. Where the shape is
+  the class (vitlens' generated scenes), a map that removes exactly the object scores worst: its
+  black silhouette is still classified correctly. ``baseline="inpaint"`` fills removed pixels
+  from the kept ones instead (`inpaint`; the idea of ROAD, Rong et al., ICML 2022, which
+  imputes removed pixels from their neighbours to stop the mask's shape leaking the class).
 - A fraction p of P = H·W pixels is ⌊p·P⌋ pixels (Chefer's ``int(base_size * p)``; a 1e-9 guard
   keeps products such as 0.29·100 from rounding down).
 """
@@ -38,6 +43,7 @@ __all__ = [
     "average_drop_increase",
     "blur",
     "deletion_curve",
+    "inpaint",
     "insertion_curve",
     "perturbation_auc",
     "perturbation_curve",
@@ -45,7 +51,9 @@ __all__ = [
 ]
 
 LogitsFn = Callable[[Tensor], Tensor]
-Baseline = Literal["zeros", "blur"] | Tensor
+Fill = Callable[[Tensor, Tensor], Tensor]  # (n, C, H, W) images, (n, 1, H, W) holes → images
+Baseline = Literal["zeros", "blur", "inpaint"] | Tensor
+BASELINES = ("zeros", "blur", "inpaint")
 
 CHEFER_STEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BLUR_KERNEL = 11  # RISE's reference code: gkern(klen=11, nsig=5)
@@ -82,21 +90,23 @@ def perturbation_curve(
     *,
     positive: bool,
     steps: Sequence[float] = CHEFER_STEPS,
+    baseline: Baseline = "zeros",
     batch_size: int = 64,
 ) -> Tensor:
     """Chefer et al.'s perturbation test (seed 003 Tab. 2; ICCV'21 / CVPR'21 code).
 
     For each p in ``steps`` the top-p fraction of pixels by relevance (``positive``) or the
-    bottom-p (negative) is set to 0 and the image re-classified; a hit is top-1 = label.
-    pixels (B, C, H, W) in [0, 1], maps (B, h, w), labels (B,) → hits (B, S+1) bool, column 0
-    the unperturbed image. Chefer's labels are the ground-truth classes in both of Tab. 2's rows
-    ("predicted" / "target" name the class the map explains); the caller passes the labels.
+    bottom-p (negative) is set to 0 (Chefer; or replaced by another ``baseline``) and the image
+    re-classified; a hit is top-1 = label. pixels (B, C, H, W) in [0, 1], maps (B, h, w),
+    labels (B,) → hits (B, S+1) bool, column 0 the unperturbed image. Chefer's labels are the
+    ground-truth classes in both of Tab. 2's rows ("predicted" / "target" name the class the map
+    explains); the caller passes the labels.
     """
     size = tuple(pixels.shape[-2:])
     ranks = removal_ranks(maps.to(pixels.device), size, descending=positive)
     counts = [0] + [_fraction_count(p, ranks.shape[1]) for p in steps]
-    zeros = pixels.new_zeros(()).expand_as(pixels)
-    return _replaced_scores(pixels, zeros, ranks, counts, labels, logits_fn, _hits, batch_size)
+    base = _baseline(pixels, baseline)
+    return _replaced_scores(pixels, base, ranks, counts, labels, logits_fn, _hits, batch_size)
 
 
 def perturbation_auc(hits: Tensor, steps: Sequence[float] = CHEFER_STEPS) -> Tensor:
@@ -124,7 +134,8 @@ def deletion_curve(
     After step k of K = ``steps`` the first ⌊k·P/K⌋ pixels of the order are replaced (RISE
     replaces ``step`` pixels per step; K = P / step), so step K is the baseline itself. The curve
     is softmax(logits)[label] at each step; its AUC is the trapezoid over the fraction of pixels
-    changed, in [0, 1] (RISE's ``auc`` when P is a multiple of K). RISE deletes towards zeros.
+    changed, in [0, 1] (RISE's ``auc`` when P is a multiple of K). RISE deletes towards zeros;
+    with ``"inpaint"`` step K, nothing left to fill from, is black.
     """
     base = _baseline(pixels, baseline)
     return _causal(pixels, base, maps, labels, logits_fn, steps, batch_size)
@@ -142,7 +153,10 @@ def insertion_curve(
 ) -> CausalCurve:
     """Insertion (RISE): the image's pixels are copied onto the baseline, most relevant first;
     higher AUC is better. Steps, curve and AUC as in `deletion_curve`; RISE inserts into a
-    blurred copy of the image (`blur`)."""
+    blurred copy of the image (`blur`). ``"inpaint"`` is refused: the canvas has no pixels of
+    the image to fill from."""
+    if isinstance(baseline, str) and baseline == "inpaint":
+        raise ValueError("insertion starts from an empty canvas: use baseline 'blur' or 'zeros'")
     base = _baseline(pixels, baseline)
     return _causal(base, pixels, maps, labels, logits_fn, steps, batch_size)
 
@@ -191,9 +205,31 @@ def blur(pixels: Tensor, kernel_size: int = BLUR_KERNEL, sigma: float = BLUR_SIG
     return F.conv2d(out, rows.transpose(2, 3), groups=channels)
 
 
+def inpaint(pixels: Tensor, holes: Tensor) -> Tensor:
+    """Fill the ``holes`` (n, 1, H, W) bool of ``pixels`` (n, C, H, W) from the other pixels.
+
+    Push-pull interpolation (Gortler et al., "The Lumigraph", 1996): an image pyramid of
+    hole-aware averages (each level the mean of the known pixels below it) is built up to 1 x 1,
+    then filled back down, each level keeping its known share and taking the rest from the
+    bilinearly upsampled coarser level. Known pixels are returned unchanged; a hole takes the
+    colours around it, smoothly (a hole in a uniform region becomes that colour exactly). An
+    image with no known pixel becomes black. O(H·W) per image, batched, on the pixels' device.
+    """
+    known = (~holes).to(pixels.dtype)
+    values, weights = [pixels * known], [known]  # premultiplied: value · weight
+    while max(values[-1].shape[-2:]) > 1:
+        values.append(F.avg_pool2d(values[-1], 2, ceil_mode=True))
+        weights.append(F.avg_pool2d(weights[-1], 2, ceil_mode=True))
+    filled = values[-1] / weights[-1].clamp(min=torch.finfo(pixels.dtype).tiny)
+    for value, weight in zip(reversed(values[:-1]), reversed(weights[:-1]), strict=True):
+        coarse = F.interpolate(filled, size=value.shape[-2:], mode="bilinear", align_corners=False)
+        filled = value + (1 - weight) * coarse
+    return torch.where(holes, filled, pixels)
+
+
 def _causal(
     start: Tensor,
-    finish: Tensor,
+    finish: Tensor | Fill,
     maps: Tensor,
     labels: Tensor,
     logits_fn: LogitsFn,
@@ -213,7 +249,7 @@ def _causal(
 
 def _replaced_scores(
     original: Tensor,
-    replacement: Tensor,
+    replacement: Tensor | Fill,
     ranks: Tensor,
     counts: Sequence[int],
     labels: Tensor,
@@ -222,7 +258,8 @@ def _replaced_scores(
     batch_size: int,
 ) -> Tensor:
     """score(logits, label) (B, S) of the images whose pixels ranked below ``counts[s]`` come
-    from ``replacement`` and the rest from ``original`` (both (B, C, H, W), maybe expanded).
+    from ``replacement`` and the rest from ``original`` (both (B, C, H, W), maybe expanded), or
+    are filled by ``replacement(original, holes)`` when it is a `Fill`.
 
     The B·S images are indexed image-major (n = b·S + s) and built chunk by chunk."""
     batch, steps = ranks.shape[0], len(counts)
@@ -235,7 +272,10 @@ def _replaced_scores(
         flat = torch.arange(start, min(start + batch_size, batch * steps), device=device)
         image, step = flat // steps, flat % steps
         take = (ranks[image] < limits[step, None]).view(-1, 1, height, width)  # (n, 1, H, W)
-        chunk = torch.where(take, replacement[image], original[image])  # (n, C, H, W)
+        if callable(replacement):
+            chunk = replacement(original[image], take)  # (n, C, H, W)
+        else:
+            chunk = torch.where(take, replacement[image], original[image])
         scores.append(score(logits_fn(chunk), labels[image]))
     return torch.cat(scores).view(batch, steps)
 
@@ -255,8 +295,9 @@ def _fraction_count(fraction: float, total: int) -> int:
     return math.floor(fraction * total + 1e-9)
 
 
-def _baseline(pixels: Tensor, baseline: Baseline) -> Tensor:
-    """(B, C, H, W) canvas: zeros, `blur`, or a tensor broadcast to the pixels ((C,) = colour)."""
+def _baseline(pixels: Tensor, baseline: Baseline) -> Tensor | Fill:
+    """(B, C, H, W) canvas: zeros, `blur`, or a tensor broadcast to the pixels ((C,) = colour);
+    or the `inpaint` fill."""
     if isinstance(baseline, Tensor):
         value = baseline.to(pixels)
         value = value.view(-1, 1, 1) if value.dim() == 1 else value
@@ -265,4 +306,6 @@ def _baseline(pixels: Tensor, baseline: Baseline) -> Tensor:
         return pixels.new_zeros(()).expand_as(pixels)
     if baseline == "blur":
         return blur(pixels)
-    raise ValueError(f"unknown baseline {baseline!r}; expected 'zeros', 'blur' or a tensor")
+    if baseline == "inpaint":
+        return inpaint
+    raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES} or a tensor")

@@ -24,6 +24,7 @@ from torch import Tensor
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.evaluate.datasets import Sample
 from vitlens_server.evaluate.metrics import iou, otsu_masks, spearman
+from vitlens_server.evaluate.options import metric_options
 from vitlens_server.evaluate.perturbation import (
     CHEFER_STEPS,
     average_drop_increase,
@@ -114,6 +115,7 @@ def run_evaluation(
 ) -> list[MetricSummary]:
     """Run ``plan`` over ``dataset``; returns one summary per method x metric."""
     _check(plan, dataset, num_classes)
+    options = metric_options(plan.metrics, plan.metric_options)
     cancelled = cancelled or threading.Event()
     values: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
     curves: dict[tuple[str, str, str], list[np.ndarray]] = defaultdict(list)
@@ -126,7 +128,7 @@ def run_evaluation(
         for method in plan.methods:
             if cancelled.is_set():
                 raise Cancelled("the evaluation was cancelled")
-            scored = _score(plan, method, pixels, labels, masks, calls, input_size, grid)
+            scored = _score(plan, options, method, pixels, labels, masks, calls, input_size, grid)
             for (metric, name), (kind, x, y) in scored.items():
                 key = (method, metric, name)
                 if kind == "value":
@@ -209,14 +211,14 @@ def _resized(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return resize_maps(maps[:, None], size)[:, 0]
 
 
-def _score(plan, method, pixels, labels, masks, calls, size, grid) -> dict[tuple, tuple]:
-    """Per-image values and curves of every metric for one chunk and method."""
+def _score(plan, options, method, pixels, labels, masks, calls, size, grid) -> dict[tuple, tuple]:
+    """Per-image values and curves of every metric for one chunk and method; ``options``:
+    metric name → its parsed options (`metric_options`)."""
     main_mask = None if masks is None else masks[:, 0]
     native, explained = _maps(
         plan, method, pixels, labels[:, 0], main_mask, calls, label=plan.explain_label
     )
     maps = _resized(native, size)
-    options = plan.metric_options
     out: dict[tuple[str, str], tuple[str, Any, np.ndarray]] = {}
 
     def value(metric: str, name: str, tensor: Tensor) -> None:
@@ -226,36 +228,32 @@ def _score(plan, method, pixels, labels, masks, calls, size, grid) -> dict[tuple
         out[(metric, name)] = ("curve", list(map(float, x)), y.double().cpu().numpy())
 
     if "segmentation" in plan.metrics:
-        opts = options.get("segmentation", {})
-        scores = segmentation_scores(maps, masks[:, 0], threshold=opts.get("threshold", "otsu"))
+        threshold = options["segmentation"].threshold
+        scores = segmentation_scores(maps, masks[:, 0], threshold=threshold)
         for name, tensor in scores.items():
             value("segmentation", name, tensor)
     if "perturbation" in plan.metrics:
-        opts = options.get("perturbation", {})
-        batch = int(opts.get("batch_size", 64))
+        opts = options["perturbation"]
         for sign, positive in (("positive", True), ("negative", False)):
             hits = perturbation_curve(
-                pixels, maps, labels[:, 0], calls.logits, positive=positive, batch_size=batch
-            )
+                pixels, maps, labels[:, 0], calls.logits, positive=positive,
+                baseline=opts.baseline, batch_size=opts.batch_size,
+            )  # fmt: skip
             value("perturbation", f"{sign}_auc", perturbation_auc(hits))
             curve("perturbation", sign, (0.0, *CHEFER_STEPS), hits.double())
-    for metric, fn, default in (
-        ("deletion", deletion_curve, "zeros"),
-        ("insertion", insertion_curve, "blur"),
-    ):
+    for metric, fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
         if metric in plan.metrics:
-            opts = options.get(metric, {})
+            opts = options[metric]
             result = fn(
                 pixels, maps, explained, calls.logits,
-                steps=int(opts.get("steps", 16)), baseline=opts.get("baseline", default),
-                batch_size=int(opts.get("batch_size", 64)),
+                steps=opts.steps, baseline=opts.baseline, batch_size=opts.batch_size,
             )  # fmt: skip
             value(metric, "auc", result.auc)
             curve(metric, "probability", result.fractions.tolist(), result.probabilities)
     if "average_drop" in plan.metrics:
-        opts = options.get("average_drop", {})
+        opts = options["average_drop"]
         terms = average_drop_increase(
-            pixels, maps, explained, calls.logits, keep=float(opts.get("keep", 0.5))
+            pixels, maps, explained, calls.logits, keep=opts.keep, batch_size=opts.batch_size
         )
         for name, tensor in terms.items():
             value("average_drop", name, tensor)

@@ -42,15 +42,19 @@ def param(default: Any, doc: str, *, low: float | None = None, high: float | Non
     return dataclasses.field(default=default, metadata={"doc": doc, "low": low, "high": high})
 
 
-def parse_params(cls: type[P], options: Mapping[str, Any], *, method: str) -> P:
-    """Build ``cls`` from request options, rejecting unknown names and ill-typed values."""
+def parse_params(
+    cls: type[P], options: Mapping[str, Any], *, method: str, kind: str = "method"
+) -> P:
+    """Build ``cls`` from request options, rejecting unknown names and ill-typed values.
+
+    ``method`` names what the options belong to in error messages, ``kind`` what it is."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = get_type_hints(cls)
     unknown = sorted(set(options) - set(fields))
     if unknown:
         valid = ", ".join(fields) or "none"
         raise InvalidArgument(
-            f"method {method!r} has no option {', '.join(map(repr, unknown))}; valid: {valid}"
+            f"{kind} {method!r} has no option {', '.join(map(repr, unknown))}; valid: {valid}"
         )
     values = {}
     for name, raw in options.items():
