@@ -207,6 +207,7 @@ def _orderings(merged: dict[str, EvaluationResult]) -> list[str]:
             check(f"oracle best on IoU (best: {best}, {ious[best]:.3f})", best == "oracle")
             check(f"random worst on IoU (worst: {worst}, {ious[worst]:.3f})", worst == "random")
         chance = mean(single, "random", "perturbation", "positive_auc")
+        oracle = mean(single, "oracle", "perturbation", "positive_auc")
         for method in ("generic", "transformer_attribution"):
             auc = mean(single, method, "perturbation", "positive_auc")
             if auc is not None and chance is not None:
@@ -214,6 +215,14 @@ def _orderings(merged: dict[str, EvaluationResult]) -> list[str]:
                     f"positive perturbation AUC of {method} {auc:.1f} < random {chance:.1f}",
                     auc < chance,
                 )
+        if None not in (oracle, chance) and oracle > chance:
+            lines.append(
+                f"- the oracle, whose map removes exactly the object first, scores {oracle:.1f} "
+                f"on positive perturbation, worse than random maps ({chance:.1f}): the removed "
+                "pixels leave the object's silhouette, which the model still recognises. "
+                "`--metric-option perturbation.baseline=inpaint` removes without a silhouette "
+                '(README, "Evaluating methods").'
+            )
     pairs = merged.get("two_object")
     if pairs is not None:
         baseline = mean(pairs, "rollout", "class_sensitivity", "difference")
