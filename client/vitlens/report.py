@@ -25,7 +25,7 @@ BETTER = {
     "randomised; Adebayo et al. 2018 pass below 0.5)",
 }
 X_LABELS = {
-    "perturbation": "fraction of pixels zeroed",
+    "perturbation": "fraction of pixels removed",
     "deletion": "fraction of pixels deleted",
     "insertion": "fraction of pixels inserted",
 }
