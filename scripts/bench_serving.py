@@ -38,7 +38,7 @@ for _p in (ROOT / "client", ROOT / "server"):
 
 from vitlens.results import ModelInfo  # noqa: E402
 from vitlens_server.bench.cli import measure_roof_for, parse_ints  # noqa: E402
-from vitlens_server.bench.load import LoadConfig, LoadReport, resolve_model, run_load  # noqa: E402
+from vitlens_server.bench.load import LoadConfig, LoadReport, resolve_model, sweep  # noqa: E402
 from vitlens_server.bench.process import ServeProcess, free_port  # noqa: E402
 from vitlens_server.bench.report import (  # noqa: E402
     device_label,
@@ -192,31 +192,19 @@ async def load_points(
     server: Server, args: argparse.Namespace, methods: list[str]
 ) -> tuple[ModelInfo, list[LoadReport]]:
     info = await resolve_model(server.address, "", args.timeout_s)
-    reports = []
-    for method in methods:
-        for concurrency in args.concurrency:
-            config = LoadConfig(
-                target=server.address,
-                model=info.name,
-                method=method,
-                concurrency=concurrency,
-                requests=args.requests,
-                duration_s=args.duration,
-                images_per_request=args.images_per_request,
-                images=args.images,
-                warmup_requests=args.warmup,
-                timeout_s=args.timeout_s,
-                processes=args.processes,
-                metrics_url=server.metrics_url,
-            )
-            report = await run_load(config, info)
-            print(
-                f"  [{server.label}] {method} C={concurrency}: {report.images_per_s:.1f} img/s, "
-                f"p50 {report.latency.p50_s * 1e3:.1f} ms, errors {report.requests_failed}",
-                file=sys.stderr,
-            )
-            reports.append(report)
-    return info, reports
+    base = LoadConfig(
+        target=server.address,
+        model=info.name,
+        requests=args.requests,
+        duration_s=args.duration,
+        images_per_request=args.images_per_request,
+        images=args.images,
+        warmup_requests=args.warmup,
+        timeout_s=args.timeout_s,
+        processes=args.processes,
+        metrics_url=server.metrics_url,
+    )
+    return info, await sweep(base, info, methods, args.concurrency, label=server.label)
 
 
 def run_server(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import threading
 from collections import Counter
@@ -17,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.tiny import tiny_loaded
+from vitlens_server.bench.cli import main as bench_main
 from vitlens_server.bench.images import make_images, stamped
 from vitlens_server.bench.load import LatencySummary, LoadConfig, Samples, run_load, summarize
 from vitlens_server.bench.report import load_table, replace_section, roof_kind
@@ -284,6 +286,19 @@ async def test_client_processes_share_one_request_budget(server) -> None:
     r = await run_load(config)
     assert r.processes == 2 and (r.requests_ok, r.images_ok, r.errors) == (9, 9, {})
     assert r.window_s > 0 and r.latency.max_s <= r.window_s
+
+
+def test_bench_command_sweeps_methods_and_concurrencies(server, tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--server", server.address, "--model", "tiny", "--method", "generic,rollout"]
+    argv += ["--concurrency", "1,2", "--requests", "3", "--images", "random", "--json", str(out)]
+    assert bench_main(argv) == 0
+    load = json.loads(out.read_text())["load"]
+    points = [(r["method"], r["concurrency"]) for r in load]
+    assert points == [("generic", 1), ("generic", 2), ("rollout", 1), ("rollout", 2)]
+    assert all(r["requests_ok"] == 3 and r["requests_failed"] == 0 for r in load)
+    table = capsys.readouterr().out
+    assert table.count("generic") == 2 and table.count("rollout") == 2
 
 
 def test_load_without_metrics_says_why() -> None:

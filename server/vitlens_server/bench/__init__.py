@@ -1,7 +1,14 @@
 """Serving benchmark: closed-loop load on a running server (`load`), the in-process roof of the
 same model (`roof`), and their tables (`report`). Run it as ``vitlens bench``."""
 
-from vitlens_server.bench.load import LatencySummary, LoadConfig, LoadReport, run_load, summarize
+from vitlens_server.bench.load import (
+    LatencySummary,
+    LoadConfig,
+    LoadReport,
+    run_load,
+    summarize,
+    sweep,
+)
 from vitlens_server.bench.scrape import (
     BatchSizeDistribution,
     HistogramSnapshot,
@@ -19,4 +26,5 @@ __all__ = [
     "parse_histogram",
     "run_load",
     "summarize",
+    "sweep",
 ]

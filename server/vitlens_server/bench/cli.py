@@ -19,7 +19,7 @@ from typing import Any
 
 from vitlens.errors import VitlensError
 from vitlens.results import ModelInfo
-from vitlens_server.bench.load import LoadConfig, LoadReport, resolve_model, run_load
+from vitlens_server.bench.load import LoadConfig, LoadReport, resolve_model, sweep
 from vitlens_server.bench.report import (
     LOAD_HEADER,
     environment,
@@ -141,33 +141,21 @@ def measure_roof_for(
 
 async def _load(args: argparse.Namespace, methods: list[str]) -> tuple[ModelInfo, list[LoadReport]]:
     info = await resolve_model(args.server, args.model, args.timeout_s)
-    reports = []
-    for method in methods:
-        for concurrency in args.concurrency:
-            config = LoadConfig(
-                target=args.server,
-                model=info.name,
-                method=method,
-                concurrency=concurrency,
-                requests=args.requests,
-                duration_s=args.duration,
-                images_per_request=args.images_per_request,
-                images=args.images,
-                wire=args.wire,
-                warmup_requests=args.warmup,
-                timeout_s=args.timeout_s,
-                processes=args.processes,
-                method_options=dict(args.option or []),
-                metrics_url=args.metrics_url,
-            )
-            report = await run_load(config, info)
-            reports.append(report)
-            print(
-                f"  {method} C={concurrency}: {report.images_per_s:.1f} img/s, "
-                f"p50 {report.latency.p50_s * 1e3:.1f} ms, errors {report.requests_failed}",
-                file=sys.stderr,
-            )
-    return info, reports
+    base = LoadConfig(
+        target=args.server,
+        model=info.name,
+        requests=args.requests,
+        duration_s=args.duration,
+        images_per_request=args.images_per_request,
+        images=args.images,
+        wire=args.wire,
+        warmup_requests=args.warmup,
+        timeout_s=args.timeout_s,
+        processes=args.processes,
+        method_options=dict(args.option or []),
+        metrics_url=args.metrics_url,
+    )
+    return info, await sweep(base, info, methods, args.concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import multiprocessing
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -44,7 +45,15 @@ from vitlens_server.bench.scrape import (
 )
 from vitlens_server.bench.stats import LatencySummary, LoadReport, Samples, summarize
 
-__all__ = ["LatencySummary", "LoadConfig", "LoadReport", "Samples", "run_load", "summarize"]
+__all__ = [
+    "LatencySummary",
+    "LoadConfig",
+    "LoadReport",
+    "Samples",
+    "run_load",
+    "summarize",
+    "sweep",
+]
 
 _POOL_IMAGES = 16  # distinct images per run, cycled through the requests
 
@@ -296,6 +305,31 @@ async def run_load(config: LoadConfig, info: ModelInfo | None = None) -> LoadRep
         queue_wait_mean_s=wait_mean,
         metrics_note=histograms.note,
     )
+
+
+async def sweep(
+    base: LoadConfig,
+    info: ModelInfo,
+    methods: Sequence[str],
+    concurrencies: Sequence[int],
+    *,
+    label: str = "",
+) -> list[LoadReport]:
+    """`run_load` for every method x concurrency (method-major), each a copy of ``base``; prints
+    one line per point to stderr as it finishes (prefixed ``[label]`` when given)."""
+    reports = []
+    prefix = f"[{label}] " if label else ""
+    for method in methods:
+        for concurrency in concurrencies:
+            config = dataclasses.replace(base, method=method, concurrency=concurrency)
+            report = await run_load(config, info)
+            reports.append(report)
+            print(
+                f"  {prefix}{method} C={concurrency}: {report.images_per_s:.1f} img/s, "
+                f"p50 {report.latency.p50_s * 1e3:.1f} ms, errors {report.requests_failed}",
+                file=sys.stderr,
+            )
+    return reports
 
 
 async def _run_processes(
