@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Every measurement and test that needs a GPU, in one command (about 8 minutes on one H100/H200):
+#
+#   bash scripts/gpu_checks.sh [OUT_DIR]          # OUT_DIR defaults to gpu_out/
+#
+# 1. `pytest -m gpu`: CUDA maps equal CPU maps for every method (tests/test_gpu.py).
+# 2. Serving (issue #5): scripts/bench_serving.py on ViT-B/16 with random weights, `generic` and
+#    `rollout`, batching on and off, and the in-process roof of the same run; the sections land
+#    in BENCHMARKS.md (replacing older runs of the same device, model, method and precision).
+# 3. token_reflection explanations/s on ViT-B/16 (issue #4), scripts/bench_reflection.py.
+# 4. Demo-model training speed on the GPU (issue #3): a short `vitlens train-demo --device cuda`
+#    run whose log gives images/s at 112 px and at 224 px, from which the full schedule's time
+#    follows (21,500 steps of 64 scenes).
+#
+# DEVICE, MODEL, REFLECTION_MODEL, CONCURRENCY, DURATION and TRAIN_STEPS override the defaults
+# (a CPU smoke run: DEVICE=cpu MODEL=vitlens-demo REFLECTION_MODEL=demo CONCURRENCY=1,4
+# DURATION=3 TRAIN_STEPS=12 bash scripts/gpu_checks.sh /tmp/smoke).
+# Logs, the updated BENCHMARKS.md and a summary go to OUT_DIR; paste the figures into
+# benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e
+# '.[dev]'`. On the device tool's H100/H200 image, which lacks some of them, carry wheels
+# (download them here with `bash scripts/gpu_wheels.sh`, which prints the `run` command line).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH="client:server:.${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda:0}
+MODEL=${MODEL:-vit_base_patch16_224:random}
+REFLECTION_MODEL=${REFLECTION_MODEL:-${MODEL%%:*}}
+DURATION=${DURATION:-15}
+CONCURRENCY=${CONCURRENCY:-1,128,256}
+TRAIN_STEPS=${TRAIN_STEPS:-600}
+status=0
+step() { # step NAME COMMAND...: run, log to OUT/NAME.log, remember a failure, go on
+    local name=$1
+    shift
+    echo "== $name: $*" | tee -a "$OUT/summary.txt"
+    local began=$SECONDS
+    "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - began)) s" | tee -a "$OUT/summary.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    $PY -c 'import sys, torch, timm; print(sys.version.split()[0], torch.__version__, timm.__version__)'
+} >"$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
+
+step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step serving "$PY" scripts/bench_serving.py --model "$MODEL" --device "$DEVICE" \
+    --precision bf16 --methods generic,rollout --concurrency "$CONCURRENCY" --requests 20000 \
+    --duration "$DURATION" --max-batch-size 128 --max-delay-ms 0 --roof-max-batch 256 \
+    --processes 4 --json "$OUT/serving.json" --note "scripts/gpu_checks.sh"
+cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
+step reflection "$PY" scripts/bench_reflection.py --model "$REFLECTION_MODEL" \
+    --device "${DEVICE%%:*}" --batch 8 \
+    --warmup 2 --repeats 5
+step training "$PY" -m vitlens_server.training.train --device "${DEVICE}" \
+    --low-res-steps "$TRAIN_STEPS" --full-res-steps $((TRAIN_STEPS / 6)) --eval-count 200 \
+    --workers "$(($(nproc) - 2))" --out "$OUT/train-check.safetensors"
+rm -f "$OUT"/train-check.*
+grep -h "img/s" "$OUT/training.log" | tail -n 4 >>"$OUT/summary.txt"
+exit $status

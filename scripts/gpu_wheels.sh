@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Wheels for running scripts/gpu_checks.sh on the device tool's GPU image (Python 3.12, x86_64),
+# which has torch, timm, numpy, numba, grpcio and pytest but not every package vitlens needs, or
+# not at the versions its generated gRPC code checks for. Downloads them into .whl/ (ignored by
+# git) and prints the device `run` arguments that install them and run the checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACKAGES=(
+    grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
+    pytest-asyncio==1.5.0 prometheus-client==0.26.0 safetensors==0.8.0
+)
+rm -rf .whl && mkdir .whl
+for package in "${PACKAGES[@]}"; do
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform any -d .whl "$package"
+done
+ls .whl
+cat <<'EOF'
+device run:  carry [".whl"], timeout_s 600, command:
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && bash scripts/gpu_checks.sh $OUT
+EOF
