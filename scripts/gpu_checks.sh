@@ -12,9 +12,10 @@
 #    run whose log gives images/s at 112 px and at 224 px, from which the full schedule's time
 #    follows (21,500 steps of 64 scenes).
 #
-# DEVICE, MODEL, REFLECTION_MODEL, CONCURRENCY, DURATION and TRAIN_STEPS override the defaults
-# (a CPU smoke run: DEVICE=cpu MODEL=vitlens-demo REFLECTION_MODEL=demo CONCURRENCY=1,4
-# DURATION=3 TRAIN_STEPS=12 bash scripts/gpu_checks.sh /tmp/smoke).
+# DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
+# REPEATS and TRAIN_STEPS override the defaults. A CPU smoke run of the script itself:
+#   DEVICE=cpu MODEL=vitlens-demo CONCURRENCY=1,4 DURATION=3 ROOF_MAX_BATCH=4 \
+#   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 bash scripts/gpu_checks.sh /tmp/smoke
 # Logs, the updated BENCHMARKS.md and a summary go to OUT_DIR; paste the figures into
 # benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e
 # '.[dev]'`. On the device tool's H100/H200 image, which lacks some of them, carry wheels
@@ -53,12 +54,11 @@ cat "$OUT/summary.txt"
 step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 step serving "$PY" scripts/bench_serving.py --model "$MODEL" --device "$DEVICE" \
     --precision bf16 --methods generic,rollout --concurrency "$CONCURRENCY" --requests 20000 \
-    --duration "$DURATION" --max-batch-size 128 --max-delay-ms 0 --roof-max-batch 256 \
+    --duration "$DURATION" --max-batch-size 128 --max-delay-ms 0 --roof-max-batch "${ROOF_MAX_BATCH:-256}" \
     --processes 4 --json "$OUT/serving.json" --note "scripts/gpu_checks.sh"
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
 step reflection "$PY" scripts/bench_reflection.py --model "$REFLECTION_MODEL" \
-    --device "${DEVICE%%:*}" --batch 8 \
-    --warmup 2 --repeats 5
+    --device "${DEVICE%%:*}" --batch "${REFLECTION_IMAGES:-8}" --warmup 1 --repeats "${REPEATS:-5}"
 step training "$PY" -m vitlens_server.training.train --device "${DEVICE}" \
     --low-res-steps "$TRAIN_STEPS" --full-res-steps $((TRAIN_STEPS / 6)) --eval-count 200 \
     --workers "$(($(nproc) - 2))" --out "$OUT/train-check.safetensors"
