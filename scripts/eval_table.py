@@ -201,11 +201,16 @@ def _orderings(merged: dict[str, EvaluationResult]) -> list[str]:
     """The orderings issue #6 expects, each with its numbers and whether it holds."""
     lines = ["## Expected orderings", ""]
 
-    def mean(result, method, metric, name) -> float | None:
+    def stat(result, method, metric, name):
+        """The merged statistic (mean, 95 % interval, n), or None where it was not run."""
         try:
-            return result.get(method, metric).value(name).mean
+            return result.get(method, metric).value(name)
         except KeyError:
             return None
+
+    def mean(result, method, metric, name) -> float | None:
+        value = stat(result, method, metric, name)
+        return None if value is None else value.mean
 
     def check(text: str, holds: bool) -> None:
         lines.append(f"- {'holds' if holds else '**does not hold**'}: {text}")
@@ -246,16 +251,9 @@ def _orderings(merged: dict[str, EvaluationResult]) -> list[str]:
             )
     pairs = merged.get("two_object")
     if pairs is not None:
-
-        def sensitivity(method: str):
-            try:
-                return pairs.get(method, "class_sensitivity").value("difference")
-            except KeyError:
-                return None
-
-        baseline = sensitivity("rollout")
+        baseline = stat(pairs, "rollout", "class_sensitivity", "difference")
         for method in CLASS_SPECIFIC:
-            value = sensitivity(method)
+            value = stat(pairs, method, "class_sensitivity", "difference")
             if value is None or baseline is None:
                 continue
             clearly = value.ci95_low > baseline.ci95_high  # the 95 % intervals do not overlap

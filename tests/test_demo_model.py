@@ -51,7 +51,8 @@ def test_the_model_reads_the_object_not_the_background() -> None:
     model = load_model(demo_spec())
     seeds = split_seeds("test", 400, base_seed=5_000)  # held out, apart from the accuracy sample
     classes = range(len(DEMO_LABELS))
-    swapped = np.stack([render_scene(s, labels=(c,)).image for s in seeds[:48] for c in classes])
+    swaps = seeds[:48]  # 48 backgrounds x 8 objects
+    swapped = np.stack([render_scene(s, labels=(c,)).image for s in swaps for c in classes])
     truth = torch.tensor([render_scene(s).label for s in seeds])
 
     def predict(images: np.ndarray) -> torch.Tensor:
@@ -59,7 +60,7 @@ def test_the_model_reads_the_object_not_the_background() -> None:
             x = to_model_input(images, model.mean, model.std, torch.device("cpu"))
             return torch.cat([model.module(chunk).argmax(1) for chunk in x.split(100)])
 
-    follows = predict(swapped) == torch.tensor(list(classes)).repeat(48)
+    follows = predict(swapped) == torch.tensor(list(classes)).repeat(len(swaps))
     guesses = predict(np.stack([render_background(s) for s in seeds]))
     follow_rate, background_hits = follows.float().mean().item(), (guesses == truth).float().mean()
     report(
