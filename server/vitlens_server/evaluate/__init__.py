@@ -22,8 +22,8 @@ from vitlens_server.evaluate.perturbation import (
     perturbation_curve,
     removal_ranks,
 )
+from vitlens_server.domain import Summary
 from vitlens_server.evaluate.protocols import (
-    Summary,
     class_specificity,
     explain_maps,
     randomised_copy,

@@ -7,15 +7,14 @@ whose objects' masks are known exactly.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vitlens_server.data import Scene
+from vitlens_server.domain import Summary
 from vitlens_server.evaluate.metrics import iou, otsu_masks, spearman
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
 from vitlens_server.explain.params import parse_params
@@ -29,23 +28,6 @@ __all__ = [
     "sanity_correlations",
     "scene_pixels",
 ]
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Mean, standard deviation, 95 % confidence half-width (normal approximation) and n."""
-
-    mean: float
-    std: float
-    ci95: float
-    n: int
-
-    @staticmethod
-    def of(values: np.ndarray) -> Summary:
-        values = np.asarray(values, dtype=np.float64)
-        n = len(values)
-        std = float(values.std(ddof=1)) if n > 1 else 0.0
-        return Summary(float(values.mean()), std, 1.96 * std / math.sqrt(max(n, 1)), n)
 
 
 def scene_pixels(scenes: Sequence[Scene]) -> Tensor:

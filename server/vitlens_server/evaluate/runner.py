@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitlens_server.domain import MetricSummary, Progress, Summary
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.evaluate.datasets import Sample
 from vitlens_server.evaluate.metrics import iou, otsu_masks, spearman
@@ -33,7 +34,6 @@ from vitlens_server.evaluate.perturbation import (
     perturbation_auc,
     perturbation_curve,
 )
-from vitlens_server.evaluate.protocols import Summary
 from vitlens_server.evaluate.segmentation import segmentation_scores
 from vitlens_server.explain import ExplainJob, ExplainResult, TargetSpec, get_method
 from vitlens_server.explain.engine import resize_maps
@@ -81,25 +81,6 @@ class EvaluationPlan:
     metric_options: dict[str, dict] = field(default_factory=dict)
     explain_label: bool = False
     chunk_size: int = 32
-
-
-@dataclass(frozen=True)
-class Progress:
-    done: int
-    total: int
-    images_per_second: float
-    eta_seconds: float
-    stage: str
-
-
-@dataclass(frozen=True)
-class MetricSummary:
-    """One method x metric: per-value statistics and mean curves ``name → (x, y)``."""
-
-    method: str
-    metric: str
-    values: dict[str, Summary]
-    curves: dict[str, tuple[list[float], list[float]]]
 
 
 def run_evaluation(

@@ -1,13 +1,8 @@
 """Explanation methods and the engine that runs them. Never imports grpc."""
 
+from vitlens_server.domain import ExplainResult, Predictions, TargetSpec
 from vitlens_server.explain import methods as _methods  # noqa: F401  (registers the methods)
-from vitlens_server.explain.engine import (
-    Explainer,
-    ExplainJob,
-    ExplainResult,
-    Predictions,
-    TargetSpec,
-)
+from vitlens_server.explain.engine import Explainer, ExplainJob
 from vitlens_server.explain.registry import METHODS, MethodSpec, Pass, get_method
 
 __all__ = [
