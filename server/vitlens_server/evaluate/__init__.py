@@ -1,5 +1,6 @@
 """Quality metrics of explanations (METHODS.md "Metrics"). Never imports grpc."""
 
+from vitlens_server.domain import Summary
 from vitlens_server.evaluate.metrics import (
     auc,
     average_precision,
@@ -22,7 +23,6 @@ from vitlens_server.evaluate.perturbation import (
     perturbation_curve,
     removal_ranks,
 )
-from vitlens_server.domain import Summary
 from vitlens_server.evaluate.protocols import (
     class_specificity,
     explain_maps,
