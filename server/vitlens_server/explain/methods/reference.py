@@ -13,7 +13,7 @@ map (batched == batch-1, and cacheable):
     map[b, j] = (k[b, j] >> 8) · 2⁻²⁴                                   ∈ [0, 1 − 2⁻²⁴]
 
 ``oracle``: the ground-truth mask itself. Explain has no mask input, so the registered method
-is refused there (``needs_mask``: `Explainer.check` answers INVALID_ARGUMENT, and ModelInfo
+(called with the masks in place of a recording) is refused there (``needs_mask``: `Explainer.check` answers INVALID_ARGUMENT, and ModelInfo
 leaves it out of the methods Explain accepts); Evaluate calls `oracle_map` with its masks.
 """
 
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import NoParams, param
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
@@ -98,11 +97,10 @@ def _mul32(x: Tensor, factor: int) -> Tensor:
     description="Reference row: the ground-truth mask of the explained object (Evaluate only, "
     "on datasets with masks).",
 )
-def oracle(_rec: Recording, _params: NoParams) -> MethodOutput:
-    """Never runs: `Explainer.check` refuses ``needs_mask`` methods; Evaluate uses `oracle_map`."""
-    raise InvalidArgument(
-        "method 'oracle' needs a ground-truth mask and is available only in Evaluate"
-    )
+def oracle(masks: Tensor, _targets: Tensor, _params: NoParams) -> MethodOutput:
+    """map = the (B, H, W) ground-truth masks (`oracle_map`). A ``needs_mask`` method: its
+    first argument is the masks, not a recording; Explain refuses it (`Explainer.check`)."""
+    return MethodOutput(oracle_map(masks))
 
 
 def oracle_map(masks: Tensor) -> Tensor:
