@@ -12,9 +12,10 @@ map (batched == batch-1, and cacheable):
     k[b,j] = h(h(h(seed) ^ c_b) ^ j)
     map[b, j] = (k[b, j] >> 8) · 2⁻²⁴                                   ∈ [0, 1 − 2⁻²⁴]
 
-``oracle``: the ground-truth mask itself. Explain has no mask input, so the registered method
-(called with the masks in place of a recording) is refused there (``needs_mask``: `Explainer.check` answers INVALID_ARGUMENT, and ModelInfo
-leaves it out of the methods Explain accepts); Evaluate calls `oracle_map` with its masks.
+``oracle``: the ground-truth mask itself. A ``needs_mask`` method: its function takes the
+masks in place of a recording. Explain has no mask input, so it is refused there
+(`Explainer.check` answers INVALID_ARGUMENT, and ModelInfo leaves it out of the methods
+Explain accepts); Evaluate calls it with the dataset's masks.
 """
 
 from __future__ import annotations
