@@ -16,6 +16,7 @@ import numpy as np
 __all__ = [
     "ExplainResult",
     "MetricSummary",
+    "ParamInfo",
     "Predictions",
     "Progress",
     "Summary",
@@ -144,3 +145,14 @@ class MetricSummary:
     metric: str
     values: dict[str, Summary]
     curves: dict[str, tuple[list[float], list[float]]]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One option of a method or metric, as GetModel describes it."""
+
+    name: str
+    type: str  # float, int, bool or str
+    default_json: str
+    description: str
+    choices: tuple[str, ...]

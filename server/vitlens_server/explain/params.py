@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_type_hints
 
+from vitlens_server.domain import ParamInfo
 from vitlens_server.errors import InvalidArgument
 
 __all__ = ["NoParams", "ParamInfo", "choice", "describe_params", "param", "parse_params"]
@@ -21,15 +22,6 @@ _TYPE_NAMES = {float: "float", int: "int", bool: "bool", str: "str"}
 @dataclass(frozen=True)
 class NoParams:
     """For methods without options."""
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    name: str
-    type: str
-    default_json: str
-    description: str
-    choices: tuple[str, ...]
 
 
 def choice(default: Any, *choices: str, doc: str = "") -> Any:
