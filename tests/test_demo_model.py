@@ -13,7 +13,7 @@ from vitlens_server.data import render_background, render_scene, split_seeds
 from vitlens_server.models import load_model
 from vitlens_server.models.default import DEMO_LABELS, DEMO_WEIGHTS, demo_spec
 from vitlens_server.training import scene_accuracy
-from vitlens_server.training.evaluate import to_model_input
+from vitlens_server.training.accuracy import to_model_input
 
 pytestmark = pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="no demo weights shipped")
 

@@ -1,5 +1,5 @@
 """Training and checking vitlens' demo model on generated scenes."""
 
-from vitlens_server.training.evaluate import scene_accuracy
+from vitlens_server.training.accuracy import scene_accuracy
 
 __all__ = ["scene_accuracy"]

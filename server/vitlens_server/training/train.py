@@ -37,7 +37,7 @@ from vitlens_server.models.default import (
     DEMO_LABELS,
     DEMO_WEIGHTS,
 )
-from vitlens_server.training.evaluate import scene_accuracy, to_model_input
+from vitlens_server.training.accuracy import scene_accuracy, to_model_input
 from vitlens_server.training.export import export_weights
 
 __all__ = ["TrainConfig", "main", "train"]
