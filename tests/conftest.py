@@ -11,10 +11,10 @@ import pytest
 
 from tests.report import REPORT
 from tests.tiny import tiny_loaded
+from vitlens_server.app import VitlensServer
 from vitlens_server.config import ServerConfig
 from vitlens_server.models import ModelRegistry, load_model
 from vitlens_server.models.default import demo_spec
-from vitlens_server.rpc import VitlensServer
 
 
 @dataclass

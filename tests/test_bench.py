@@ -225,7 +225,7 @@ def _cache_hits(text: str, model: str) -> float:
 
 
 async def test_closed_loop_counts_requests_images_and_batches(server) -> None:
-    metrics = server.server.metrics  # served over HTTP here as `--metrics-port` would
+    metrics = server.server.telemetry  # served over HTTP here as `--metrics-port` would
     config = LoadConfig(
         target=server.address,
         model="tiny",
@@ -257,7 +257,7 @@ async def test_closed_loop_counts_requests_images_and_batches(server) -> None:
 
 async def test_repeated_images_would_hit_the_result_cache(server) -> None:
     # The control for the uniqueness check above: the same pool sent twice does hit.
-    metrics = server.server.metrics
+    metrics = server.server.telemetry
     config = LoadConfig(
         target=server.address,
         model="tiny",

@@ -310,10 +310,10 @@ def test_grafana_dashboard_queries_only_metrics_the_server_exports() -> None:
     import re
     from pathlib import Path
 
-    from vitlens_server.metrics import Metrics
+    from vitlens_server.telemetry import Telemetry
 
     dashboard = json.loads(Path("deploy/grafana/vitlens-dashboard.json").read_text())
-    exported = set(re.findall(r"^# TYPE (\S+)", Metrics().text(), re.M))
+    exported = set(re.findall(r"^# TYPE (\S+)", Telemetry().text(), re.M))
     exported |= {f"{n}_{s}" for n in exported for s in ("bucket", "sum", "count", "total")}
     for panel in dashboard["panels"]:
         for target in panel["targets"]:

@@ -103,15 +103,15 @@ def test_server_folders_need_an_allowed_root_and_models_must_exist(client) -> No
 
 
 def test_cancelling_the_call_stops_the_run(server, client) -> None:
-    evaluator = server.server.servicer._evaluator
+    evaluations = server.server.plane.evaluations
     request = _request(methods=["generic"], metrics=["segmentation"], synthetic="synthetic:400")
     call = client.stub.Evaluate(request, timeout=120)
     first = next(call)
     assert first.WhichOneof("event") == "progress" and first.progress.total == 400
-    assert evaluator.running == 1
+    assert evaluations.running == 1
     call.cancel()
     deadline = time.monotonic() + 30
-    while evaluator.running:  # the run's thread notices at its next step
+    while evaluations.running:  # the run's thread notices at its next step
         assert time.monotonic() < deadline, "the evaluation kept running after cancel"
         time.sleep(0.01)
     assert client.explain(_image())[0].explanations  # still serving
@@ -124,7 +124,7 @@ def _image():
 
 
 def test_sanity_uses_one_randomised_copy_per_model(server, client) -> None:
-    served = next(iter(server.server.workers)).model
+    served = server.server.plane.workers[0].model
     before = [p.clone() for p in served.module.parameters()]
     request = _request(methods=["generic", "oracle"], metrics=["sanity"])
     for _ in range(2):
@@ -133,7 +133,7 @@ def test_sanity_uses_one_randomised_copy_per_model(server, client) -> None:
         assert {v.name for v in values.values()} == {"spearman"}
         assert values["oracle"].mean == pytest.approx(1.0) and values["generic"].n == 4
         assert -1 <= values["generic"].mean < 1
-    copies = server.server.servicer._evaluator._randomised._copies
+    copies = server.server.plane._randomised
     assert list(copies) == [served.name]  # made once, kept
     assert all(torch.equal(a, b) for a, b in zip(before, served.module.parameters(), strict=True))
 

@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import vitlens
 from tests.tiny import tiny_loaded
+from vitlens_server.app import VitlensServer
 from vitlens_server.config import ServerConfig
 from vitlens_server.models import ModelRegistry
-from vitlens_server.rpc import VitlensServer
 
 
 def _wait_for(condition, timeout_s: float = 30.0) -> None:
@@ -60,13 +60,13 @@ def _health(address: str) -> int:
 def test_health_is_not_serving_until_the_models_are_warmed_up() -> None:
     server = VitlensServer(ServerConfig(port=0), ModelRegistry([tiny_loaded(seed=7)]))
     release = threading.Event()
-    real_warm_up = server.workers.warm_up
+    real_warm_up = server.plane.warm_up
 
     async def held_warm_up() -> None:
         await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
         await real_warm_up()
 
-    server.workers.warm_up = held_warm_up
+    server.plane.warm_up = held_warm_up
     running = Running(server)
     try:
         _wait_for(lambda: server.port is not None and server.health is not None)
@@ -90,7 +90,7 @@ def test_a_drain_finishes_every_accepted_request_and_refuses_new_ones() -> None:
     running = Running(server)
     assert running.started.wait(60)
     address = f"127.0.0.1:{server.port}"
-    registry = server.metrics.registry
+    registry = server.telemetry.registry
     images = [np.full((32, 32, 3), i, np.uint8) for i in range(12)]
     client = vitlens.Client(address, timeout_s=60)
     try:

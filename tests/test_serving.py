@@ -46,7 +46,7 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_concurrent_requests_share_passes(batching_server) -> None:
-    metrics = batching_server.server.metrics
+    metrics = batching_server.server.telemetry
     before = _sample(metrics.text(), "vitlens_batch_size_count", kind="explain-backward")
     small = _sample(metrics.text(), "vitlens_batch_size_bucket", kind="explain-backward", le="2.0")
     client = vitlens.Client(batching_server.address, timeout_s=30)
@@ -62,12 +62,12 @@ def test_concurrent_requests_share_passes(batching_server) -> None:
 
 
 def test_a_full_queue_answers_resource_exhausted_with_pushback(batching_server) -> None:
-    worker = batching_server.server.workers.get("tiny")
+    plane = batching_server.server.plane
     client = vitlens.Client(batching_server.address, timeout_s=30)
     with client, ThreadPoolExecutor(1) as pool:
         # 3 images wait up to DELAY_MS for batch-mates; 6 more would exceed the 8-image bound.
         waiting = pool.submit(client.predict, [_image(i) for i in range(3)])
-        _wait_for(lambda: worker.queued_images == 3 or waiting.done())
+        _wait_for(lambda: plane.queued_images("tiny") == 3 or waiting.done())
         with pytest.raises(vitlens.ResourceExhaustedError, match="queue is full") as info:
             client.predict([_image(10 + i) for i in range(6)])
         assert "retry after" in str(info.value)
@@ -99,7 +99,7 @@ def test_metrics_endpoint_serves_prometheus_text(batching_server) -> None:
 
 
 def test_repeated_images_are_answered_from_the_cache(server, client) -> None:
-    metrics = server.server.metrics
+    metrics = server.server.telemetry
     hits = _sample(metrics.text(), "vitlens_cache_hits_total", model="tiny")
     first = client.explain(
         [_image(100), _image(101)], model="tiny", method="rollout", ids=["a", "b"]

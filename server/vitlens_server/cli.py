@@ -230,8 +230,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 async def serve(config: ServerConfig) -> None:
     """Load the models, serve until SIGINT/SIGTERM, then drain and stop."""
+    from vitlens_server.app import VitlensServer
     from vitlens_server.models import ModelRegistry, load_model
-    from vitlens_server.rpc import VitlensServer
 
     loop = asyncio.get_running_loop()
     models, replicas = [], {}

@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "ExplainResult",
+    "ImageInput",
     "MetricSummary",
     "ParamInfo",
     "Predictions",
@@ -22,6 +23,30 @@ __all__ = [
     "Summary",
     "TargetSpec",
 ]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageInput:
+    """One image as the caller sent it: an encoded file, or a pixel array.
+
+    Attributes:
+        id: the caller's name for it, echoed in the reply.
+        encoded: PNG/JPEG/... bytes, or None.
+        pixels: (H, W), (H, W, 1) or (H, W, 3) array (uint8, or float in [0, 1]), or None.
+        where: how the request names it in error messages (``images[2]``).
+    """
+
+    id: str = ""
+    encoded: bytes | None = None
+    pixels: np.ndarray | None = None
+    where: str = "image"
+
+    def content(self) -> bytes:
+        """What identifies the image's content (not its id), for the result cache."""
+        if self.pixels is None:
+            return b"encoded:" + (self.encoded or b"")
+        header = f"pixels:{self.pixels.dtype}:{list(self.pixels.shape)}:".encode()
+        return header + self.pixels.tobytes()
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,13 @@ class Predictions:
             logits=np.concatenate([p.logits for p in parts]),
         )
 
+    def row(self, b: int) -> Predictions:
+        """Image ``b``'s predictions as a B = 1 copy."""
+        rows = slice(b, b + 1)
+        return Predictions(
+            self.indices[rows].copy(), self.probabilities[rows].copy(), self.logits[rows].copy()
+        )
+
 
 @dataclass(frozen=True)
 class ExplainResult:
@@ -107,6 +139,31 @@ class ExplainResult:
             else np.concatenate([p.relevance for p in parts]),
             compute_seconds=sum(p.compute_seconds for p in parts),
         )
+
+    def rows(self) -> list[ExplainResult]:
+        """One B = 1 result per image (copies, so one image's result never pins the batch's)."""
+        return [
+            ExplainResult(
+                predictions=self.predictions.row(b),
+                targets=self.targets[b : b + 1].copy(),
+                target_probabilities=self.target_probabilities[b : b + 1].copy(),
+                target_logits=self.target_logits[b : b + 1].copy(),
+                heatmaps=self.heatmaps[b : b + 1].copy(),
+                relevance=None if self.relevance is None else self.relevance[b : b + 1].copy(),
+                compute_seconds=self.compute_seconds,
+            )
+            for b in range(len(self.targets))
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (the result cache's measure of size)."""
+        p = self.predictions
+        arrays = [p.indices, p.probabilities, p.logits, self.targets, self.heatmaps]
+        arrays += [self.target_probabilities, self.target_logits]
+        if self.relevance is not None:
+            arrays.append(self.relevance)
+        return sum(a.nbytes for a in arrays)
 
 
 @dataclass(frozen=True)

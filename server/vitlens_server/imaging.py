@@ -1,8 +1,9 @@
 """Decode and validate request images into model-ready pixel tensors.
 
-Every image is checked before any of them is queued: undecodable bytes, bad tensor layouts and
-oversized images (a decompression-bomb guard) raise `InvalidArgument` naming the image's index.
-Images are resized to the model's input size without cropping, so maps cover the whole image.
+Every image is checked before any of them is queued: undecodable bytes, bad pixel arrays and
+oversized images (a decompression-bomb guard) raise `InvalidArgument` naming the image as the
+request does (`ImageInput.where`). Images are resized to the model's input size without
+cropping, so maps cover the whole image.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
-from vitlens.tensors import TensorFormatError, tensor_to_numpy
-from vitlens.v1 import tensor_pb2
+from vitlens_server.domain import ImageInput
 from vitlens_server.errors import InvalidArgument
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageDecoder"]
@@ -28,25 +28,26 @@ DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above any camera, below decompression-
 
 @dataclass(frozen=True)
 class ImageDecoder:
-    """Turns `Image` messages into a (B, 3, H, W) float32 batch in [0, 1] at ``size``."""
+    """Turns `ImageInput`s into a (B, 3, H, W) float32 batch in [0, 1] at ``size``."""
 
     size: tuple[int, int]  # (H, W) model input
     max_pixels: int = DEFAULT_MAX_PIXELS
 
-    def __call__(self, images: Sequence[tensor_pb2.Image]) -> torch.Tensor:
-        return torch.stack([self.decode(i, image) for i, image in enumerate(images)])
+    def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return torch.stack([self.decode(image) for image in images])
 
-    def decode(self, index: int, image: tensor_pb2.Image) -> torch.Tensor:
+    def decode(self, image: ImageInput) -> torch.Tensor:
         """One image → (3, H, W) float32 in [0, 1] at the model's input size."""
-        where = f"images[{index}]" + (f" ({image.id!r})" if image.id else "")
-        source = image.WhichOneof("source")
-        if source == "encoded":
-            pixels = self._decode_bytes(image.encoded, where)
-        elif source == "pixels":
-            pixels = self._decode_tensor(image.pixels, where)
-        else:
-            raise InvalidArgument(f"{where} is empty: set `encoded` bytes or a `pixels` tensor")
-        return self._resize(pixels)
+        return resize_pixels(self.read(image), self.size)
+
+    def read(self, image: ImageInput) -> torch.Tensor:
+        """One image at its own size: (3, h, w) uint8, or float32 in [0, 1]."""
+        where = image.where + (f" ({image.id[:64]!r})" if image.id else "")
+        if image.pixels is not None:
+            return self._decode_array(image.pixels, where)
+        if image.encoded is not None:
+            return self._decode_bytes(image.encoded, where)
+        raise InvalidArgument(f"{where} is empty: set `encoded` bytes or a `pixels` tensor")
 
     def _check_size(self, height: int, width: int, where: str) -> None:
         if height * width > self.max_pixels:
@@ -79,11 +80,7 @@ class ImageDecoder:
             ) from err
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
-    def _decode_tensor(self, tensor: tensor_pb2.Tensor, where: str) -> torch.Tensor:
-        try:
-            array = tensor_to_numpy(tensor)
-        except TensorFormatError as err:
-            raise InvalidArgument(f"{where}.pixels: {err}") from err
+    def _decode_array(self, array: np.ndarray, where: str) -> torch.Tensor:
         if array.ndim == 2:
             array = array[:, :, None]
         if array.ndim != 3 or array.shape[2] not in (1, 3):
@@ -108,9 +105,6 @@ class ImageDecoder:
                     "lie in [0, 1] (send uint8 for 0..255)"
                 )
         return pixels.permute(2, 0, 1).expand(3, -1, -1)
-
-    def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return resize_pixels(pixels, self.size)
 
 
 def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,5 +1,4 @@
-"""The gRPC face of the server: decode → runtime → encode. The only package importing grpc."""
+"""The gRPC face of the server: decode → data plane → encode. The only package importing grpc.
 
-from vitlens_server.rpc.server import VitlensServer
-
-__all__ = ["VitlensServer"]
+Never imports torch or `explain`: it speaks to the data plane through `runtime.api`.
+"""

@@ -1,26 +1,47 @@
-"""Protobuf messages ↔ domain objects."""
+"""Protobuf messages ↔ the data plane's domain queries and replies (`runtime.api`).
+
+Decoding checks only what the wire format itself can get wrong (a malformed tensor, an unknown
+enum value, a target list of the wrong length); everything about models, methods and options is
+the data plane's to judge.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
+from collections.abc import Sequence
 
+import numpy as np
 from google.protobuf import json_format
 
-from vitlens.tensors import numpy_to_tensor
+from vitlens.tensors import TensorFormatError, numpy_to_tensor, tensor_to_numpy
 from vitlens.v1 import tensor_pb2, vitlens_pb2
+from vitlens_server.domain import (
+    ExplainResult,
+    ImageInput,
+    MetricSummary,
+    Predictions,
+    Progress,
+    TargetSpec,
+)
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.explain import ExplainResult, MethodSpec, Predictions, TargetSpec
-from vitlens_server.explain.params import describe_params
-from vitlens_server.models import LoadedModel
+from vitlens_server.runtime.api import (
+    EvaluateQuery,
+    ExplainQuery,
+    ExplainReply,
+    InlineSample,
+    ModelCard,
+    PredictQuery,
+    PredictReply,
+    Timing,
+)
 
 __all__ = [
-    "classifications",
-    "image_explanations",
-    "method_options",
+    "evaluate_event",
+    "evaluate_query",
+    "explain_query",
+    "explain_response",
     "model_info",
-    "output_dtype",
-    "target_spec",
+    "predict_query",
+    "predict_response",
 ]
 
 _OUTPUT_DTYPES = {
@@ -30,7 +51,79 @@ _OUTPUT_DTYPES = {
 }
 
 
-def target_spec(target: vitlens_pb2.Target, num_images: int) -> TargetSpec:
+# ------------------------------------------------------------------------------ requests
+
+
+def explain_query(request: vitlens_pb2.ExplainRequest, deadline: float | None) -> ExplainQuery:
+    options = request.options
+    return ExplainQuery(
+        images=_images(request.images),
+        model=request.model,
+        method=request.method,
+        method_options=json_format.MessageToDict(options.method_options)
+        if options.HasField("method_options")
+        else {},
+        target=_target(request.target, len(request.images)),
+        grid="input" if options.grid == vitlens_pb2.OUTPUT_GRID_INPUT else "tokens",
+        return_relevance=options.return_relevance,
+        top_k_predictions=options.top_k_predictions,
+        output_dtype=_output_dtype(options.output_dtype),
+        deadline=deadline,
+    )
+
+
+def predict_query(request: vitlens_pb2.PredictRequest, deadline: float | None) -> PredictQuery:
+    return PredictQuery(
+        images=_images(request.images), model=request.model, top_k=request.top_k, deadline=deadline
+    )
+
+
+def evaluate_query(request: vitlens_pb2.EvaluateRequest) -> EvaluateQuery:
+    dataset = request.dataset
+    source = dataset.WhichOneof("source")
+    return EvaluateQuery(
+        methods=tuple(request.methods),
+        metrics=tuple(request.metrics),
+        model=request.model,
+        synthetic=dataset.synthetic if source == "synthetic" else None,
+        server_path=dataset.server_path if source == "server_path" else None,
+        inline=_inline(dataset.inline) if source == "inline" else None,
+        limit=dataset.limit,
+        method_options={k: json_format.MessageToDict(v) for k, v in request.method_options.items()},
+        metric_options={k: json_format.MessageToDict(v) for k, v in request.metric_options.items()},
+        explain_label=request.explain_label,
+    )
+
+
+def _images(images: Sequence[tensor_pb2.Image]) -> tuple[ImageInput, ...]:
+    return tuple(_image(image, f"images[{i}]") for i, image in enumerate(images))
+
+
+def _image(image: tensor_pb2.Image, where: str) -> ImageInput:
+    source = image.WhichOneof("source")
+    if source == "pixels":
+        return ImageInput(image.id, pixels=_array(image.pixels, f"{where}.pixels"), where=where)
+    encoded = image.encoded if source == "encoded" else None
+    return ImageInput(image.id, encoded=encoded, where=where)
+
+
+def _array(tensor: tensor_pb2.Tensor, where: str) -> np.ndarray:
+    try:
+        return tensor_to_numpy(tensor)
+    except TensorFormatError as err:
+        raise InvalidArgument(f"{where}: {err}") from err
+
+
+def _inline(data: vitlens_pb2.InlineDataset) -> tuple[InlineSample, ...]:
+    samples = []
+    for i, sample in enumerate(data.samples):
+        where = f"dataset.inline.samples[{i}]"
+        mask = _array(sample.mask, f"{where}.mask") if sample.HasField("mask") else None
+        samples.append(InlineSample(_image(sample.image, f"{where}.image"), sample.label, mask))
+    return tuple(samples)
+
+
+def _target(target: vitlens_pb2.Target, num_images: int) -> TargetSpec:
     kind = target.WhichOneof("selector")
     if kind == "class_index":
         return TargetSpec("index", (target.class_index,))
@@ -47,84 +140,100 @@ def target_spec(target: vitlens_pb2.Target, num_images: int) -> TargetSpec:
     return TargetSpec("predicted")
 
 
-def output_dtype(dtype: int) -> str:
+def _output_dtype(dtype: int) -> str:
     if dtype not in _OUTPUT_DTYPES:
+        name = tensor_pb2.DType.Name(dtype) if dtype in tensor_pb2.DType.values() else dtype
         raise InvalidArgument(
-            f"options.output_dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT16; got "
-            f"{tensor_pb2.DType.Name(dtype) if dtype in tensor_pb2.DType.values() else dtype}"
+            f"options.output_dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT16; got {name}"
         )
     return _OUTPUT_DTYPES[dtype]
 
 
-def method_options(options: vitlens_pb2.ExplainOptions) -> dict:
-    if not options.HasField("method_options"):
-        return {}
-    return json_format.MessageToDict(options.method_options)
+# ------------------------------------------------------------------------------ replies
 
 
-def _prediction(model: LoadedModel, index: int, probability: float, logit: float):
-    return vitlens_pb2.Prediction(
-        index=int(index),
-        label=model.labels[index],
-        probability=float(probability),
-        logit=float(logit),
+def explain_response(reply: ExplainReply) -> vitlens_pb2.ExplainResponse:
+    return vitlens_pb2.ExplainResponse(
+        model=reply.model,
+        method=reply.method,
+        results=[
+            _image_explanation(result, image_id, reply.labels)
+            for result, image_id in zip(reply.results, reply.ids, strict=True)
+        ],
+        timing=_timing(reply.timing),
     )
 
 
-def _predictions(model: LoadedModel, preds: Predictions, row: int) -> list:
+def predict_response(reply: PredictReply) -> vitlens_pb2.PredictResponse:
+    return vitlens_pb2.PredictResponse(
+        model=reply.model,
+        results=[
+            vitlens_pb2.Classification(
+                id=image_id, predictions=_predictions(reply.predictions, row, reply.labels)
+            )
+            for row, image_id in enumerate(reply.ids)
+        ],
+        timing=_timing(reply.timing),
+    )
+
+
+def _image_explanation(
+    result: ExplainResult, image_id: str, labels: Sequence[str]
+) -> vitlens_pb2.ImageExplanation:
+    """A B = 1 result as the message of its image."""
+    explanations = [
+        vitlens_pb2.Explanation(
+            target=_prediction(
+                labels,
+                result.targets[0, k],
+                result.target_probabilities[0, k],
+                result.target_logits[0, k],
+            ),
+            heatmap=numpy_to_tensor(result.heatmaps[0, k]),
+            relevance=None if result.relevance is None else numpy_to_tensor(result.relevance[0, k]),
+        )
+        for k in range(result.targets.shape[1])
+    ]
+    return vitlens_pb2.ImageExplanation(
+        id=image_id,
+        predictions=_predictions(result.predictions, 0, labels),
+        explanations=explanations,
+    )
+
+
+def _prediction(labels: Sequence[str], index: int, probability: float, logit: float):
+    return vitlens_pb2.Prediction(
+        index=int(index), label=labels[index], probability=float(probability), logit=float(logit)
+    )
+
+
+def _predictions(preds: Predictions, row: int, labels: Sequence[str]) -> list:
     return [
-        _prediction(model, i, p, z)
+        _prediction(labels, i, p, z)
         for i, p, z in zip(
             preds.indices[row], preds.probabilities[row], preds.logits[row], strict=True
         )
     ]
 
 
-def classifications(model: LoadedModel, preds: Predictions, ids: list[str]) -> list:
-    return [
-        vitlens_pb2.Classification(id=image_id, predictions=_predictions(model, preds, row))
-        for row, image_id in enumerate(ids)
-    ]
+def _timing(timing: Timing) -> vitlens_pb2.Timing:
+    return vitlens_pb2.Timing(
+        preprocess_seconds=timing.preprocess_s,
+        queue_seconds=timing.queue_s,
+        compute_seconds=timing.compute_s,
+        total_seconds=timing.total_s,
+    )
 
 
-def image_explanations(model: LoadedModel, result: ExplainResult, ids: list[str]) -> list:
-    out = []
-    for row, image_id in enumerate(ids):
-        explanations = [
-            vitlens_pb2.Explanation(
-                target=_prediction(
-                    model,
-                    result.targets[row, k],
-                    result.target_probabilities[row, k],
-                    result.target_logits[row, k],
-                ),
-                heatmap=numpy_to_tensor(result.heatmaps[row, k]),
-                relevance=None
-                if result.relevance is None
-                else numpy_to_tensor(result.relevance[row, k]),
-            )
-            for k in range(result.targets.shape[1])
-        ]
-        out.append(
-            vitlens_pb2.ImageExplanation(
-                id=image_id,
-                predictions=_predictions(model, result.predictions, row),
-                explanations=explanations,
-            )
-        )
-    return out
-
-
-def model_info(model: LoadedModel, methods: Iterable[MethodSpec]) -> vitlens_pb2.ModelInfo:
-    """GetModel's answer; ``methods`` are those Explain accepts for the model."""
-    g = model.geometry
-    infos = [
+def model_info(card: ModelCard) -> vitlens_pb2.ModelInfo:
+    """GetModel's answer."""
+    methods = [
         vitlens_pb2.MethodInfo(
-            name=spec.name,
-            description=spec.description,
-            passes=spec.pass_names,
-            class_specific=spec.class_specific,
-            relevance_matrix=spec.relevance_matrix,
+            name=m.name,
+            description=m.description,
+            passes=m.passes,
+            class_specific=m.class_specific,
+            relevance_matrix=m.relevance_matrix,
             parameters=[
                 vitlens_pb2.MethodParameter(
                     name=p.name,
@@ -133,33 +242,64 @@ def model_info(model: LoadedModel, methods: Iterable[MethodSpec]) -> vitlens_pb2
                     description=p.description,
                     choices=p.choices,
                 )
-                for p in describe_params(spec.params)
+                for p in m.parameters
             ],
         )
-        for spec in methods
+        for m in card.methods
     ]
     return vitlens_pb2.ModelInfo(
-        name=model.name,
-        architecture=model.spec.architecture,
-        input_size=g.input_size,
-        mean=model.mean,
-        std=model.std,
-        patch_size=g.patch_size,
-        patch_grid=g.grid,
-        num_prefix_tokens=g.num_prefix_tokens,
-        num_layers=g.num_layers,
-        num_heads=g.num_heads,
-        labels=model.labels,
-        methods=infos,
+        name=card.name,
+        architecture=card.architecture,
+        input_size=card.input_size,
+        mean=card.mean,
+        std=card.std,
+        patch_size=card.patch_size,
+        patch_grid=card.patch_grid,
+        num_prefix_tokens=card.num_prefix_tokens,
+        num_layers=card.num_layers,
+        num_heads=card.num_heads,
+        labels=card.labels,
+        methods=methods,
         weights=vitlens_pb2.Weights(
-            source=model.weights.source,
-            random=model.weights.random,
-            sha256=model.weights.sha256,
-            metadata={
-                **dict(model.weights.metadata),
-                "model_kwargs": json.dumps(dict(model.spec.model_kwargs)),
-            },
+            source=card.weights_source,
+            random=card.weights_random,
+            sha256=card.weights_sha256,
+            metadata=dict(card.weights_metadata),
         ),
-        device=str(model.device),
-        readout=g.readout,
+        device=card.device,
+        readout=card.readout,
+    )
+
+
+def evaluate_event(event: Progress | MetricSummary) -> vitlens_pb2.EvaluateEvent:
+    if isinstance(event, Progress):
+        return vitlens_pb2.EvaluateEvent(
+            progress=vitlens_pb2.Progress(
+                done=event.done,
+                total=event.total,
+                images_per_second=event.images_per_second,
+                eta_seconds=event.eta_seconds,
+                stage=event.stage,
+            )
+        )
+    return vitlens_pb2.EvaluateEvent(
+        result=vitlens_pb2.MetricResult(
+            method=event.method,
+            metric=event.metric,
+            values=[
+                vitlens_pb2.Statistic(
+                    name=name,
+                    mean=s.mean,
+                    std=s.std,
+                    ci95_low=s.mean - s.ci95,
+                    ci95_high=s.mean + s.ci95,
+                    n=s.n,
+                )
+                for name, s in event.values.items()
+            ],
+            curves=[
+                vitlens_pb2.Curve(name=name, x=x, y=[float(v) for v in y])
+                for name, (x, y) in event.curves.items()
+            ],
+        )
     )

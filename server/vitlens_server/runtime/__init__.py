@@ -1,5 +1,6 @@
-"""Workers that run model passes off the event loop."""
+"""The data plane: request resolution, batching, caching and scheduling (`runtime.plane`).
 
-from vitlens_server.runtime.worker import ModelWorker, WorkerPool
-
-__all__ = ["ModelWorker", "WorkerPool"]
+`runtime.api` (the domain requests and replies), `runtime.batcher` and `runtime.cache` never
+import torch, so the RPC layer can depend on this package without it; import the torch-side
+modules (`plane`, `worker`, `evaluation`) by their full names.
+"""

@@ -1,12 +1,18 @@
 """Dynamic batching: concurrent requests become large model passes.
 
-Requests queue per model. A consumer per model replica takes the oldest request and every later
-one of the same *kind* (requests that can share a pass: classification, forward-only
-explanation, explanation with gradients) until ``max_batch_size`` images are collected or the
+Requests queue per model and lane (`runtime.worker`). A consumer per model replica takes the
+oldest request and every later one of the same *kind* (requests that can share a pass: one cost
+class, see `vitlens_server.explain.Cost`) until ``max_batch_size`` images are collected or the
 oldest has waited ``max_delay_s``, then runs the batch on its replica's thread and hands each
 request its own result. Results travel back through futures guarded by ``done()``: a caller that
 went away (cancelled, deadline passed) never breaks the loop, and requests whose deadline has
 passed are dropped before they reach the device.
+
+Abandoned work stops: the batch's run gets an ``interrupted()`` callable, true once every
+request of the batch was cancelled or passed its deadline, or the batcher is stopping; the
+engine checks it at each step (pass, backward rank, chunk of extra passes) and gives up there.
+Admission (the queue bound) is the caller's: a request is admitted whole before its chunks are
+submitted, so its own chunks never refuse it.
 
 Never imports torch: items and results are opaque to the batcher.
 """
@@ -20,9 +26,9 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from vitlens_server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from vitlens_server.errors import DeadlineExceeded, Unavailable
 
 __all__ = ["BatchStats", "Batcher"]
 
@@ -30,8 +36,6 @@ log = logging.getLogger("vitlens.batcher")
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-RunBatch = Callable[[list[Any]], list[Any]]  # items → results or exceptions, same length
 
 
 @dataclass(frozen=True)
@@ -54,39 +58,41 @@ class _Pending(Generic[T]):
     future: asyncio.Future
     enqueued: float
 
+    def abandoned(self, now: float) -> bool:
+        """Nobody waits for the result any more: cancelled, answered, or past its deadline."""
+        return self.future.done() or (self.deadline is not None and self.deadline <= now)
+
 
 class Batcher(Generic[T, R]):
     """A bounded request queue feeding one consumer per replica.
 
     Args:
-        run: executes a batch of items on a replica's thread; called as ``run(replica, items)``
-            and returns one result or exception per item, in order.
+        run: executes a batch of items on a replica's thread; called as
+            ``run(replica, items, interrupted)`` and returns one result or exception per item,
+            in order. ``interrupted()`` turns true when the batch's work is no longer wanted.
         executors: one single-thread executor per replica (device).
         max_batch_size: images per batch (a single larger item still runs, alone).
         max_delay_s: longest the oldest request waits for batch-mates.
-        max_queue_images: images allowed to wait; beyond it `submit` answers RESOURCE_EXHAUSTED.
         on_batch: called on the event loop with each batch's `BatchStats`.
         clock: monotonic seconds (deadlines are instants of it); injectable for tests.
     """
 
     def __init__(
         self,
-        run: Callable[[int, list[T]], list[R | BaseException]],
+        run: Callable[[int, list[T], Callable[[], bool]], list[R | BaseException]],
         executors: Sequence[Executor],
         *,
         max_batch_size: int,
         max_delay_s: float,
-        max_queue_images: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_batch_size < 1 or max_delay_s < 0 or max_queue_images < 1:
-            raise ValueError("max_batch_size and max_queue_images must be ≥ 1, max_delay_s ≥ 0")
+        if max_batch_size < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size must be ≥ 1 and max_delay_s ≥ 0")
         self._run = run
         self._executors = list(executors)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self.max_queue_images = max_queue_images
         self._on_batch = on_batch
         self._clock = clock
         self._queue: collections.deque[_Pending[T]] = collections.deque()
@@ -109,15 +115,16 @@ class Batcher(Generic[T, R]):
         ]
 
     async def stop(self) -> None:
-        """Stop taking work; queued requests fail with UNAVAILABLE, running batches finish."""
+        """Stop taking work: queued requests fail with UNAVAILABLE at once, a running batch is
+        interrupted at its next step (its requests fail with UNAVAILABLE) and awaited."""
         self._closed = True
-        for task in self._consumers:
-            task.cancel()
-        await asyncio.gather(*self._consumers, return_exceptions=True)
         while self._queue:
-            pending = self._queue.popleft()
-            _fail(pending, Unavailable("the server is shutting down; retry on another replica"))
+            _fail(self._queue.popleft(), Unavailable(_SHUTTING_DOWN))
         self._queued_images = 0
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
 
     async def submit(
         self, item: T, *, images: int, kind: Hashable, deadline: float | None = None
@@ -131,26 +138,18 @@ class Batcher(Generic[T, R]):
             raise Unavailable("the model's batcher is not running")
         if deadline is not None and deadline <= self._clock():
             raise DeadlineExceeded("the request's deadline passed before it was queued")
-        self.admit(images)
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(item, images, kind, deadline, future, self._clock())
         self._queue.append(pending)
         self._queued_images += images
         async with self._changed:
             self._changed.notify_all()
-        return await future
-
-    def admit(self, images: int) -> None:
-        """Raise RESOURCE_EXHAUSTED unless ``images`` more images fit in the queue.
-
-        An empty queue admits any request, so a request larger than the bound still runs.
-        """
-        if self._queued_images + images > self.max_queue_images and self._queue:
-            raise ResourceExhausted(
-                f"the model's queue is full ({self._queued_images} images waiting, limit "
-                f"{self.max_queue_images}); retry after about {self.retry_after_s():.1f} s",
-                retry_after_s=self.retry_after_s(),
-            )
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller went away: its images leave the queue now
+            if pending in self._queue:
+                self._remove(pending)
+            raise
 
     def retry_after_s(self) -> float:
         """How long the current queue takes to drain at the recent throughput (≥ 50 ms)."""
@@ -162,6 +161,8 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            if batch is None:
+                return
             stats = BatchStats(
                 images=sum(p.images for p in batch),
                 requests=len(batch),
@@ -172,35 +173,52 @@ class Batcher(Generic[T, R]):
             if self._on_batch is not None:
                 self._on_batch(stats)
             started = self._clock()
+
+            def interrupted(batch: list[_Pending[T]] = batch) -> bool:
+                now = self._clock()  # read on the replica's thread: flags only, no locking
+                return self._closed or all(p.abandoned(now) for p in batch)
+
             items = [p.item for p in batch]
             try:
                 results = await loop.run_in_executor(
-                    self._executors[replica], self._run, replica, items
+                    self._executors[replica], self._run, replica, items, interrupted
                 )
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # the loop is going away under us
                 for pending in batch:
-                    _fail(pending, Unavailable("the server is shutting down"))
+                    _fail(pending, Unavailable(_SHUTTING_DOWN))
                 raise
             except Exception as err:  # the whole batch failed: every request learns why
                 log.exception("batch of %d requests failed", len(batch))
                 results = [err] * len(batch)
             elapsed = max(self._clock() - started, 1e-6)
             self._images_per_s = 0.8 * self._images_per_s + 0.2 * stats.images / elapsed
+            stopped = interrupted()
             for pending, result, wait_s in zip(batch, results, stats.queue_waits_s, strict=True):
                 if pending.future.done():  # cancelled while it ran
                     continue
-                if isinstance(result, BaseException):
+                if stopped and isinstance(result, BaseException):
+                    _fail(pending, self._why_stopped(pending))
+                elif isinstance(result, BaseException):
                     pending.future.set_exception(result)
                 else:
                     pending.future.set_result((result, wait_s))
 
-    async def _next_batch(self) -> list[_Pending[T]]:
-        """Wait for the oldest live request, then for batch-mates until full or its delay."""
+    def _why_stopped(self, pending: _Pending[T]) -> Exception:
+        """The error of a request whose batch was interrupted."""
+        if self._closed:
+            return Unavailable(_SHUTTING_DOWN)
+        return DeadlineExceeded("the request's deadline passed while it ran")
+
+    async def _next_batch(self) -> list[_Pending[T]] | None:
+        """Wait for the oldest live request, then for batch-mates until full or its delay;
+        None once the batcher is stopping."""
         assert self._changed is not None
         async with self._changed:
             while True:
+                if self._closed:
+                    return None
                 head = self._live_head()
                 if head is None:
                     await self._changed.wait()
@@ -216,7 +234,7 @@ class Batcher(Generic[T, R]):
                         await asyncio.wait_for(self._changed.wait(), remaining)
                     except TimeoutError:
                         break
-                if head.future.done():  # the oldest went away while we waited: start over
+                if head.future.done() or self._closed:  # the oldest went away: start over
                     continue
                 return self._take(head.kind)
 
@@ -262,6 +280,9 @@ class Batcher(Generic[T, R]):
     def _remove(self, pending: _Pending[T]) -> None:
         self._queue.remove(pending)
         self._queued_images -= pending.images
+
+
+_SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
 
 def _fail(pending: _Pending, error: BaseException) -> None:

@@ -1,41 +1,64 @@
-"""Model workers: a dynamic batcher in front of each loaded model's device thread.
+"""Model workers: per served model, one dynamic batcher per lane in front of the devices.
 
-Requests never run on the asyncio event loop: they queue in the model's `Batcher`, which hands
-batches to the model's own thread. A request larger than ``max_batch_size`` is split into chunks
-that batch like separate requests. A batch that fails is retried in halves when the device ran
-out of memory and one request at a time otherwise, so one bad request never fails its
-batch-mates.
+Requests never run on the asyncio event loop. Each request is admitted whole against the
+model's queue bound, split into chunks of at most ``max_batch_size`` images (chunks batch like
+separate requests) and queued in the lane of its cost class:
+
+    lane     cost classes                        what a batch costs
+    device   predict, FORWARD, BACKWARD          one pass (and one backward per target rank)
+    extra    EXTRA (saliency, token_reflection)  many further passes of the model
+    host     HOST (attention_flow)               one pass, then CPU-bound graph search
+
+Batches form only within one cost class, and every lane has its own thread per replica, so a
+cheap request never waits behind a slow batch it does not belong to. (The lanes of one replica
+share its device; `AttentionHooks` records per thread.) A batch whose requests all went away,
+or whose batcher is stopping, is interrupted at its next step. A batch that fails is retried in
+halves when the device ran out of memory and one request at a time otherwise, so one bad
+request never fails its batch-mates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vitlens_server.errors import NotFound, ResourceExhausted
+from vitlens_server.domain import ExplainResult, Predictions, TargetSpec
+from vitlens_server.errors import ResourceExhausted
 from vitlens_server.explain import (
+    Cost,
     Explainer,
     ExplainJob,
-    ExplainResult,
-    Pass,
-    Predictions,
-    TargetSpec,
+    Interrupted,
+    get_method,
+    parse_params,
+    top_k_predictions,
 )
-from vitlens_server.explain.engine import top_k_predictions
 from vitlens_server.models import LoadedModel
 from vitlens_server.runtime.batcher import Batcher, BatchStats
 
-__all__ = ["ModelWorker", "PredictJob", "WorkerPool"]
+__all__ = ["Lane", "ModelWorker", "PredictJob"]
 
 log = logging.getLogger("vitlens.worker")
+
+
+class Lane(enum.Enum):
+    """Where a request's batches run (see the module docstring)."""
+
+    DEVICE = "device"
+    EXTRA = "extra"
+    HOST = "host"
+
+
+LANES = {Cost.FORWARD: Lane.DEVICE, Cost.BACKWARD: Lane.DEVICE, Cost.EXTRA: Lane.EXTRA,
+         Cost.HOST: Lane.HOST}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,8 +71,8 @@ class PredictJob:
 
 
 class ModelWorker:
-    """One served model: a replica per device (each with its cached hooks and its own thread)
-    fed by one batcher, so whichever device is free takes the next batch."""
+    """One served model: a replica per device, each with its cached hooks and one thread per
+    lane, fed by one batcher per lane, so whichever replica is free takes the next batch."""
 
     def __init__(
         self,
@@ -64,41 +87,54 @@ class ModelWorker:
         self.model = model
         self.explainer = Explainer(model)
         self.max_batch_size = max_batch_size
+        self.max_queue_images = max_queue_images
         self._replicas = [self.explainer, *(Explainer(m) for m in replicas)]
-        self._executors = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"vitlens-{model.name}-{e.model.device}")
-            for e in self._replicas
-        ]
-        self._batcher: Batcher[Any, Any] = Batcher(
-            self._run,
-            self._executors,
-            max_batch_size=max_batch_size,
-            max_delay_s=max_delay_s,
-            max_queue_images=max_queue_images,
-            on_batch=None if on_batch is None else lambda stats: on_batch(model.name, stats),
-        )
+        self._executors: list[ThreadPoolExecutor] = []
+        self._lanes: dict[Lane, Batcher[Any, Any]] = {}
+        for lane in Lane:
+            executors = [
+                ThreadPoolExecutor(1, f"vitlens-{model.name}-{lane.value}-{e.model.device}")
+                for e in self._replicas
+            ]  # threads start on first use: an idle lane costs nothing
+            self._executors += executors
+            self._lanes[lane] = Batcher(
+                self._run,
+                executors,
+                max_batch_size=max_batch_size,
+                max_delay_s=max_delay_s,
+                on_batch=None if on_batch is None else lambda s: on_batch(model.name, s),
+            )
 
     @property
     def queued_images(self) -> int:
-        return self._batcher.queued_images
+        """Images waiting in every lane (what the queue bound limits)."""
+        return sum(batcher.queued_images for batcher in self._lanes.values())
 
     def start(self) -> None:
         """Start batching (on the running event loop)."""
-        self._batcher.start()
+        for batcher in self._lanes.values():
+            batcher.start()
 
     async def stop(self) -> None:
-        await self._batcher.stop()
+        """Fail queued requests with UNAVAILABLE; interrupt and await the running batches."""
+        await asyncio.gather(*(batcher.stop() for batcher in self._lanes.values()))
+
+    def close(self) -> None:
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+        for explainer in self._replicas:
+            explainer.close()
 
     async def explain(
         self, job: ExplainJob, deadline: float | None = None
     ) -> tuple[ExplainResult, float]:
         """Explain a job; returns the result and the longest queue wait of its chunks."""
-        kind = ("explain", Pass.BACKWARD in job.method.passes)
         chunks = [
             dataclasses.replace(job, pixels=pixels)
             for pixels in job.pixels.split(self.max_batch_size)
         ]
-        done = await self._submit_all(chunks, kind, deadline)
+        lane = LANES[job.method.cost]
+        done = await self._submit(chunks, lane, ("explain", job.method.cost), deadline)
         return ExplainResult.concat([r for r, _ in done]), max(w for _, w in done)
 
     async def predict(
@@ -106,22 +142,19 @@ class ModelWorker:
     ) -> tuple[Predictions, float]:
         """Classify (B, C, H, W) pixels; returns predictions and the queue wait in seconds."""
         chunks = [PredictJob(chunk, top_k) for chunk in pixels.split(self.max_batch_size)]
-        done = await self._submit_all(chunks, ("predict",), deadline)
+        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline)
         return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
 
     async def logits(self, pixels: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
         """(B, C, H, W) pixels → (B, classes) float32 logits on the host, batched like Predict
         (Evaluate's re-classification of perturbed images)."""
         chunks = [PredictJob(chunk, 0) for chunk in pixels.split(self.max_batch_size)]
-        done = await self._submit_all(chunks, ("predict",), deadline)
+        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline)
         return torch.cat([r for r, _ in done])
 
     async def warm_up(self) -> None:
-        """One small pass of each kind through the batcher: classification, a forward-only and
+        """One small pass of each kind through the batchers: classification, a forward-only and
         a gradient explanation, and the attention-flow solver's compilation."""
-        from vitlens_server.explain import get_method
-        from vitlens_server.explain.params import parse_params
-
         _, height, width = self.model.geometry.input_size
         pixels = torch.zeros(1, 3, height, width)
         await self.predict(pixels, 1)
@@ -131,28 +164,45 @@ class ModelWorker:
                 params = parse_params(spec.params, {}, method=name)
                 await self.explain(ExplainJob(pixels, spec, params, TargetSpec()))
 
-    async def _submit_all(self, chunks: Sequence[Any], kind, deadline) -> list[tuple[Any, float]]:
-        self._batcher.admit(sum(c.pixels.shape[0] for c in chunks))  # all chunks or none
-        tasks = [
-            self._batcher.submit(c, images=c.pixels.shape[0], kind=kind, deadline=deadline)
-            for c in chunks
-        ]
-        if len(tasks) == 1:
-            return [await tasks[0]]
-        return list(await asyncio.gather(*tasks))
+    async def _submit(
+        self, chunks: Sequence[Any], lane: Lane, kind: tuple, deadline: float | None
+    ) -> list[tuple[Any, float]]:
+        """Admit the whole request, then queue its chunks; the first failure cancels the rest."""
+        self._admit(sum(c.pixels.shape[0] for c in chunks), lane)
+        batcher = self._lanes[lane]
 
-    def _run(self, replica: int, items: list[Any]) -> list[Any]:
-        """Run one batch on replica ``replica``'s thread (all items of one kind)."""
+        def submit(chunk: Any) -> Awaitable[tuple[Any, float]]:
+            return batcher.submit(chunk, images=chunk.pixels.shape[0], kind=kind, deadline=deadline)
+
+        if len(chunks) == 1:
+            return [await submit(chunks[0])]
+        tasks = [asyncio.ensure_future(submit(c)) for c in chunks]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()  # no-op for the finished; withdraws the rest after a failure
+
+    def _admit(self, images: int, lane: Lane) -> None:
+        """RESOURCE_EXHAUSTED unless ``images`` more images fit in the model's queue.
+
+        An empty queue admits any request, so a request larger than the bound still runs.
+        """
+        queued = self.queued_images
+        if queued and queued + images > self.max_queue_images:
+            retry_s = self._lanes[lane].retry_after_s()
+            raise ResourceExhausted(
+                f"the model's queue is full ({queued} images waiting, limit "
+                f"{self.max_queue_images}); retry after about {retry_s:.1f} s",
+                retry_after_s=retry_s,
+            )
+
+    def _run(self, replica: int, items: list[Any], interrupted: Callable[[], bool]) -> list[Any]:
+        """Run one batch on replica ``replica``'s thread of its lane (all items of one kind)."""
         explainer = self._replicas[replica]
         if isinstance(items[0], PredictJob):
             return _isolated(lambda batch: _predict_batch(explainer, batch), items)
-        return _isolated(explainer.explain_batch, items)
-
-    def close(self) -> None:
-        for executor in self._executors:
-            executor.shutdown(wait=True)
-        for explainer in self._replicas:
-            explainer.close()
+        return _isolated(lambda jobs: explainer.explain_batch(jobs, interrupted=interrupted), items)
 
 
 def _predict_batch(
@@ -171,9 +221,12 @@ def _predict_batch(
 
 
 def _isolated(run: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[Any]:
-    """``run(items)``, retried in halves on out-of-memory and one by one on other failures."""
+    """``run(items)``, retried in halves on out-of-memory and one by one on other failures;
+    an interrupted batch is not retried."""
     try:
         return run(items)
+    except Interrupted as err:
+        return [err] * len(items)
     except Exception as err:
         if _is_out_of_memory(err):
             if torch.cuda.is_available():
@@ -196,38 +249,3 @@ def _isolated(run: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[A
 
 def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-class WorkerPool:
-    """The workers of every loaded model, by model name."""
-
-    def __init__(self, workers: Iterable[ModelWorker]) -> None:
-        self._workers = {w.model.name: w for w in workers}
-
-    def __iter__(self):
-        return iter(self._workers.values())
-
-    def get(self, name: str) -> ModelWorker:
-        worker = self._workers.get(name)
-        if worker is None:
-            raise NotFound(f"model {name!r} is not loaded")
-        return worker
-
-    def start(self) -> None:
-        for worker in self._workers.values():
-            worker.start()
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(w.stop() for w in self._workers.values()))
-
-    async def warm_up(self) -> None:
-        await asyncio.gather(*(w.warm_up() for w in self._workers.values()))
-
-    def close(self) -> None:
-        for worker in self._workers.values():
-            worker.close()
-
-
-def monotonic_deadline(time_remaining_s: float | None) -> float | None:
-    """A gRPC ``context.time_remaining()`` as a `time.monotonic` instant (None: no deadline)."""
-    return None if time_remaining_s is None else time.monotonic() + time_remaining_s

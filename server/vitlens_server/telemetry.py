@@ -1,6 +1,6 @@
 """Prometheus metrics, served on their own HTTP port (``vitlens serve --metrics-port``).
 
-Each server owns a `Metrics` with its own registry, so several servers (tests) never share
+Each server owns a `Telemetry` with its own registry, so several servers (tests) never share
 counters. Names follow Prometheus conventions: base units, ``_total`` counters, ``_seconds``.
 """
 
@@ -20,14 +20,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from vitlens_server.runtime.batcher import BatchStats
 
-__all__ = ["Metrics"]
+__all__ = ["Telemetry"]
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 BATCH_BUCKETS = tuple(float(2**i) for i in range(11))  # 1 … 1024 images
 
 
-class Metrics:
+class Telemetry:
     """The service's metrics: requests, latency, batching, queues, cache, device memory."""
 
     def __init__(self) -> None:
@@ -77,6 +77,11 @@ class Metrics:
         if device.startswith("cuda") and device not in self._devices:
             self._devices.append(device)
 
+    def on_cache(self, model: str, hits: int, misses: int) -> None:
+        """Record one Explain request's cache lookups (the data plane's callback)."""
+        self.cache_hits.labels(model).inc(hits)
+        self.cache_misses.labels(model).inc(misses)
+
     def on_batch(self, model: str, stats: BatchStats) -> None:
         """Record one model pass (the batcher's callback)."""
         kind = _kind_label(stats.kind)
@@ -104,11 +109,9 @@ class Metrics:
 
 
 def _kind_label(kind: object) -> str:
-    """("explain", True) → "explain-backward"; ("predict",) → "predict"."""
-    if kind == ("predict",):
-        return "predict"
-    if isinstance(kind, tuple) and len(kind) == 2 and kind[0] == "explain":
-        return "explain-backward" if kind[1] else "explain-forward"
+    """("explain", Cost.BACKWARD) → "explain-backward"; ("predict",) → "predict"."""
+    if isinstance(kind, tuple):
+        return "-".join(getattr(part, "name", str(part)).lower() for part in kind)
     return str(kind)
 
 

@@ -1,0 +1,258 @@
+"""Evaluate runs: plan, dataset, one thread per run, every model call batched.
+
+    stream(query)  plan the run (methods, metrics and options parsed once; each method checked
+                   against the model), open the dataset (inline images decoded on the decode
+                   pool), then run `evaluate.run_evaluation` on a run thread, yielding its
+                   progress as it happens and one summary per method x metric at the end
+
+The run thread's model calls (`ModelCalls`) are submitted straight into the model's worker on
+the event loop (`asyncio.run_coroutine_threadsafe`) and wait on the returned future, so an
+evaluation's passes batch with each other and with live traffic, by cost class; the sanity
+metric's weight-randomised copy is served by a worker of its own. When the caller goes away
+the run stops at its next step and the model call it is waiting for is withdrawn (a running
+batch nobody else waits for is interrupted); on shutdown the run fails with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitlens_server.domain import ExplainResult, MetricSummary, Progress, TargetSpec
+from vitlens_server.errors import InvalidArgument, Unavailable, VitlensError
+from vitlens_server.evaluate import (
+    Cancelled,
+    Sample,
+    open_server_path,
+    parse_synthetic,
+    plan_evaluation,
+    run_evaluation,
+)
+from vitlens_server.explain import ExplainJob
+from vitlens_server.imaging import ImageDecoder
+from vitlens_server.models import LoadedModel
+from vitlens_server.runtime.api import EvaluateQuery, InlineSample
+from vitlens_server.runtime.worker import ModelWorker
+
+__all__ = ["Evaluations"]
+
+RandomisedWorker = Callable[[LoadedModel], Awaitable[ModelWorker]]
+
+
+class Evaluations:
+    """The Evaluate runs of a data plane.
+
+    Args:
+        dataset_roots: folders server-side datasets may be read from.
+        decode_pool: where inline images are decoded.
+        randomised: the worker of a model's weight-randomised copy (made on first use).
+        threads: runs at once; further calls wait for a thread.
+    """
+
+    def __init__(
+        self,
+        dataset_roots: Sequence[Path],
+        decode_pool: concurrent.futures.Executor,
+        randomised: RandomisedWorker,
+        max_pixels: int,
+        threads: int = 2,
+    ) -> None:
+        self._roots = tuple(Path(r) for r in dataset_roots)
+        self._decode_pool = decode_pool
+        self._randomised = randomised
+        self._max_pixels = max_pixels
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, "vitlens-evaluate")
+        self._runs: set[_RunState] = set()
+
+    @property
+    def running(self) -> int:
+        """Runs whose thread has not finished (a cancelled one stops at its next step)."""
+        return len(self._runs)
+
+    def stop(self) -> None:
+        """Fail every run with UNAVAILABLE at its next step."""
+        for state in list(self._runs):
+            state.stop(Unavailable("the server is shutting down; retry on another replica"))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def stream(
+        self, query: EvaluateQuery, model: LoadedModel, worker: ModelWorker
+    ) -> AsyncIterator[Progress | MetricSummary]:
+        plan = plan_evaluation(
+            query.methods,
+            query.metrics,
+            method_options=query.method_options,
+            metric_options=query.metric_options,
+            explain_label=query.explain_label,
+        )
+        for planned in plan.methods:
+            if not planned.spec.needs_mask:  # the oracle reads the dataset's masks
+                worker.explainer.check(planned.spec, planned.params, TargetSpec())
+        dataset = await self._dataset(query, model)
+        randomised = await self._randomised(model) if plan.needs_randomised else None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Progress] = asyncio.Queue()
+        state = _RunState()
+        calls = _BatchedCalls(worker, randomised, loop, state)
+
+        def work() -> list[MetricSummary]:
+            try:
+                return run_evaluation(
+                    plan,
+                    dataset,
+                    calls,
+                    input_size=model.geometry.input_size[1:],
+                    grid=model.geometry.grid,
+                    num_classes=model.geometry.num_classes,
+                    progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, p),
+                    cancelled=state.cancelled,
+                )
+            finally:
+                loop.call_soon_threadsafe(self._runs.discard, state)
+
+        self._runs.add(state)
+        context = contextvars.copy_context()  # the run's log lines carry the request id
+        run = loop.run_in_executor(self._pool, context.run, work)
+        run.add_done_callback(_retrieve)  # a run the caller left still ends with an outcome
+        try:
+            while not run.done() or not events.empty():
+                waiter = asyncio.ensure_future(events.get())
+                try:
+                    await asyncio.wait({waiter, run}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if waiter.done() and not waiter.cancelled():
+                    yield waiter.result()
+            try:
+                results = run.result()
+            except Cancelled:
+                if state.reason is not None:
+                    raise state.reason from None
+                return
+            for summary in results:
+                yield summary
+        finally:
+            state.stop(None)  # the caller went away, or the run is over
+
+    async def _dataset(self, query: EvaluateQuery, model: LoadedModel) -> Sequence[Sample]:
+        loop = asyncio.get_running_loop()
+        if query.synthetic is not None:
+            dataset: Sequence[Sample] = parse_synthetic(query.synthetic)
+        elif query.server_path is not None:
+            dataset = await loop.run_in_executor(
+                self._decode_pool, open_server_path, query.server_path, self._roots, model.labels
+            )
+        elif query.inline is not None:
+            decoder = ImageDecoder(model.geometry.input_size[1:], self._max_pixels)
+            dataset = await loop.run_in_executor(
+                self._decode_pool, _inline, query.inline, decoder, model.geometry.num_classes
+            )
+        else:
+            raise InvalidArgument("dataset is empty: set synthetic, server_path or inline")
+        return _Limited(dataset, query.limit) if query.limit else dataset
+
+
+def _retrieve(run: asyncio.Future) -> None:
+    if not run.cancelled():
+        run.exception()
+
+
+class _RunState:
+    """A run's cancellation: the event the runner checks between steps, why it was set, and
+    the model call the run thread is waiting for (withdrawn when the run stops)."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.reason: VitlensError | None = None
+        self.waiting: concurrent.futures.Future | None = None
+
+    def stop(self, reason: VitlensError | None) -> None:
+        if not self.cancelled.is_set():
+            self.reason = reason
+            self.cancelled.set()
+        waiting = self.waiting
+        if waiting is not None:
+            waiting.cancel()
+
+
+class _BatchedCalls:
+    """`ModelCalls` for the run thread: each call is one request to the model's worker."""
+
+    def __init__(
+        self,
+        worker: ModelWorker,
+        randomised: ModelWorker | None,
+        loop: asyncio.AbstractEventLoop,
+        state: _RunState,
+    ) -> None:
+        self._worker, self._randomised, self._loop, self._state = worker, randomised, loop, state
+
+    def explain(self, job: ExplainJob) -> ExplainResult:
+        return self._call(self._worker.explain(job))[0]
+
+    def randomised_explain(self, job: ExplainJob) -> ExplainResult:
+        if self._randomised is None:
+            raise RuntimeError("the plan has no metric that needs the randomised copy")
+        return self._call(self._randomised.explain(job))[0]
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._call(self._worker.logits(pixels))
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        if self._state.cancelled.is_set():
+            coro.close()
+            raise Cancelled("the evaluation was cancelled")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        self._state.waiting = future
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise Cancelled("the evaluation was cancelled") from None
+        finally:
+            self._state.waiting = None
+
+
+class _Limited:
+    """The first ``limit`` samples of a dataset."""
+
+    def __init__(self, dataset: Sequence[Sample], limit: int) -> None:
+        self._dataset, self._count = dataset, min(limit, len(dataset))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return self._dataset[index]
+
+
+def _inline(
+    samples: Sequence[InlineSample], decoder: ImageDecoder, num_classes: int
+) -> list[Sample]:
+    """Inline samples as the runner reads them: pixels at their own size (the runner resizes
+    them as uploads are resized), masks as (1, H, W) bool."""
+    out = []
+    for i, sample in enumerate(samples):
+        where = f"dataset.inline.samples[{i}]"
+        if not 0 <= sample.label < num_classes:
+            raise InvalidArgument(f"{where}.label {sample.label} is not in 0..{num_classes - 1}")
+        image = decoder.read(sample.image).permute(1, 2, 0).numpy()  # (H, W, 3)
+        masks = None
+        if sample.mask is not None:
+            if sample.mask.ndim != 2:
+                raise InvalidArgument(f"{where}.mask must be (H, W); got shape {sample.mask.shape}")
+            masks = (sample.mask != 0)[None]
+        out.append(Sample(sample.image.id or f"sample_{i}", image, (sample.label,), masks))
+    if any(s.masks is None for s in out) and any(s.masks is not None for s in out):
+        raise InvalidArgument("give a mask for every inline sample or for none")
+    return out
