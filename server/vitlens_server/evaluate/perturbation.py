@@ -6,7 +6,7 @@ All perturbed images of all steps and all images are built on the pixels' device
 in chunks of ``batch_size`` images, one call per chunk: a chunk mixes steps and images.
 
 Shared conventions (choices the papers leave open, fixed here):
-- The map is upsampled bilinearly to H x W first (`metrics.upsample_maps`, as Chefer's code does
+- The map is upsampled bilinearly to H x W first (`primitives.upsample_maps`, as Chefer's code does
   with ``interpolate(scale_factor=16, mode="bilinear")``); relevance orders pixels, never tokens.
 - Order: pixels are ranked by relevance, highest first ("most relevant first"), or lowest first
   for Chefer's negative perturbation. Ties are broken by the row-major pixel index, lower index
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitlens_server.evaluate.metrics import auc, upsample_maps
+from vitlens_server.evaluate.primitives import auc, upsample_maps
 
 __all__ = [
     "CHEFER_STEPS",

@@ -7,7 +7,7 @@ Per image (Coporan, seed 002 §3.2; Chefer et al. CVPR'21 ImageNet-segmentation 
     pixel accuracy = (TP + TN) / (H·W)
     IoU (Jaccard)  = TP / (TP + FP + FN)           (and the background IoU, TN / (TN + FP + FN))
     F1 (Dice)      = 2·TP / (2·TP + FP + FN)
-    AP             = average precision of the continuous map (`metrics.average_precision`)
+    AP             = average precision of the continuous map (`primitives.average_precision`)
 
 Choices the papers leave open, fixed here:
 - `ap` is Chefer's "mAP" as their evaluation code defines it: per image, the two class channels
@@ -20,25 +20,35 @@ Choices the papers leave open, fixed here:
   pixel accuracy and the (foreground, background)-mean IoU over the whole data set; every value
   here is per image (the caller averages, with `Summary`), and `threshold="mean"` gives
   Chefer's binarisation. METHODS.md asks for Otsu (seed 002), the default.
-- IoU, F1 and AP are 0 when undefined (an empty mask and an empty prediction), as `metrics.iou`
-  and Chefer's code (which zeroes NaN) do.
+- IoU, F1 and AP are 0 when undefined (an empty mask and an empty prediction), as
+  `primitives.iou` and Chefer's code (which zeroes NaN) do.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from vitlens_server.evaluate.metrics import (
+from vitlens_server.evaluate.context import MetricContext
+from vitlens_server.evaluate.primitives import (
     average_precision,
     min_max,
     otsu_thresholds,
     upsample_maps,
 )
+from vitlens_server.evaluate.registry import Scores, register_metric
+from vitlens_server.explain.params import choice
 
-__all__ = ["SEGMENTATION_KEYS", "segmentation_scores", "threshold_maps"]
+__all__ = [
+    "SEGMENTATION_KEYS",
+    "SegmentationOptions",
+    "segmentation",
+    "segmentation_scores",
+    "threshold_maps",
+]
 
 Threshold = Literal["otsu", "mean"]
 
@@ -67,7 +77,7 @@ def segmentation_scores(
     Returns float64 tensors (B,) on the maps' device under `SEGMENTATION_KEYS`: pixel_accuracy,
     iou, iou_background, f1 (all from the thresholded mask), ap (Chefer's two-channel AP) and
     ap_foreground (AP of the map against the mask). With the default Otsu threshold the binary
-    masks equal `metrics.otsu_masks(maps, (H, W))`, the masks `class_sensitivity` scores.
+    masks equal `primitives.otsu_masks(maps, (H, W))`, the masks `class_sensitivity` scores.
     """
     truth = masks.to(maps.device).bool()
     upsampled = upsample_maps(maps, tuple(truth.shape[-2:]))  # (B, H, W)
@@ -90,6 +100,24 @@ def segmentation_scores(
         "ap": average_precision(pooled_scores, pooled_truth),
         "ap_foreground": average_precision(upsampled, truth),
     }
+
+
+@dataclass(frozen=True)
+class SegmentationOptions:
+    threshold: str = choice(
+        "otsu", "otsu", "mean", doc="Foreground cut: Otsu's threshold (seed 002) or the map's mean."
+    )
+
+
+@register_metric(
+    "segmentation",
+    options=SegmentationOptions,
+    needs_masks=True,
+    description="Thresholded map versus the object's mask: pixel accuracy, IoU, F1, AP.",
+)
+def segmentation(ctx: MetricContext, options: SegmentationOptions) -> Scores:
+    """`segmentation_scores` of the input-resolution maps against the scored object's masks."""
+    return Scores(segmentation_scores(ctx.maps, ctx.masks[:, 0], threshold=options.threshold))
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
