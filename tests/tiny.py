@@ -8,7 +8,8 @@ import timm
 import torch
 from torch import nn
 
-from vitlens_server.models.loading import LoadedModel, ModelSpec, WeightsInfo, _read_geometry
+from vitlens_server.models import ModelSpec
+from vitlens_server.models.loading import LoadedModel, WeightsInfo, _read_geometry
 
 TINY_KWARGS = {
     "img_size": 32,

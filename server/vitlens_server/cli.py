@@ -10,11 +10,10 @@ import signal
 import sys
 from pathlib import Path
 
-from vitlens_server.config import ServerConfig
-from vitlens_server.imaging import DEFAULT_MAX_PIXELS
+from vitlens_server.config import DEFAULT_MAX_PIXELS, ServerConfig
 from vitlens_server.logs import configure_logging
 from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
-from vitlens_server.models.loading import ModelLoadError, ModelSpec
+from vitlens_server.models.spec import ModelSpec
 from vitlens_server.rpc.security import read_tokens
 from vitlens_server.settings import SettingsError, parse_settings
 
@@ -170,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from vitlens_server.models.loading import ModelLoadError
+
     try:
         asyncio.run(serve(config))
     except (ModelLoadError, ValueError, OSError) as err:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitlens_server.imaging import DEFAULT_MAX_PIXELS
 from vitlens_server.models.default import demo_spec
-from vitlens_server.models.loading import ModelSpec
+from vitlens_server.models.spec import ModelSpec
 
-__all__ = ["ServerConfig"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ServerConfig"]
+
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above any camera, below decompression-bomb sizes
 
 
 @dataclass(frozen=True)

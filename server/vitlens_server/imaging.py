@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
+from vitlens_server.config import DEFAULT_MAX_PIXELS
 from vitlens_server.domain import ImageInput
 from vitlens_server.errors import InvalidArgument
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecoder"]
-
-DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above any camera, below decompression-bomb sizes
+__all__ = ["ImageDecoder", "resize_pixels"]
 
 
 @dataclass(frozen=True)

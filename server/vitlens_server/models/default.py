@@ -7,10 +7,10 @@ falls back to seeded random weights, and the server says so in its log and in ``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from vitlens_server.data.shapes import CLASSES
-from vitlens_server.models.loading import ModelSpec
+from vitlens_server.models.spec import ModelSpec
 
 __all__ = ["DEMO_LABELS", "DEMO_MODEL_NAME", "DEMO_WEIGHTS", "demo_spec"]
 
@@ -18,8 +18,11 @@ DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "vitlens-demo.sa
 
 DEMO_MODEL_NAME = "vitlens-demo"
 
-# The object classes of vitlens' generated scenes.
-DEMO_LABELS = CLASSES
+# The object classes of vitlens' generated scenes, as the shipped weights' sidecar names them
+# (read here rather than from `vitlens_server.data`: models never import the scene generator).
+DEMO_LABELS: tuple[str, ...] = tuple(
+    json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())["labels"]
+)
 
 # A ViT-Tiny/16 at half depth: 224 px input, 14 x 14 patch grid, 6 blocks x 3 heads, 2.9 M params.
 DEMO_ARCHITECTURE = "vit_tiny_patch16_224"

@@ -22,7 +22,9 @@ from huggingface_hub import try_to_load_from_cache
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
-__all__ = ["LoadedModel", "ModelGeometry", "ModelLoadError", "ModelSpec", "load_model"]
+from vitlens_server.models.spec import ModelSpec
+
+__all__ = ["LoadedModel", "ModelGeometry", "ModelLoadError", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -34,39 +36,6 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """What to serve under one name.
-
-    Attributes:
-        name: served name, used in requests.
-        architecture: timm model name, e.g. ``vit_base_patch16_224``.
-        weights: local weights file; ``None`` with ``pretrained=False`` means random weights.
-        pretrained: load timm's pretrained weights from the local Hugging Face or torch hub
-            cache (never downloaded).
-        labels: class names; default: from a ``<weights>.json`` sidecar, ImageNet names for
-            1000-class models, else ``class_<i>``.
-        model_kwargs: extra ``timm.create_model`` arguments (``num_classes``, ``depth``...).
-        device: torch device string.
-        seed: seed of the random initialisation when no weights are given.
-        precision: ``fp32``; ``tf32`` (CUDA matmuls in TensorFloat-32, a process-wide
-            setting); ``bf16`` (model passes under bfloat16 autocast, weights and method math
-            in float32).
-        metadata: provenance shown in ``ModelInfo.weights.metadata``.
-    """
-
-    name: str
-    architecture: str
-    weights: Path | None = None
-    pretrained: bool = False
-    labels: tuple[str, ...] | None = None
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
-    seed: int = 0
-    precision: str = "fp32"
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class ModelGeometry:
     """Shapes read from the model, never assumed (N = num_prefix_tokens + gh * gw)."""
 
@@ -74,7 +43,6 @@ class ModelGeometry:
     patch_size: tuple[int, int]
     grid: tuple[int, int]  # (gh, gw)
     num_prefix_tokens: int
-    has_class_token: bool
     readout: str  # how the head reads the tokens: "token", "distilled", "avg", or timm's pool name
     num_layers: int
     num_heads: int
@@ -283,16 +251,12 @@ def _read_geometry(module: nn.Module) -> ModelGeometry:
         )
     img_size = tuple(patch_embed.img_size)
     in_chans = patch_embed.proj.in_channels
-    has_cls = bool(
-        getattr(module, "has_class_token", getattr(module, "cls_token", None) is not None)
-    )
     return ModelGeometry(
         input_size=(in_chans, img_size[0], img_size[1]),
         readout=readout_kind(module),
         patch_size=tuple(patch_embed.patch_size),
         grid=tuple(patch_embed.grid_size),
         num_prefix_tokens=int(module.num_prefix_tokens),
-        has_class_token=has_cls,
         num_layers=len(blocks),
         num_heads=int(blocks[0].attn.num_heads),
         num_classes=int(module.num_classes),

@@ -31,12 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitlens_server.data import SceneConfig, render_scene, split_seeds
-from vitlens_server.models.default import (
-    DEMO_ARCHITECTURE,
-    DEMO_KWARGS,
-    DEMO_LABELS,
-    DEMO_WEIGHTS,
-)
+from vitlens_server.data.shapes import CLASSES
+from vitlens_server.models.default import DEMO_ARCHITECTURE, DEMO_KWARGS, DEMO_WEIGHTS
 from vitlens_server.training.accuracy import scene_accuracy, to_model_input
 from vitlens_server.training.export import export_weights
 
@@ -96,7 +92,7 @@ class SceneStream(IterableDataset):
                 self.config.two_object_fraction
             )
             scenes = [render_scene(s, two_object=two, config=self.scenes) for s in seeds[-size:]]
-            targets = np.zeros((size, len(DEMO_LABELS)), np.float32)
+            targets = np.zeros((size, len(CLASSES)), np.float32)
             for row, scene in enumerate(scenes):
                 targets[row, list(scene.labels)] = 1.0 / len(scene.labels)
             images = np.stack([scene.image for scene in scenes])
@@ -215,7 +211,7 @@ def train(
         "two_object_top2_both": accuracy.two_object_top2_both,
         "two_object_top1_either": accuracy.two_object_top1_either,
     }
-    export_weights(model, config.out, labels=DEMO_LABELS, mean=MEAN, std=STD, metadata=metadata)
+    export_weights(model, config.out, labels=CLASSES, mean=MEAN, std=STD, metadata=metadata)
     log.info("wrote %s (%.1f MB)", config.out, config.out.stat().st_size / 1e6)
     return metadata
 

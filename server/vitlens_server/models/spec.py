@@ -1,0 +1,43 @@
+"""What to serve under one name: a torch-free description, read by the settings and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelSpec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to serve under one name.
+
+    Attributes:
+        name: served name, used in requests.
+        architecture: timm model name, e.g. ``vit_base_patch16_224``.
+        weights: local weights file; ``None`` with ``pretrained=False`` means random weights.
+        pretrained: load timm's pretrained weights from the local Hugging Face or torch hub
+            cache (never downloaded).
+        labels: class names; default: from a ``<weights>.json`` sidecar, ImageNet names for
+            1000-class models, else ``class_<i>``.
+        model_kwargs: extra ``timm.create_model`` arguments (``num_classes``, ``depth``...).
+        device: torch device string.
+        seed: seed of the random initialisation when no weights are given.
+        precision: ``fp32``; ``tf32`` (CUDA matmuls in TensorFloat-32, a process-wide
+            setting); ``bf16`` (model passes under bfloat16 autocast, weights and method math
+            in float32).
+        metadata: provenance shown in ``ModelInfo.weights.metadata``.
+    """
+
+    name: str
+    architecture: str
+    weights: Path | None = None
+    pretrained: bool = False
+    labels: tuple[str, ...] | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    seed: int = 0
+    precision: str = "fp32"
+    metadata: Mapping[str, str] = field(default_factory=dict)
