@@ -22,8 +22,17 @@ from pathlib import Path
 import torch
 
 from vitlens_server.cli import parse_model_spec
-from vitlens_server.data import render_scene, split_seeds
-from vitlens_server.evaluate import Summary, explain_maps, scene_pixels, spearman
+from vitlens_server.domain import Summary
+from vitlens_server.evaluate import (
+    LocalCalls,
+    PlannedMethod,
+    SyntheticDataset,
+    batch_samples,
+    method_maps,
+    plan_method,
+    resized,
+    spearman,
+)
 from vitlens_server.explain import METHODS, Explainer
 from vitlens_server.models import load_model
 from vitlens_server.models.default import DEMO_MODEL_NAME
@@ -43,20 +52,21 @@ def main(argv: list[str] | None = None) -> int:
 
     fp32 = load_model(parse_model_spec(args.model, args.device, "fp32"))
     bf16 = dataclasses.replace(fp32, spec=dataclasses.replace(fp32.spec, precision="bf16"))
-    size = fp32.geometry.input_size[1]
-    scenes = [render_scene(s) for s in split_seeds("test", args.scenes)]
-    pixels = torch.nn.functional.interpolate(scene_pixels(scenes), size=size, mode="bilinear")
+    size, grid = fp32.geometry.input_size[1:], fp32.geometry.grid
+    scenes = SyntheticDataset(args.scenes)
+    pixels, labels, _ = batch_samples([scenes[i] for i in range(len(scenes))], size)
     methods = args.methods or [s.name for s in METHODS.specs() if s.name not in SKIP]
-    explainers = {"fp32": Explainer(fp32), "bf16": Explainer(bf16)}
+    calls = {"fp32": LocalCalls(Explainer(fp32)), "bf16": LocalCalls(Explainer(bf16))}
     rows = []
     for name in methods:
+        method = plan_method(name)
         maps, rates = {}, {}
-        for precision, explainer in explainers.items():
-            explain_maps(explainer, name, pixels[:2], grid="tokens")  # warm-up
+        for precision, model_calls in calls.items():
+            _token_maps(method, model_calls, pixels[:2], labels[:2], grid, 2)  # warm-up
             _sync(args.device)
             started = time.perf_counter()
-            maps[precision] = explain_maps(
-                explainer, name, pixels, grid="tokens", batch_size=args.batch_size
+            maps[precision] = _token_maps(
+                method, model_calls, pixels, labels, grid, args.batch_size
             ).double()
             _sync(args.device)
             rates[precision] = len(pixels) / (time.perf_counter() - started)
@@ -72,6 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(_report(fp32, args, rows))
     print(f"wrote {args.out}")
     return 0
+
+
+def _token_maps(
+    method: PlannedMethod,
+    calls: LocalCalls,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    grid: tuple[int, int],
+    batch_size: int,
+) -> torch.Tensor:
+    """Token-grid maps (B, gh, gw) explaining each image's prediction, made as Evaluate makes
+    them (`method_maps`), ``batch_size`` images per call; pixels (B, 3, H, W), labels (B, K)."""
+    parts = []
+    for start in range(0, len(pixels), batch_size):
+        rows = slice(start, start + batch_size)
+        native, _ = method_maps(method, pixels[rows], calls, labels[rows, 0], None, label=False)
+        parts.append(resized(native, grid))
+    return torch.cat(parts)
 
 
 def _sync(device: str) -> None:

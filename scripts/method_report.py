@@ -7,6 +7,7 @@ classes is explained; the map is upsampled, min-max scaled and Otsu-thresholded,
 the mask with the explained object's mask minus the IoU with the other object's mask is averaged
 over both objects of every scene. Sanity (Adebayo et al. 2018): Spearman correlation between the
 maps of the trained model and of a copy with re-initialised weights on single-object scenes.
+Both are Evaluate's registered metrics, run in process (`run_evaluation` over `LocalCalls`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from vitlens_server.data import render_scene, split_seeds
 from vitlens_server.evaluate import (
-    Summary,
-    class_specificity,
+    LocalCalls,
+    SyntheticDataset,
+    plan_evaluation,
     randomised_copy,
-    sanity_correlations,
+    run_evaluation,
 )
 from vitlens_server.explain import METHODS, Explainer
 from vitlens_server.models import load_model
@@ -46,28 +47,35 @@ def main(argv: list[str] | None = None) -> int:
     if model.weights.random:
         print("warning: the demo weights are missing; the figures describe a random model")
     methods = args.methods or [s.name for s in METHODS.specs() if not s.needs_mask]
-    pairs = [render_scene(s, two_object=True) for s in split_seeds("test", args.scenes)]
-    singles = [render_scene(s) for s in split_seeds("test", args.scenes)]
-    trained = Explainer(model)
-    randomised = Explainer(randomised_copy(model))
+    pairs = SyntheticDataset(args.scenes, two_object=True)
+    singles = SyntheticDataset(args.scenes)
+    calls = LocalCalls(Explainer(model), randomised=Explainer(randomised_copy(model)))
+    geometry = {
+        "input_size": model.geometry.input_size[1:],
+        "grid": model.geometry.grid,
+        "num_classes": model.geometry.num_classes,
+    }
+
+    def evaluate(name: str, metric: str, dataset: SyntheticDataset) -> dict:
+        """The service's metric in process: name → `Summary` of its values."""
+        plan = plan_evaluation([name], [metric])
+        (result,) = run_evaluation(plan, dataset, calls, **geometry)
+        return result.values
 
     rows_specific, rows_sanity = [], []
     for name in methods:
         start = time.perf_counter()
-        result = class_specificity(trained, name, pairs)
+        result = evaluate(name, "class_sensitivity", pairs)
         spec = METHODS.get(name)
         sanity = None
         if spec.class_specific:
-            sanity = Summary.of(sanity_correlations(trained, randomised, name, singles))
+            sanity = evaluate(name, "sanity", singles)["spearman"]
             rows_sanity.append((name, sanity))
         rows_specific.append(
             (
                 name,
                 spec.class_specific,
-                *(
-                    Summary.of(result[k])
-                    for k in ("between_classes", "explained", "other", "difference")
-                ),
+                *(result[k] for k in ("between_classes", "explained", "other", "difference")),
             )
         )
         print(

@@ -35,6 +35,7 @@ from vitlens_server.evaluate.plan import (
     PlannedMethod,
     PlannedMetric,
     plan_evaluation,
+    plan_method,
 )
 from vitlens_server.evaluate.primitives import (
     auc,
@@ -106,6 +107,7 @@ __all__ = [
     "perturbation_auc",
     "perturbation_curve",
     "plan_evaluation",
+    "plan_method",
     "randomised_copy",
     "register_metric",
     "removal_ranks",

@@ -39,7 +39,8 @@ class Sample:
 
     Attributes:
         id: a name for reports.
-        image: (H, W, 3) uint8 RGB.
+        image: (H, W, 3) RGB, uint8 or float32 in [0, 1] (decoded uploads stay as decoded);
+            any size: the runner resizes it to the model's input as uploads are resized.
         labels: class indices; ``labels[0]`` is the scored object's class.
         masks: (K, H, W) bool, one mask per label, or None when the data has no masks.
     """

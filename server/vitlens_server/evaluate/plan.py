@@ -18,7 +18,7 @@ from vitlens_server.evaluate.registry import METRICS, MetricSpec
 from vitlens_server.explain import METHODS, MethodSpec, get_method
 from vitlens_server.explain.params import parse_params
 
-__all__ = ["EvaluationPlan", "PlannedMethod", "PlannedMetric", "plan_evaluation"]
+__all__ = ["EvaluationPlan", "PlannedMethod", "PlannedMetric", "plan_evaluation", "plan_method"]
 
 Options = Mapping[str, Mapping[str, Any]]
 
@@ -124,8 +124,8 @@ def plan_evaluation(
             f"method_options name unknown methods {unknown}; valid: {', '.join(METHODS)}"
         )
     # Options of every method and metric named anywhere are parsed, those not evaluated too.
-    params = {
-        name: parse_params(get_method(name).params, method_options.get(name, {}), method=name)
+    planned = {
+        name: plan_method(name, method_options.get(name, {}))
         for name in dict.fromkeys([*methods, *method_options])
     }
     options = {
@@ -137,8 +137,15 @@ def plan_evaluation(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     return EvaluationPlan(
-        methods=tuple(PlannedMethod(name, get_method(name), params[name]) for name in methods),
+        methods=tuple(planned[name] for name in methods),
         metrics=tuple(PlannedMetric(name, METRICS.get(name), options[name]) for name in metrics),
         explain_label=explain_label,
         chunk_size=chunk_size,
     )
+
+
+def plan_method(name: str, options: Mapping[str, Any] | None = None) -> PlannedMethod:
+    """One method resolved with its parameters parsed from ``options`` (defaults fill the rest);
+    `InvalidArgument` for an unknown name or bad options."""
+    spec = get_method(name)
+    return PlannedMethod(name, spec, parse_params(spec.params, options or {}, method=name))
