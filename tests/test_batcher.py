@@ -1,4 +1,5 @@
-"""The dynamic batcher, with a fake runner: batching, delays, deadlines, cancellation, limits."""
+"""The dynamic batcher, with a fake runner: batching, delays, deadlines, cancellation, and the
+interruption of batches nobody waits for any more."""
 
 from __future__ import annotations
 
@@ -8,26 +9,33 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from vitlens_server.errors import DeadlineExceeded, ResourceExhausted
+from vitlens_server.errors import DeadlineExceeded, Unavailable
 from vitlens_server.runtime.batcher import Batcher, BatchStats
 
 
 class Runner:
-    """Records batches; optionally blocks the first batch until released; fails on "poison"."""
+    """Records batches; optionally blocks the first batch until released; fails on "poison".
+
+    After a blocked batch is released it reports what ``interrupted()`` said then
+    (``interrupted_after_release``) and, if it was interrupted, fails as the engine does."""
 
     def __init__(self, block_first: bool = False) -> None:
         self.batches: list[list[str]] = []
         self.started = threading.Event()
         self.release = threading.Event()
+        self.interrupted_after_release: bool | None = None
         if not block_first:
             self.release.set()
 
-    def __call__(self, replica: int, items: list[str]) -> list:
+    def __call__(self, replica: int, items: list[str], interrupted) -> list:
         self.batches.append(list(items))
         first = len(self.batches) == 1
         self.started.set()
         if first:
             self.release.wait(timeout=30)
+            self.interrupted_after_release = interrupted()
+            if self.interrupted_after_release:
+                raise InterruptedError("stopped at a step boundary")
         if "poison-all" in items:
             raise RuntimeError("the whole batch failed")
         return [ValueError(f"bad {i}") if i.startswith("bad") else f"done {i}" for i in items]
@@ -43,7 +51,7 @@ class Clock:
 
 def make(runner: Runner, **kwargs) -> tuple[Batcher, list[BatchStats]]:
     stats: list[BatchStats] = []
-    options = {"max_batch_size": 4, "max_delay_s": 30.0, "max_queue_images": 64, **kwargs}
+    options = {"max_batch_size": 4, "max_delay_s": 30.0, **kwargs}
     batcher = Batcher(runner, [ThreadPoolExecutor(1)], on_batch=stats.append, **options)
     batcher.start()
     return batcher, stats
@@ -132,31 +140,84 @@ async def test_cancelled_requests_never_reach_the_device() -> None:
     await batcher.stop()
 
 
-async def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint() -> None:
+async def test_a_cancelled_request_leaves_the_queue_at_once() -> None:
     runner = Runner(block_first=True)
-    batcher, _ = make(runner, max_queue_images=2, max_delay_s=0.0)
+    batcher, _ = make(runner, max_delay_s=0.0)
     first = asyncio.create_task(batcher.submit("first", images=4, kind="k"))
     await _started(runner)
-    queued = [asyncio.create_task(batcher.submit(f"q{i}", images=1, kind="k")) for i in range(2)]
+    queued = [asyncio.create_task(batcher.submit(f"q{i}", images=2, kind="k")) for i in range(2)]
     await asyncio.sleep(0)
-    assert batcher.queued_images == 2
-    with pytest.raises(ResourceExhausted, match="queue is full") as info:
-        await batcher.submit("one too many", images=1, kind="k")
-    assert info.value.retry_after_s > 0
+    assert batcher.queued_images == 4
+    queued[0].cancel()
+    await asyncio.gather(queued[0], return_exceptions=True)
+    assert batcher.queued_images == 2  # not when a consumer next looks
     runner.release.set()
-    assert [(await q)[0] for q in queued] == ["done q0", "done q1"]
-    await first
+    assert (await queued[1])[0] == "done q1" and (await first)[0] == "done first"
     await batcher.stop()
+
+
+async def test_a_running_batch_is_interrupted_once_every_caller_left() -> None:
+    runner = Runner(block_first=True)
+    batcher, _ = make(runner, max_delay_s=0.0)
+    both = [asyncio.create_task(batcher.submit(f"r{i}", images=1, kind="k")) for i in range(2)]
+    await _started(runner)
+    both[0].cancel()
+    await asyncio.gather(both[0], return_exceptions=True)
+    # one caller still waits: the batch runs on and answers it
+    runner.release.set()
+    assert (await both[1])[0] == "done r1" and runner.interrupted_after_release is False
+
+    runner = Runner(block_first=True)
+    batcher, _ = make(runner, max_delay_s=0.0)
+    both = [asyncio.create_task(batcher.submit(f"r{i}", images=1, kind="k")) for i in range(2)]
+    await _started(runner)
+    for task in both:
+        task.cancel()
+    await asyncio.gather(*both, return_exceptions=True)
+    runner.release.set()
+    assert (await batcher.submit("next", images=1, kind="k"))[0] == "done next"
+    assert runner.interrupted_after_release is True
+    await batcher.stop()
+
+
+async def test_a_deadline_passing_while_the_batch_runs_interrupts_it() -> None:
+    runner, clock = Runner(block_first=True), Clock()
+    batcher, _ = make(runner, max_delay_s=0.0, clock=clock)
+    call = asyncio.create_task(batcher.submit("slow", images=1, kind="k", deadline=clock.now + 1))
+    await _started(runner)
+    clock.now += 5
+    runner.release.set()
+    with pytest.raises(DeadlineExceeded, match="while it ran"):
+        await call
+    assert runner.interrupted_after_release is True
+    await batcher.stop()
+
+
+async def test_stopping_fails_the_queue_and_interrupts_the_running_batch() -> None:
+    runner = Runner(block_first=True)
+    batcher, _ = make(runner, max_delay_s=0.0)
+    running = asyncio.create_task(batcher.submit("running", images=4, kind="k"))
+    await _started(runner)
+    queued = asyncio.create_task(batcher.submit("queued", images=1, kind="k"))
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(batcher.stop())
+    with pytest.raises(Unavailable, match="shutting down"):
+        await queued  # at once, while the batch still runs
+    assert not stopping.done()
+    runner.release.set()
+    await stopping  # returns once the running batch has ended
+    assert runner.interrupted_after_release is True
+    with pytest.raises(Unavailable, match="shutting down"):
+        await running
+    with pytest.raises(Unavailable):
+        await batcher.submit("late", images=1, kind="k")
 
 
 async def test_a_free_replica_takes_the_next_batch_while_another_is_busy() -> None:
     runner = Runner(block_first=True)  # replica that takes the first batch stays busy
     stats: list[BatchStats] = []
     executors = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
-    batcher = Batcher(
-        runner, executors, max_batch_size=1, max_delay_s=0.0, max_queue_images=8,
-        on_batch=stats.append,
-    )  # fmt: skip
+    batcher = Batcher(runner, executors, max_batch_size=1, max_delay_s=0.0, on_batch=stats.append)
     batcher.start()
     first = asyncio.create_task(batcher.submit("first", images=1, kind="k"))
     await _started(runner)

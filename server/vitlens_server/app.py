@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from vitlens_server.config import ServerConfig
 from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.rpc.server import SERVICE_NAME, build_server
-from vitlens_server.runtime.plane import DEFAULT_METHOD, DataPlane
+from vitlens_server.runtime.plane import DEFAULT_METHOD, DataPlane, cuda_memory
 from vitlens_server.telemetry import Telemetry
 
 __all__ = ["VitlensServer"]
@@ -54,7 +54,8 @@ class VitlensServer:
         for model in registry:
             self.telemetry.watch_queue(model.name, lambda m=model.name: self.plane.queued_images(m))
             for replica in [model, *(replicas or {}).get(model.name, ())]:
-                self.telemetry.watch_device(str(replica.device))
+                if replica.device.type == "cuda":
+                    self.telemetry.watch_device(str(replica.device), cuda_memory(replica.device))
         self.health: health.aio.HealthServicer | None = None
         self.metrics_port: int | None = None
         self.port: int | None = None

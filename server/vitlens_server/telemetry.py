@@ -20,7 +20,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from vitlens_server.runtime.batcher import BatchStats
 
-__all__ = ["Telemetry"]
+__all__ = ["MemoryReader", "Telemetry"]
+
+MemoryReader = Callable[[], tuple[int, int]]  # (allocated, reserved) bytes
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -66,16 +68,17 @@ class Telemetry:
             "vitlens_cache_misses", "Images computed (not in the result cache)", ["model"],
             registry=r,
         )  # fmt: skip
-        self._devices: list[str] = []
-        r.register(_DeviceMemory(lambda: self._devices))
+        self._devices: dict[str, MemoryReader] = {}
+        r.register(_DeviceMemory(self._devices))
 
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
         """Report ``depth()`` as the model's queue depth at every scrape."""
         self.queue_depth.labels(model).set_function(depth)
 
-    def watch_device(self, device: str) -> None:
-        if device.startswith("cuda") and device not in self._devices:
-            self._devices.append(device)
+    def watch_device(self, device: str, read: MemoryReader) -> None:
+        """Report ``read()`` — (allocated, reserved) bytes — as the device's memory at every
+        scrape."""
+        self._devices[device] = read
 
     def on_cache(self, model: str, hits: int, misses: int) -> None:
         """Record one Explain request's cache lookups (the data plane's callback)."""
@@ -116,20 +119,19 @@ def _kind_label(kind: object) -> str:
 
 
 class _DeviceMemory:
-    """Collector of allocated and reserved CUDA memory per watched device, read at scrape."""
+    """Collector of allocated and reserved device memory per watched device, read at scrape."""
 
-    def __init__(self, devices: Callable[[], list[str]]) -> None:
+    def __init__(self, devices: dict[str, MemoryReader]) -> None:
         self._devices = devices
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
-            "vitlens_device_memory_bytes", "CUDA memory held by PyTorch", labels=["device", "kind"]
+            "vitlens_device_memory_bytes",
+            "Device memory held by PyTorch",
+            labels=["device", "kind"],
         )
-        devices = self._devices()
-        if devices:
-            import torch
-
-            for device in devices:
-                family.add_metric([device, "allocated"], torch.cuda.memory_allocated(device))
-                family.add_metric([device, "reserved"], torch.cuda.memory_reserved(device))
+        for device, read in self._devices.items():
+            allocated, reserved = read()
+            family.add_metric([device, "allocated"], allocated)
+            family.add_metric([device, "reserved"], reserved)
         yield family

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,7 +28,7 @@ import torch
 from vitlens_server.config import ServerConfig
 from vitlens_server.domain import ImageInput, MetricSummary, Progress
 from vitlens_server.errors import InvalidArgument, Unavailable
-from vitlens_server.evaluate.protocols import randomised_copy
+from vitlens_server.evaluate import randomised_copy
 from vitlens_server.explain import METHODS, ExplainJob, MethodSpec, get_method
 from vitlens_server.explain.params import parse_params
 from vitlens_server.imaging import ImageDecoder
@@ -48,7 +48,7 @@ from vitlens_server.runtime.cards import model_card, model_version
 from vitlens_server.runtime.evaluation import Evaluations
 from vitlens_server.runtime.worker import ModelWorker
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_TOP_K", "DataPlane", "Observer"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_TOP_K", "DataPlane", "Observer", "cuda_memory"]
 
 DEFAULT_METHOD = "generic"
 DEFAULT_TOP_K = 5
@@ -325,6 +325,11 @@ class DataPlane:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+
+def cuda_memory(device: torch.device) -> Callable[[], tuple[int, int]]:
+    """A reader of (allocated, reserved) bytes PyTorch holds on a CUDA ``device``."""
+    return lambda: (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
 
 
 def _timing(received: float, decode_s: float, queue_s: float, compute_s: float) -> Timing:

@@ -32,15 +32,9 @@ import torch
 
 from vitlens_server.domain import ExplainResult, Predictions, TargetSpec
 from vitlens_server.errors import ResourceExhausted
-from vitlens_server.explain import (
-    Cost,
-    Explainer,
-    ExplainJob,
-    Interrupted,
-    get_method,
-    parse_params,
-    top_k_predictions,
-)
+from vitlens_server.explain import Cost, Explainer, ExplainJob, Interrupted, get_method
+from vitlens_server.explain.engine import top_k_predictions
+from vitlens_server.explain.params import parse_params
 from vitlens_server.models import LoadedModel
 from vitlens_server.runtime.batcher import Batcher, BatchStats
 
