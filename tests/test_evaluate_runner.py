@@ -258,6 +258,11 @@ def test_class_sensitivity_on_two_object_scenes(calls) -> None:
         assert values["difference"].mean == pytest.approx(
             values["explained"].mean - values["other"].mean
         )
+    # Explaining the label reuses the chunk's maps for the first object: the same numbers.
+    labelled = dataclasses.replace(plan, explain_label=True)
+    assert run_evaluation(labelled, SyntheticDataset(3, two_object=True), calls, **GEOMETRY) == (
+        results
+    )
 
 
 def test_sanity_compares_with_the_randomised_copy(calls) -> None:

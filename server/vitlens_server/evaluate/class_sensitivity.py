@@ -28,13 +28,15 @@ def class_sensitivity(ctx: MetricContext, _options: NoParams) -> Scores:
     """Per object (2B,), objects 0 of every sample first: ``difference`` (the metric),
     ``explained`` and ``other`` (its two IoUs); per sample (B,): ``between_classes``, the
     Spearman correlation of the sample's two input-resolution maps (1: the map ignores the
-    class). A class-agnostic method is explained once: its map is the same for any class."""
+    class). The chunk's maps serve an object whose class they already explain, and both
+    objects of a class-agnostic method (its map is the same for any class)."""
     maps = []  # (B, H, W) per object
     for k in (0, 1):
-        if ctx.method.spec.class_specific:
-            maps.append(resized(ctx.explain(ctx.labels[:, k], ctx.masks[:, k]), ctx.size))
-        else:
+        classes = ctx.labels[:, k]
+        if not ctx.method.spec.class_specific or torch.equal(ctx.explained, classes):
             maps.append(ctx.maps)
+        else:
+            maps.append(resized(ctx.explain(classes, ctx.masks[:, k]), ctx.size))
     explained, other = [], []
     for k, at_input in enumerate(maps):
         predicted = otsu_masks(at_input)  # (B, H, W) bool
