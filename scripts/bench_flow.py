@@ -41,8 +41,8 @@ import timm
 import torch
 
 from vitlens_server.explain import get_method, maxflow
-from vitlens_server.explain.capture import AttentionHooks
 from vitlens_server.explain.methods.flow import FlowParams, flow_capacities
+from vitlens_server.explain.recording import record
 
 TRAINING = "vitlens_server.training.train"
 
@@ -91,32 +91,23 @@ def vit_base(img_size: int = 224, sharpen: float = 1.0) -> torch.nn.Module:
     return model.eval()
 
 
-def record(model: torch.nn.Module, x: torch.Tensor):
-    hooks = AttentionHooks(model)
-    try:
-        with hooks.record() as rec, torch.no_grad():
-            model(x)
-    finally:
-        hooks.close()
-    return rec
-
-
 def time_method(model: torch.nn.Module, images: int, params: FlowParams) -> dict[str, float]:
     """Wall and CPU seconds per image of attention_flow, one image at a time and as one batch."""
     fn = get_method("attention_flow").fn
     x = torch.randn(images, 3, 224, 224)
+    targets = torch.zeros(images, dtype=torch.long)  # class-agnostic: not read
     wall, cpu, maps = [], [], []
     for b in range(images):
         rec = record(model, x[b : b + 1])
         start, start_cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
-            maps.append(fn(rec, params).heatmap)
+            maps.append(fn(rec, targets[b : b + 1], params).heatmap)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     rec = record(model, x)
     start = time.perf_counter()
     with torch.no_grad():
-        batched = fn(rec, params).heatmap
+        batched = fn(rec, targets, params).heatmap
     batch_seconds = time.perf_counter() - start
     assert torch.allclose(torch.cat(maps), batched, atol=1e-6)
     return {

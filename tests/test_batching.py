@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from tests.tiny import tiny_loaded
-from vitlens_server.errors import ResourceExhausted
-from vitlens_server.explain import METHODS, Explainer, ExplainJob, TargetSpec, get_method
+from vitlens_server.errors import InvalidArgument, ResourceExhausted
+from vitlens_server.explain import (
+    METHODS,
+    Explainer,
+    ExplainJob,
+    Interrupted,
+    TargetSpec,
+    get_method,
+)
 from vitlens_server.explain.params import parse_params
 from vitlens_server.runtime.worker import PredictJob, _isolated, _predict_batch
 
@@ -53,7 +60,7 @@ def test_a_mixed_batch_equals_each_job_alone(explainer: Explainer) -> None:
 
 
 def test_a_failing_method_fails_only_its_job(explainer: Explainer) -> None:
-    def broken(_rec, _params):
+    def broken(_rec, _targets, _params):
         raise ValueError("this method is broken")
 
     good = _job("generic", {}, TargetSpec(), 2, seed=1)
@@ -65,6 +72,98 @@ def test_a_failing_method_fails_only_its_job(explainer: Explainer) -> None:
     assert isinstance(results[1], ValueError)
     for result in (results[0], results[2]):
         np.testing.assert_allclose(result.heatmaps, explainer.explain(good).heatmaps, rtol=1e-9)
+
+
+def test_a_refused_method_fails_only_its_job(explainer: Explainer) -> None:
+    """``needs_mask`` methods have no recording to read in Explain: refused per job."""
+    good = _job("rollout", {}, TargetSpec(), 2, seed=1)
+    oracle = _job("oracle", {}, TargetSpec(), 1, seed=2)
+    results = explainer.explain_batch([oracle, good])
+    assert isinstance(results[0], InvalidArgument) and "only in Evaluate" in str(results[0])
+    np.testing.assert_array_equal(results[1].heatmaps, explainer.explain(good).heatmaps)
+    (alone,) = explainer.explain_batch([oracle])
+    assert isinstance(alone, InvalidArgument)
+
+
+def _counting(method: str) -> tuple[ExplainJob, list[int]]:
+    """A job whose method counts its calls (calls[0])."""
+    spec = get_method(method)
+    calls = [0]
+
+    def counted(rec, targets, params):
+        calls[0] += 1
+        return spec.fn(rec, targets, params)
+
+    job = _job(method, {}, TargetSpec("top_k", k=3), 2, seed=5)
+    return dataclasses.replace(job, method=dataclasses.replace(spec, fn=counted)), calls
+
+
+def test_interruption_before_the_forward_runs_nothing(explainer: Explainer) -> None:
+    job, calls = _counting("generic")
+    forwards = [0]
+    hook = explainer.model.module.register_forward_hook(
+        lambda *_: forwards.__setitem__(0, forwards[0] + 1)
+    )
+    try:
+        with pytest.raises(Interrupted):
+            explainer.explain_batch([job], interrupted=lambda: True)
+    finally:
+        hook.remove()
+    assert forwards[0] == 0 and calls[0] == 0
+
+
+def test_interruption_between_backward_ranks(explainer: Explainer, monkeypatch) -> None:
+    """generic with top_k=3 runs 3 backward passes; interrupted once the first rank's method
+    ran, no second backward starts and Interrupted is raised, not kept in the job's slot."""
+    job, calls = _counting("generic")
+    backwards = [0]
+    grad = torch.autograd.grad
+
+    def counted_grad(*args, **kwargs):
+        backwards[0] += 1
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted_grad)
+    with pytest.raises(Interrupted):
+        explainer.explain_batch([job], interrupted=lambda: calls[0] >= 1)
+    assert (backwards[0], calls[0]) == (1, 1)
+    calls[0] = backwards[0] = 0
+    explainer.explain_batch([job], interrupted=lambda: False)
+    assert (backwards[0], calls[0]) == (3, 3)
+
+
+def test_interruption_between_method_calls_of_jobs(explainer: Explainer) -> None:
+    """Forward-only jobs: the check before each method call stops the next job's call."""
+    first, first_calls = _counting("cam")
+    second, second_calls = _counting("rollout")
+    with pytest.raises(Interrupted):
+        explainer.explain_batch([first, second], interrupted=lambda: first_calls[0] >= 3)
+    assert (first_calls[0], second_calls[0]) == (3, 0)  # cam: one call per explained class
+
+
+@pytest.mark.parametrize(
+    ("options", "passes"),
+    [({"mode": "smoothgrad", "samples": 6}, 6), ({"mode": "integrated_gradients", "steps": 5}, 5)],
+)
+def test_interruption_stops_saliency_within_one_step(
+    explainer: Explainer, options: dict, passes: int
+) -> None:
+    """Each SmoothGrad sample or IG step is one input-gradient pass; interrupted after the
+    second, no third pass runs."""
+    job = _job("saliency", options, TargetSpec(), 2, seed=3)
+    forwards = [0]
+    hook = explainer.model.module.register_forward_hook(
+        lambda *_: forwards.__setitem__(0, forwards[0] + 1)
+    )
+    try:
+        with pytest.raises(Interrupted):
+            explainer.explain_batch([job], interrupted=lambda: forwards[0] >= 1 + 2)
+        assert forwards[0] == 1 + 2
+        forwards[0] = 0
+        explainer.explain_batch([job])
+        assert forwards[0] == 1 + passes
+    finally:
+        hook.remove()
 
 
 def test_out_of_memory_splits_the_batch_and_a_poisoned_request_fails_alone() -> None:

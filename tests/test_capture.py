@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -11,22 +12,7 @@ from tests.tiny import tiny_loaded, tiny_vit, unfused_attention_and_grads
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
 from vitlens_server.explain.capture import AttentionHooks, UnsupportedModel
 from vitlens_server.explain.params import NoParams
-
-
-def _record(model, x, targets):
-    hooks = AttentionHooks(model)
-    try:
-        with hooks.record() as rec, torch.enable_grad():
-            x = x.clone().requires_grad_(True)
-            logits = model(x)
-            grads = torch.autograd.grad(
-                logits.gather(1, targets[:, None]).sum(), rec.attention_outputs()
-            )
-            for layer, grad in zip(rec.layers, grads, strict=True):
-                layer.out_grad = grad
-        return rec, logits.detach()
-    finally:
-        hooks.close()
+from vitlens_server.explain.recording import capture, record
 
 
 def test_attention_and_gradients_match_unfused_timm() -> None:
@@ -34,9 +20,15 @@ def test_attention_and_gradients_match_unfused_timm() -> None:
     assert all(block.attn.fused_attn for block in model.blocks), "test needs the fused path"
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     targets = torch.tensor([0, 3, 1])
-    rec, logits = _record(model, x, targets)
+    hooks = AttentionHooks(model)
+    try:
+        captured = capture(hooks, x, gradients=True)
+    finally:
+        hooks.close()
+    rec = captured.gradients(targets)
     ref_logits, ref_maps, ref_grads = unfused_attention_and_grads(model, x, targets)
-    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(captured.logits.detach(), ref_logits)
+    assert all(layer.out_grad is None for layer in captured.recording.layers)  # left unchanged
     for layer in range(rec.num_layers):
         torch.testing.assert_close(rec.attention(layer), ref_maps[layer])
         torch.testing.assert_close(rec.attention_grad(layer), ref_grads[layer])
@@ -62,6 +54,69 @@ def test_hooks_are_inert_outside_a_recording_and_removed_on_close() -> None:
     assert all(block.attn.fused_attn for block in model.blocks)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key])
+
+
+def test_gradients_of_each_rank_are_new_recordings_of_one_capture() -> None:
+    """Two backward passes of one forward: weights pick the images, neither call changes the
+    capture, and each equals `record` with its own targets."""
+    model = tiny_vit(seed=2, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    hooks = AttentionHooks(model)
+    try:
+        captured = capture(hooks, x, gradients=True)
+    finally:
+        hooks.close()
+    first = captured.gradients(torch.tensor([1, 2]), retain=True)
+    second = captured.gradients(torch.tensor([4, 0]), torch.tensor([1.0, 0.0], dtype=x.dtype))
+    assert all(layer.out_grad is None for layer in captured.recording.layers)
+    for layer in range(first.num_layers):
+        want = record(model, x, torch.tensor([1, 2])).attention_grad(layer)
+        torch.testing.assert_close(first.attention_grad(layer), want)
+        want = record(model, x[:1], torch.tensor([4])).attention_grad(layer)
+        torch.testing.assert_close(second.attention_grad(layer)[:1], want)
+        assert not second.attention_grad(layer)[1].any()  # weight 0: no gradient
+
+
+def test_two_threads_record_their_own_passes_at_the_same_time() -> None:
+    """Both forward passes are inside the model at once (a barrier in block 1 holds each until
+    the other arrives); each thread's recording holds exactly its own input's tensors."""
+    model = tiny_vit(seed=4)
+    inputs = [torch.randn(b, 3, 32, 32) for b in (1, 3)]
+    want = [record(model, x) for x in inputs]
+    hooks = AttentionHooks(model)
+    barrier = threading.Barrier(2, timeout=30)
+
+    def meet(_module, _inputs) -> None:
+        barrier.wait()  # block 0 of both passes is recorded; blocks 1 and 2 come after
+
+    meeting = model.blocks[1].register_forward_pre_hook(meet)
+    got: list = [None, None]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with hooks.record() as rec, torch.no_grad():
+                model(inputs[i])
+            got[i] = rec
+        except BaseException as err:
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        meeting.remove()
+        hooks.close()
+    assert not errors, errors
+    for rec, ref in zip(got, want, strict=True):
+        for layer, expected in zip(rec.layers, ref.layers, strict=True):
+            for field in ("q", "k", "v", "out"):
+                assert torch.equal(getattr(layer, field), getattr(expected, field)), field
+        assert torch.equal(rec.tokens, ref.tokens)
 
 
 def test_nested_recordings_are_refused() -> None:

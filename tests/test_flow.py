@@ -14,10 +14,10 @@ import torch
 from tests.tiny import tiny_loaded, tiny_vit, unfused_attention_and_grads
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
-from vitlens_server.explain.capture import AttentionHooks
 from vitlens_server.explain.maxflow import max_flow_values
 from vitlens_server.explain.methods.flow import FlowParams
 from vitlens_server.explain.params import parse_params
+from vitlens_server.explain.recording import record
 
 SINK = "super-sink"
 
@@ -58,19 +58,12 @@ def _reference_capacities(maps: list[np.ndarray], fusion: str, discard: float) -
     return out
 
 
-def _record(model: torch.nn.Module, x: torch.Tensor):
-    hooks = AttentionHooks(model)
-    try:
-        with hooks.record() as rec, torch.no_grad():
-            model(x)
-    finally:
-        hooks.close()
-    return rec
-
-
 def _flow(rec, **options) -> np.ndarray:
+    """attention_flow's maps (class-agnostic: the targets are not read)."""
     spec = get_method("attention_flow")
-    return spec.fn(rec, parse_params(spec.params, options, method="attention_flow")).heatmap.numpy()
+    params = parse_params(spec.params, options, method="attention_flow")
+    targets = torch.zeros(rec.tokens.shape[0], dtype=torch.long)
+    return spec.fn(rec, targets, params).heatmap.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +72,7 @@ def tiny_case() -> dict:
     model = tiny_vit(seed=1, dtype=torch.float64)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     _, maps, _ = unfused_attention_and_grads(model, x, torch.tensor([0, 1]))
-    return {"rec": _record(model, x), "maps": [a.numpy() for a in maps]}
+    return {"rec": record(model, x), "maps": [a.numpy() for a in maps]}
 
 
 @pytest.mark.parametrize(
@@ -110,7 +103,7 @@ def test_tiny_vit_matches_networkx(tiny_case, options) -> None:
 def test_distilled_flows_into_both_readout_tokens() -> None:
     model = tiny_vit(seed=3, dtype=torch.float64, arch="deit_tiny_distilled_patch16_224")
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    got = _flow(_record(model, x)).ravel()
+    got = _flow(record(model, x)).ravel()
     _, maps, _ = unfused_attention_and_grads(model, x, torch.tensor([0]))
     capacity = _reference_capacities([a.numpy() for a in maps], "mean", 0.0)[0]
     prefix = model.num_prefix_tokens

@@ -13,25 +13,11 @@ import torch
 from tests.tiny import tiny_loaded, tiny_vit, unfused_attention_and_grads
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
-from vitlens_server.explain.capture import AttentionHooks, Recording
 from vitlens_server.explain.params import parse_params
+from vitlens_server.explain.recording import record
+from vitlens_server.explain.records import Recording
 
 GRID = (4, 4)
-
-
-def _record(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Recording:
-    """A recording with ∂y/∂O_l of the target logits, as the engine leaves it."""
-    hooks = AttentionHooks(model)
-    with hooks.record() as rec, torch.enable_grad():
-        logits = model(x.clone().requires_grad_(True))
-        grads = torch.autograd.grad(
-            logits.gather(1, targets[:, None]).sum(), rec.attention_outputs()
-        )
-        for layer, grad in zip(rec.layers, grads, strict=True):
-            layer.out_grad = grad
-        rec.targets = targets
-    hooks.close()
-    return rec
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +28,17 @@ def case() -> dict:
     targets = torch.tensor([2, 0, 4])
     _, maps, grads = unfused_attention_and_grads(model, x, targets)
     return {
-        "rec": _record(model, x, targets),
+        "rec": record(model, x, targets),
+        "targets": targets,
         "A": [a.numpy() for a in maps],  # per layer (B, H, N, N)
         "dA": [g.numpy() for g in grads],
     }
 
 
-def _run(rec: Recording, name: str = "isaw", **options) -> torch.Tensor:
-    spec = get_method(name)
+def _run(rec: Recording, targets: torch.Tensor, **options) -> torch.Tensor:
+    spec = get_method("isaw")
     with torch.no_grad():
-        return spec.fn(rec, parse_params(spec.params, options, method=name)).heatmap
+        return spec.fn(rec, targets, parse_params(spec.params, options, method="isaw")).heatmap
 
 
 def _isaw_reference(maps, grads, b: int, rows: list[int], prefix: int, start: int = 0):
@@ -80,7 +67,7 @@ def _isaw_reference(maps, grads, b: int, rows: list[int], prefix: int, start: in
 
 @pytest.mark.parametrize("start", [0, 1, 2])
 def test_isaw_matches_the_loop_reference(case, start: int) -> None:
-    out = _run(case["rec"], start_layer=start)
+    out = _run(case["rec"], case["targets"], start_layer=start)
     assert out.shape == (3, *GRID) and out.dtype == torch.float64
     for b in range(3):
         ref = _isaw_reference(case["A"], case["dA"], b, rows=[0], prefix=1, start=start)
@@ -88,7 +75,7 @@ def test_isaw_matches_the_loop_reference(case, start: int) -> None:
 
 
 def test_isaw_maps_span_exactly_zero_to_one(case) -> None:
-    out = _run(case["rec"]).flatten(1)
+    out = _run(case["rec"], case["targets"]).flatten(1)
     torch.testing.assert_close(out.amin(dim=1), torch.zeros(3, dtype=torch.float64))
     torch.testing.assert_close(out.amax(dim=1), torch.ones(3, dtype=torch.float64))
 
@@ -98,28 +85,16 @@ def test_isaw_ignores_the_gradient_scale_and_flips_with_its_sign(case, scale, fl
     """Min-max of Σ α g A: a positive scale of every gradient changes nothing, a negative one
     turns the map into 1 − map (a ReLU anywhere, or another normalisation, would break this)."""
     rec: Recording = case["rec"]
-    before = _run(rec)
-    saved = [layer.out_grad for layer in rec.layers]
-    try:
-        for layer in rec.layers:
-            layer.out_grad = layer.out_grad * scale
-        after = _run(rec)
-    finally:
-        for layer, grad in zip(rec.layers, saved, strict=True):
-            layer.out_grad = grad
+    before = _run(rec, case["targets"])
+    scaled = rec.with_gradients([layer.out_grad * scale for layer in rec.layers])
+    after = _run(scaled, case["targets"])
     torch.testing.assert_close(after, 1 - before if flipped else before, rtol=0, atol=1e-12)
 
 
 def test_isaw_with_zero_gradients_is_all_zeros_not_nan(case) -> None:
     rec: Recording = case["rec"]
-    saved = [layer.out_grad for layer in rec.layers]
-    try:
-        for layer in rec.layers:
-            layer.out_grad = torch.zeros_like(layer.out_grad)
-        out = _run(rec)
-    finally:
-        for layer, grad in zip(rec.layers, saved, strict=True):
-            layer.out_grad = grad
+    zeros = rec.with_gradients([torch.zeros_like(layer.out_grad) for layer in rec.layers])
+    out = _run(zeros, case["targets"])
     torch.testing.assert_close(out, torch.zeros(3, *GRID, dtype=torch.float64))
 
 
@@ -136,7 +111,7 @@ def test_isaw_follows_the_readout_rows(overrides: dict, rows: str) -> None:
     prefix = int(model.num_prefix_tokens)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     targets = torch.tensor([1, 3])
-    out = _run(_record(model, x, targets))
+    out = _run(record(model, x, targets), targets)
     _, maps, grads = unfused_attention_and_grads(model, x, targets)
     maps, grads = [a.numpy() for a in maps], [g.numpy() for g in grads]
     n = maps[0].shape[-1]

@@ -18,12 +18,14 @@ from timm.layers import GluMlp
 
 from tests.tiny import TINY_KWARGS, tiny_loaded, tiny_vit, unfused_attention_and_grads
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method, lrp
-from vitlens_server.explain.capture import AttentionHooks, Recording
+from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method, relevance
+from vitlens_server.explain.capture import AttentionHooks
 from vitlens_server.explain.methods.lrp import transformer_attribution_relevance
 from vitlens_server.explain.params import NoParams
+from vitlens_server.explain.recording import record
+from vitlens_server.explain.records import Recording
 
-EPS = lrp.EPS
+EPS = relevance.EPS
 VARIANTS = {
     "plain": {},
     "layerscale": {"init_values": 1e-5},
@@ -53,23 +55,6 @@ def _model(variant: str, seed: int = 1) -> torch.nn.Module:
             elif "norm" in name and name.endswith("weight"):
                 param.mul_(1 + 0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
     return model
-
-
-def _record(model, x: torch.Tensor, targets: torch.Tensor) -> Recording:
-    """Forward with LRP capture and one backward for ∂y/∂A_l, as the engine runs them."""
-    hooks = AttentionHooks(model)
-    try:
-        with hooks.record(lrp=True) as rec, torch.enable_grad():
-            logits = model(x.clone().requires_grad_(True))
-            grads = torch.autograd.grad(
-                logits.gather(1, targets[:, None]).sum(), rec.attention_outputs()
-            )
-            for layer, grad in zip(rec.layers, grads, strict=True):
-                layer.out_grad = grad
-        rec.targets = targets
-        return rec
-    finally:
-        hooks.close()
 
 
 # ------------------------------------------------------------------ reference (numpy loops)
@@ -268,7 +253,8 @@ def case(request) -> dict:
     maps = [
         _ref_maps(ref[b], [g[b].numpy() for g in grads], acts["pool"], acts["P"]) for b in range(2)
     ]
-    return {"model": model, "x": x, "rec": _record(model, x, targets), "ref": ref, "maps": maps}
+    rec = record(model, x, targets, lrp=True)
+    return {"model": model, "targets": targets, "rec": rec, "ref": ref, "maps": maps}
 
 
 def _assert_close(got: torch.Tensor, want: np.ndarray) -> None:
@@ -279,7 +265,7 @@ def _assert_close(got: torch.Tensor, want: np.ndarray) -> None:
 
 
 def test_attention_relevance_of_every_block_matches_the_loop_reference(case) -> None:
-    found = lrp.attention_relevances(case["rec"])
+    found = relevance.attention_relevances(case["rec"], case["targets"])
     assert len(found) == len(case["model"].blocks)
     for layer, rel in enumerate(found):
         for b in range(2):
@@ -288,16 +274,19 @@ def test_attention_relevance_of_every_block_matches_the_loop_reference(case) -> 
 
 def test_partial_lrp_and_transformer_attribution_match_the_loop_reference(case) -> None:
     rec: Recording = case["rec"]
+    targets = case["targets"]
     with torch.no_grad():  # as the engine calls methods
-        partial = get_method("partial_lrp").fn(rec, NoParams())
-        attribution = get_method("transformer_attribution").fn(rec, NoParams())
+        partial = get_method("partial_lrp").fn(rec, targets, NoParams())
+        attribution = get_method("transformer_attribution").fn(rec, targets, NoParams())
     for b in range(2):
         want_partial, want_fused, want_map, want_rel = case["maps"][b]
         _assert_close(partial.heatmap[b], want_partial.reshape(rec.grid))
         _assert_close(partial.relevance[b], want_fused)
         _assert_close(attribution.heatmap[b], want_map.reshape(rec.grid))
         _assert_close(attribution.relevance[b], want_rel)
-    torch.testing.assert_close(transformer_attribution_relevance(rec), attribution.relevance)
+    torch.testing.assert_close(
+        transformer_attribution_relevance(rec, targets), attribution.relevance
+    )
 
 
 # ------------------------------------------------------------- elementary rules, by hand
@@ -308,8 +297,8 @@ def test_safe_divide_adds_a_signed_epsilon_and_zeroes_division_by_zero() -> None
         torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),
         torch.tensor([2.0, -4.0, 0.0], dtype=torch.float64),
     )
-    assert lrp.safe_divide(num, den).tolist() == [1 / (2 + 1e-9), 1 / (-4 - 1e-9), 0.0]
-    assert lrp.safe_divide(num, den, eps=0.0).tolist() == [0.5, -0.25, 0.0]
+    assert relevance.safe_divide(num, den).tolist() == [1 / (2 + 1e-9), 1 / (-4 - 1e-9), 0.0]
+    assert relevance.safe_divide(num, den, eps=0.0).tolist() == [0.5, -0.25, 0.0]
 
 
 def test_linear_alpha1_beta0_by_hand() -> None:
@@ -319,7 +308,7 @@ def test_linear_alpha1_beta0_by_hand() -> None:
     x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
     w = torch.tensor([[3.0, 1.0, 2.0], [-1.0, -2.0, 4.0], [-1.0, 1.0, -2.0]], dtype=torch.float64)
     r = torch.tensor([[1.0, 2.0, 5.0]], dtype=torch.float64)
-    out = lrp.linear_relevance(x, w, r)
+    out = relevance.linear_relevance(x, w, r)
     torch.testing.assert_close(out, torch.tensor([[0.75, 4 / 3, 11 / 12]], dtype=torch.float64))
     assert out.sum().item() == pytest.approx(3.0, rel=1e-9)  # conserved up to ε = 1e-9
 
@@ -329,7 +318,7 @@ def test_product_z_rule_halves_by_hand() -> None:
     a = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
     b = torch.tensor([[3.0, 1.0], [4.0, -1.0]], dtype=torch.float64)
     r = torch.tensor([[22.0, 1.0]], dtype=torch.float64)
-    rel_a, rel_b = lrp.product_relevance(a, b, r)
+    rel_a, rel_b = relevance.product_relevance(a, b, r)
     torch.testing.assert_close(
         rel_a, torch.tensor([[2.5, 9.0]], dtype=torch.float64), rtol=1e-8, atol=0
     )
@@ -337,7 +326,7 @@ def test_product_z_rule_halves_by_hand() -> None:
         rel_b, torch.tensor([[3.0, -0.5], [8.0, 1.0]], dtype=torch.float64), rtol=1e-8, atol=0
     )
     # The scale of scale·Q·Kᵀ cancels in the z-rule.
-    scaled = lrp.product_relevance(a, b, r, 0.5)
+    scaled = relevance.product_relevance(a, b, r, 0.5)
     torch.testing.assert_close(scaled[0], rel_a, rtol=1e-8, atol=0)
 
 
@@ -348,21 +337,23 @@ def test_residual_add_normalisation_by_hand() -> None:
     x = torch.tensor([[1.0, 3.0], [2.0, 0.0]], dtype=torch.float64)
     f = torch.tensor([[1.0, -1.0], [0.0, 2.0]], dtype=torch.float64)
     r = torch.tensor([[2.0, 4.0], [1.0, 1.0]], dtype=torch.float64)
-    rel_x, rel_f = lrp.residual_relevance(x, f, r)
+    rel_x, rel_f = relevance.residual_relevance(x, f, r)
     torch.testing.assert_close(rel_x, torch.tensor([[0.75, 4.5], [1.0, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(rel_f, torch.tensor([[-0.75, 1.5], [0.0, 1.0]], dtype=torch.float64))
 
 
 def test_average_pool_z_rule_by_hand() -> None:
     tokens = torch.tensor([[[5.0], [1.0], [3.0]]], dtype=torch.float64)  # prefix token, 2 patches
-    out = lrp.mean_relevance(
+    out = relevance.mean_relevance(
         tokens, tokens[:, 1:].mean(1), torch.tensor([[4.0]], dtype=torch.float64), 1
     )
     torch.testing.assert_close(out, torch.tensor([[[0.0], [1.0], [3.0]]], dtype=torch.float64))
 
 
 def test_each_rule_conserves_relevance_on_random_tensors(monkeypatch) -> None:
-    monkeypatch.setattr(lrp, "EPS", 0.0)  # without the stabiliser each rule is exactly conservative
+    monkeypatch.setattr(
+        relevance, "EPS", 0.0
+    )  # without the stabiliser each rule is exactly conservative
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -370,15 +361,15 @@ def test_each_rule_conserves_relevance_on_random_tensors(monkeypatch) -> None:
 
     r = randn(2, 5, 7)
     # 24 inputs as in the tiny ViT: a z with no positive contribution (dropped) is a 2⁻²⁴ event.
-    linear = lrp.linear_relevance(randn(2, 5, 24), randn(7, 24), r)
+    linear = relevance.linear_relevance(randn(2, 5, 24), randn(7, 24), r)
     assert linear.sum().item() == pytest.approx(r.sum().item(), rel=1e-12)
-    rel_a, rel_b = lrp.product_relevance(randn(2, 5, 3), randn(2, 3, 7), r, 0.3)
+    rel_a, rel_b = relevance.product_relevance(randn(2, 5, 3), randn(2, 3, 7), r, 0.3)
     for share in (rel_a, rel_b):
         assert share.sum().item() == pytest.approx(r.sum().item() / 2, rel=1e-12)
-    rel_x, rel_f = lrp.residual_relevance(randn(2, 5, 7), randn(2, 5, 7), r)
+    rel_x, rel_f = relevance.residual_relevance(randn(2, 5, 7), randn(2, 5, 7), r)
     torch.testing.assert_close((rel_x + rel_f).sum((1, 2)), r.sum((1, 2)), rtol=1e-12, atol=0)
     tokens, pooled_r = randn(2, 6, 7), randn(2, 7)
-    pooled = lrp.mean_relevance(tokens, tokens[:, 2:].mean(1), pooled_r, 2)
+    pooled = relevance.mean_relevance(tokens, tokens[:, 2:].mean(1), pooled_r, 2)
     torch.testing.assert_close(pooled.sum(1), pooled_r, rtol=1e-12, atol=1e-14)
 
 
@@ -395,19 +386,20 @@ def test_conservation_block_by_block_and_rule_by_rule(variant, monkeypatch) -> N
     """
     model = _model(variant, seed=2)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    rec = _record(model, x, torch.tensor([0, 4]))
+    targets = torch.tensor([0, 4])
+    rec = record(model, x, targets, lrp=True)
     one = torch.ones(2, dtype=torch.float64)
-    relevance = lrp.output_relevance(rec)
-    torch.testing.assert_close(relevance.sum((1, 2)), one, rtol=1e-6, atol=0)  # with ε
-    monkeypatch.setattr(lrp, "EPS", 0.0)
-    relevance = lrp.output_relevance(rec)
+    rel = relevance.output_relevance(rec, targets)
+    torch.testing.assert_close(rel.sum((1, 2)), one, rtol=1e-6, atol=0)  # with ε
+    monkeypatch.setattr(relevance, "EPS", 0.0)
+    rel = relevance.output_relevance(rec, targets)
 
     def total(name: str) -> torch.Tensor:
         return trace[name].flatten(1).sum(1)  # (B,)
 
     for layer in reversed(range(rec.num_layers)):
         trace: dict[str, torch.Tensor] = {}
-        relevance, _ = lrp.block_relevance(rec, layer, relevance, trace)
+        rel, _ = relevance.block_relevance(rec, layer, rel, trace)
         checks = [
             (total("out"), total("mid_skip") + total("mlp_out")),  # second skip connection
             (total("mlp_out"), total("hidden")),  # fc2
@@ -439,10 +431,11 @@ def test_engine_runs_partial_lrp_without_a_backward_pass(monkeypatch) -> None:
     )
     classes = (4, 0, 2)
     x = (pixels - 0.5) / 0.5  # the tiny model's normalisation
-    rec = _record(loaded.module, x, torch.tensor(classes))
+    targets = torch.tensor(classes)
+    rec = record(loaded.module, x, targets, lrp=True)
     with torch.no_grad():
         want = {
-            name: get_method(name).fn(rec, NoParams())
+            name: get_method(name).fn(rec, targets, NoParams())
             for name in ("partial_lrp", "transformer_attribution")
         }
 
@@ -500,10 +493,11 @@ def test_explaining_leaves_the_model_as_it_was(name) -> None:
 
 def test_lrp_walk_builds_no_graph_on_trainable_weights() -> None:
     model = _model("plain")
-    rec = _record(model, torch.randn(1, 3, 32, 32, dtype=torch.float64), torch.tensor([2]))
+    targets = torch.tensor([2])
+    rec = record(model, torch.randn(1, 3, 32, 32, dtype=torch.float64), targets, lrp=True)
     assert all(p.requires_grad for p in model.parameters())
-    assert not any(rel.requires_grad for rel in lrp.attention_relevances(rec))
-    assert not transformer_attribution_relevance(rec).requires_grad
+    assert not any(rel.requires_grad for rel in relevance.attention_relevances(rec, targets))
+    assert not transformer_attribution_relevance(rec, targets).requires_grad
     assert all(p.grad is None for p in model.parameters())
 
 

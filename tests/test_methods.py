@@ -11,10 +11,19 @@ import pytest
 import torch
 
 from tests.tiny import tiny_loaded, tiny_vit, unfused_attention_and_grads
-from vitlens_server.explain import METHODS, Explainer, ExplainJob, TargetSpec, get_method
-from vitlens_server.explain.capture import AttentionHooks, Recording
+from vitlens_server.explain import (
+    METHODS,
+    Cost,
+    Explainer,
+    ExplainJob,
+    Pass,
+    TargetSpec,
+    get_method,
+)
 from vitlens_server.explain.methods.attention import RolloutParams
 from vitlens_server.explain.params import NoParams, parse_params
+from vitlens_server.explain.recording import record
+from vitlens_server.explain.records import Recording
 
 P = 1  # prefix tokens of the tiny ViT (class token)
 GRID = (4, 4)
@@ -26,16 +35,7 @@ def case() -> dict:
     model = tiny_vit(seed=1, dtype=torch.float64)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     targets = torch.tensor([2, 0, 4])
-    hooks = AttentionHooks(model)
-    with hooks.record() as rec, torch.enable_grad():
-        logits = model(x.clone().requires_grad_(True))
-        grads = torch.autograd.grad(
-            logits.gather(1, targets[:, None]).sum(), rec.attention_outputs()
-        )
-        for layer, grad in zip(rec.layers, grads, strict=True):
-            layer.out_grad = grad
-        rec.targets = targets
-    hooks.close()
+    rec = record(model, x, targets)
     _, maps, map_grads = unfused_attention_and_grads(model, x, targets)
     with torch.no_grad():
         tokens = model.forward_features(x)  # (B, N, D) after the final norm
@@ -49,10 +49,16 @@ def case() -> dict:
     }
 
 
-def _run(rec: Recording, name: str, **options):
+def _run(case: dict, name: str, rec: Recording | None = None, **options):
+    """Method ``name`` on the case's recording (or ``rec``) for the case's targets."""
     spec = get_method(name)
+    targets = torch.tensor(case["targets"])
     with torch.no_grad():
-        return spec.fn(rec, parse_params(spec.params, options, method=name))
+        return spec.fn(
+            case["rec"] if rec is None else rec,
+            targets,
+            parse_params(spec.params, options, method=name),
+        )
 
 
 def _cls_map(matrix: np.ndarray) -> np.ndarray:
@@ -69,7 +75,7 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_raw_attention_is_the_last_layers_head_mean_cls_row(case) -> None:
-    out = _run(case["rec"], "raw_attention")
+    out = _run(case, "raw_attention")
     last = case["A"][-1]
     batch, heads, n, _ = last.shape
     for b in range(batch):
@@ -113,7 +119,7 @@ def _rollout_reference(maps, b, fusion="mean", discard=0.0, start=0) -> np.ndarr
     ids=["mean", "max", "min-discard", "start-layer"],
 )
 def test_rollout_matches_the_loop_reference(case, options) -> None:
-    out = _run(case["rec"], "rollout", **options)
+    out = _run(case, "rollout", **options)
     for b in range(3):
         ref = _rollout_reference(
             case["A"],
@@ -127,13 +133,13 @@ def test_rollout_matches_the_loop_reference(case, options) -> None:
 
 
 def test_rollout_rows_sum_to_one(case) -> None:
-    out = _run(case["rec"], "rollout", head_fusion="max", discard_ratio=0.3)
+    out = _run(case, "rollout", head_fusion="max", discard_ratio=0.3)
     torch.testing.assert_close(out.relevance.sum(-1), torch.ones(3, 17, dtype=torch.float64))
 
 
 def test_generic_matches_chefer_eq_5_6(case) -> None:
     """Ā_l = E_h((∇A_l ⊙ A_l)⁺); R = I; R ← R + Ā_l R; map = R[0, P:]."""
-    out = _run(case["rec"], "generic")
+    out = _run(case, "generic")
     for b in range(3):
         n = case["A"][0].shape[-1]
         relevance = np.eye(n)
@@ -151,7 +157,7 @@ def test_generic_matches_chefer_eq_5_6(case) -> None:
 
 def test_gradcam_matches_the_chefer_adaptation(case) -> None:
     """α_h = mean_j ∇A_L[h, 0, P+j]; map = ReLU(mean_h α_h A_L[h, 0, P:])."""
-    out = _run(case["rec"], "gradcam")
+    out = _run(case, "gradcam")
     attn, grad = case["A"][-1], case["dA"][-1]
     batch, heads, n, _ = attn.shape
     for b in range(batch):
@@ -166,7 +172,7 @@ def test_gradcam_matches_the_chefer_adaptation(case) -> None:
 
 def test_agcam_matches_leem_and_seo(case) -> None:
     """map = Σ_l Σ_h ReLU(∇A_l[h, 0, P:]) · sigmoid(S_l[h, 0, P:]), S = log-softmax-free scores."""
-    out = _run(case["rec"], "agcam")
+    out = _run(case, "agcam")
     rec: Recording = case["rec"]
     for b in range(3):
         ref = np.zeros(16)
@@ -181,7 +187,7 @@ def test_agcam_matches_leem_and_seo(case) -> None:
 
 def test_cam_scores_patch_tokens_with_the_classifier_row(case) -> None:
     """map_i = w_c · z_i over the final-norm patch tokens."""
-    out = _run(case["rec"], "cam")
+    out = _run(case, "cam")
     tokens, weights = case["tokens"], case["classifier"]
     for b, c in enumerate(case["targets"]):
         ref = [
@@ -246,14 +252,9 @@ def test_integrated_gradients_riemann_sum_and_completeness() -> None:
 
 def test_generic_with_zero_gradients_is_the_identity_cls_row(case) -> None:
     rec: Recording = case["rec"]
-    saved = [layer.out_grad for layer in rec.layers]
-    try:
-        for layer in rec.layers:
-            layer.out_grad = torch.zeros_like(layer.out_grad)
-        out = _run(rec, "generic")
-    finally:
-        for layer, grad in zip(rec.layers, saved, strict=True):
-            layer.out_grad = grad
+    zeros = rec.with_gradients([torch.zeros_like(layer.out_grad) for layer in rec.layers])
+    out = _run(case, "generic", zeros)
+    assert all(layer.out_grad.abs().sum() > 0 for layer in rec.layers)  # rec is unchanged
     eye = torch.eye(17, dtype=torch.float64).expand(3, 17, 17)
     torch.testing.assert_close(out.relevance, eye)
     torch.testing.assert_close(out.heatmap, torch.zeros(3, *GRID, dtype=torch.float64))
@@ -329,3 +330,36 @@ def test_rollout_start_layer_must_exist() -> None:
 
     with pytest.raises(InvalidArgument, match="start_layer"):
         explainer.check(get_method("rollout"), RolloutParams(start_layer=3), TargetSpec())
+
+
+COSTS = {
+    "raw_attention": Cost.FORWARD,
+    "rollout": Cost.FORWARD,
+    "cam": Cost.FORWARD,
+    "random": Cost.FORWARD,
+    "oracle": Cost.FORWARD,
+    "generic": Cost.BACKWARD,
+    "gradcam": Cost.BACKWARD,
+    "agcam": Cost.BACKWARD,
+    "isaw": Cost.BACKWARD,
+    "partial_lrp": Cost.BACKWARD,
+    "transformer_attribution": Cost.BACKWARD,
+    "saliency": Cost.EXTRA,
+    "token_reflection": Cost.EXTRA,
+    "attention_flow": Cost.HOST,
+}
+
+
+@pytest.mark.parametrize("spec", METHODS.specs(), ids=lambda spec: spec.name)
+def test_cost_classes_follow_the_passes(spec) -> None:
+    """EXTRA passes cost EXTRA, a backward or LRP pass BACKWARD, else FORWARD; HOST only where
+    a method is registered host-bound."""
+    assert spec.cost is COSTS[spec.name]
+    if spec.host_bound:
+        assert spec.cost is Cost.HOST
+    elif Pass.EXTRA in spec.passes:
+        assert spec.cost is Cost.EXTRA
+    elif spec.passes & (Pass.BACKWARD | Pass.LRP):
+        assert spec.cost is Cost.BACKWARD
+    else:
+        assert spec.passes == Pass.FORWARD and spec.cost is Cost.FORWARD

@@ -58,11 +58,12 @@ def test_raw_attention_follows_the_readout(family: str) -> None:
     model = tiny_loaded(seed=3, **overrides)
     x = torch.rand(2, 3, 32, 32)
     result = _explain(model, "raw_attention", x)
+    explainer = Explainer(model)
+    inputs = explainer.normalize(x)
+    explainer.close()
     with torch.no_grad():
-        logits = model.module(Explainer(model)._normalize(x))
-    _, maps, _ = unfused_attention_and_grads(
-        model.module, Explainer(model)._normalize(x), logits.argmax(1)
-    )
+        logits = model.module(inputs)
+    _, maps, _ = unfused_attention_and_grads(model.module, inputs, logits.argmax(1))
     last = maps[-1].mean(dim=1).numpy()  # (B, N, N)
     n = last.shape[-1]
     rows = {"token": [0], "distilled": [0, 1], "avg": list(range(prefix, n))}[_kind]

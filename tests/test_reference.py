@@ -10,10 +10,11 @@ from scipy import stats
 from tests.tiny import tiny_loaded
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
-from vitlens_server.explain.capture import LayerRecord, Recording
 from vitlens_server.explain.methods.reference import oracle_map
 from vitlens_server.explain.params import parse_params
+from vitlens_server.explain.records import LayerRecord, Recording
 from vitlens_server.rpc.convert import model_info
+from vitlens_server.runtime.cards import model_card
 
 M32 = 0xFFFFFFFF
 
@@ -83,15 +84,17 @@ def test_random_depends_on_seed_and_image_content_only(explainer) -> None:
 def _recording(batch: int, grid: tuple[int, int], dtype: torch.dtype) -> Recording:
     """Just what `random` reads: pixels, the dtype and device of q, and the grid."""
     q = torch.zeros(batch, 1, 1, 1, dtype=dtype)
-    rec = Recording([LayerRecord(q=q)], num_heads=1, scale=1.0, num_prefix_tokens=0, grid=grid)
-    rec.pixels = torch.rand(batch, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    return rec
+    pixels = torch.rand(batch, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return Recording(
+        [LayerRecord(q=q)], num_heads=1, scale=1.0, num_prefix_tokens=0, grid=grid, pixels=pixels
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_random_is_uniform_on_zero_one_in_every_dtype(dtype: torch.dtype) -> None:
     spec = get_method("random")
-    maps = spec.fn(_recording(2, (128, 96), dtype), parse_params(spec.params, {}, method="random"))
+    params = parse_params(spec.params, {}, method="random")
+    maps = spec.fn(_recording(2, (128, 96), dtype), torch.zeros(2, dtype=torch.long), params)
     noise = maps.heatmap
     assert noise.shape == (2, 128, 96) and noise.dtype == dtype
     assert noise.min() >= 0 and noise.max() < 1
@@ -127,7 +130,8 @@ def test_explain_refuses_oracle_and_points_to_evaluate(explainer) -> None:
 
 def test_model_info_lists_random_but_not_oracle() -> None:
     explainer = Explainer(tiny_loaded(seed=2))
-    names = {m.name for m in model_info(explainer.model, explainer.supported_methods()).methods}
+    card = model_card(explainer.model, explainer.supported_methods())
+    names = {m.name for m in model_info(card).methods}
     assert {"random", "isaw"} <= names and "oracle" not in names
 
 

@@ -8,16 +8,22 @@ runs the real Transformer Attribution when `methods/lrp.py` exists.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from tests.tiny import tiny_loaded, tiny_vit
-from vitlens_server.explain import Explainer, ExplainJob, Pass, TargetSpec, get_method
-from vitlens_server.explain.capture import AttentionHooks, Recording
+from vitlens_server.explain import (
+    Explainer,
+    ExplainJob,
+    Interrupted,
+    Pass,
+    TargetSpec,
+    get_method,
+)
 from vitlens_server.explain.methods import reflection
 from vitlens_server.explain.methods.reflection import (
     ReflectionParams,
@@ -26,25 +32,12 @@ from vitlens_server.explain.methods.reflection import (
     reflection_masks,
 )
 from vitlens_server.explain.params import NoParams, parse_params
+from vitlens_server.explain.recording import record
+from vitlens_server.explain.records import Recording
 
 P = 1
 GRID = (4, 4)
 T = GRID[0] * GRID[1]
-
-
-def _record(model: torch.nn.Module, pixels: torch.Tensor, targets: torch.Tensor) -> Recording:
-    """Forward + backward recording of ``model`` on ``pixels`` (fed to the model unnormalised)."""
-    hooks = AttentionHooks(model)
-    with hooks.record() as rec, torch.enable_grad():
-        logits = model(pixels.clone().requires_grad_(True))
-        grads = torch.autograd.grad(
-            logits.gather(1, targets[:, None]).sum(), rec.attention_outputs()
-        )
-        for layer, grad in zip(rec.layers, grads, strict=True):
-            layer.out_grad = grad
-        rec.targets = targets
-    hooks.close()
-    return rec
 
 
 class Forwards:
@@ -60,15 +53,29 @@ class Forwards:
             return self.model(pixels)
 
 
+@dataclasses.dataclass(frozen=True)
+class LogitsPasses:
+    """`ModelPasses` over a ``logits_fn``, for token reflection, which runs no gradients."""
+
+    pixels: torch.Tensor
+    logits: Forwards
+
+    def input_gradients(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("token_reflection takes no input gradients")
+
+    def narrow(self, rows: slice) -> LogitsPasses:
+        return dataclasses.replace(self, pixels=self.pixels[rows])
+
+
 @pytest.fixture(scope="module")
 def case() -> dict:
     model = tiny_vit(seed=1, dtype=torch.float64)
     torch.manual_seed(0)
     pixels = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     targets = torch.tensor([2, 0, 4])
-    rec = _record(model, pixels, targets)
+    rec = record(model, pixels, targets)  # fed to the model unnormalised
     with torch.no_grad():
-        generic = get_method("generic").fn(rec, NoParams()).relevance  # (B, N, N)
+        generic = get_method("generic").fn(rec, targets, NoParams()).relevance  # (B, N, N)
     return {"model": model, "pixels": pixels, "targets": targets, "rec": rec, "generic": generic}
 
 
@@ -274,14 +281,15 @@ def test_final_map_is_reflected_logits_plus_the_attribution_row(
     case, reference, combine, monkeypatch
 ) -> None:
     """With `generic`'s relevance standing in for Transformer Attribution's."""
-    monkeypatch.setattr(reflection, "_transformer_attribution", lambda rec: case["generic"])
-    rec: Recording = case["rec"]
-    rec.passes = SimpleNamespace(pixels=case["pixels"], logits=Forwards(case["model"]))
+    monkeypatch.setattr(
+        reflection, "_transformer_attribution", lambda _rec, _targets: case["generic"]
+    )
+    passes = LogitsPasses(case["pixels"], Forwards(case["model"]))
+    rec: Recording = dataclasses.replace(case["rec"], passes=passes)
     spec = get_method("token_reflection")
     params = parse_params(spec.params, {"combine": combine, "batch_size": 9}, method=spec.name)
     with torch.no_grad():
-        heatmap = spec.fn(rec, params).heatmap
-    rec.passes = None
+        heatmap = spec.fn(rec, case["targets"], params).heatmap
     for b in range(3):
         row = case["generic"][b, 0, P:].numpy()  # Transformer Attribution's class-token row
         l = reference["logits"][b].reshape(-1)  # noqa: E741  (the paper's name)
@@ -319,7 +327,7 @@ def test_explainer_runs_the_method_end_to_end(source, monkeypatch) -> None:
         monkeypatch.setattr(
             reflection,
             "_transformer_attribution",
-            lambda rec: relevance_spec.fn(rec, NoParams()).relevance,
+            lambda rec, targets: relevance_spec.fn(rec, targets, NoParams()).relevance,
         )
     pixels = torch.rand(3, 3, 32, 32)
     target = TargetSpec("top_k", k=2)
@@ -354,16 +362,36 @@ def test_explainer_runs_the_method_end_to_end(source, monkeypatch) -> None:
 def test_reflected_forwards_stay_float32_under_bf16_autocast() -> None:
     """bf16 rounding of logits erases the differences token reflection reads, so its extra
     forwards run in float32 even when the model serves in bf16."""
-    import dataclasses
-
-    from vitlens_server.explain.engine import ExtraPasses
-
     model = tiny_loaded(seed=3)
     bf16 = dataclasses.replace(model, spec=dataclasses.replace(model.spec, precision="bf16"))
     pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     fp32 = Explainer(model)
-    fp32_logits = ExtraPasses(fp32, pixels).logits(pixels)
+    fp32_logits = fp32.extra_passes(pixels).logits(pixels)
     fp32.close()  # one set of hooks per module at a time
     explainer = Explainer(bf16)
     assert explainer.autocast().fast_dtype == torch.bfloat16 and explainer.autocast()._enabled
-    assert torch.equal(ExtraPasses(explainer, pixels).logits(pixels), fp32_logits)
+    assert torch.equal(explainer.extra_passes(pixels).logits(pixels), fp32_logits)
+
+
+@pytest.mark.parametrize("after", [0, 1, 3])
+def test_interruption_stops_within_one_chunk_of_masked_images(after: int) -> None:
+    """``interrupted`` turns True once ``after`` chunks were classified: no further chunk runs
+    (2 images x 16 tokens in chunks of 4 would be 8 chunks), and nothing is returned."""
+    loaded = tiny_loaded(seed=6)
+    explainer = Explainer(loaded)
+    forwards = [0]
+    counter = loaded.module.register_forward_hook(
+        lambda *_: forwards.__setitem__(0, forwards[0] + 1)
+    )
+    spec = get_method("token_reflection")
+    job = ExplainJob(torch.rand(2, 3, 32, 32), spec, ReflectionParams(batch_size=4), TargetSpec())
+    try:
+        with pytest.raises(Interrupted):
+            explainer.explain_batch([job], interrupted=lambda: forwards[0] >= 1 + after)
+        assert forwards[0] == 1 + after  # the capture's forward, then ``after`` chunks
+        forwards[0] = 0
+        explainer.explain_batch([job], interrupted=lambda: False)
+        assert forwards[0] == 1 + 8  # uninterrupted: every chunk
+    finally:
+        counter.remove()
+        explainer.close()

@@ -15,13 +15,19 @@ hook on `attn` would report it. One backward pass, `torch.autograd.grad` w.r.t. 
 of all layers, serves the whole batch and never touches parameter `.grad`.
 
 With ``record(lrp=True)`` further hooks (installed with the others, inert otherwise) keep what
-layer-wise relevance propagation (`vitlens_server.explain.lrp`) reads: every block's input, the
-inputs of its Linear layers and its two residual branches, and the classifier's inputs/outputs
-(`LrpRecord`). They only keep references to tensors the forward pass computes anyway.
+layer-wise relevance propagation (`vitlens_server.explain.relevance`) reads: every block's input,
+the inputs of its Linear layers and its two residual branches, and the classifier's
+inputs/outputs (`LrpRecord`). They only keep references to tensors the forward pass computes
+anyway.
+
+The active recording is per thread: two threads may each record their own passes through the
+same model at the same time, and a thread that is not recording leaves no trace in the other's.
+`vitlens_server.explain.recording` runs the forward (and backward) passes under the hooks.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,17 +37,16 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vitlens_server.explain.records import LayerRecord, LrpLayer, LrpRecord, Recording
+from vitlens_server.explain.records import (
+    LayerRecord,
+    LrpLayer,
+    LrpRecord,
+    ModelPasses,
+    Recording,
+)
 from vitlens_server.models.loading import READOUTS, readout_kind
 
-__all__ = [
-    "AttentionHooks",
-    "LayerRecord",
-    "LrpLayer",
-    "LrpRecord",
-    "Recording",
-    "UnsupportedModel",
-]
+__all__ = ["AttentionHooks", "UnsupportedModel"]
 
 
 class UnsupportedModel(TypeError):
@@ -51,9 +56,10 @@ class UnsupportedModel(TypeError):
 class AttentionHooks:
     """Recording hooks on every attention module of a timm VisionTransformer.
 
-    Install once per loaded model; the hooks are inert outside `record()`. Only one recording
-    may be active at a time (the model's worker thread serialises passes). `close()` removes
-    every hook, leaving the model exactly as it was.
+    Install once per loaded model; the hooks are inert outside `record()`. Each thread may have
+    one recording active at a time, and a hook fills only the recording of the thread running
+    the pass. `close()` removes every hook, leaving the model exactly as it was. Every hook is a
+    closure (copied as is), so a hooked model can still be deep-copied.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -64,7 +70,7 @@ class AttentionHooks:
         self._num_prefix_tokens = int(model.num_prefix_tokens)
         self._readout = _readout_weights(model)
         self._dtype = next(model.parameters()).dtype
-        self._active: Recording | None = None
+        self._local = threading.local()  # .recording: this thread's active `Recording`
         self._handles: list[RemovableHandle] = []
         for index, attn in enumerate(self._attns):
             self._handles += [
@@ -73,20 +79,32 @@ class AttentionHooks:
                 attn.k_norm.register_forward_hook(self._on_tensor(index, "k")),
                 attn.norm.register_forward_pre_hook(self._on_out(index)),
             ]
-        self._handles.append(model.norm.register_forward_hook(self._on_tokens))
+        self._handles.append(model.norm.register_forward_hook(self._on_tokens()))
         self.lrp_problem = _lrp_problem(model)
         if self.lrp_problem is None:
             self._add_lrp_hooks(model)
 
+    @property
+    def module(self) -> nn.Module:
+        """The model the hooks are on."""
+        return self._model
+
     @contextmanager
-    def record(self, lrp: bool = False) -> Iterator[Recording]:
-        """Activate the hooks for the passes run inside the ``with`` block.
+    def record(
+        self,
+        lrp: bool = False,
+        *,
+        pixels: Tensor | None = None,
+        passes: ModelPasses | None = None,
+    ) -> Iterator[Recording]:
+        """Activate the hooks, for this thread, for the passes it runs inside the ``with`` block.
 
         ``lrp``: also keep the activations layer-wise relevance propagation reads
         (`Recording.lrp`); raises `UnsupportedModel` where the model's layout has no LRP rules.
+        ``pixels`` (B, C, H, W) in [0, 1] and ``passes`` are stored in the recording as given.
         """
         if self._active is not None:
-            raise RuntimeError("a recording is already active on this model")
+            raise RuntimeError("a recording is already active on this model in this thread")
         if lrp and self.lrp_problem is not None:
             raise UnsupportedModel(self.lrp_problem)
         first = self._attns[0]
@@ -98,22 +116,20 @@ class AttentionHooks:
             grid=self._grid,
             readout=self._readout,
             classifier=self._classifier,
+            pixels=pixels,
+            passes=passes,
             lrp=self._new_lrp_record() if lrp else None,
         )
-        self._active = recording
+        self._local.recording = recording
         try:
             yield recording
         finally:
-            self._active = None
+            self._local.recording = None
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Run passes inside a recording without recording them (extra passes of a method)."""
-        active, self._active = self._active, None
-        try:
-            yield
-        finally:
-            self._active = active
+    @property
+    def _active(self) -> Recording | None:
+        """The recording of the calling thread, or None when it is not recording."""
+        return getattr(self._local, "recording", None)
 
     def close(self) -> None:
         """Remove all hooks."""
@@ -128,28 +144,35 @@ class AttentionHooks:
 
     def _on_qkv(self, index: int, attn: nn.Module):
         def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if self._active is not None:
+            rec = self._active
+            if rec is not None:
                 b, n, _ = output.shape  # (B, N, 3·H·D)
                 v = output.view(b, n, 3, attn.num_heads, -1)[:, :, 2]  # (B, N, H, D)
-                self._active.layers[index].v = self._keep(v.transpose(1, 2))
+                rec.layers[index].v = self._keep(v.transpose(1, 2))
 
         return hook
 
     def _on_tensor(self, index: int, name: str):
         def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if self._active is not None:
-                setattr(self._active.layers[index], name, self._keep(output))  # (B, H, N, D)
+            rec = self._active
+            if rec is not None:
+                setattr(rec.layers[index], name, self._keep(output))  # (B, H, N, D)
 
         return hook
 
-    def _on_tokens(self, _module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if self._active is not None:
-            self._active.tokens = self._keep(output)  # (B, N, D)
+    def _on_tokens(self):
+        def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            rec = self._active
+            if rec is not None:
+                rec.tokens = self._keep(output)  # (B, N, D)
+
+        return hook
 
     def _on_out(self, index: int):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            if self._active is not None:
-                self._active.layers[index].out = inputs[0]  # (B, N, H·D)
+            rec = self._active
+            if rec is not None:
+                rec.layers[index].out = inputs[0]  # (B, N, H·D)
 
         return hook
 
@@ -168,7 +191,7 @@ class AttentionHooks:
         for index, head in enumerate(_heads(model)):
             self._handles.append(head.register_forward_hook(self._lrp_head(index)))
         if readout_kind(model) == "avg":
-            self._handles.append(model.fc_norm.register_forward_pre_hook(self._lrp_pooled))
+            self._handles.append(model.fc_norm.register_forward_pre_hook(self._lrp_pooled()))
 
     def _new_lrp_record(self) -> LrpRecord:
         model = self._model
@@ -186,31 +209,43 @@ class AttentionHooks:
             head_out=[None] * len(heads),
         )
 
+    def _active_lrp(self) -> LrpRecord | None:
+        """The LRP part of this thread's recording, when it records one."""
+        rec = self._active
+        return None if rec is None else rec.lrp
+
     def _lrp_input(self, index: int, name: str):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            if self._active is not None and self._active.lrp is not None:
-                setattr(self._active.lrp.layers[index], name, self._keep(inputs[0]))
+            lrp = self._active_lrp()
+            if lrp is not None:
+                setattr(lrp.layers[index], name, self._keep(inputs[0]))
 
         return hook
 
     def _lrp_output(self, index: int, name: str):
         def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if self._active is not None and self._active.lrp is not None:
-                setattr(self._active.lrp.layers[index], name, self._keep(output))
+            lrp = self._active_lrp()
+            if lrp is not None:
+                setattr(lrp.layers[index], name, self._keep(output))
 
         return hook
 
     def _lrp_head(self, index: int):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if self._active is not None and self._active.lrp is not None:
-                self._active.lrp.head_in[index] = self._keep(inputs[0])  # (B, D)
-                self._active.lrp.head_out[index] = self._keep(output)  # (B, C)
+            lrp = self._active_lrp()
+            if lrp is not None:
+                lrp.head_in[index] = self._keep(inputs[0])  # (B, D)
+                lrp.head_out[index] = self._keep(output)  # (B, C)
 
         return hook
 
-    def _lrp_pooled(self, _module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        if self._active is not None and self._active.lrp is not None:
-            self._active.lrp.pooled = self._keep(inputs[0])  # (B, D)
+    def _lrp_pooled(self):
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            lrp = self._active_lrp()
+            if lrp is not None:
+                lrp.pooled = self._keep(inputs[0])  # (B, D)
+
+        return hook
 
 
 def _classifier(model: nn.Module) -> Tensor | None:

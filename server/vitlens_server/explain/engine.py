@@ -1,17 +1,15 @@
-"""Run one batch through a model: forward, the backward passes a method needs, the method.
+"""Run one batch through a model: one forward pass, the backward passes its methods need, and
+the methods, as the typed steps of `vitlens_server.explain.batch`.
 
-`Explainer` owns the model's cached `AttentionHooks`; it is driven by one worker thread at a time.
+`Explainer` owns the model's cached `AttentionHooks`. Recordings are per thread, so several
+threads may explain with one `Explainer` at the same time (e.g. one per `Cost` class).
 Everything stays on the model's device until the final host copy of the outputs.
 """
 
 from __future__ import annotations
 
-import functools
-import operator
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,33 +17,22 @@ from torch import Tensor
 
 from vitlens_server.domain import ExplainResult, Predictions, TargetSpec
 from vitlens_server.errors import InvalidArgument
+from vitlens_server.explain.batch import (
+    Batch,
+    ExplainJob,
+    Forward,
+    Outcome,
+    explained_classes,
+    forward_outcomes,
+    gradient_outcomes,
+)
 from vitlens_server.explain.capture import AttentionHooks
+from vitlens_server.explain.passes import ExtraPasses, raise_if_interrupted
+from vitlens_server.explain.recording import capture
 from vitlens_server.explain.registry import METHODS, MethodOutput, MethodSpec, Pass
 from vitlens_server.models import LoadedModel
 
-__all__ = [
-    "ExplainJob",
-    "ExplainResult",
-    "Explainer",
-    "Predictions",
-    "TargetSpec",
-    "resize_maps",
-    "top_k_predictions",
-]
-
-
-@dataclass(frozen=True)
-class ExplainJob:
-    """One batch to explain. ``pixels`` is (B, C, H, W) float32 in [0, 1] at the input size."""
-
-    pixels: Tensor
-    method: MethodSpec
-    params: object
-    target: TargetSpec
-    grid: Literal["tokens", "input", "native"] = "tokens"  # native: as the method makes it
-    relevance: bool = False
-    top_k_predictions: int = 5
-    output_dtype: Literal["float32", "float16"] = "float32"
+__all__ = ["Explainer", "resize_maps", "top_k_predictions"]
 
 
 def resize_maps(heatmaps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -123,16 +110,23 @@ class Explainer:
     def logits(self, pixels: Tensor) -> Tensor:
         """(B, C, H, W) pixels in [0, 1] → (B, classes) float32 logits, fused fast path."""
         with torch.inference_mode(), self.autocast():
-            return self.model.module(self._normalize(pixels)).float()
+            return self.model.module(self.normalize(pixels)).float()
 
-    def explain(self, job: ExplainJob) -> ExplainResult:
+    def explain(
+        self, job: ExplainJob, *, interrupted: Callable[[], bool] | None = None
+    ) -> ExplainResult:
         """Run the passes ``job.method`` needs and the method itself."""
-        (result,) = self.explain_batch([job])
+        (result,) = self.explain_batch([job], interrupted=interrupted)
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def explain_batch(self, jobs: Sequence[ExplainJob]) -> list[ExplainResult | Exception]:
+    def explain_batch(
+        self,
+        jobs: Sequence[ExplainJob],
+        *,
+        interrupted: Callable[[], bool] | None = None,
+    ) -> list[ExplainResult | Exception]:
         """Explain several jobs (requests, or chunks of them) from one capture.
 
         The images of all jobs go through one forward pass; when any job needs gradients, one
@@ -140,110 +134,98 @@ class Explainer:
         contribute nothing to the later ranks). Each job's method then reads its own rows of the
         recording. A method failing for one job fails only that job: its slot in the returned
         list holds the exception. A failure of the passes themselves (e.g. out of memory)
-        raises, for the caller to split the batch.
+        raises, for the caller to split the batch. A job whose method `refusal` rejects fails
+        alone with that `InvalidArgument` (`check` raises it before queueing).
+
+        ``interrupted`` is asked before the forward pass, before each backward pass, before
+        each method call and before each further model pass a method runs (`ExtraPasses`);
+        when it returns True, `Interrupted` is raised and the batch's work stops there.
         """
+        refusals = [self.refusal(job.method) for job in jobs]
+        runnable = [job for job, refusal in zip(jobs, refusals, strict=True) if refusal is None]
+        results = iter(self._explain_batch(runnable, interrupted) if runnable else [])
+        return [InvalidArgument(r) if r is not None else next(results) for r in refusals]
+
+    def _explain_batch(
+        self, jobs: Sequence[ExplainJob], interrupted: Callable[[], bool] | None
+    ) -> list[ExplainResult | Exception]:
         start = time.perf_counter()
-        pixels = torch.cat([job.pixels for job in jobs]) if len(jobs) > 1 else jobs[0].pixels
-        rows = _rows(jobs)
-        passes = functools.reduce(operator.or_, (job.method.passes for job in jobs))
-        outputs: list[list[MethodOutput]] = [[] for _ in jobs]
-        failures: list[Exception | None] = [None] * len(jobs)
-        with self.hooks.record(lrp=Pass.LRP in passes) as rec:
-            rec.pixels = pixels.to(self.model.device)
-            if Pass.EXTRA in passes:
-                rec.passes = ExtraPasses(self, rec.pixels.to(self._dtype))
-            x = self._normalize(pixels)
-            grad_jobs = [i for i, job in enumerate(jobs) if Pass.BACKWARD in job.method.passes]
-            with torch.set_grad_enabled(bool(grad_jobs)):
-                x.requires_grad_(bool(grad_jobs))  # the graph starts at the input, never weights
-                with self.autocast():
-                    logits = self.model.module(x)
-            scores = logits.detach().float()
-            targets = [
-                self._targets(scores[r], job.target) for r, job in zip(rows, jobs, strict=True)
-            ]
-            if grad_jobs:
-                self._backward_ranks(rec, logits, jobs, rows, targets, grad_jobs, outputs, failures)
-            del logits, x
-            with torch.no_grad():
-                for i, job in enumerate(jobs):
-                    if i not in grad_jobs:
-                        self._forward_method(rec, job, rows[i], targets[i], outputs[i], failures, i)
+        batch = Batch.of(jobs)
+        raise_if_interrupted(interrupted)
+        forward = self._forward(batch, interrupted)
+        outcomes = gradient_outcomes(batch, forward, interrupted)
+        outcomes |= forward_outcomes(batch, forward, interrupted)
         compute_s = time.perf_counter() - start
-        results: list[ExplainResult | Exception] = []
-        for i, job in enumerate(jobs):
-            if failures[i] is not None:
-                results.append(failures[i])
-                continue
-            try:
-                finished = self._finish(job, scores[rows[i]], targets[i], outputs[i])
-                results.append(ExplainResult(**finished, compute_seconds=compute_s))
-            except Exception as err:  # isolated to this job, reported to it
-                results.append(err)
-        return results
-
-    def _backward_ranks(self, rec, logits, jobs, rows, targets, grad_jobs, outputs, failures):
-        """One backward per target rank for the gradient jobs, each then running its method."""
-        ranks = max(targets[i].shape[1] for i in grad_jobs)
-        for rank in range(ranks):
-            index = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-            weight = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
-            for i in grad_jobs:
-                if rank < targets[i].shape[1]:
-                    index[rows[i]] = targets[i][:, rank]
-                    weight[rows[i]] = 1
-            chosen = (logits.gather(1, index[:, None])[:, 0] * weight).sum()
-            grads = torch.autograd.grad(
-                chosen, rec.attention_outputs(), retain_graph=rank < ranks - 1
+        return [
+            self._result(job, forward.scores[rows], targets, outcomes[i], compute_s)
+            for i, (job, rows, targets) in enumerate(
+                zip(batch.jobs, batch.rows, forward.targets, strict=True)
             )
-            for layer, grad in zip(rec.layers, grads, strict=True):
-                layer.out_grad = grad
-            with torch.no_grad():
-                for i in grad_jobs:
-                    if rank < targets[i].shape[1] and failures[i] is None:
-                        try:
-                            sub = rec.narrow(rows[i])
-                            sub.targets = targets[i][:, rank]
-                            outputs[i].append(jobs[i].method.fn(sub, jobs[i].params))
-                        except Exception as err:  # this job only
-                            failures[i] = err
+        ]
 
-    @staticmethod
-    def _forward_method(rec, job, rows, targets, outputs, failures, i) -> None:
-        """Methods without gradients: one call per explained class (one if class-agnostic)."""
-        try:
-            sub = rec.narrow(rows)
-            for rank in range(targets.shape[1] if job.method.class_specific else 1):
-                sub.targets = targets[:, rank]
-                outputs.append(job.method.fn(sub, job.params))
-            if not job.method.class_specific:  # one map serves every explained class
-                outputs[:] = outputs * targets.shape[1]
-        except Exception as err:  # this job only
-            failures[i] = err
+    def extra_passes(
+        self, pixels: Tensor, interrupted: Callable[[], bool] | None = None
+    ) -> ExtraPasses:
+        """Model passes for the methods that run their own (`Pass.EXTRA`) on (B, C, H, W)
+        ``pixels`` in [0, 1]."""
+        pixels = pixels.to(self.model.device, self._dtype)
+        return ExtraPasses(self.model.module, self.normalize, self.autocast, pixels, interrupted)
 
-    def autocast(self):
+    def autocast(self) -> torch.autocast:
         """bfloat16 autocast around model passes when the model's precision is ``bf16``."""
         enabled = self.model.spec.precision == "bf16"
         return torch.autocast(self.model.device.type, torch.bfloat16, enabled=enabled)
 
-    def _normalize(self, pixels: Tensor) -> Tensor:
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """(B, C, H, W) pixels in [0, 1] → the model's input: on its device, in its dtype,
+        normalised by its mean and std."""
         x = pixels.to(self.model.device, self._dtype, non_blocking=True)
         return (x - self._mean) / self._std
 
-    def _targets(self, logits: Tensor, target: TargetSpec) -> Tensor:
-        """(B, K) class indices to explain."""
-        batch = logits.shape[0]
-        if target.kind == "top_k":
-            return logits.topk(target.k, dim=1).indices
-        if target.kind == "index":
-            return torch.full((batch, 1), target.indices[0], device=logits.device)
-        if target.kind == "per_image":
-            return torch.tensor(target.indices, device=logits.device).view(batch, 1)
-        return logits.argmax(dim=1, keepdim=True)
+    def _forward(self, batch: Batch, interrupted: Callable[[], bool] | None) -> Forward:
+        """One forward pass of every job's images under the hooks."""
+        pixels = batch.pixels.to(self.model.device)
+        passes = self.extra_passes(pixels, interrupted) if Pass.EXTRA in batch.passes else None
+        captured = capture(
+            self.hooks,
+            self.normalize(batch.pixels),
+            lrp=Pass.LRP in batch.passes,
+            gradients=bool(batch.gradient_jobs),
+            autocast=self.autocast(),
+            pixels=pixels,
+            passes=passes,
+        )
+        scores = captured.logits.detach().float()
+        targets = tuple(
+            explained_classes(scores[rows], job.target)
+            for rows, job in zip(batch.rows, batch.jobs, strict=True)
+        )
+        return Forward(captured, scores, targets)
+
+    def _result(
+        self,
+        job: ExplainJob,
+        logits: Tensor,
+        targets: Tensor,
+        outcome: Outcome,
+        compute_s: float,
+    ) -> ExplainResult | Exception:
+        """A job's host-side result from its (B, classes) logits, (B, K) targets and outputs."""
+        if isinstance(outcome, Exception):
+            return outcome
+        try:
+            return self._finish(job, logits, targets, outcome, compute_s)
+        except Exception as err:  # isolated to this job, reported to it
+            return err
 
     def _finish(
-        self, job: ExplainJob, logits: Tensor, targets: Tensor, outputs: list[MethodOutput]
-    ) -> dict:
+        self,
+        job: ExplainJob,
+        logits: Tensor,
+        targets: Tensor,
+        outputs: Sequence[MethodOutput],
+        compute_s: float,
+    ) -> ExplainResult:
         with torch.no_grad():
             heatmaps = torch.stack([o.heatmap for o in outputs], dim=1)  # (B, K, h, w)
             geometry = self.model.geometry
@@ -255,58 +237,17 @@ class Explainer:
                 relevance = torch.stack([o.relevance for o in outputs], dim=1)  # (B, K, N, N)
             probs = logits.softmax(dim=1)
             host = job.output_dtype
-            return {
-                "predictions": top_k_predictions(logits, job.top_k_predictions),
-                "targets": targets.cpu().numpy(),
-                "target_probabilities": probs.gather(1, targets).cpu().numpy(),
-                "target_logits": logits.gather(1, targets).float().cpu().numpy(),
-                "heatmaps": heatmaps.float().cpu().numpy().astype(host, copy=False),
-                "relevance": None
+            return ExplainResult(
+                predictions=top_k_predictions(logits, job.top_k_predictions),
+                targets=targets.cpu().numpy(),
+                target_probabilities=probs.gather(1, targets).cpu().numpy(),
+                target_logits=logits.gather(1, targets).float().cpu().numpy(),
+                heatmaps=heatmaps.float().cpu().numpy().astype(host, copy=False),
+                relevance=None
                 if relevance is None
                 else relevance.float().cpu().numpy().astype(host, copy=False),
-            }
-
-
-def _rows(jobs: Sequence[ExplainJob]) -> list[slice]:
-    """Each job's rows in the concatenated batch."""
-    rows, first = [], 0
-    for job in jobs:
-        rows.append(slice(first, first + job.pixels.shape[0]))
-        first += job.pixels.shape[0]
-    return rows
-
-
-class ExtraPasses:
-    """Model passes a method runs itself (`Pass.EXTRA`), with the recording hooks paused.
-
-    ``pixels`` is the batch being explained, (B, C, H, W) in [0, 1] on the model's device.
-    """
-
-    def __init__(self, explainer: Explainer, pixels: Tensor) -> None:
-        self._explainer = explainer
-        self.pixels = pixels
-
-    def narrow(self, rows: slice) -> ExtraPasses:
-        """The same passes for the images ``rows`` of the batch."""
-        return ExtraPasses(self._explainer, self.pixels[rows])
-
-    def logits(self, pixels: Tensor) -> Tensor:
-        """(B', C, H, W) pixels → (B', classes) float32 logits, computed in float32 even under
-        bf16 autocast: token reflection reads logit differences between masked images that
-        bfloat16 rounding erases (benchmarks/precision.md measured ρ 0.18 against fp32 maps)."""
-        explainer = self._explainer
-        with explainer.hooks.paused(), torch.no_grad():
-            return explainer.model.module(explainer._normalize(pixels)).float()
-
-    def input_gradients(self, pixels: Tensor, targets: Tensor) -> Tensor:
-        """∂y_t/∂pixels, (B', C, H, W), for targets (B',): one backward for the whole batch."""
-        explainer = self._explainer
-        with explainer.hooks.paused(), torch.enable_grad():
-            pixels = pixels.detach().requires_grad_(True)
-            with explainer.autocast():
-                logits = explainer.model.module(explainer._normalize(pixels))
-            (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), pixels)
-        return grad
+                compute_seconds=compute_s,
+            )
 
 
 def top_k_predictions(logits: Tensor, k: int) -> Predictions:

@@ -1,24 +1,31 @@
-"""What a recording holds: per-layer attention tensors, LRP activations, the whole `Recording`.
+"""What a recording holds: per-layer attention tensors, LRP activations, the whole `Recording`,
+and `ModelPasses`, the further model passes a method may run.
 
-Filled by `AttentionHooks` (capture.py) during a model's passes and read by the methods; every
-per-image tensor is batch-first, so `Recording.narrow` can hand each request its own rows.
+Filled by `AttentionHooks` (capture.py) during one forward pass and read by the methods; nothing
+changes a recording once its forward pass is over: `Recording.narrow` (each request's rows; every
+per-image tensor is batch-first) and `Recording.with_gradients` (one backward pass's gradients)
+return new recordings that share the captured tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerRecord", "LrpLayer", "LrpRecord", "Recording"]
+__all__ = ["LayerRecord", "LrpLayer", "LrpRecord", "ModelPasses", "Recording"]
 
 
 @dataclass
 class LayerRecord:
-    """Tensors of one attention layer, all (B, H, N, D) except `out` which is (B, N, H·D)."""
+    """Tensors of one attention layer, all (B, H, N, D) except `out` and `out_grad`, (B, N, H·D).
+
+    ``out_grad`` is ∂y/∂O_l of one backward pass, set by `Recording.with_gradients`.
+    """
 
     q: Tensor | None = None
     k: Tensor | None = None
@@ -98,9 +105,31 @@ def _narrow_fields(record, rows: slice):
     )
 
 
+class ModelPasses(Protocol):
+    """Further passes of the explained model that a method runs itself (`Pass.EXTRA`).
+
+    Attributes:
+        pixels: (B, C, H, W) the explained images in [0, 1] on the model's device.
+    """
+
+    pixels: Tensor
+
+    def logits(self, pixels: Tensor) -> Tensor:
+        """(n, C, H, W) pixels in [0, 1] → (n, classes) float32 logits."""
+        ...
+
+    def input_gradients(self, pixels: Tensor, targets: Tensor) -> Tensor:
+        """∂y_t/∂pixels, (n, C, H, W), of (n, C, H, W) pixels for (n,) targets."""
+        ...
+
+    def narrow(self, rows: slice) -> ModelPasses:
+        """The same passes for the images ``rows`` of the batch."""
+        ...
+
+
 @dataclass
 class Recording:
-    """What one forward (and optional backward) pass captured.
+    """What one forward pass captured (and, after `with_gradients`, one backward pass).
 
     Attributes:
         layers: one record per block, input side first.
@@ -112,9 +141,8 @@ class Recording:
             the patch tokens (``global_pool='avg'``); None when the model pools otherwise.
         tokens: (B, N, D) output of the final norm, the tokens the classifier reads.
         classifier: (C, D) weight of the linear head (mean of both heads for DeiT distilled).
-        targets: (B,) the class being explained, set by the engine before each method call.
         pixels: (B, C, H, W) float32 explained images in [0, 1], as requested (not normalised).
-        passes: further model passes (`ExtraPasses`), for methods that declare `Pass.EXTRA`.
+        passes: further model passes, for methods that declare `Pass.EXTRA`.
         lrp: activations for layer-wise relevance propagation, when recorded with ``lrp=True``.
     """
 
@@ -126,9 +154,8 @@ class Recording:
     readout: Tensor | None = None
     classifier: Tensor | None = None
     tokens: Tensor | None = None
-    targets: Tensor | None = None
     pixels: Tensor | None = None
-    passes: Any = None
+    passes: ModelPasses | None = None
     lrp: LrpRecord | None = None
 
     @property
@@ -145,13 +172,19 @@ class Recording:
         return self.scores(layer).softmax(dim=-1)
 
     def attention_grad(self, layer: int) -> Tensor:
-        """∂y/∂A_l for the targets of the last backward pass, (B, H, N, N)."""
+        """∂y/∂A_l for the targets of this recording's backward pass, (B, H, N, N)."""
         rec = self.layers[layer]
         if rec.out_grad is None:
             raise RuntimeError("attention gradients need a backward pass (passes include BACKWARD)")
         b, n, _ = rec.out_grad.shape
         grad = rec.out_grad.to(rec.v.dtype).view(b, n, self.num_heads, -1).transpose(1, 2)
         return grad @ rec.v.transpose(-2, -1)
+
+    def model_passes(self) -> ModelPasses:
+        """`passes`, for the methods that declare `Pass.EXTRA`; raises where there are none."""
+        if self.passes is None:
+            raise RuntimeError("this method runs model passes (passes include EXTRA)")
+        return self.passes
 
     def readout_rows(self, matrix: Tensor) -> Tensor:
         """The readout's mix of the rows of a (..., N, N) token matrix, over the patch tokens.
@@ -175,7 +208,6 @@ class Recording:
             self,
             layers=[_narrow_fields(layer, rows) for layer in self.layers],
             tokens=_narrow(self.tokens, rows),
-            targets=_narrow(self.targets, rows),
             pixels=_narrow(self.pixels, rows),
             passes=None if self.passes is None else self.passes.narrow(rows),
             lrp=None if self.lrp is None else self.lrp.narrow(rows),
@@ -184,3 +216,14 @@ class Recording:
     def attention_outputs(self) -> list[Tensor]:
         """O_l of every layer, (B, N, H·D): the tensors gradients are taken with respect to."""
         return [rec.out for rec in self.layers]
+
+    def with_gradients(self, grads: Sequence[Tensor]) -> Recording:
+        """This recording with ∂y/∂O_l of one backward pass, one (B, N, H·D) tensor per layer.
+
+        A new recording (new `LayerRecord`s sharing the captured tensors); this one is unchanged.
+        """
+        layers = [
+            dataclasses.replace(layer, out_grad=grad)
+            for layer, grad in zip(self.layers, grads, strict=True)
+        ]
+        return dataclasses.replace(self, layers=layers)

@@ -1,7 +1,8 @@
 """The registry of explanation methods.
 
-A method is one small function ``(Recording, params) -> MethodOutput`` plus a `MethodSpec`
-declaring the passes it needs, so the engine runs each pass once for every method sharing it.
+A method is one small function ``(recording, targets, params) -> MethodOutput`` that reads the
+recording and changes nothing, plus a `MethodSpec` declaring the passes it needs, so the engine
+runs each pass once for every method sharing it, and its `Cost`, so the runtime can schedule it.
 """
 
 from __future__ import annotations
@@ -9,15 +10,26 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from torch import Tensor
 
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import NoParams
+from vitlens_server.explain.records import Recording
 from vitlens_server.models.loading import READOUTS
 
-__all__ = ["METHODS", "MethodOutput", "MethodSpec", "Pass", "get_method", "register_method"]
+__all__ = [
+    "METHODS",
+    "Cost",
+    "MaskMethodFn",
+    "MethodFn",
+    "MethodOutput",
+    "MethodSpec",
+    "Pass",
+    "get_method",
+    "register_method",
+]
 
 
 class Pass(enum.Flag):
@@ -27,6 +39,15 @@ class Pass(enum.Flag):
     BACKWARD = enum.auto()  # gradients of the target logit w.r.t. the attention maps
     LRP = enum.auto()  # activations for layer-wise relevance propagation (Chefer et al. 2021)
     EXTRA = enum.auto()  # further model passes the method runs itself (`Recording.passes`)
+
+
+class Cost(enum.Enum):
+    """What running a method costs, for scheduling (`MethodSpec.cost`)."""
+
+    FORWARD = "forward"  # the shared forward pass and tensor math on what it recorded
+    BACKWARD = "backward"  # also one backward pass per explained class, or an LRP propagation
+    EXTRA = "extra"  # further model passes the method runs itself (`Pass.EXTRA`)
+    HOST = "host"  # CPU-bound work on the host (attention_flow's maximum flows)
 
 
 @dataclass(frozen=True)
@@ -43,13 +64,21 @@ class MethodOutput:
     relevance: Tensor | None = None
 
 
-MethodFn = Callable[[Recording, object], MethodOutput]
+MethodFn = Callable[[Recording, Tensor, Any], MethodOutput]
+"""``fn(recording, targets, params)``: ``targets`` (B,) the explained class of each image."""
+
+MaskMethodFn = Callable[[Tensor, Tensor, Any], MethodOutput]
+"""``fn(masks, targets, params)`` of a ``needs_mask`` method: masks (B, H, W), targets (B,)."""
+
+_Fn = TypeVar("_Fn", MethodFn, MaskMethodFn)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A registered method: its function and what the engine and the runtime need to know."""
+
     name: str
-    fn: MethodFn
+    fn: MethodFn | MaskMethodFn
     passes: Pass
     class_specific: bool
     relevance_matrix: bool
@@ -57,6 +86,19 @@ class MethodSpec:
     params: type
     description: str
     needs_mask: bool = False  # needs a ground-truth mask: Evaluate only, refused by Explain
+    host_bound: bool = False  # its work is CPU-bound on the host, whatever its passes
+
+    @property
+    def cost(self) -> Cost:
+        """`Cost.HOST` when host-bound, else the costliest of its passes: EXTRA, then BACKWARD
+        (a backward pass or an LRP propagation), then FORWARD."""
+        if self.host_bound:
+            return Cost.HOST
+        if Pass.EXTRA in self.passes:
+            return Cost.EXTRA
+        if self.passes & (Pass.BACKWARD | Pass.LRP):
+            return Cost.BACKWARD
+        return Cost.FORWARD
 
     def applies_to(self, readout: str) -> bool:
         """Whether the method can explain a model whose head reads tokens by ``readout``."""
@@ -104,10 +146,11 @@ def register_method(
     readouts: tuple[str, ...] | None = READOUTS,
     params: type = NoParams,
     needs_mask: bool = False,
-) -> Callable[[MethodFn], MethodFn]:
-    """Decorator adding a method function to `METHODS`."""
+    host_bound: bool = False,
+) -> Callable[[_Fn], _Fn]:
+    """Decorator adding a method function to `METHODS`; ``host_bound`` marks CPU-bound work."""
 
-    def add(fn: MethodFn) -> MethodFn:
+    def add(fn: _Fn) -> _Fn:
         METHODS.add(
             MethodSpec(
                 name=name,
@@ -119,6 +162,7 @@ def register_method(
                 params=params,
                 description=description,
                 needs_mask=needs_mask,
+                host_bound=host_bound,
             )
         )
         return fn

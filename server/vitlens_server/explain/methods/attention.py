@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import NoParams, choice, param
+from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
 __all__ = ["RolloutParams", "augmented_attention", "raw_attention", "rollout"]
@@ -27,7 +27,7 @@ __all__ = ["RolloutParams", "augmented_attention", "raw_attention", "rollout"]
     description="Last block's attention from the class token, mean over heads (Chefer 2021 "
     "baseline).",
 )
-def raw_attention(rec: Recording, _params: NoParams) -> MethodOutput:
+def raw_attention(rec: Recording, _targets: Tensor, _params: NoParams) -> MethodOutput:
     """map = mean_h A_L[:, h, 0, P:]; relevance = mean_h A_L, (B, N, N)."""
     attn = rec.attention(rec.num_layers - 1).mean(dim=1)  # (B, N, N)
     return MethodOutput(rec.readout_map(attn), attn)
@@ -62,7 +62,7 @@ class RolloutParams:
     description="Attention rollout (Abnar & Zuidema 2020): product of head-fused, "
     "identity-augmented, row-normalised attention over the blocks.",
 )
-def rollout(rec: Recording, params: RolloutParams) -> MethodOutput:
+def rollout(rec: Recording, _targets: Tensor, params: RolloutParams) -> MethodOutput:
     """R = Ã_L ··· Ã_s with Ã_l = norm_rows(fuse_h(A_l) + I); map = R[0, P:]."""
     result: Tensor | None = None
     for layer in range(params.start_layer, rec.num_layers):

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.methods.attention import RolloutParams, augmented_attention
+from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
 __all__ = ["FlowParams", "attention_flow", "flow_capacities"]
@@ -65,11 +65,12 @@ def flow_capacities(rec: Recording, params: FlowParams) -> Tensor:
     class_specific=False,
     readouts=("token", "distilled"),
     params=FlowParams,
+    host_bound=True,
     description="Attention flow (Abnar & Zuidema 2020): maximum flow from each patch token "
     "through the head-fused, identity-augmented attention graph to the class token, solved "
     "exactly on CPU.",
 )
-def attention_flow(rec: Recording, params: FlowParams) -> MethodOutput:
+def attention_flow(rec: Recording, _targets: Tensor, params: FlowParams) -> MethodOutput:
     """map[j] = maxflow((0, P+j) → (L, R)) over capacities Ã_l[i, j], (B, gh, gw)."""
     from vitlens_server.explain import maxflow  # numba loads on first use, not at registration
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import NoParams
+from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
 __all__ = ["generic"]
@@ -19,9 +20,9 @@ __all__ = ["generic"]
     description="Generic attention explainability (Chefer, Gur & Wolf, ICCV 2021, Eq. 5-6): "
     "gradient-weighted attention accumulated over the blocks.",
 )
-def generic(rec: Recording, _params: NoParams) -> MethodOutput:
+def generic(rec: Recording, _targets: Tensor, _params: NoParams) -> MethodOutput:
     """Ā_l = mean_h((∇A_l ⊙ A_l)⁺); R = I; R ← R + Ā_l·R for l = 1..L; map = R[0, P:]."""
-    relevance: torch.Tensor | None = None
+    relevance: Tensor | None = None
     for layer in range(rec.num_layers):
         weighted = (rec.attention_grad(layer) * rec.attention(layer)).clamp(min=0).mean(dim=1)
         if relevance is None:
@@ -38,7 +39,7 @@ def generic(rec: Recording, _params: NoParams) -> MethodOutput:
     description="Grad-CAM adapted to ViT as in Chefer et al. 2021: last block's class-token "
     "attention weighted per head by its mean gradient.",
 )
-def gradcam(rec: Recording, _params: NoParams) -> MethodOutput:
+def gradcam(rec: Recording, _targets: Tensor, _params: NoParams) -> MethodOutput:
     """α_h = mean_j ∇A_L[h, 0, P+j]; map = ReLU(mean_h α_h · A_L[h, 0, P:])."""
     last = rec.num_layers - 1
     attn = rec.readout_rows(rec.attention(last))  # (B, H, gh·gw)
@@ -54,7 +55,7 @@ def gradcam(rec: Recording, _params: NoParams) -> MethodOutput:
     description="Attention-guided CAM (Leem & Seo, AAAI 2024): positive attention gradients of "
     "every block, weighted by sigmoid-normalised attention scores, summed over heads and blocks.",
 )
-def agcam(rec: Recording, _params: NoParams) -> MethodOutput:
+def agcam(rec: Recording, _targets: Tensor, _params: NoParams) -> MethodOutput:
     """map = Σ_l Σ_h ReLU(∇A_l[h, 0, P:]) ⊙ sigmoid(S_l[h, 0, P:])."""
     heatmap = None
     for layer in range(rec.num_layers):

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import param
+from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
 __all__ = ["IsawParams", "isaw"]
@@ -76,7 +76,7 @@ class IsawParams:
     "every block, heads weighted by their mean class gradient, averaged over the blocks, "
     "min-max normalised.",
 )
-def isaw(rec: Recording, params: IsawParams) -> MethodOutput:
+def isaw(rec: Recording, _targets: Tensor, params: IsawParams) -> MethodOutput:
     """map = minmax(Σ_l α^(l) mean_h g_{l,h} A_l[h, r, P:]); g_{l,h} = mean_j ∇A_l[h, r, P+j]."""
     layers = range(params.start_layer, rec.num_layers)
     total: Tensor | None = None

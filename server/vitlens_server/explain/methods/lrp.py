@@ -1,7 +1,7 @@
 """Relevance-propagation methods: partial LRP and Transformer Attribution (Chefer et al. 2021).
 
 Both read R^{A_l}, the LRP relevance at the post-softmax attention of block l (B, H, N, N), from
-`vitlens_server.explain.lrp`, which propagates it from the one-hot target (the paper's start;
+`vitlens_server.explain.relevance`, which propagates it from the one-hot target (the paper's start;
 METHODS.md's one-hot ⊙ logits would scale each image's relevances by its logit) through the
 stock timm model's captured activations. Equations write the class token's row as row 0; for
 other readouts it is `Recording.readout_rows`.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vitlens_server.explain.capture import Recording
-from vitlens_server.explain.lrp import attention_relevances
 from vitlens_server.explain.params import NoParams
+from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
+from vitlens_server.explain.relevance import attention_relevances
 
 __all__ = ["partial_lrp", "transformer_attribution", "transformer_attribution_relevance"]
 
@@ -28,23 +28,23 @@ __all__ = ["partial_lrp", "transformer_attribution", "transformer_attribution_re
     description="Partial LRP (Voita et al. 2019, as a baseline in Chefer et al. 2021): LRP "
     "relevance of the last block's attention, positive part, mean over heads.",
 )
-def partial_lrp(rec: Recording, _params: NoParams) -> MethodOutput:
+def partial_lrp(rec: Recording, targets: Tensor, _params: NoParams) -> MethodOutput:
     """map = mean_h (R^{A_L})⁺[:, h, 0, P:]; relevance = mean_h (R^{A_L})⁺, (B, N, N)."""
-    (last,) = attention_relevances(rec, first=rec.num_layers - 1)
+    (last,) = attention_relevances(rec, targets, first=rec.num_layers - 1)
     fused = last.clamp(min=0).mean(dim=1)  # (B, N, N)
     return MethodOutput(rec.readout_map(fused), fused)
 
 
 @torch.no_grad()
-def transformer_attribution_relevance(rec: Recording) -> Tensor:
-    """Transformer Attribution's (B, N, N) token relevance R for ``rec.targets``.
+def transformer_attribution_relevance(rec: Recording, targets: Tensor) -> Tensor:
+    """Transformer Attribution's (B, N, N) token relevance R for ``targets`` (B,).
 
     Chefer et al. CVPR 2021 §3.3, as restated in seed 003 (Eq. 13 head averaging, Eq. 6 update):
     Ā_l = mean_h((∇A_l ⊙ R^{A_l})⁺); R = I; R ← R + Ā_l·R for l = 1..L. Needs the attention
     gradients of a backward pass (``rec.attention_grad``) and a recording with LRP activations.
     """
     relevance: Tensor | None = None
-    for layer, rel_attn in enumerate(attention_relevances(rec)):
+    for layer, rel_attn in enumerate(attention_relevances(rec, targets)):
         weighted = (rec.attention_grad(layer) * rel_attn).clamp(min=0).mean(dim=1)  # (B, N, N)
         if relevance is None:
             eye = torch.eye(weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
@@ -62,7 +62,7 @@ def transformer_attribution_relevance(rec: Recording) -> Tensor:
     "block's attention weighted by its gradient, positive part, head mean, accumulated over the "
     "blocks.",
 )
-def transformer_attribution(rec: Recording, _params: NoParams) -> MethodOutput:
+def transformer_attribution(rec: Recording, targets: Tensor, _params: NoParams) -> MethodOutput:
     """map = R[0, P:] of `transformer_attribution_relevance`; relevance = R, (B, N, N)."""
-    relevance = transformer_attribution_relevance(rec)
+    relevance = transformer_attribution_relevance(rec, targets)
     return MethodOutput(rec.readout_map(relevance), relevance)

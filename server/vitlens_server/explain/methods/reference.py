@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import NoParams, param
+from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
 __all__ = ["RandomParams", "image_keys", "oracle", "oracle_map", "random_map"]
@@ -53,7 +53,7 @@ class RandomParams:
     description="Reference row: uniform noise U[0, 1) on the token grid, seeded by the request "
     "and the image's content.",
 )
-def random_map(rec: Recording, params: RandomParams) -> MethodOutput:
+def random_map(rec: Recording, _targets: Tensor, params: RandomParams) -> MethodOutput:
     """map[b, j] = (h(h(h(seed) ^ c_b) ^ j) >> 8) · 2⁻²⁴, (B, gh, gw) in the model's dtype."""
     like = rec.layers[0].q  # (B, H, N, D): dtype and device of the model
     batch, (gh, gw) = rec.pixels.shape[0], rec.grid

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import choice, param
+from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
 __all__ = [
@@ -82,17 +82,19 @@ class ReflectionParams:
     "Attribution relevance to all tokens masks the image, the masked images are classified, and "
     "the explained class's logits are added to the Transformer Attribution map.",
 )
-def token_reflection(rec: Recording, params: ReflectionParams) -> MethodOutput:
+def token_reflection(rec: Recording, targets: Tensor, params: ReflectionParams) -> MethodOutput:
     """map = l + r, l from `reflect` on TA's relevance R, r = readout row of R over the patches.
 
-    Returns a (B, gh, gw) map; B·gh·gw extra forward passes in chunks of ``params.batch_size``.
+    Returns a (B, gh, gw) map; B·gh·gw masked images classified through ``rec.passes`` in
+    chunks of ``params.batch_size``.
     """
-    relevance = _transformer_attribution(rec)  # (B, N, N)
+    passes = rec.model_passes()
+    relevance = _transformer_attribution(rec, targets)  # (B, N, N)
     logits = reflect(
         relevance,
-        rec.passes.pixels,
-        rec.targets,
-        rec.passes.logits,
+        passes.pixels,
+        targets,
+        passes.logits,
         grid=rec.grid,
         num_prefix_tokens=rec.num_prefix_tokens,
         batch_size=params.batch_size,
@@ -101,14 +103,14 @@ def token_reflection(rec: Recording, params: ReflectionParams) -> MethodOutput:
     return MethodOutput(combine_maps(logits, row, params.combine))
 
 
-def _transformer_attribution(rec: Recording) -> Tensor:
-    """Transformer Attribution's (B, N, N) relevance for ``rec.targets``.
+def _transformer_attribution(rec: Recording, targets: Tensor) -> Tensor:
+    """Transformer Attribution's (B, N, N) relevance for ``targets`` (B,).
 
     Imported here, not at module level, so this module registers before ``lrp.py`` is loaded.
     """
     from vitlens_server.explain.methods.lrp import transformer_attribution_relevance
 
-    return transformer_attribution_relevance(rec)
+    return transformer_attribution_relevance(rec, targets)
 
 
 def reflection_masks(relevance: Tensor, num_prefix_tokens: int) -> Tensor:
@@ -175,7 +177,7 @@ def reflect(
         relevance: (B, N, N) token relevance (Transformer Attribution's R).
         pixels: (B, C, H, W) the explained images in [0, 1].
         targets: (B,) explained classes.
-        logits_fn: (n, C, H, W) pixels → (n, classes) logits, e.g. `ExtraPasses.logits`.
+        logits_fn: (n, C, H, W) pixels → (n, classes) logits, e.g. `ModelPasses.logits`.
         grid: (gh, gw) patch grid; N = P + gh·gw.
         num_prefix_tokens: P.
         batch_size: masked images per ``logits_fn`` call. The B·T masked images are one flat

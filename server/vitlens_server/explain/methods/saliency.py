@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vitlens_server.explain.capture import Recording
 from vitlens_server.explain.params import choice, param
+from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
 __all__ = ["SaliencyParams", "attribution", "saliency"]
@@ -41,18 +41,19 @@ class SaliencyParams:
     description="Saliency (Simonyan et al. 2014): max over colour channels of |∂y_c/∂x| at input "
     "resolution; options SmoothGrad and Integrated Gradients.",
 )
-def saliency(rec: Recording, params: SaliencyParams) -> MethodOutput:
+def saliency(rec: Recording, targets: Tensor, params: SaliencyParams) -> MethodOutput:
     """map = max over channels of |a|, with a from `attribution`.
 
     Returns a pixel map (B, H, W); on the token grid it is averaged over each patch.
     """
-    return MethodOutput(attribution(rec, params).abs().amax(dim=1))
+    return MethodOutput(attribution(rec, targets, params).abs().amax(dim=1))
 
 
-def attribution(rec: Recording, params: SaliencyParams) -> Tensor:
-    """(B, C, H, W): the pixel gradient, its SmoothGrad mean, or the IG attribution."""
-    passes, targets = rec.passes, rec.targets
-    pixels: Tensor = passes.pixels  # (B, C, H, W) in [0, 1]
+def attribution(rec: Recording, targets: Tensor, params: SaliencyParams) -> Tensor:
+    """(B, C, H, W): the pixel gradient, its SmoothGrad mean, or the IG attribution, for
+    ``targets`` (B,), each through one `ModelPasses.input_gradients` per step."""
+    passes = rec.model_passes()
+    pixels = passes.pixels  # (B, C, H, W) in [0, 1]
     if params.mode == "smoothgrad":
         generator = torch.Generator(device=pixels.device).manual_seed(params.seed)
         grads = torch.zeros_like(pixels)

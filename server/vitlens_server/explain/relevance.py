@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitlens_server.explain.capture import LrpRecord, Recording
+from vitlens_server.explain.records import LrpRecord, Recording
 
 __all__ = [
     "EPS",
@@ -126,15 +126,15 @@ def mean_relevance(tokens: Tensor, pooled: Tensor, relevance: Tensor, start: int
 
 
 @torch.no_grad()
-def output_relevance(rec: Recording) -> Tensor:
+def output_relevance(rec: Recording, targets: Tensor) -> Tensor:
     """Relevance at the final norm's output (= last block's output), (B, N, D).
 
-    Starts from e_c for c = ``rec.targets`` (B,) at the logits and goes through the classifier
+    Starts from e_c for c = ``targets`` (B,) at the logits and goes through the classifier
     (α1β0), dropout and fc_norm (unchanged) and the readout (see the module docstring).
     """
     lrp = _lrp(rec)
     num_classes = lrp.heads[0].out_features
-    start = F.one_hot(rec.targets, num_classes).to(rec.tokens.dtype)  # (B, C)
+    start = F.one_hot(targets, num_classes).to(rec.tokens.dtype)  # (B, C)
     if lrp.pool == "distilled":  # logits = (head(x_0) + head_dist(x_1)) / 2
         halves = [out / 2 for out in lrp.head_out]
         per_head = residual_relevance(halves[0], halves[1], start)
@@ -189,12 +189,12 @@ def block_relevance(
 
 
 @torch.no_grad()
-def attention_relevances(rec: Recording, first: int = 0) -> list[Tensor]:
+def attention_relevances(rec: Recording, targets: Tensor, first: int = 0) -> list[Tensor]:
     """R^{A_l} for l = first, …, L−1 (list position l − first), each (B, H, N, N).
 
-    One walk from the logits of ``rec.targets`` down to block ``first``, batched over B.
+    One walk from the logits of ``targets`` (B,) down to block ``first``, batched over B.
     """
-    relevance = output_relevance(rec)
+    relevance = output_relevance(rec, targets)
     found: list[Tensor] = []
     for layer in reversed(range(first, rec.num_layers)):
         relevance, rel_attn = block_relevance(rec, layer, relevance)
@@ -203,6 +203,6 @@ def attention_relevances(rec: Recording, first: int = 0) -> list[Tensor]:
 
 
 def _lrp(rec: Recording) -> LrpRecord:
-    if rec.lrp is None or rec.targets is None:
-        raise RuntimeError("LRP needs a recording with lrp=True and targets (passes include LRP)")
+    if rec.lrp is None:
+        raise RuntimeError("LRP needs a recording with lrp=True (passes include LRP)")
     return rec.lrp
