@@ -235,7 +235,7 @@ def test_shard_command() -> None:
 
 
 def _summary(name: str, values: np.ndarray) -> dict:
-    """What the server reports for per-image ``values`` (evaluate/protocols.py Summary.of)."""
+    """What the server reports for per-image ``values`` (vitlens_server/domain.py Summary.of)."""
     n = len(values)
     std = float(values.std(ddof=1)) if n > 1 else 0.0
     mean = float(values.mean())

@@ -37,7 +37,7 @@ from typing import Any
 
 __all__ = ["Z95", "merge_curves", "merge_datasets", "merge_results", "pool_statistics"]
 
-Z95 = 1.96  # the server's normal-approximation 95 % interval (evaluate/protocols.py Summary)
+Z95 = 1.96  # the server's normal-approximation 95 % interval (vitlens_server/domain.py Summary)
 
 
 def pool_statistics(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
