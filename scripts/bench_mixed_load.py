@@ -5,8 +5,8 @@
 Starts `vitlens serve` (the demo model, result cache off) on loopback. First one client sends
 ``--requests`` one-image `generic` Explain calls back to back: the solo latencies. Then
 ``--slow-clients`` clients each send one-image `token_reflection` calls in a closed loop (every
-call is gh·gw = 196 extra forwards), and once the first of them is running the same `generic`
-sequence is sent again: the mixed latencies. Latencies are client-side wall times of
+call is gh·gw = 196 extra forwards), and once they have been answered once (steady state) the
+same `generic` sequence is sent again: the mixed latencies. Latencies are client-side wall times of
 `vitlens.Client.explain`; every image is distinct. The result (p50, p90, their ratio to solo, and
 the token_reflection calls completed meanwhile) is printed and written to ``--out`` as a
 Markdown section, replacing an earlier section of the same flags.
