@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the committed protobuf/gRPC modules from protos/.
-# tests/test_protos.py checks that running this changes nothing.
+# tests/unit/test_protos.py checks that running this changes nothing.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$root/client}"

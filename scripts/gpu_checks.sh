@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_checks.sh [OUT_DIR]          # OUT_DIR defaults to gpu_out/
 #
-# 1. `pytest -m gpu`: CUDA maps equal CPU maps for every method (tests/test_gpu.py).
+# 1. `pytest -m gpu`: CUDA maps equal CPU maps for every method (tests/gpu/test_gpu.py).
 # 2. Serving (issue #5): scripts/bench_serving.py on ViT-B/16 with random weights, `generic` and
 #    `rollout`, batching on and off, and the in-process roof of the same run; the sections land
 #    in BENCHMARKS.md (replacing older runs of the same device, model, method and precision).
@@ -51,7 +51,7 @@ step() { # step NAME COMMAND...: run, log to OUT/NAME.log, remember a failure, g
 } >"$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 
-step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_gpu.py
 step serving "$PY" scripts/bench_serving.py --model "$MODEL" --device "$DEVICE" \
     --precision bf16 --methods generic,rollout --concurrency "$CONCURRENCY" --requests 20000 \
     --duration "$DURATION" --max-batch-size 128 --max-delay-ms 0 --roof-max-batch "${ROOF_MAX_BATCH:-256}" \

@@ -123,7 +123,7 @@ def _report(model, rows_specific, rows_sanity, count: int) -> str:
         "",
         "Spearman correlation between maps of the trained model and of a copy with "
         "re-initialised weights (both explaining the trained model's prediction). A faithful "
-        "method decorrelates (ρ < 0.5 is the bar in tests/test_sanity.py).",
+        "method decorrelates (ρ < 0.5 is the bar in tests/unit/test_sanity.py).",
         "",
         "| method | Spearman ρ | std |",
         "|---|---|---|",

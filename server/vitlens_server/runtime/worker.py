@@ -147,16 +147,18 @@ class ModelWorker:
         return torch.cat([r for r, _ in done])
 
     async def warm_up(self) -> None:
-        """One small pass of each kind through the batchers: classification, a forward-only and
-        a gradient explanation, and the attention-flow solver's compilation."""
+        """One small pass of each kind through the batchers, all at once (each waits out
+        ``max_delay_s`` for batch-mates only once): classification, a forward-only and a
+        gradient explanation, and the attention-flow solver's compilation."""
         _, height, width = self.model.geometry.input_size
         pixels = torch.zeros(1, 3, height, width)
-        await self.predict(pixels, 1)
+        passes: list[Awaitable[Any]] = [self.predict(pixels, 1)]
         for name in ("rollout", "generic", "attention_flow"):
             spec = get_method(name)
             if self.explainer.refusal(spec) is None:
                 params = parse_params(spec.params, {}, method=name)
-                await self.explain(ExplainJob(pixels, spec, params, TargetSpec()))
+                passes.append(self.explain(ExplainJob(pixels, spec, params, TargetSpec())))
+        await asyncio.gather(*passes)
 
     async def _submit(
         self, chunks: Sequence[Any], lane: Lane, kind: tuple, deadline: float | None

@@ -15,7 +15,10 @@ from vitlens_server.models.default import DEMO_LABELS, DEMO_WEIGHTS, demo_spec
 from vitlens_server.training import scene_accuracy
 from vitlens_server.training.accuracy import to_model_input
 
-pytestmark = pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="no demo weights shipped")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="no demo weights shipped"),
+]
 
 
 def _metadata() -> dict:

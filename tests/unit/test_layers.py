@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {
     "vitlens": ROOT / "client" / "vitlens",
     "vitlens_server": ROOT / "server" / "vitlens_server",

@@ -10,7 +10,9 @@ import pytest
 
 from vitlens.evaluation import EvaluationResult
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():

@@ -1,6 +1,6 @@
 """Scheduling by cost over real gRPC: a cheap request is answered while a slow batch of another
 cost class is stuck on the device (token_reflection's extra forwards) or on the CPU
-(attention_flow's max-flow). (`tests/test_batcher.py` shows kinds never share a batch.)"""
+(attention_flow's max-flow). (`tests/unit/test_batcher.py` shows kinds never share a batch.)"""
 
 from __future__ import annotations
 

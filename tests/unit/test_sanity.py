@@ -17,7 +17,10 @@ from vitlens_server.explain import METHODS, Explainer
 from vitlens_server.models import LoadedModel, load_model
 from vitlens_server.models.default import DEMO_WEIGHTS, demo_spec
 
-pytestmark = pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="no demo weights shipped")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="no demo weights shipped"),
+]
 
 SCENES = 50
 # Token reflection classifies gh·gw = 196 masked images per scene and model (≈ 11 s a scene for

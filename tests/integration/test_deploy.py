@@ -18,7 +18,7 @@ import pytest
 yaml = pytest.importorskip("yaml", reason="dev extra: pyyaml")
 pytest.importorskip("kubernetes_validate", reason="dev extra: kubernetes-validate")
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def _load(name: str, path: Path) -> ModuleType:

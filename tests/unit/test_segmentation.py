@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_metrics import _ap_reference
+from tests.unit.test_metrics import _ap_reference
 from vitlens_server.evaluate import (
     SEGMENTATION_KEYS,
     iou,

@@ -31,7 +31,7 @@ from vitlens.results import ExplainResult, Explanation, ModelInfo, Prediction
 from vitlens.tensors import TensorFormatError, numpy_to_tensor, tensor_to_numpy
 from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHONPATH = os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])
 
 

@@ -111,6 +111,7 @@ def test_a_drain_finishes_every_accepted_request_and_refuses_new_ones() -> None:
         running.close()
 
 
+@pytest.mark.slow
 def test_the_default_deadline_drops_calls_that_set_none() -> None:
     # Lone requests wait 2 s for batch-mates; the 0.2 s default deadline expires first.
     config = ServerConfig(port=0, max_delay_ms=2000, default_deadline_s=0.2, cache_bytes=0)
@@ -126,6 +127,7 @@ def test_the_default_deadline_drops_calls_that_set_none() -> None:
         running.close()
 
 
+@pytest.mark.slow
 def test_sigterm_drains_and_exits_zero() -> None:
     import os
     import signal
