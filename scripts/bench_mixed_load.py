@@ -48,7 +48,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    flags = ["--cache-mb", "0", *(["--threads", str(args.threads)] if args.threads else [])]
+    flags = ["--cache-mb", "0", "--devices", args.device]
+    flags += ["--threads", str(args.threads)] if args.threads else []
     log = Path(args.log)
     with ServeProcess.start(flags, log=log) as server:
         server.wait_serving(timeout_s=600)
@@ -91,15 +92,15 @@ def report(args: argparse.Namespace, result: dict) -> str:
     solo, mixed = result["solo"], result["mixed"]
     p50s, p50m = statistics.median(solo), statistics.median(mixed)
     heading = (
-        f"## generic beside token_reflection: threads {args.threads or 'default'}, "
+        f"## generic beside token_reflection: {args.device}, threads {args.threads or 'default'}, "
         f"{args.slow_clients} slow clients"
     )
     lines = [
         heading,
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {os.cpu_count()} "
-        f"CPU cores, demo model, `python scripts/bench_mixed_load.py --threads {args.threads} "
-        f"--requests {args.requests} --slow-clients {args.slow_clients}`.",
+        f"CPU cores, demo model, `python scripts/bench_mixed_load.py --device {args.device} "
+        f"--threads {args.threads} --requests {args.requests} --slow-clients {args.slow_clients}`.",
         "",
         "| generic, one image | p50 ms | p90 ms | p50 ÷ solo |",
         "| --- | ---: | ---: | ---: |",
@@ -125,6 +126,7 @@ def write(path: Path, section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="the server's device (cpu, cuda:0...)")
     parser.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
     parser.add_argument("--requests", type=int, default=40, help="generic calls each way")
     parser.add_argument("--warmup", type=int, default=5)

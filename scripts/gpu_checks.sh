@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every measurement and test that needs a GPU, in one command (about 8 minutes on one H100/H200):
+# Every measurement and test that needs a GPU, in one command (about 9 minutes on one H100/H200):
 #
 #   bash scripts/gpu_checks.sh [OUT_DIR]          # OUT_DIR defaults to gpu_out/
 #
@@ -11,6 +11,9 @@
 # 4. Demo-model training speed on the GPU (issue #3): a short `vitlens train-demo --device cuda`
 #    run whose log gives images/s at 112 px and at 224 px, from which the full schedule's time
 #    follows (21,500 steps of 64 scenes).
+# 5. Mixed load on the GPU (issue #13): one-image `generic` p50 alone and beside four clients
+#    of `token_reflection`, scripts/bench_mixed_load.py (section in OUT_DIR/mixed_load.md; copy
+#    it into benchmarks/mixed_load.md).
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
 # REPEATS and TRAIN_STEPS override the defaults. A CPU smoke run of the script itself:
@@ -64,4 +67,7 @@ step training "$PY" -m vitlens_server.training.train --device "${DEVICE}" \
     --workers "$(($(nproc) - 2))" --out "$OUT/train-check.safetensors"
 rm -f "$OUT"/train-check.*
 grep -h "img/s" "$OUT/training.log" | tail -n 4 >>"$OUT/summary.txt"
+cp benchmarks/mixed_load.md "$OUT/mixed_load.md"
+step mixed_load "$PY" scripts/bench_mixed_load.py --device "$DEVICE" --requests 400 \
+    --slow-clients 4 --out "$OUT/mixed_load.md"
 exit $status
