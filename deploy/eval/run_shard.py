@@ -10,8 +10,8 @@ Why this is the same dataset, not merely "more scenes": ``synthetic:N:S`` is the
 seeds ``TEST_OFFSET + S + j`` for ``j = 0..N-1`` (``split_seeds("test", N, base_seed=S)``), and a
 scene is a function of its seed alone. So the blocks ``synthetic:n_i:S + start_i`` with
 ``start_i = Σ_{k<i} n_k`` are exactly the scenes of ``synthetic:TOTAL:S``, each once
-(tests/integration/test_deploy.py checks this against the server's dataset code). ``Dataset.limit`` only
-truncates, so it cannot express a block that does not start at 0.
+(tests/integration/test_deploy.py checks this against the server's dataset code).
+``Dataset.limit`` only truncates, so it cannot express a block that does not start at 0.
 
 Environment: EVAL_TOTAL (scenes in all), EVAL_SHARDS (= the Job's completions), EVAL_SEED (0),
 EVAL_TWO_OBJECT ("true" for two-object scenes), EVAL_METHODS, EVAL_METRICS (comma-separated),

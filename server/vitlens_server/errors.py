@@ -13,6 +13,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "VitlensError",
@@ -41,6 +42,12 @@ class PermissionDenied(VitlensError):
     """The request names something the operator did not allow (a path outside dataset roots)."""
 
     status = "PERMISSION_DENIED"
+
+
+class Unauthenticated(VitlensError):
+    """The call carries no valid credentials (bearer token)."""
+
+    status = "UNAUTHENTICATED"
 
 
 class FailedPrecondition(VitlensError):

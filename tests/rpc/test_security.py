@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 
 import grpc
 import numpy as np
@@ -123,6 +124,14 @@ def test_bearer_tokens(tmp_path) -> None:
                     client.predict(IMAGE)
                 with pytest.raises(vitlens.UnauthenticatedError):
                     client.evaluate(["random"], ["segmentation"], dataset="synthetic:1")
+        sample = running.server.telemetry.registry.get_sample_value
+        for rpc in ("Predict", "Evaluate"):  # refusals are counted like any other answer
+            labels = {"rpc": rpc, "method": "", "code": "UNAUTHENTICATED"}
+            # counted as the handler ends, which may be just after the caller has its answer
+            deadline = time.monotonic() + 10
+            while sample("vitlens_requests_total", labels) != 3:
+                assert time.monotonic() < deadline, sample("vitlens_requests_total", labels)
+                time.sleep(0.005)
         with grpc.insecure_channel(running.address) as channel:  # probes need no token
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status

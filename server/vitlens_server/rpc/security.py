@@ -13,6 +13,8 @@ from pathlib import Path
 
 import grpc
 
+from vitlens_server.errors import Unauthenticated
+
 __all__ = ["BearerTokenAuth", "read_tokens", "server_credentials"]
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -66,16 +68,17 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
-    """A handler of the same shape that answers UNAUTHENTICATED."""
+    """A handler of the same shape that raises UNAUTHENTICATED (mapped, like every domain
+    error, by `rpc.interceptor.CallInterceptor`, which runs outside this interceptor)."""
     if handler is None:
         return None
     message = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
 
-    async def unary(_request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def unary(_request, _context):
+        raise Unauthenticated(message)
 
-    async def stream(_request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def stream(_request, _context):
+        raise Unauthenticated(message)
         yield  # unreachable; makes this an async generator
 
     kwargs = {

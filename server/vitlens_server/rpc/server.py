@@ -29,10 +29,13 @@ def build_server(
     """A grpc.aio server bound to ``config.host:config.port`` (not started); returns it and the
     bound port. Call from the event loop that will run it (grpc.aio binds to it)."""
     limit = config.max_message_bytes
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    # The first interceptor is the outermost: the authentication refusal is mapped, counted and
+    # stamped with a request id like any other error.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        CallInterceptor(telemetry, plane.method_names, default_method)
+    ]
     if config.auth_tokens:
         interceptors.append(BearerTokenAuth(config.auth_tokens))
-    interceptors.append(CallInterceptor(telemetry, plane.method_names, default_method))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
