@@ -177,3 +177,26 @@ def test_sdk_and_cli_evaluate(server, client, tmp_path, capsys) -> None:
         "| `oracle` |" in report and "![deletion probability](deletion_probability.png)" in report
     )
     assert (tmp_path / "report" / "deletion_probability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_calls_carry_request_ids_and_are_counted(server, client) -> None:
+    sample = server.server.telemetry.registry.get_sample_value
+
+    def count(code: str) -> float:
+        labels = {"rpc": "Evaluate", "method": "", "code": code}
+        return sample("vitlens_requests_total", labels) or 0.0
+
+    before_ok, before_bad = count("OK"), count("INVALID_ARGUMENT")
+    request = _request(methods=["random"], metrics=["segmentation"], synthetic="synthetic:1")
+    call = client.stub.Evaluate(request, timeout=60, metadata=(("x-request-id", "eval-42"),))
+    assert [e.WhichOneof("event") for e in call] == ["progress", "result"]
+    assert ("x-request-id", "eval-42") in call.trailing_metadata()
+    bad = client.stub.Evaluate(_request(methods=["random"], metrics=["nope"]), timeout=60)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(bad)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(caught.value.trailing_metadata())["x-request-id"]  # a generated one
+    deadline = time.monotonic() + 10  # counted as the handlers end
+    while (count("OK"), count("INVALID_ARGUMENT")) != (before_ok + 1, before_bad + 1):
+        assert time.monotonic() < deadline, (count("OK"), count("INVALID_ARGUMENT"))
+        time.sleep(0.005)
