@@ -41,6 +41,9 @@ _IMPLICIT_CASTS: dict[str, np.dtype] = {
 }
 
 
+MAX_DIMS = 32  # numpy's own limit is 64
+
+
 class TensorFormatError(ValueError):
     """A `Tensor` message is malformed: unknown dtype, negative dimension or wrong byte count."""
 
@@ -87,10 +90,12 @@ def tensor_to_numpy(t: tensor_pb2.Tensor, *, copy: bool = True) -> np.ndarray:
             it keeps the bytes alive but must not be written to.
 
     Raises:
-        TensorFormatError: DTYPE_UNSPECIFIED or unknown dtype, a negative dimension, or a data
-            length other than ``prod(shape) * itemsize``.
+        TensorFormatError: DTYPE_UNSPECIFIED or unknown dtype, more than `MAX_DIMS` dimensions,
+            a negative dimension, or a data length other than ``prod(shape) * itemsize``.
     """
     dtype = numpy_dtype(t.dtype)
+    if len(t.shape) > MAX_DIMS:
+        raise TensorFormatError(f"tensor has {len(t.shape)} dimensions; at most {MAX_DIMS}")
     shape = tuple(int(d) for d in t.shape)
     if any(d < 0 for d in shape):
         raise TensorFormatError(f"tensor shape {shape} has a negative dimension")

@@ -6,7 +6,11 @@ Anything else escaping a handler becomes INTERNAL with a generic message and a l
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 __all__ = [
+    "ECHO_CHARS",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
@@ -17,13 +21,58 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "VitlensError",
+    "about",
+    "clip",
 ]
+
+ECHO_CHARS = 200  # the most of any client string an error message repeats
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (with an ellipsis), so
+    a huge client string can neither flood the reply's metadata nor the log."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def about(field: str) -> Iterator[None]:
+    """Domain errors raised inside name ``field`` as the request field at fault, unless they
+    name a more precise one already."""
+    try:
+        yield
+    except VitlensError as err:
+        if err.field is None:
+            err.field = field
+        raise
 
 
 class VitlensError(Exception):
-    """Base class; `status` is a `grpc.StatusCode` member name."""
+    """Base class; `status` is a `grpc.StatusCode` member name.
+
+    Besides the message, an error may say what it is about, for the structured details of the
+    gRPC status (``google.rpc.BadRequest``, ``ResourceInfo``, ``RetryInfo``):
+
+    Attributes:
+        field: the request field at fault, as a path (``options.method_options.steps``).
+        resource: (type, name) of a resource that does not exist or may not be used.
+        retry_after_s: when the caller may retry, or None when retrying will not help.
+    """
 
     status: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        resource: tuple[str, str] | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.resource = resource
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(VitlensError):
@@ -57,17 +106,10 @@ class FailedPrecondition(VitlensError):
 
 
 class ResourceExhausted(VitlensError):
-    """A limit was hit (queue full, out of device memory for a single request).
-
-    ``retry_after_s``: when the caller may retry (sent as the ``grpc-retry-pushback-ms``
-    trailer, which gRPC retry policies honour), or None when retrying will not help.
-    """
+    """A limit was hit (queue full, out of device memory for a single request); its
+    ``retry_after_s`` travels as the ``grpc-retry-pushback-ms`` trailer and a ``RetryInfo``."""
 
     status = "RESOURCE_EXHAUSTED"
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(VitlensError):

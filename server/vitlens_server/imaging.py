@@ -20,7 +20,7 @@ from PIL import Image as PILImage
 
 from vitlens_server.config import DEFAULT_MAX_PIXELS
 from vitlens_server.domain import ImageInput
-from vitlens_server.errors import InvalidArgument
+from vitlens_server.errors import InvalidArgument, about, clip
 
 __all__ = ["ImageDecoder", "resize_pixels"]
 
@@ -41,12 +41,16 @@ class ImageDecoder:
 
     def read(self, image: ImageInput) -> torch.Tensor:
         """One image at its own size: (3, h, w) uint8, or float32 in [0, 1]."""
-        where = image.where + (f" ({image.id[:64]!r})" if image.id else "")
+        where = image.where + (f" ({clip(image.id, 64)})" if image.id else "")
         if image.pixels is not None:
-            return self._decode_array(image.pixels, where)
+            with about(f"{image.where}.pixels"):
+                return self._decode_array(image.pixels, where)
         if image.encoded is not None:
-            return self._decode_bytes(image.encoded, where)
-        raise InvalidArgument(f"{where} is empty: set `encoded` bytes or a `pixels` tensor")
+            with about(f"{image.where}.encoded"):
+                return self._decode_bytes(image.encoded, where)
+        raise InvalidArgument(
+            f"{where} is empty: set `encoded` bytes or a `pixels` tensor", field=image.where
+        )
 
     def _check_size(self, height: int, width: int, where: str) -> None:
         if height * width > self.max_pixels:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vitlens_server.errors import InvalidArgument
+from vitlens_server.errors import InvalidArgument, clip
 from vitlens_server.evaluate.datasets import Sample
 from vitlens_server.evaluate.registry import METRICS, MetricSpec
 from vitlens_server.explain import METHODS, MethodSpec, get_method
@@ -104,35 +104,40 @@ def plan_evaluation(
     Raises `InvalidArgument` for unknown or repeated names and for bad options.
     """
     method_options, metric_options = method_options or {}, metric_options or {}
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise InvalidArgument(f"unknown metrics {unknown}; valid metrics: {', '.join(METRICS)}")
     if not methods or not metrics:
-        raise InvalidArgument("name at least one method and one metric")
-    for kind, names in (("methods", methods), ("metrics", metrics)):
-        repeated = sorted({n for n in names if list(names).count(n) > 1})
-        if repeated:
-            raise InvalidArgument(f"{kind} {repeated} are named more than once")
-    unknown = sorted(set(metric_options) - set(METRICS))
-    if unknown:
         raise InvalidArgument(
-            f"metric_options name unknown metrics {unknown}; valid: {', '.join(METRICS)}"
+            "name at least one method and one metric", field="methods" if not methods else "metrics"
         )
-    unknown = sorted(set(method_options) - set(METHODS))
-    if unknown:
-        raise InvalidArgument(
-            f"method_options name unknown methods {unknown}; valid: {', '.join(METHODS)}"
-        )
-    # Options of every method and metric named anywhere are parsed, those not evaluated too.
-    planned = {
-        name: plan_method(name, method_options.get(name, {}))
-        for name in dict.fromkeys([*methods, *method_options])
-    }
+    _check_names("metrics", metrics, METRICS)
+    _check_names("methods", methods, METHODS)
+    for kind, given, requested, registry in (
+        ("method_options", method_options, methods, METHODS),
+        ("metric_options", metric_options, metrics, METRICS),
+    ):
+        what = kind.split("_")[0]
+        unknown = [name for name in given if name not in registry]
+        if unknown:
+            raise InvalidArgument(
+                f"{kind} name unknown {what}s {_names(unknown)}; valid: {', '.join(registry)}",
+                field=kind,
+            )
+        stray = [name for name in given if name not in requested]
+        if stray:
+            raise InvalidArgument(
+                f"{kind} names {_names(stray)}, which the request does not evaluate; give "
+                f"options only for the {what}s named in {what}s",
+                field=kind,
+            )
+    planned = {name: plan_method(name, method_options.get(name, {})) for name in methods}
     options = {
         name: parse_params(
-            METRICS.get(name).options, metric_options.get(name, {}), method=name, kind="metric"
+            METRICS.get(name).options,
+            metric_options.get(name, {}),
+            method=name,
+            kind="metric",
+            field=f"metric_options[{name}]",
         )
-        for name in dict.fromkeys([*metrics, *metric_options])
+        for name in metrics
     }
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -148,4 +153,26 @@ def plan_method(name: str, options: Mapping[str, Any] | None = None) -> PlannedM
     """One method resolved with its parameters parsed from ``options`` (defaults fill the rest);
     `InvalidArgument` for an unknown name or bad options."""
     spec = get_method(name)
-    return PlannedMethod(name, spec, parse_params(spec.params, options or {}, method=name))
+    field = f"method_options[{name}]"
+    return PlannedMethod(
+        name, spec, parse_params(spec.params, options or {}, method=name, field=field)
+    )
+
+
+def _check_names(kind: str, names: Sequence[str], registry) -> None:
+    """Every name registered, none repeated; else INVALID_ARGUMENT naming the field."""
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown {kind} {_names(unknown)}; valid {kind}: {', '.join(registry)}", field=kind
+        )
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise InvalidArgument(f"{kind} {_names(repeated)} are named more than once", field=kind)
+
+
+def _names(names: Sequence[str]) -> str:
+    """A few client-given names for a message, each clipped: ``['a', 'b', … 3 more]``."""
+    shown = ", ".join(clip(n, 60) for n in names[:5])
+    more = f", … {len(names) - 5} more" if len(names) > 5 else ""
+    return f"[{shown}{more}]"

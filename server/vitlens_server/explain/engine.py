@@ -88,19 +88,22 @@ class Explainer:
         """Reject a job that cannot run on this model, before it is queued."""
         refusal = self.refusal(method)
         if refusal is not None:
-            raise InvalidArgument(refusal)
+            raise InvalidArgument(refusal, field="method")
         geometry = self.model.geometry
         check = getattr(params, "check", None)
-        if check is not None:
+        if check is not None:  # options against the model (e.g. start_layer below its depth)
             check(geometry.num_layers)
         classes = geometry.num_classes
         if target.kind == "top_k" and not 1 <= target.k <= classes:
-            raise InvalidArgument(f"target.top_k must lie in [1, {classes}]; got {target.k}")
+            raise InvalidArgument(
+                f"target.top_k must lie in [1, {classes}]; got {target.k}", field="target.top_k"
+            )
         for index in target.indices:
             if not 0 <= index < classes:
                 raise InvalidArgument(
                     f"class index {index} is out of range; model {self.model.name!r} has "
-                    f"{classes} classes (0..{classes - 1})"
+                    f"{classes} classes (0..{classes - 1})",
+                    field="target",
                 )
 
     def predict(self, pixels: Tensor, top_k: int) -> Predictions:

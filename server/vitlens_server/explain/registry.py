@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
-from vitlens_server.errors import InvalidArgument
+from vitlens_server.errors import InvalidArgument, clip
 from vitlens_server.explain.params import NoParams
 from vitlens_server.explain.records import Recording
 from vitlens_server.models.loading import READOUTS
@@ -123,7 +123,7 @@ class MethodRegistry:
     def get(self, name: str) -> MethodSpec:
         spec = self._specs.get(name)
         if spec is None:
-            raise InvalidArgument(f"unknown method {name!r}; valid methods: {', '.join(self)}")
+            raise InvalidArgument(f"unknown method {clip(name)}; valid methods: {', '.join(self)}")
         return spec
 
     def __iter__(self) -> Iterator[str]:

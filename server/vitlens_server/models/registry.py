@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from vitlens_server.errors import NotFound
+from vitlens_server.errors import ECHO_CHARS, NotFound, clip
 from vitlens_server.models.loading import LoadedModel
 
 __all__ = ["ModelRegistry"]
@@ -29,7 +29,10 @@ class ModelRegistry:
         """The model called ``name``, or the default for an empty name."""
         model = self._models.get(name or self.default_name)
         if model is None:
-            raise NotFound(f"unknown model {name!r}; this server has: {', '.join(self._models)}")
+            raise NotFound(
+                f"unknown model {clip(name)}; this server has: {', '.join(self._models)}",
+                resource=("model", name[:ECHO_CHARS]),
+            )
         return model
 
     def __iter__(self) -> Iterator[LoadedModel]:

@@ -64,7 +64,7 @@ def explain_query(request: vitlens_pb2.ExplainRequest, deadline: float | None) -
         if options.HasField("method_options")
         else {},
         target=_target(request.target, len(request.images)),
-        grid="input" if options.grid == vitlens_pb2.OUTPUT_GRID_INPUT else "tokens",
+        grid=_grid(options.grid),
         return_relevance=options.return_relevance,
         top_k_predictions=options.top_k_predictions,
         output_dtype=_output_dtype(options.output_dtype),
@@ -109,9 +109,9 @@ def _image(image: tensor_pb2.Image, where: str) -> ImageInput:
 
 def _array(tensor: tensor_pb2.Tensor, where: str) -> np.ndarray:
     try:
-        return tensor_to_numpy(tensor)
+        return tensor_to_numpy(tensor, copy=False)  # a view: the decode pool copies
     except TensorFormatError as err:
-        raise InvalidArgument(f"{where}: {err}") from err
+        raise InvalidArgument(f"{where}: {err}", field=where) from err
 
 
 def _inline(data: vitlens_pb2.InlineDataset) -> tuple[InlineSample, ...]:
@@ -132,7 +132,8 @@ def _target(target: vitlens_pb2.Target, num_images: int) -> TargetSpec:
         if len(indices) != num_images:
             raise InvalidArgument(
                 f"target.per_image has {len(indices)} class indices for {num_images} images; "
-                "give exactly one per image"
+                "give exactly one per image",
+                field="target.per_image.indices",
             )
         return TargetSpec("per_image", indices)
     if kind == "top_k":
@@ -140,11 +141,24 @@ def _target(target: vitlens_pb2.Target, num_images: int) -> TargetSpec:
     return TargetSpec("predicted")
 
 
+_GRIDS = {vitlens_pb2.OUTPUT_GRID_TOKENS: "tokens", vitlens_pb2.OUTPUT_GRID_INPUT: "input"}
+
+
+def _grid(grid: int) -> str:
+    if grid not in _GRIDS:
+        raise InvalidArgument(
+            f"options.grid must be OUTPUT_GRID_TOKENS or OUTPUT_GRID_INPUT; got {grid}",
+            field="options.grid",
+        )
+    return _GRIDS[grid]
+
+
 def _output_dtype(dtype: int) -> str:
     if dtype not in _OUTPUT_DTYPES:
         name = tensor_pb2.DType.Name(dtype) if dtype in tensor_pb2.DType.values() else dtype
         raise InvalidArgument(
-            f"options.output_dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT16; got {name}"
+            f"options.output_dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT16; got {name}",
+            field="options.output_dtype",
         )
     return _OUTPUT_DTYPES[dtype]
 

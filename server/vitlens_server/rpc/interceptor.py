@@ -4,9 +4,10 @@ For every call of the Vitlens service `CallInterceptor`:
 
 - stamps a request id — the caller's ``x-request-id`` metadata (first 64 characters) or a fresh
   one — into the logs (`logs.request_id`) and echoes it in the trailing metadata;
-- maps a `VitlensError` to its status and message (a ``retry_after_s`` also becomes the
-  ``grpc-retry-pushback-ms`` trailer); anything else becomes INTERNAL with a generic message
-  naming an incident id, and the traceback is logged under that id;
+- maps a `VitlensError` to its status and message, with the structured details of the gRPC
+  convention (`rpc.details`; a ``retry_after_s`` also becomes the ``grpc-retry-pushback-ms``
+  trailer); anything else becomes INTERNAL with a generic message naming an incident id, and
+  the traceback is logged under that id;
 - counts the call in ``vitlens_in_flight_requests``, ``vitlens_requests_total`` (by rpc,
   method and status code) and ``vitlens_request_seconds``.
 
@@ -29,6 +30,7 @@ import grpc
 
 from vitlens_server.errors import VitlensError
 from vitlens_server.logs import request_id
+from vitlens_server.rpc.details import STATUS_DETAILS_KEY, status_details
 from vitlens_server.telemetry import Telemetry
 
 __all__ = ["CallInterceptor"]
@@ -135,15 +137,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return
         if isinstance(err, VitlensError):
             call.code = err.status
-            retry_after_s = getattr(err, "retry_after_s", None)
-            if retry_after_s is not None:
-                context.set_trailing_metadata(
-                    (
-                        ("x-request-id", call.id),
-                        ("grpc-retry-pushback-ms", str(round(retry_after_s * 1000))),
-                    )
-                )
-            await context.abort(grpc.StatusCode[err.status], str(err))
+            code = grpc.StatusCode[err.status]
+            trailers = [("x-request-id", call.id)]
+            if err.retry_after_s is not None:
+                trailers.append(("grpc-retry-pushback-ms", str(round(err.retry_after_s * 1000))))
+            trailers.append((STATUS_DETAILS_KEY, status_details(err, code).SerializeToString()))
+            context.set_trailing_metadata(tuple(trailers))
+            await context.abort(code, str(err))
         call.code = "INTERNAL"
         incident = uuid.uuid4().hex[:12]
         log.error("%s failed (incident %s)", call.rpc, incident, exc_info=err)

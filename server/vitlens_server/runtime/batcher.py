@@ -74,6 +74,7 @@ class Batcher(Generic[T, R]):
         max_batch_size: images per batch (a single larger item still runs, alone).
         max_delay_s: longest the oldest request waits for batch-mates.
         on_batch: called on the event loop with each batch's `BatchStats`.
+        on_leave: called on the event loop whenever a request leaves the queue.
         clock: monotonic seconds (deadlines are instants of it); injectable for tests.
     """
 
@@ -85,6 +86,7 @@ class Batcher(Generic[T, R]):
         max_batch_size: int,
         max_delay_s: float,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_leave: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1 or max_delay_s < 0:
@@ -94,6 +96,7 @@ class Batcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self._on_batch = on_batch
+        self._on_leave = on_leave
         self._clock = clock
         self._queue: collections.deque[_Pending[T]] = collections.deque()
         self._queued_images = 0
@@ -121,6 +124,8 @@ class Batcher(Generic[T, R]):
         while self._queue:
             _fail(self._queue.popleft(), Unavailable(_SHUTTING_DOWN))
         self._queued_images = 0
+        if self._on_leave is not None:
+            self._on_leave()
         if self._changed is not None:
             async with self._changed:
                 self._changed.notify_all()
@@ -280,6 +285,8 @@ class Batcher(Generic[T, R]):
     def _remove(self, pending: _Pending[T]) -> None:
         self._queue.remove(pending)
         self._queued_images -= pending.images
+        if self._on_leave is not None:
+            self._on_leave()
 
 
 _SHUTTING_DOWN = "the server is shutting down; retry on another replica"

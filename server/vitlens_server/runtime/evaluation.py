@@ -26,9 +26,16 @@ from typing import Any
 import torch
 
 from vitlens_server.domain import ExplainResult, MetricSummary, Progress, TargetSpec
-from vitlens_server.errors import InvalidArgument, Unavailable, VitlensError
+from vitlens_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    VitlensError,
+    about,
+)
 from vitlens_server.evaluate import (
     Cancelled,
+    EvaluationPlan,
     Sample,
     open_server_path,
     parse_synthetic,
@@ -96,7 +103,9 @@ class Evaluations:
         )
         for planned in plan.methods:
             if not planned.spec.needs_mask:  # the oracle reads the dataset's masks
-                worker.explainer.check(planned.spec, planned.params, TargetSpec())
+                with about(f"method_options[{planned.name}]"):
+                    worker.explainer.check(planned.spec, planned.params, TargetSpec())
+        _check_fits(plan, worker.max_queue_images)
         dataset = await self._dataset(query, model)
         randomised = await self._randomised(model) if plan.needs_randomised else None
         loop = asyncio.get_running_loop()
@@ -161,6 +170,25 @@ class Evaluations:
         return _Limited(dataset, query.limit) if query.limit else dataset
 
 
+def _check_fits(plan: EvaluationPlan, queue_images: int) -> None:
+    """Refuse a plan whose model calls could never be admitted to the model's queue: the
+    explanation of a chunk of samples, or a metric's batch of perturbed images."""
+    if plan.chunk_size > queue_images:
+        raise FailedPrecondition(
+            f"Evaluate explains {plan.chunk_size} samples per model call, more than this "
+            f"server's queue of {queue_images} images per model; its operator must raise "
+            "--max-queue-images"
+        )
+    for metric in plan.metrics:
+        batch = getattr(metric.options, "batch_size", None)
+        if batch is not None and batch > queue_images:
+            raise InvalidArgument(
+                f"{metric.name}.batch_size {batch} is more than this server's queue of "
+                f"{queue_images} images per model; use at most {queue_images}",
+                field=f"metric_options[{metric.name}].batch_size",
+            )
+
+
 def _retrieve(run: asyncio.Future) -> None:
     if not run.cancelled():
         run.exception()
@@ -197,15 +225,15 @@ class _BatchedCalls:
         self._worker, self._randomised, self._loop, self._state = worker, randomised, loop, state
 
     def explain(self, job: ExplainJob) -> ExplainResult:
-        return self._call(self._worker.explain(job))[0]
+        return self._call(self._worker.explain(job, wait_for_room=True))[0]
 
     def randomised_explain(self, job: ExplainJob) -> ExplainResult:
         if self._randomised is None:
             raise RuntimeError("the plan has no metric that needs the randomised copy")
-        return self._call(self._randomised.explain(job))[0]
+        return self._call(self._randomised.explain(job, wait_for_room=True))[0]
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._call(self._worker.logits(pixels))
+        return self._call(self._worker.logits(pixels, wait_for_room=True))
 
     def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         if self._state.cancelled.is_set():

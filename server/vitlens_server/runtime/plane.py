@@ -27,7 +27,7 @@ import torch
 
 from vitlens_server.config import ServerConfig
 from vitlens_server.domain import ImageInput, MetricSummary, Progress
-from vitlens_server.errors import InvalidArgument, Unavailable
+from vitlens_server.errors import InvalidArgument, Unavailable, about
 from vitlens_server.evaluate import randomised_copy
 from vitlens_server.explain import METHODS, ExplainJob, MethodSpec, get_method
 from vitlens_server.explain.params import parse_params
@@ -230,16 +230,22 @@ class DataPlane:
 
     def _resolve(self, served: Served, query: ExplainQuery) -> tuple[MethodSpec, object]:
         """The query's method and parsed options, checked against the model."""
-        method = get_method(query.method or DEFAULT_METHOD)
-        params = parse_params(method.params, query.method_options, method=method.name)
+        with about("method"):
+            method = get_method(query.method or DEFAULT_METHOD)
+        options = "options.method_options"
+        params = parse_params(
+            method.params, query.method_options, method=method.name, field=options
+        )
         if query.return_relevance and not method.relevance_matrix:
             with_matrix = [m.name for m in served.card.methods if m.relevance_matrix]
             raise InvalidArgument(
                 f"method {method.name!r} has no token relevance matrix; unset return_relevance "
-                f"or use one of: {', '.join(with_matrix)}"
+                f"or use one of: {', '.join(with_matrix)}",
+                field="options.return_relevance",
             )
         self._check_count(query.images)
-        served.worker.explainer.check(method, params, query.target)
+        with about(options):  # what check() leaves unnamed are the options' model limits
+            served.worker.explainer.check(method, params, query.target)
         return method, params
 
     def _cache_keys(
@@ -269,12 +275,15 @@ class DataPlane:
 
     def _check_count(self, images: Sequence[ImageInput]) -> None:
         if not images:
-            raise InvalidArgument("the request has no images; add at least one to `images`")
+            raise InvalidArgument(
+                "the request has no images; add at least one to `images`", field="images"
+            )
         limit = self._config.max_images_per_request
         if len(images) > limit:
             raise InvalidArgument(
                 f"the request has {len(images)} images; this server accepts at most {limit} per "
-                "request, so split it"
+                "request, so split it",
+                field="images",
             )
 
     def _deadline(self, query: ExplainQuery | PredictQuery) -> float | None:

@@ -1,7 +1,9 @@
 """Model workers: per served model, one dynamic batcher per lane in front of the devices.
 
 Requests never run on the asyncio event loop. Each request is admitted whole against the
-model's queue bound, split into chunks of at most ``max_batch_size`` images (chunks batch like
+model's queue bound (a request that could never fit is refused with INVALID_ARGUMENT; one that
+does not fit now gets RESOURCE_EXHAUSTED with a retry hint, or, for Evaluate's calls, waits for
+room), split into chunks of at most ``max_batch_size`` images (chunks batch like
 separate requests) and queued in the lane of its cost class:
 
     lane     cost classes                        what a batch costs
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 
 from vitlens_server.domain import ExplainResult, Predictions, TargetSpec
-from vitlens_server.errors import ResourceExhausted
+from vitlens_server.errors import InvalidArgument, ResourceExhausted
 from vitlens_server.explain import Cost, Explainer, ExplainJob, Interrupted, get_method
 from vitlens_server.explain.engine import top_k_predictions
 from vitlens_server.explain.params import parse_params
@@ -84,6 +86,7 @@ class ModelWorker:
         self.max_queue_images = max_queue_images
         self._replicas = [self.explainer, *(Explainer(m) for m in replicas)]
         self._executors: list[ThreadPoolExecutor] = []
+        self._room_waiters: list[asyncio.Future] = []
         self._lanes: dict[Lane, Batcher[Any, Any]] = {}
         for lane in Lane:
             executors = [
@@ -97,6 +100,7 @@ class ModelWorker:
                 max_batch_size=max_batch_size,
                 max_delay_s=max_delay_s,
                 on_batch=None if on_batch is None else lambda s: on_batch(model.name, s),
+                on_leave=self._left_queue,
             )
 
     @property
@@ -120,15 +124,19 @@ class ModelWorker:
             explainer.close()
 
     async def explain(
-        self, job: ExplainJob, deadline: float | None = None
+        self, job: ExplainJob, deadline: float | None = None, *, wait_for_room: bool = False
     ) -> tuple[ExplainResult, float]:
-        """Explain a job; returns the result and the longest queue wait of its chunks."""
+        """Explain a job; returns the result and the longest queue wait of its chunks.
+
+        ``wait_for_room``: wait until the queue has room instead of answering RESOURCE_EXHAUSTED
+        (Evaluate's calls: a long run feeds the queue, it is never refused midway)."""
         chunks = [
             dataclasses.replace(job, pixels=pixels)
             for pixels in job.pixels.split(self.max_batch_size)
         ]
         lane = LANES[job.method.cost]
-        done = await self._submit(chunks, lane, ("explain", job.method.cost), deadline)
+        kind = ("explain", job.method.cost)
+        done = await self._submit(chunks, lane, kind, deadline, wait_for_room)
         return ExplainResult.concat([r for r, _ in done]), max(w for _, w in done)
 
     async def predict(
@@ -136,14 +144,16 @@ class ModelWorker:
     ) -> tuple[Predictions, float]:
         """Classify (B, C, H, W) pixels; returns predictions and the queue wait in seconds."""
         chunks = [PredictJob(chunk, top_k) for chunk in pixels.split(self.max_batch_size)]
-        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline)
+        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline, False)
         return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
 
-    async def logits(self, pixels: torch.Tensor, deadline: float | None = None) -> torch.Tensor:
+    async def logits(
+        self, pixels: torch.Tensor, deadline: float | None = None, *, wait_for_room: bool = False
+    ) -> torch.Tensor:
         """(B, C, H, W) pixels → (B, classes) float32 logits on the host, batched like Predict
         (Evaluate's re-classification of perturbed images)."""
         chunks = [PredictJob(chunk, 0) for chunk in pixels.split(self.max_batch_size)]
-        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline)
+        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline, wait_for_room)
         return torch.cat([r for r, _ in done])
 
     async def warm_up(self) -> None:
@@ -161,10 +171,25 @@ class ModelWorker:
         await asyncio.gather(*passes)
 
     async def _submit(
-        self, chunks: Sequence[Any], lane: Lane, kind: tuple, deadline: float | None
+        self,
+        chunks: Sequence[Any],
+        lane: Lane,
+        kind: tuple,
+        deadline: float | None,
+        wait_for_room: bool,
     ) -> list[tuple[Any, float]]:
         """Admit the whole request, then queue its chunks; the first failure cancels the rest."""
-        self._admit(sum(c.pixels.shape[0] for c in chunks), lane)
+        images = sum(c.pixels.shape[0] for c in chunks)
+        if images > self.max_queue_images:  # it could never be admitted
+            raise InvalidArgument(
+                f"the request needs {images} images in model {self.model.name!r}'s queue, which "
+                f"holds at most {self.max_queue_images}; send at most that many per request",
+                field="images",
+            )
+        if wait_for_room:
+            await self._room(images)
+        else:
+            self._admit(images, lane)
         batcher = self._lanes[lane]
 
         def submit(chunk: Any) -> Awaitable[tuple[Any, float]]:
@@ -179,19 +204,38 @@ class ModelWorker:
             for task in tasks:
                 task.cancel()  # no-op for the finished; withdraws the rest after a failure
 
-    def _admit(self, images: int, lane: Lane) -> None:
-        """RESOURCE_EXHAUSTED unless ``images`` more images fit in the model's queue.
-
-        An empty queue admits any request, so a request larger than the bound still runs.
-        """
+    def _fits(self, images: int) -> bool:
+        """Whether ``images`` more fit in the queue (an empty queue takes any admitted request)."""
         queued = self.queued_images
-        if queued and queued + images > self.max_queue_images:
+        return not queued or queued + images <= self.max_queue_images
+
+    def _admit(self, images: int, lane: Lane) -> None:
+        """RESOURCE_EXHAUSTED, with a retry hint, unless ``images`` more images fit now."""
+        if not self._fits(images):
             retry_s = self._lanes[lane].retry_after_s()
             raise ResourceExhausted(
-                f"the model's queue is full ({queued} images waiting, limit "
+                f"the model's queue is full ({self.queued_images} images waiting, limit "
                 f"{self.max_queue_images}); retry after about {retry_s:.1f} s",
                 retry_after_s=retry_s,
             )
+
+    async def _room(self, images: int) -> None:
+        """Wait until ``images`` more images fit in the queue."""
+        while not self._fits(images):
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+
+    def _left_queue(self) -> None:
+        """A request left a queue (taken into a batch, cancelled, expired): waiters re-check."""
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._room_waiters.clear()
 
     def _run(self, replica: int, items: list[Any], interrupted: Callable[[], bool]) -> list[Any]:
         """Run one batch on replica ``replica``'s thread of its lane (all items of one kind)."""

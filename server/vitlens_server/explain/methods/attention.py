@@ -16,7 +16,10 @@ from vitlens_server.explain.params import NoParams, choice, param
 from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
 
-__all__ = ["RolloutParams", "augmented_attention", "raw_attention", "rollout"]
+__all__ = ["MAX_LAYERS", "RolloutParams", "augmented_attention", "raw_attention", "rollout"]
+
+
+MAX_LAYERS = 1024  # bound of the start_layer options; each is checked against the model's own
 
 
 @register_method(
@@ -43,7 +46,9 @@ class RolloutParams:
         low=0.0,
         high=0.99,
     )
-    start_layer: int = param(0, "First block included in the product (0 = all blocks).", low=0)
+    start_layer: int = param(
+        0, "First block included in the product (0 = all blocks).", low=0, high=MAX_LAYERS
+    )
 
     def check(self, num_layers: int) -> None:
         if self.start_layer >= num_layers:

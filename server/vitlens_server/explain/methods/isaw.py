@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from vitlens_server.errors import InvalidArgument
+from vitlens_server.explain.methods.attention import MAX_LAYERS
 from vitlens_server.explain.params import param
 from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
@@ -57,6 +58,7 @@ class IsawParams:
         0,
         "First block aggregated (0 = all blocks); the layer weights are 1/(L - start_layer).",
         low=0,
+        high=MAX_LAYERS,
     )
 
     def check(self, num_layers: int) -> None:

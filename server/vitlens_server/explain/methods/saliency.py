@@ -29,7 +29,9 @@ class SaliencyParams:
         0.15, "SmoothGrad: noise σ as a fraction of the pixel range [0, 1].", low=0.0, high=1.0
     )
     steps: int = param(32, "Integrated Gradients: Riemann steps.", low=1, high=512)
-    seed: int = param(0, "SmoothGrad: seed of the noise (results are reproducible).", low=0)
+    seed: int = param(
+        0, "SmoothGrad: seed of the noise (results are reproducible).", low=0, high=2**32 - 1
+    )
 
 
 @register_method(
