@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel limit per image"
     )
+    parser.add_argument(
+        "--max-inline-samples",
+        type=int,
+        default=256,
+        help="samples an Evaluate request may carry inline (larger sets: --dataset-root)",
+    )
+    parser.add_argument(
+        "--max-inline-mb",
+        type=float,
+        default=64,
+        help="MiB of image and mask data an Evaluate request may carry inline",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--default-deadline-s",
@@ -226,6 +238,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         max_images_per_request=args.max_images,
         max_pixels=args.max_pixels,
+        max_inline_samples=args.max_inline_samples,
+        max_inline_bytes=int(args.max_inline_mb * 1024 * 1024),
     )
 
 

@@ -29,7 +29,10 @@ class ServerConfig:
         max_queue_images: images allowed to wait per model; beyond it requests get
             RESOURCE_EXHAUSTED with a retry hint.
         max_images_per_request: larger requests are rejected with INVALID_ARGUMENT.
-        max_pixels: per-image pixel limit against decompression bombs.
+        max_pixels: per-image pixel limit against decompression bombs (uploads and the images
+            of server-side datasets alike).
+        max_inline_samples, max_inline_bytes: how many samples, and how many bytes of image
+            and mask data, an Evaluate request may carry inline.
         max_message_bytes: gRPC send/receive message limit.
         decode_threads: threads decoding images off the event loop.
         cache_bytes: size of the per-image result cache (0 disables it).
@@ -56,6 +59,8 @@ class ServerConfig:
     max_queue_images: int = 1024
     max_images_per_request: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_inline_samples: int = 256
+    max_inline_bytes: int = 64 * 1024 * 1024
     max_message_bytes: int = 256 * 1024 * 1024
     decode_threads: int = 2
     metrics_port: int | None = None

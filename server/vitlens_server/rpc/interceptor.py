@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from vitlens_server.errors import VitlensError
+from vitlens_server.errors import InvalidArgument, ResourceExhausted, VitlensError
 from vitlens_server.logs import request_id
 from vitlens_server.rpc.details import STATUS_DETAILS_KEY, status_details
 from vitlens_server.telemetry import Telemetry
@@ -49,6 +50,22 @@ class _Call:
     code: str = "OK"
 
 
+Parse = Callable[[bytes], Any] | None
+
+
+def _parsed(rpc: str, parse: Parse, data: bytes) -> Any:
+    """The request message of ``data``; INVALID_ARGUMENT when the bytes do not parse."""
+    if parse is None:
+        return data
+    try:
+        return parse(data)
+    except DecodeError as err:
+        raise InvalidArgument(
+            f"the {rpc} request is not a valid protobuf message of its type ({err}); "
+            "build it from protos/vitlens/v1"
+        ) from None
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Error mapping, request ids and request metrics around every Vitlens handler.
 
@@ -57,14 +74,24 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         method_names: registered explanation methods; other names are labelled ``unknown``
             (label values stay bounded whatever callers send).
         default_method: the label of an Explain call that names no method.
+        max_reply_bytes: the server's send limit: a larger reply is refused here, with a
+            message saying how to ask for less, instead of failing inside gRPC.
+
+    Requests arrive as bytes and are parsed here, so a malformed message is INVALID_ARGUMENT
+    rather than an error inside gRPC.
     """
 
     def __init__(
-        self, telemetry: Telemetry | None, method_names: frozenset[str], default_method: str
+        self,
+        telemetry: Telemetry | None,
+        method_names: frozenset[str],
+        default_method: str,
+        max_reply_bytes: int | None = None,
     ) -> None:
         self._telemetry = telemetry
         self._methods = method_names
         self._default_method = default_method
+        self._max_reply_bytes = max_reply_bytes
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], details
@@ -73,25 +100,25 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
         rpc = details.method.removeprefix(SERVICE_PREFIX)
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        parse = handler.request_deserializer
+        kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(rpc, handler.unary_unary), **kwargs
+                self._unary(rpc, parse, handler.unary_unary), **kwargs
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(rpc, handler.unary_stream), **kwargs
+                self._stream(rpc, parse, handler.unary_stream), **kwargs
             )
         return handler  # the service has no client-streaming RPCs
 
-    def _unary(self, rpc: str, behaviour: Callable[..., Awaitable[Any]]):
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call, token = self._begin(rpc, request, context)
+    def _unary(self, rpc: str, parse: Parse, behaviour: Callable[..., Awaitable[Any]]):
+        async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+            call, token = self._begin(rpc, context)
             try:
-                return await behaviour(request, context)
+                request = _parsed(rpc, parse, data)
+                call.method = self._method_label(rpc, request)
+                return self._checked(await behaviour(request, context))
             except BaseException as err:
                 await self._fail(call, err, context)
                 raise
@@ -100,12 +127,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _stream(self, rpc: str, behaviour: Callable[..., AsyncIterator[Any]]):
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call, token = self._begin(rpc, request, context)
+    def _stream(self, rpc: str, parse: Parse, behaviour: Callable[..., AsyncIterator[Any]]):
+        async def stream(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call, token = self._begin(rpc, context)
             try:
+                request = _parsed(rpc, parse, data)
+                call.method = self._method_label(rpc, request)
                 async for message in behaviour(request, context):
-                    yield message
+                    yield self._checked(message)
             except BaseException as err:
                 await self._fail(call, err, context)
                 raise
@@ -114,11 +143,22 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         return stream
 
-    def _begin(self, rpc: str, request: Any, context: grpc.aio.ServicerContext):
+    def _checked(self, reply: Any) -> Any:
+        """``reply``, unless it is over the send limit (RESOURCE_EXHAUSTED saying why)."""
+        limit = self._max_reply_bytes
+        if limit is not None and (size := reply.ByteSize()) > limit:
+            raise ResourceExhausted(
+                f"the answer would be {size:,} bytes, over this server's message limit of "
+                f"{limit:,}; send fewer images per request, or ask for float16 output, the "
+                "token grid or no relevance matrices"
+            )
+        return reply
+
+    def _begin(self, rpc: str, context: grpc.aio.ServicerContext):
         given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
         call_id = given[:64] if given else uuid.uuid4().hex[:16]
         context.set_trailing_metadata((("x-request-id", call_id),))
-        call = _Call(rpc, self._method_label(rpc, request), call_id, time.perf_counter())
+        call = _Call(rpc, "", call_id, time.perf_counter())
         if self._telemetry is not None:
             self._telemetry.in_flight.labels(rpc).inc()
         return call, request_id.set(call_id)

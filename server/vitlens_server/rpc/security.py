@@ -21,11 +21,17 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def read_tokens(path: Path) -> tuple[bytes, ...]:
-    """Tokens from a file, one per line (blank lines and ``#`` comments ignored)."""
-    lines = Path(path).read_text().splitlines()
-    tokens = tuple(
-        line.strip().encode() for line in lines if line.strip() and not line.startswith("#")
-    )
+    """Tokens from a file, one per line; blank lines and comment lines (``#`` after optional
+    indentation) are ignored, and a token never holds whitespace."""
+    tokens = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if any(c.isspace() for c in text):
+            raise ValueError(f"{path}, line {number}: a token cannot contain whitespace")
+        tokens.append(text.encode())
+    tokens = tuple(tokens)
     if not tokens:
         raise ValueError(f"{path} holds no tokens")
     return tokens

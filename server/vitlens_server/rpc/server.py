@@ -32,7 +32,7 @@ def build_server(
     # The first interceptor is the outermost: the authentication refusal is mapped, counted and
     # stamped with a request id like any other error.
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        CallInterceptor(telemetry, plane.method_names, default_method)
+        CallInterceptor(telemetry, plane.method_names, default_method, limit)
     ]
     if config.auth_tokens:
         interceptors.append(BearerTokenAuth(config.auth_tokens))

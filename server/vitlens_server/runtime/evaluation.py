@@ -18,14 +18,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from vitlens_server.domain import ExplainResult, MetricSummary, Progress, TargetSpec
+from vitlens_server.config import ServerConfig
+from vitlens_server.domain import ExplainResult, ImageInput, MetricSummary, Progress, TargetSpec
 from vitlens_server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -43,7 +46,7 @@ from vitlens_server.evaluate import (
     run_evaluation,
 )
 from vitlens_server.explain import ExplainJob
-from vitlens_server.imaging import ImageDecoder
+from vitlens_server.imaging import ImageDecoder, resize_pixels
 from vitlens_server.models import LoadedModel
 from vitlens_server.runtime.api import EvaluateQuery, InlineSample
 from vitlens_server.runtime.worker import ModelWorker
@@ -57,24 +60,23 @@ class Evaluations:
     """The Evaluate runs of a data plane.
 
     Args:
-        dataset_roots: folders server-side datasets may be read from.
-        decode_pool: where inline images are decoded.
+        config: the server's settings (dataset roots, pixel and inline limits).
+        decode_pool: where inline images are decoded and server folders opened.
         randomised: the worker of a model's weight-randomised copy (made on first use).
         threads: runs at once; further calls wait for a thread.
     """
 
     def __init__(
         self,
-        dataset_roots: Sequence[Path],
+        config: ServerConfig,
         decode_pool: concurrent.futures.Executor,
         randomised: RandomisedWorker,
-        max_pixels: int,
         threads: int = 2,
     ) -> None:
-        self._roots = tuple(Path(r) for r in dataset_roots)
+        self._config = config
+        self._roots = tuple(Path(r) for r in config.dataset_roots)
         self._decode_pool = decode_pool
         self._randomised = randomised
-        self._max_pixels = max_pixels
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "vitlens-evaluate")
         self._runs: set[_RunState] = set()
 
@@ -154,19 +156,30 @@ class Evaluations:
 
     async def _dataset(self, query: EvaluateQuery, model: LoadedModel) -> Sequence[Sample]:
         loop = asyncio.get_running_loop()
+        config = self._config
         if query.synthetic is not None:
             dataset: Sequence[Sample] = parse_synthetic(query.synthetic)
         elif query.server_path is not None:
             dataset = await loop.run_in_executor(
-                self._decode_pool, open_server_path, query.server_path, self._roots, model.labels
+                self._decode_pool,
+                functools.partial(
+                    open_server_path,
+                    query.server_path,
+                    self._roots,
+                    model.labels,
+                    max_pixels=config.max_pixels,
+                ),
             )
         elif query.inline is not None:
-            decoder = ImageDecoder(model.geometry.input_size[1:], self._max_pixels)
+            _check_inline(query.inline, config.max_inline_samples, config.max_inline_bytes)
+            decoder = ImageDecoder(model.geometry.input_size[1:], config.max_pixels)
             dataset = await loop.run_in_executor(
                 self._decode_pool, _inline, query.inline, decoder, model.geometry.num_classes
             )
         else:
-            raise InvalidArgument("dataset is empty: set synthetic, server_path or inline")
+            raise InvalidArgument(
+                "dataset is empty: set synthetic, server_path or inline", field="dataset"
+            )
         return _Limited(dataset, query.limit) if query.limit else dataset
 
 
@@ -264,23 +277,63 @@ class _Limited:
         return self._dataset[index]
 
 
+def _check_inline(samples: Sequence[InlineSample], max_samples: int, max_bytes: int) -> None:
+    """The inline samples within the server's bounds, before any is decoded."""
+    field = "dataset.inline.samples"
+    if not samples:
+        raise InvalidArgument("dataset.inline has no samples", field=field)
+    if len(samples) > max_samples:
+        raise InvalidArgument(
+            f"dataset.inline has {len(samples)} samples; this server takes at most "
+            f"{max_samples} inline (a larger set can be read from a --dataset-root folder)",
+            field=field,
+        )
+    size = sum(_nbytes(s.image) + (0 if s.mask is None else s.mask.nbytes) for s in samples)
+    if size > max_bytes:
+        raise InvalidArgument(
+            f"dataset.inline carries {size:,} bytes of images and masks; this server takes at "
+            f"most {max_bytes:,} inline",
+            field=field,
+        )
+
+
+def _nbytes(image: ImageInput) -> int:
+    return image.pixels.nbytes if image.pixels is not None else len(image.encoded or b"")
+
+
 def _inline(
     samples: Sequence[InlineSample], decoder: ImageDecoder, num_classes: int
 ) -> list[Sample]:
-    """Inline samples as the runner reads them: pixels at their own size (the runner resizes
-    them as uploads are resized), masks as (1, H, W) bool."""
+    """Inline samples as the runner reads them: (H, W, 3) float32 pixels at the model's input
+    size (decoded once, resized as uploads are), masks (1, h, w) bool at the image's own size."""
     out = []
     for i, sample in enumerate(samples):
         where = f"dataset.inline.samples[{i}]"
         if not 0 <= sample.label < num_classes:
-            raise InvalidArgument(f"{where}.label {sample.label} is not in 0..{num_classes - 1}")
-        image = decoder.read(sample.image).permute(1, 2, 0).numpy()  # (H, W, 3)
+            raise InvalidArgument(
+                f"{where}.label {sample.label} is not in 0..{num_classes - 1}",
+                field=f"{where}.label",
+            )
+        raw = decoder.read(sample.image)  # (3, h, w)
         masks = None
         if sample.mask is not None:
-            if sample.mask.ndim != 2:
-                raise InvalidArgument(f"{where}.mask must be (H, W); got shape {sample.mask.shape}")
-            masks = (sample.mask != 0)[None]
+            masks = _mask(sample.mask, tuple(raw.shape[1:]), f"{where}.mask")[None]
+        image = resize_pixels(raw, decoder.size).permute(1, 2, 0).numpy()  # (H, W, 3)
         out.append(Sample(sample.image.id or f"sample_{i}", image, (sample.label,), masks))
     if any(s.masks is None for s in out) and any(s.masks is not None for s in out):
-        raise InvalidArgument("give a mask for every inline sample or for none")
+        raise InvalidArgument(
+            "give a mask for every inline sample or for none", field="dataset.inline.samples"
+        )
     return out
+
+
+def _mask(mask: np.ndarray, size: tuple[int, int], where: str) -> np.ndarray:
+    """An inline mask as (h, w) bool, nonzero on the object; it must match its image's size."""
+    if mask.ndim != 2 or tuple(mask.shape) != size:
+        raise InvalidArgument(
+            f"{where} has shape {tuple(mask.shape)[:8]}; it must be the image's (H, W) = {size}",
+            field=where,
+        )
+    if mask.dtype.kind == "f" and not np.isfinite(mask).all():
+        raise InvalidArgument(f"{where} holds NaN or infinite values", field=where)
+    return mask != 0

@@ -100,9 +100,7 @@ class DataPlane:
         self._cache = ResultCache(config.cache_bytes)
         self._randomised: dict[str, ModelWorker] = {}
         self._randomised_lock = asyncio.Lock()
-        self.evaluations = Evaluations(
-            config.dataset_roots, self._decode_pool, self._randomised_worker, config.max_pixels
-        )
+        self.evaluations = Evaluations(config, self._decode_pool, self._randomised_worker)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
