@@ -8,9 +8,10 @@ the data plane's to judge.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 
 from vitlens.tensors import TensorFormatError, numpy_to_tensor, tensor_to_numpy
 from vitlens.v1 import tensor_pb2, vitlens_pb2
@@ -60,7 +61,7 @@ def explain_query(request: vitlens_pb2.ExplainRequest, deadline: float | None) -
         images=_images(request.images),
         model=request.model,
         method=request.method,
-        method_options=json_format.MessageToDict(options.method_options)
+        method_options=_options(options.method_options, "options.method_options")
         if options.HasField("method_options")
         else {},
         target=_target(request.target, len(request.images)),
@@ -89,10 +90,31 @@ def evaluate_query(request: vitlens_pb2.EvaluateRequest) -> EvaluateQuery:
         server_path=dataset.server_path if source == "server_path" else None,
         inline=_inline(dataset.inline) if source == "inline" else None,
         limit=dataset.limit,
-        method_options={k: json_format.MessageToDict(v) for k, v in request.method_options.items()},
-        metric_options={k: json_format.MessageToDict(v) for k, v in request.metric_options.items()},
+        method_options={
+            k: _options(v, f"method_options[{k}]") for k, v in request.method_options.items()
+        },
+        metric_options={
+            k: _options(v, f"metric_options[{k}]") for k, v in request.metric_options.items()
+        },
         explain_label=request.explain_label,
     )
+
+
+def _options(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """A Struct of options as plain values (NaN and infinities kept, for the data plane to
+    refuse by name; JSON conversion would fail on them)."""
+    return {key: _value(value, f"{field}.{key}") for key, value in struct.fields.items()}
+
+
+def _value(value: struct_pb2.Value, field: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _options(value.struct_value, field)
+    if kind == "list_value":
+        return [_value(v, field) for v in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
 
 
 def _images(images: Sequence[tensor_pb2.Image]) -> tuple[ImageInput, ...]:
