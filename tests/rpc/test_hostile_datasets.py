@@ -29,6 +29,7 @@ from vitlens_server.models.default import demo_spec
 
 DEMO = demo_spec().name  # the scene labels, for VOC folders
 SECRET = "TOP-SECRET-LINE"  # what the files outside the allowed folder hold
+MAX_PIXELS = 200_000  # the server's pixel limit: 224 x 224 scenes pass
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -99,7 +100,7 @@ def _build(allowed: Path, secret: Path) -> None:
         "truncated": ("x.png", good_png[: len(good_png) // 2]),
         "empty": ("x.png", b""),
         "text": ("x.jpg", b"hello, I am not a JPEG\n"),
-        "bomb": ("x.png", png_header(8000, 6000)),  # 48 MP, above the default 40 MP limit
+        "bomb": ("x.png", png_header(8000, 6000)),  # 48 MP: above any limit, even the default
     }
     for folder, (file, data) in bad_images.items():
         (allowed / f"image_{folder}" / "c0").mkdir(parents=True)
@@ -151,7 +152,7 @@ def hostile(tmp_path_factory) -> Iterator[Hostile]:
     base = tmp_path_factory.mktemp("hostile")
     allowed, secret = base / "allowed", base / "secret"
     _build(allowed, secret)
-    config = ServerConfig(port=0, dataset_roots=(allowed,), max_batch_size=4)
+    config = ServerConfig(port=0, dataset_roots=(allowed,), max_batch_size=4, max_pixels=MAX_PIXELS)
     registry = ModelRegistry([tiny_loaded(seed=3), load_model(demo_spec())])
     running, stop = start_server(config, registry)
     channel = grpc.insecure_channel(running.address)
@@ -298,7 +299,12 @@ def test_files_and_missing_folders(hostile, folder, code, fragment) -> None:
         ("image_truncated", "tiny", "c0/x.png", "corrupt or truncated"),
         ("image_empty", "tiny", "c0/x.png", "is empty"),
         ("image_text", "tiny", "c0/x.jpg", "is not an image"),
-        ("image_bomb", "tiny", "c0/x.png", "48,000,000 pixels, above this server's limit"),
+        (
+            "image_bomb",
+            "tiny",
+            "c0/x.png",
+            "48,000,000 pixels, above this server's limit of 200,000",
+        ),
         ("image_folder", "tiny", "c0/x.png", "is a folder"),
         ("image_fifo", "tiny", "c0/x.png", "is a FIFO, socket or device"),
         ("voc_bad_jpeg", DEMO, "JPEGImages/vitlens_", "is not an image"),
