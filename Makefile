@@ -36,3 +36,13 @@ protos: install
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
+
+# The long fuzz profile (issue #14): thousands of hostile requests per RPC against one test
+# server. The status codes seen go to build/fuzz-long.json, each test's outcome (with the
+# falsifying example) to build/fuzz-long.xml. `make test` runs the short `ci` profile.
+.PHONY: fuzz
+fuzz: install
+	mkdir -p build
+	VITLENS_FUZZ_PROFILE=long VITLENS_FUZZ_REPORT=build/fuzz-long.json \
+		$(BIN)/python -m pytest -q -m fuzz --timeout=0 --junitxml=build/fuzz-long.xml \
+		tests/rpc/test_fuzz.py
