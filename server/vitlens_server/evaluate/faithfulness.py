@@ -97,12 +97,7 @@ def perturbation(ctx: MetricContext, options: PerturbationOptions) -> Scores:
 )
 def deletion(ctx: MetricContext, options: DeletionOptions) -> Scores:
     """``auc`` (B,) in [0, 1] and the ``probability`` curve (B, K+1) of the explained class."""
-    result = deletion_curve(
-        ctx.pixels, ctx.maps, ctx.explained, ctx.calls.logits,
-        steps=options.steps, baseline=options.baseline, batch_size=options.batch_size,
-    )  # fmt: skip
-    fractions = tuple(result.fractions.tolist())
-    return Scores({"auc": result.auc}, {"probability": Curve(fractions, result.probabilities)})
+    return _causal(deletion_curve, ctx, options)
 
 
 @register_metric(
@@ -112,7 +107,12 @@ def deletion(ctx: MetricContext, options: DeletionOptions) -> Scores:
 )
 def insertion(ctx: MetricContext, options: InsertionOptions) -> Scores:
     """``auc`` (B,) in [0, 1] and the ``probability`` curve (B, K+1) of the explained class."""
-    result = insertion_curve(
+    return _causal(insertion_curve, ctx, options)
+
+
+def _causal(curve, ctx: MetricContext, options: DeletionOptions | InsertionOptions) -> Scores:
+    """A RISE curve (`deletion_curve` or `insertion_curve`) as ``auc`` and ``probability``."""
+    result = curve(
         ctx.pixels, ctx.maps, ctx.explained, ctx.calls.logits,
         steps=options.steps, baseline=options.baseline, batch_size=options.batch_size,
     )  # fmt: skip
