@@ -23,15 +23,21 @@ __all__ = [
     "VitlensError",
     "about",
     "clip",
+    "cut",
 ]
 
 ECHO_CHARS = 200  # the most of any client string an error message repeats
 
 
 def clip(value: object, limit: int = ECHO_CHARS) -> str:
-    """``repr(value)`` for an error message, cut to ``limit`` characters (with an ellipsis), so
-    a huge client string can neither flood the reply's metadata nor the log."""
-    text = repr(value)
+    """``repr(value)`` for an error message (quoted, control characters and lone surrogates
+    escaped), cut to ``limit`` characters, so a huge client string can neither flood the
+    reply's metadata nor the log."""
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

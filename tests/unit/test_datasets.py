@@ -12,7 +12,7 @@ from PIL import Image
 from tests.rpc.test_hostile_datasets import png_header
 from vitlens_server.data import CLASSES, SPLIT_STRIDE
 from vitlens_server.data.voc import VOCDataset, export_voc, open_regular
-from vitlens_server.errors import InvalidArgument, NotFound, PermissionDenied
+from vitlens_server.errors import InvalidArgument, NotFound, PermissionDenied, clip
 from vitlens_server.evaluate.datasets import (
     ECHO_CHARS,
     MAX_NAME_BYTES,
@@ -21,7 +21,6 @@ from vitlens_server.evaluate.datasets import (
     open_server_path,
     parse_synthetic,
     resolve_allowed,
-    shown,
 )
 
 
@@ -119,9 +118,9 @@ def test_synthetic_specs_stay_in_the_held_out_seed_range() -> None:
 
 
 def test_client_strings_are_cut_in_messages() -> None:
-    assert shown("abc") == "'abc'"
-    assert shown("a\x00\udc80") == "'a\\x00\\udc80'"  # escaped, so any text is printable
-    long = shown("x" * 1000)
+    assert clip("abc") == "'abc'"
+    assert clip("a\x00\udc80") == "'a\\x00\\udc80'"  # escaped, so any text is printable
+    long = clip("x" * 1000)
     assert len(long) == ECHO_CHARS and long.endswith("…")
 
 

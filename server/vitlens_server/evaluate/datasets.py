@@ -30,7 +30,7 @@ import numpy as np
 from vitlens_server.config import DEFAULT_MAX_PIXELS
 from vitlens_server.data import SPLIT_STRIDE, render_scene, split_seeds
 from vitlens_server.data.voc import BadFile, MissingFile, VOCDataset, open_regular, read_image
-from vitlens_server.errors import InvalidArgument, NotFound, PermissionDenied
+from vitlens_server.errors import ECHO_CHARS, InvalidArgument, NotFound, PermissionDenied, clip, cut
 
 __all__ = [
     "FolderDataset",
@@ -40,11 +40,9 @@ __all__ = [
     "open_server_path",
     "parse_synthetic",
     "resolve_allowed",
-    "shown",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-ECHO_CHARS = 200  # the most of any client string a message repeats
 MAX_PATH_BYTES = 4096  # Linux's PATH_MAX
 MAX_NAME_BYTES = 255  # Linux's NAME_MAX: the longest path component
 _SYNTHETIC_FORM = (
@@ -92,16 +90,6 @@ class SyntheticDataset:
         return Sample(f"scene_{scene.seed}", scene.image, scene.labels, scene.masks)
 
 
-def shown(text: str, limit: int = ECHO_CHARS) -> str:
-    """``text`` quoted for a message (control characters and lone surrogates escaped), cut to
-    ``limit`` characters with an ellipsis."""
-    return _cut(repr(text), limit)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def parse_synthetic(text: str) -> SyntheticDataset:
     """``synthetic:N[:seed][:two_object]`` (the ``synthetic:`` prefix is optional).
 
@@ -113,10 +101,10 @@ def parse_synthetic(text: str) -> SyntheticDataset:
     if two_object:
         parts = parts[:-1]
     if not 1 <= len(parts) <= 2 or not all(_DIGITS.fullmatch(part) for part in parts):
-        raise InvalidArgument(f"{_SYNTHETIC_FORM}; got {shown(text)}")
+        raise InvalidArgument(f"{_SYNTHETIC_FORM}; got {clip(text)}")
     digits = len(str(SPLIT_STRIDE))
     if any(len(part.lstrip("0")) > digits for part in parts):  # before int(): 10**30 digits...
-        raise InvalidArgument(f"{_SYNTHETIC_FORM}; got {shown(text)}, out of that range")
+        raise InvalidArgument(f"{_SYNTHETIC_FORM}; got {clip(text)}, out of that range")
     count = int(parts[0])
     seed = int(parts[1]) if len(parts) > 1 else 0
     if count < 1 or count + seed > SPLIT_STRIDE:
@@ -141,18 +129,18 @@ def resolve_allowed(path: str | Path, roots: Sequence[Path]) -> Path:
     if not candidate.is_absolute():
         raise InvalidArgument(
             f"dataset.server_path must be an absolute path, under {_allowed(roots)}; got "
-            f"{shown(text)}"
+            f"{clip(text)}"
         )
     try:
         resolved = candidate.resolve()
     except (OSError, RuntimeError):  # a symlink loop, or too long once links are followed
         raise InvalidArgument(
-            f"dataset.server_path {shown(text)} cannot be resolved on the server (a symlink loop, "
+            f"dataset.server_path {clip(text)} cannot be resolved on the server (a symlink loop, "
             "or too long once symlinks are followed); give a plain folder path"
         ) from None
     if not _inside(resolved, _resolved_roots(roots)):
         raise PermissionDenied(
-            f"dataset.server_path {shown(text)} is outside the dataset folders this server allows "
+            f"dataset.server_path {clip(text)} is outside the dataset folders this server allows "
             f"({_allowed(roots)}); symlinks are followed before this check"
         )
     return resolved
@@ -164,29 +152,29 @@ def _check_path_text(text: str, roots: Sequence[Path]) -> None:
     if not text:
         raise InvalidArgument(f"dataset.server_path is empty; {fix}")
     if "\x00" in text:
-        raise InvalidArgument(f"dataset.server_path {shown(text)} holds a NUL byte; {fix}")
+        raise InvalidArgument(f"dataset.server_path {clip(text)} holds a NUL byte; {fix}")
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidArgument(
-            f"dataset.server_path {shown(text)} is not valid Unicode text (a lone surrogate); {fix}"
+            f"dataset.server_path {clip(text)} is not valid Unicode text (a lone surrogate); {fix}"
         ) from None
     if len(data) > MAX_PATH_BYTES:
         raise InvalidArgument(
             f"dataset.server_path is {len(data):,} bytes long, above the {MAX_PATH_BYTES} bytes "
-            f"a path may have ({shown(text)}); {fix}"
+            f"a path may have ({clip(text)}); {fix}"
         )
     longest = max(text.split("/"), key=lambda part: len(part.encode("utf-8")))
     if len(longest.encode("utf-8")) > MAX_NAME_BYTES:
         raise InvalidArgument(
             f"dataset.server_path has a {len(longest.encode('utf-8')):,}-byte component "
-            f"({shown(longest)}), above the {MAX_NAME_BYTES} bytes a file name may have; {fix}"
+            f"({clip(longest)}), above the {MAX_NAME_BYTES} bytes a file name may have; {fix}"
         )
 
 
 def _allowed(roots: Sequence[Path]) -> str:
     """The allowed roots, for a message (the operator's own paths, so not a client string)."""
-    return _cut(", ".join(str(r) for r in roots), 4 * ECHO_CHARS)
+    return cut(", ".join(str(r) for r in roots), 4 * ECHO_CHARS)
 
 
 def _resolved_roots(roots: Sequence[Path]) -> tuple[Path, ...]:
@@ -218,12 +206,12 @@ class _Files:
             resolved = path.resolve()
         except (OSError, RuntimeError):
             raise InvalidArgument(
-                f"{shown(self.name(path))} in the dataset folder cannot be resolved (a symlink "
+                f"{clip(self.name(path))} in the dataset folder cannot be resolved (a symlink "
                 "loop?); fix or remove it"
             ) from None
         if not _inside(resolved, self._roots):
             raise PermissionDenied(
-                f"{shown(self.name(path))} in the dataset folder is a symlink to a place outside "
+                f"{clip(self.name(path))} in the dataset folder is a symlink to a place outside "
                 "the dataset folders this server allows; a dataset may only link within them"
             )
         return resolved
@@ -236,8 +224,8 @@ class _Files:
 def _invalid(err: BadFile, index: int | None = None) -> InvalidArgument:
     where = "" if index is None else f"sample {index} of the dataset: "
     if isinstance(err, MissingFile):
-        return InvalidArgument(f"{where}{shown(err.file)} {err.reason} in the dataset folder")
-    return InvalidArgument(f"{where}{shown(err.file)} {err.reason}; fix or remove it")
+        return InvalidArgument(f"{where}{clip(err.file)} {err.reason} in the dataset folder")
+    return InvalidArgument(f"{where}{clip(err.file)} {err.reason}; fix or remove it")
 
 
 class VOCFolder:
@@ -289,7 +277,7 @@ class VOCFolder:
             raise _invalid(err, index) from None
         if not sample.labels:
             raise InvalidArgument(
-                f"sample {index} of the dataset: {shown(f'SegmentationClass/{sample.id}.png')} "
+                f"sample {index} of the dataset: {clip(f'SegmentationClass/{sample.id}.png')} "
                 "marks no object (only background and void); every evaluated image needs one"
             )
         masks = np.stack([sample.class_mask == label + 1 for label in sample.labels])
@@ -315,7 +303,7 @@ class FolderDataset:
         self._files = _Files(root, roots)
         self._max_pixels = max_pixels
         index = {label: i for i, label in enumerate(labels)}
-        model_labels = _cut(", ".join(map(repr, labels)), ECHO_CHARS)
+        model_labels = cut(", ".join(map(repr, labels)), ECHO_CHARS)
         layout = (
             "an ImageFolder dataset is <folder>/<label>/<image>, with one folder per model label "
             f"({model_labels}); a VOC dataset has ImageSets/Segmentation/val.txt"
@@ -327,14 +315,14 @@ class FolderDataset:
         for folder in folders:
             if folder.name not in index:
                 raise InvalidArgument(
-                    f"class folder {shown(folder.name)} of the dataset is not a label of the "
+                    f"class folder {clip(folder.name)} of the dataset is not a label of the "
                     f"model: {layout}"
                 )
             self._files.check(folder)  # a symlinked class folder must stay inside the roots
             files = [f for f in _listing(folder, self._files) if f.suffix.lower() in IMAGE_SUFFIXES]
             self.items += [(f, index[folder.name]) for f in files]
         if not self.items:
-            names = _cut(", ".join(repr(folder.name) for folder in folders), ECHO_CHARS)
+            names = cut(", ".join(repr(folder.name) for folder in folders), ECHO_CHARS)
             raise InvalidArgument(
                 f"the class folders of the dataset ({names}) hold no images "
                 f"({', '.join(IMAGE_SUFFIXES)})"
@@ -354,12 +342,12 @@ class FolderDataset:
             raise _invalid(err, index) from None
         except FileNotFoundError:
             raise InvalidArgument(
-                f"sample {index} of the dataset: {shown(name)} was removed after the dataset "
+                f"sample {index} of the dataset: {clip(name)} was removed after the dataset "
                 "was opened"
             ) from None
         except OSError as err:
             raise InvalidArgument(
-                f"sample {index} of the dataset: {shown(name)} cannot be read "
+                f"sample {index} of the dataset: {clip(name)} cannot be read "
                 f"({err.strerror or type(err).__name__})"
             ) from None
         return Sample(name, pixels, (label,))
@@ -370,7 +358,7 @@ def _listing(folder: Path, files: _Files) -> list[Path]:
     try:
         return sorted(entry for entry in folder.iterdir() if not entry.name.startswith("."))
     except OSError as err:
-        where = "the dataset folder" if folder == files.root else shown(files.name(folder))
+        where = "the dataset folder" if folder == files.root else clip(files.name(folder))
         raise InvalidArgument(
             f"{where} cannot be listed on the server ({err.strerror or type(err).__name__})"
         ) from None
@@ -409,18 +397,18 @@ def open_server_path(
         mode = root.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
         raise NotFound(
-            f"dataset.server_path {shown(path)} does not exist on the server; give a folder under "
+            f"dataset.server_path {clip(path)} does not exist on the server; give a folder under "
             f"{_allowed(roots)}"
         ) from None
     except OSError as err:
         raise InvalidArgument(
-            f"dataset.server_path {shown(path)} cannot be read on the server "
+            f"dataset.server_path {clip(path)} cannot be read on the server "
             f"({err.strerror or type(err).__name__})"
         ) from None
     if not stat.S_ISDIR(mode):
         kind = "a file" if stat.S_ISREG(mode) else "not a folder"
         raise InvalidArgument(
-            f"dataset.server_path {shown(path)} is {kind}; a dataset must be a folder: "
+            f"dataset.server_path {clip(path)} is {kind}; a dataset must be a folder: "
             "<folder>/<label>/<image> (ImageFolder) or a VOC folder (ImageSets/Segmentation/"
             "val.txt)"
         )

@@ -158,18 +158,20 @@ class Evaluations:
         loop = asyncio.get_running_loop()
         config = self._config
         if query.synthetic is not None:
-            dataset: Sequence[Sample] = parse_synthetic(query.synthetic)
+            with about("dataset.synthetic"):
+                dataset: Sequence[Sample] = parse_synthetic(query.synthetic)
         elif query.server_path is not None:
-            dataset = await loop.run_in_executor(
-                self._decode_pool,
-                functools.partial(
-                    open_server_path,
-                    query.server_path,
-                    self._roots,
-                    model.labels,
-                    max_pixels=config.max_pixels,
-                ),
-            )
+            with about("dataset.server_path"):
+                dataset = await loop.run_in_executor(
+                    self._decode_pool,
+                    functools.partial(
+                        open_server_path,
+                        query.server_path,
+                        self._roots,
+                        model.labels,
+                        max_pixels=config.max_pixels,
+                    ),
+                )
         elif query.inline is not None:
             _check_inline(query.inline, config.max_inline_samples, config.max_inline_bytes)
             decoder = ImageDecoder(model.geometry.input_size[1:], config.max_pixels)
