@@ -1,0 +1,527 @@
+"""Property-based fuzzing of every RPC over real gRPC on loopback (issue #14).
+
+Hypothesis builds mostly valid ExplainRequest / PredictRequest / EvaluateRequest messages with
+hostile mutations (`tests.rpc.fuzz_strategies`), and raw byte strings for every method path, and
+sends them to one server of the tiny model. The oracle, for every answer:
+
+- the status is OK, or a client error (`CLIENT_ERRORS`) with a non-empty message of at most
+  `MAX_DETAILS_CHARS` characters; never INTERNAL, UNKNOWN, UNIMPLEMENTED, CANCELLED or
+  UNAVAILABLE, whatever the request;
+- an OK Explain or Predict answers every image;
+- afterwards the server still reports SERVING on grpc.health.v1 and explains a fresh image.
+
+The minimal reproducers of what it has found (`FOUND`) are sent on every run as well.
+
+Two profiles, chosen by ``VITLENS_FUZZ_PROFILE``: ``ci`` (the default: a fixed, derandomised
+set of examples, about a minute on two cores) and ``long`` (thousands of random examples per
+RPC: ``make fuzz``). The cases tried and the status codes seen are printed in the terminal
+summary, and written as JSON to ``VITLENS_FUZZ_REPORT`` when it is set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from PIL import Image as PILImage
+
+from tests.conftest import RunningServer, start_server
+from tests.report import report
+from tests.rpc.fuzz_strategies import (
+    Catalog,
+    Shown,
+    deadlines_s,
+    evaluate_requests,
+    explain_requests,
+    model_names,
+    predict_requests,
+    raw_payloads,
+    server_catalog,
+    single_images,
+)
+from tests.tiny import TINY_KWARGS, tiny_loaded
+from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
+from vitlens_server.config import ServerConfig
+from vitlens_server.data.shapes import CLASSES
+from vitlens_server.models import ModelRegistry
+
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
+
+PROFILE = os.environ.get("VITLENS_FUZZ_PROFILE", "ci")
+# Examples per test and profile; Evaluate runs a model over a dataset, so it gets fewer.
+EXAMPLES: dict[str, dict[str, int]] = {
+    "ci": {
+        "Explain": 400,
+        "Predict": 250,
+        "images": 300,
+        "Evaluate": 150,
+        "GetModel": 50,
+        "raw": 400,
+    },
+    "long": {
+        "Explain": 4000,
+        "Predict": 2500,
+        "images": 4000,
+        "Evaluate": 1500,
+        "GetModel": 500,
+        "raw": 5000,
+    },
+}
+if PROFILE not in EXAMPLES:
+    raise ValueError(f"VITLENS_FUZZ_PROFILE must be one of {sorted(EXAMPLES)}; got {PROFILE!r}")
+
+CLIENT_ERRORS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+MAX_DETAILS_CHARS = 1000
+CALL_TIMEOUT_S = 30.0
+EVALUATE_TIMEOUT_S = 15.0  # a slow valid run ends DEADLINE_EXCEEDED, which is allowed
+
+MODEL = "tiny"
+# The generated scenes' labels index CLASSES, so the model has as many classes.
+NUM_CLASSES = len(CLASSES)
+MAX_IMAGES = 4
+CATALOG: Catalog = server_catalog(MODEL, NUM_CLASSES, TINY_KWARGS["depth"], MAX_IMAGES)
+
+_GOOD_IMAGE = tensor_pb2.Image(
+    pixels=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[4, 4, 3], data=bytes(48))
+)
+
+SERVICE = "/vitlens.v1.Vitlens/"
+# Raw payloads go to every method; Evaluate is the one server-streaming RPC.
+RAW_RPCS = ("Evaluate", "Explain", "GetModel", "ListModels", "Predict")
+
+
+def fuzz_settings(test: str) -> settings:
+    """The profile's Hypothesis settings for one test: no deadline (the server's latency is
+    not the property), no example database, derandomised in CI so every run tries the same."""
+    return settings(
+        max_examples=EXAMPLES[PROFILE][test],
+        deadline=None,
+        database=None,
+        derandomize=PROFILE == "ci",
+        print_blob=True,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+@dataclass
+class Tally:
+    """Cases sent per RPC and the status codes they got, for the end-of-run report."""
+
+    codes: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    seconds: Counter[str] = field(default_factory=Counter)
+    liveness_checks: int = 0
+
+    def record(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.codes[rpc][code.name] += 1
+        self.seconds[rpc] += seconds
+
+    def lines(self) -> list[str]:
+        out = [f"profile {PROFILE}; {self.liveness_checks} liveness checks passed"]
+        for rpc in sorted(self.codes):
+            codes = self.codes[rpc]
+            seen = ", ".join(f"{code} {n}" for code, n in codes.most_common())
+            out.append(f"{rpc}: {sum(codes.values())} cases in {self.seconds[rpc]:.1f} s — {seen}")
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "profile": PROFILE,
+            "liveness_checks": self.liveness_checks,
+            "rpcs": {
+                rpc: {
+                    "cases": sum(codes.values()),
+                    "seconds": round(self.seconds[rpc], 2),
+                    "codes": dict(codes.most_common()),
+                }
+                for rpc, codes in sorted(self.codes.items())
+            },
+        }
+
+
+TALLY = Tally()
+
+
+def check_status(rpc: str, code: grpc.StatusCode, details: str | None, seconds: float) -> None:
+    """The oracle: OK, or a client error with a short message. Every answer is counted first,
+    the forbidden ones included."""
+    TALLY.record(rpc, code, seconds)
+    if code is grpc.StatusCode.OK:
+        return
+    if code not in CLIENT_ERRORS:
+        raise AssertionError(f"{rpc} answered {code.name}: {details!r}")
+    if not details:
+        raise AssertionError(f"{rpc} answered {code.name} with an empty message")
+    if len(details) > MAX_DETAILS_CHARS:
+        raise AssertionError(
+            f"{rpc} answered {code.name} with a {len(details):,}-character message: "
+            f"{details[:200]!r}…"
+        )
+
+
+def call_unary(rpc: str, method: Callable[..., Any], request: Any, timeout_s: float) -> Any:
+    """The response, or None after a checked error status."""
+    return _call(rpc, lambda: method(request, timeout=timeout_s))
+
+
+def call_stream(rpc: str, method: Callable[..., Any], request: Any, timeout_s: float) -> Any:
+    """Every message of the stream, read to its end, or None after a checked error status."""
+    return _call(rpc, lambda: list(method(request, timeout=timeout_s)))
+
+
+def _call(rpc: str, send: Callable[[], Any]) -> Any:
+    started = time.perf_counter()
+    try:
+        answer, code, details = send(), grpc.StatusCode.OK, None
+    except grpc.RpcError as err:
+        answer, code, details = None, err.code(), err.details()
+    # Checked outside the `except`: where in a stream gRPC raised is not part of the failure.
+    check_status(rpc, code, details, time.perf_counter() - started)
+    return answer
+
+
+def send(channel: grpc.Channel, rpc: str, request: Message | bytes, label: str) -> None:
+    """``request`` to ``rpc`` as it is (bytes go on the wire unchanged), its answer checked;
+    an Evaluate stream is read to its end."""
+    serialize = None if isinstance(request, bytes) else type(request).SerializeToString
+    if rpc == "Evaluate":
+        method = channel.unary_stream(SERVICE + rpc, request_serializer=serialize)
+        call_stream(label, method, request, EVALUATE_TIMEOUT_S)
+    else:
+        method = channel.unary_unary(SERVICE + rpc, request_serializer=serialize)
+        call_unary(label, method, request, CALL_TIMEOUT_S)
+
+
+class Liveness:
+    """After an example: health SERVING, and a good Explain of an image never sent before (a
+    cached answer would not prove the worker still runs)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self._stub = vitlens_pb2_grpc.VitlensStub(channel)
+        self._count = 0
+
+    def check(self) -> None:
+        self._count += 1
+        status = self._health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING, f"health answered {status}"
+        pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+        pixels[0, 0] = (self._count % 256, self._count // 256 % 256, self._count // 65536 % 256)
+        request = vitlens_pb2.ExplainRequest(
+            model=MODEL,
+            method="generic",
+            images=[
+                tensor_pb2.Image(
+                    pixels=tensor_pb2.Tensor(
+                        dtype=tensor_pb2.DTYPE_UINT8, shape=pixels.shape, data=pixels.tobytes()
+                    )
+                )
+            ],
+        )
+        try:
+            reply = self._stub.Explain(request, timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as err:
+            pytest.fail(
+                f"after the example, a good Explain failed: {err.code().name}: {err.details()!r}"
+            )
+        assert len(reply.results) == 1 and len(reply.results[0].explanations) == 1
+        TALLY.liveness_checks += 1
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _png(seed: int, size: int = 12) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    PILImage.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def build_dataset_tree(root: Path, outside: Path) -> None:
+    """The folders `fuzz_strategies.odd_server_paths` names, under ``root``:
+
+    folder/     ImageFolder, classes c0 and c1 (valid)      badlabel/  a class no model has
+    voc/        VOC layout with a missing image              corrupt/   an image that is not one
+    escape/     a class image that is a symlink out of root  link_out   a symlink to ``outside``
+    empty/      no images                                    file.txt   not a folder
+    """
+    secret = outside / "secret.png"
+    secret.write_bytes(_png(99))
+    for i, label in enumerate(("c0", "c1")):
+        (root / "folder" / label).mkdir(parents=True)
+        (root / "folder" / label / "a.png").write_bytes(_png(i))
+    (root / "badlabel" / "dog").mkdir(parents=True)
+    (root / "badlabel" / "dog" / "a.png").write_bytes(_png(3))
+    (root / "corrupt" / "c0").mkdir(parents=True)
+    (root / "corrupt" / "c0" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (root / "escape" / "c0").mkdir(parents=True)
+    (root / "escape" / "c0" / "x.png").symlink_to(secret)
+    (root / "link_out").symlink_to(outside, target_is_directory=True)
+    (root / "empty").mkdir()
+    (root / "file.txt").write_text("not a dataset\n")
+    voc = root / "voc"
+    for sub in ("ImageSets/Segmentation", "JPEGImages", "SegmentationClass"):
+        (voc / sub).mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("img1\nmissing\n")
+    PILImage.open(io.BytesIO(_png(4))).save(voc / "JPEGImages" / "img1.jpg")
+    mask = np.zeros((12, 12), dtype=np.uint8)
+    mask[2:8, 2:8] = 1
+    PILImage.fromarray(mask, "P").save(voc / "SegmentationClass" / "img1.png")
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root, outside = tmp_path_factory.mktemp("datasets"), tmp_path_factory.mktemp("outside")
+    build_dataset_tree(root, outside)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(dataset_root: Path) -> Iterator[RunningServer]:
+    """One server for the whole module, with small limits; the report is made at its end."""
+    config = ServerConfig(
+        port=0,
+        max_images_per_request=MAX_IMAGES,
+        max_batch_size=4,
+        max_pixels=4096 * 4096,
+        dataset_roots=(dataset_root,),
+        cache_bytes=8 * 1024 * 1024,
+        grace_s=1.0,
+    )
+    registry = ModelRegistry([tiny_loaded(seed=14, num_classes=NUM_CLASSES)])
+    started = time.perf_counter()
+    running, stop = start_server(config, registry)
+    yield running
+    stop()
+    for line in [*TALLY.lines(), f"module wall time {time.perf_counter() - started:.1f} s"]:
+        report("vitlens fuzz", line)
+    if path := os.environ.get("VITLENS_FUZZ_REPORT"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(TALLY.as_json(), indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def channel(fuzz_server: RunningServer) -> Iterator[grpc.Channel]:
+    # Metadata limits far above the server's: a status message that echoes a 100 kB request
+    # string arrives whole, so the oracle measures it, instead of gRPC failing the stream.
+    options = [
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ("grpc.max_metadata_size", 4 * 1024 * 1024),
+        ("grpc.absolute_max_metadata_size", 4 * 1024 * 1024),
+    ]
+    with grpc.insecure_channel(fuzz_server.address, options=options) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> vitlens_pb2_grpc.VitlensStub:
+    return vitlens_pb2_grpc.VitlensStub(channel)
+
+
+@pytest.fixture(scope="module")
+def alive(channel: grpc.Channel) -> Liveness:
+    liveness = Liveness(channel)
+    liveness.check()
+    return liveness
+
+
+# --------------------------------------------------------------------------- the properties
+
+
+@fuzz_settings("Explain")
+@given(request=explain_requests(CATALOG), timeout_s=deadlines_s(CALL_TIMEOUT_S))
+def test_explain_answers_ok_or_a_client_error(
+    request: Shown[vitlens_pb2.ExplainRequest],
+    timeout_s: float,
+    stub: vitlens_pb2_grpc.VitlensStub,
+    alive: Liveness,
+) -> None:
+    response = call_unary("Explain", stub.Explain, request.message, timeout_s)
+    if response is not None:
+        assert len(response.results) == len(request.message.images)
+    alive.check()
+
+
+@fuzz_settings("Predict")
+@given(request=predict_requests(CATALOG), timeout_s=deadlines_s(CALL_TIMEOUT_S))
+def test_predict_answers_ok_or_a_client_error(
+    request: Shown[vitlens_pb2.PredictRequest],
+    timeout_s: float,
+    stub: vitlens_pb2_grpc.VitlensStub,
+    alive: Liveness,
+) -> None:
+    response = call_unary("Predict", stub.Predict, request.message, timeout_s)
+    if response is not None:
+        assert len(response.results) == len(request.message.images)
+    alive.check()
+
+
+@fuzz_settings("images")
+@given(image=single_images())
+def test_one_image_decodes_or_is_refused(
+    image: Shown[tensor_pb2.Image], stub: vitlens_pb2_grpc.VitlensStub, alive: Liveness
+) -> None:
+    """The image decoders on their own: one image per Predict; a tensor also as a mask."""
+    request = vitlens_pb2.PredictRequest(images=[image.message])
+    call_unary("Predict (one image)", stub.Predict, request, CALL_TIMEOUT_S)
+    if image.message.HasField("pixels"):
+        sample = vitlens_pb2.Sample(image=_GOOD_IMAGE, mask=image.message.pixels)
+        evaluate = vitlens_pb2.EvaluateRequest(
+            methods=["random"],
+            metrics=["segmentation"],
+            dataset=vitlens_pb2.Dataset(inline=vitlens_pb2.InlineDataset(samples=[sample])),
+        )
+        call_stream("Evaluate (one mask)", stub.Evaluate, evaluate, EVALUATE_TIMEOUT_S)
+    alive.check()
+
+
+@fuzz_settings("GetModel")
+@given(name=model_names(CATALOG))
+def test_get_and_list_models_answer_ok_or_a_client_error(
+    name: str, stub: vitlens_pb2_grpc.VitlensStub, alive: Liveness
+) -> None:
+    call_unary("GetModel", stub.GetModel, vitlens_pb2.GetModelRequest(name=name), CALL_TIMEOUT_S)
+    call_unary("ListModels", stub.ListModels, vitlens_pb2.ListModelsRequest(), CALL_TIMEOUT_S)
+    alive.check()
+
+
+@fuzz_settings("Evaluate")
+@given(data=st.data(), timeout_s=deadlines_s(EVALUATE_TIMEOUT_S))
+def test_evaluate_streams_to_the_end_or_a_client_error(
+    data: st.DataObject,
+    timeout_s: float,
+    stub: vitlens_pb2_grpc.VitlensStub,
+    alive: Liveness,
+    dataset_root: Path,
+) -> None:
+    # The dataset tree's path is known only once the fixture has made it: drawn here.
+    request = data.draw(evaluate_requests(CATALOG, dataset_root), label="request")
+    call_stream("Evaluate", stub.Evaluate, request.message, timeout_s)
+    alive.check()
+
+
+@fuzz_settings("raw")
+@given(rpc=st.sampled_from(RAW_RPCS), payload=raw_payloads(CATALOG))
+def test_raw_bytes_answer_ok_or_a_client_error(
+    rpc: str, payload: bytes, channel: grpc.Channel, alive: Liveness
+) -> None:
+    note(f"{rpc} <- {len(payload)} bytes {payload[:200]!r}")
+    send(channel, rpc, payload, label=f"raw {rpc}")
+    alive.check()
+
+
+# --------------------------------------------------------------------------- found before
+
+
+def _options(**values: float) -> vitlens_pb2.ExplainOptions:
+    options = vitlens_pb2.ExplainOptions()
+    options.method_options.update(values)
+    return options
+
+
+# The minimal reproducers of what this suite has found, each once answered with a forbidden
+# status or an overlong message; sent every run whatever the profile.
+FOUND = [
+    pytest.param(
+        "Predict",
+        vitlens_pb2.PredictRequest(
+            images=[tensor_pb2.Image(pixels=tensor_pb2.Tensor(dtype=1, shape=[0, 2**62, 3]))]
+        ),
+        id="zero-element-tensor-too-big-for-numpy",
+    ),
+    pytest.param(
+        "Explain",
+        vitlens_pb2.ExplainRequest(
+            images=[tensor_pb2.Image(pixels=tensor_pb2.Tensor(dtype=1, shape=[0, 2**32, 2**32]))]
+        ),
+        id="zero-element-tensor-too-big-for-numpy-explain",
+    ),
+    pytest.param(
+        "Evaluate",
+        vitlens_pb2.EvaluateRequest(
+            methods=["random"],
+            metrics=["deletion"],
+            dataset=vitlens_pb2.Dataset(
+                inline=vitlens_pb2.InlineDataset(
+                    samples=[
+                        vitlens_pb2.Sample(
+                            image=_GOOD_IMAGE,
+                            mask=tensor_pb2.Tensor(dtype=1, shape=[0, 2**62, 3]),
+                        )
+                    ]
+                )
+            ),
+        ),
+        id="zero-element-mask-too-big-for-numpy",
+    ),
+    pytest.param("Explain", b"\x00", id="undecodable-bytes"),
+    pytest.param("Evaluate", b"\x00" * 7, id="undecodable-bytes-stream"),
+    pytest.param(
+        "Explain",
+        vitlens_pb2.ExplainRequest(
+            method="rollout", images=[_GOOD_IMAGE], options=_options(discard_ratio=math.nan)
+        ),
+        id="nan-option",
+    ),
+    pytest.param(
+        "Explain",
+        vitlens_pb2.ExplainRequest(
+            method="rollout", images=[_GOOD_IMAGE], options=_options(discard_ratio=math.inf)
+        ),
+        id="inf-option",
+    ),
+    pytest.param(
+        "Evaluate",
+        vitlens_pb2.EvaluateRequest(
+            methods=["random"],
+            metrics=["deletion"],
+            dataset=vitlens_pb2.Dataset(synthetic="synthetic:100000000"),
+        ),
+        id="synthetic-count-past-the-seed-range",
+    ),
+    pytest.param(
+        "GetModel", vitlens_pb2.GetModelRequest(name="x" * 100_000), id="100kB-name-echoed"
+    ),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_"), FOUND)
+def test_found_failures_stay_fixed(
+    rpc: str, request_: Message | bytes, channel: grpc.Channel, alive: Liveness
+) -> None:
+    send(channel, rpc, request_, label=f"found {rpc}")
+    alive.check()
