@@ -42,6 +42,7 @@ _IMPLICIT_CASTS: dict[str, np.dtype] = {
 
 
 MAX_DIMS = 32  # numpy's own limit is 64
+MAX_DIM = 2**31 - 1  # the longest dimension
 
 
 class TensorFormatError(ValueError):
@@ -91,7 +92,8 @@ def tensor_to_numpy(t: tensor_pb2.Tensor, *, copy: bool = True) -> np.ndarray:
 
     Raises:
         TensorFormatError: DTYPE_UNSPECIFIED or unknown dtype, more than `MAX_DIMS` dimensions,
-            a negative dimension, or a data length other than ``prod(shape) * itemsize``.
+            a negative dimension or one above `MAX_DIM`, a shape numpy cannot hold, or a data
+            length other than ``prod(shape) * itemsize``.
     """
     dtype = numpy_dtype(t.dtype)
     if len(t.shape) > MAX_DIMS:
@@ -99,13 +101,18 @@ def tensor_to_numpy(t: tensor_pb2.Tensor, *, copy: bool = True) -> np.ndarray:
     shape = tuple(int(d) for d in t.shape)
     if any(d < 0 for d in shape):
         raise TensorFormatError(f"tensor shape {shape} has a negative dimension")
+    if any(d > MAX_DIM for d in shape):
+        raise TensorFormatError(f"tensor shape {shape} has a dimension above {MAX_DIM:,}")
     expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(t.data) != expected:
         raise TensorFormatError(
             f"tensor of shape {shape} and dtype {dtype.name} needs {expected} bytes, "
             f"got {len(t.data)}"
         )
-    view = np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    try:
+        view = np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    except ValueError as err:  # numpy cannot index the shape (even with no elements)
+        raise TensorFormatError(f"tensor shape {shape} cannot be held: {err}") from None
     if not copy:
         return view
     return view.astype(dtype.newbyteorder("="), order="C", copy=True)
