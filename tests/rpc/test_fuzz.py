@@ -1,7 +1,7 @@
 """Property-based fuzzing of every RPC over real gRPC on loopback (issue #14).
 
 Hypothesis builds mostly valid ExplainRequest / PredictRequest / EvaluateRequest messages with
-hostile mutations (`tests.rpc.fuzz_strategies`), and raw byte strings for every method path, and
+hostile mutations (`tests.rpc.fuzz`), and raw byte strings for every method path, and
 sends them to one server of the tiny model. The oracle, for every answer:
 
 - the status is OK, or a client error (`CLIENT_ERRORS`) with a non-empty message of at most
@@ -42,7 +42,7 @@ from PIL import Image as PILImage
 
 from tests.conftest import RunningServer, start_server
 from tests.report import report
-from tests.rpc.fuzz_strategies import (
+from tests.rpc.fuzz import (
     Catalog,
     Shown,
     deadlines_s,
@@ -271,7 +271,7 @@ def _png(seed: int, size: int = 12) -> bytes:
 
 
 def build_dataset_tree(root: Path, outside: Path) -> None:
-    """The folders `fuzz_strategies.odd_server_paths` names, under ``root``:
+    """The folders `tests.rpc.fuzz.requests.odd_server_paths` names, under ``root``:
 
     folder/     ImageFolder, classes c0 and c1 (valid)      badlabel/  a class no model has
     voc/        VOC layout with a missing image              corrupt/   an image that is not one
