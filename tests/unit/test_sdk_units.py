@@ -108,8 +108,19 @@ def test_numpy_to_tensor_rejects_unsupported_dtypes(a: np.ndarray, dtype: object
         ),
         (tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32), "shape () and dtype float32"),
         (
+            tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[2**31 - 1] * 3),
+            "needs 9903520300447984150353281023 bytes",  # Python ints: no overflow
+        ),
+        (
             tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[2**40, 2**40]),
-            "needs 1208925819614629174706176 bytes",
+            "has a dimension above 2,147,483,647",
+        ),
+        (tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[1] * 33), "at most 32"),
+        (
+            tensor_pb2.Tensor(
+                dtype=tensor_pb2.DTYPE_UINT8, shape=[0, 2**31 - 1, 2**31 - 1, 2**31 - 1]
+            ),
+            "cannot be held",  # no elements, yet more than numpy can index
         ),
     ],
 )
