@@ -45,6 +45,25 @@ def test_voc_folder_under_an_allowed_root(tmp_path) -> None:
     assert sample.masks.shape[0] == len(sample.labels) and sample.masks[0].any()
 
 
+def test_voc_classes_are_matched_to_the_model_by_name(tmp_path) -> None:
+    root = tmp_path / "allowed"
+    export_voc(root / "voc", 4)
+    in_order = open_server_path(str(root / "voc"), [root], CLASSES)
+    reversed_labels = tuple(reversed(CLASSES))  # the model lists the same classes the other way
+    reordered = open_server_path(str(root / "voc"), [root], reversed_labels)
+    for i in range(4):
+        folder, model = in_order[i], reordered[i]
+        assert [reversed_labels[k] for k in model.labels] == [CLASSES[k] for k in folder.labels]
+        np.testing.assert_array_equal(folder.masks, model.masks)
+    shown = {CLASSES[k] for i in range(4) for k in in_order[i].labels}
+    missing = next(iter(shown))
+    fewer = tuple(name for name in CLASSES if name != missing)
+    partial = open_server_path(str(root / "voc"), [root], fewer)
+    with pytest.raises(InvalidArgument, match=f"shows class '{missing}', which is not a label"):
+        for i in range(4):
+            partial[i]
+
+
 def _image_folder(root, names=("disc", "star")) -> None:
     for i, name in enumerate(names):
         (root / name).mkdir(parents=True)

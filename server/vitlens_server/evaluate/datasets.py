@@ -231,6 +231,10 @@ def _invalid(err: BadFile, index: int | None = None) -> InvalidArgument:
 class VOCFolder:
     """A Pascal VOC segmentation folder: each image scored on its largest class, with masks.
 
+    The folder's classes (``labels.txt``, else VOC's 20) are matched to the model's labels by
+    name, so a folder may list its classes in any order; a sample showing a class the model
+    does not have is refused by name.
+
     Object masks (``SegmentationObject``) are not read. Raises INVALID_ARGUMENT for a missing,
     empty or malformed split list or ``labels.txt``, and, when a sample is read, for a missing,
     corrupt or oversized image or mask, or one that marks no object.
@@ -242,8 +246,10 @@ class VOCFolder:
         roots: Sequence[Path],
         split: str = "val",
         *,
+        model_labels: Sequence[str] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
+        """``model_labels``: the served model's class names (None: the folder's own order)."""
         self._files = _Files(root, roots)
         split_file = f"ImageSets/Segmentation/{split}.txt"
         try:
@@ -265,6 +271,8 @@ class VOCFolder:
                 "images to evaluate, one per line"
             )
         self.labels = self._voc.labels
+        index = {name: i for i, name in enumerate(model_labels or self.labels)}
+        self._to_model = [index.get(name) for name in self.labels]  # folder class → model's
         self.name = f"voc:{root}:{split}"
 
     def __len__(self) -> int:
@@ -281,7 +289,16 @@ class VOCFolder:
                 "marks no object (only background and void); every evaluated image needs one"
             )
         masks = np.stack([sample.class_mask == label + 1 for label in sample.labels])
-        return Sample(sample.id, sample.image, sample.labels, masks)  # masks: (K, H, W)
+        labels = []
+        for label in sample.labels:
+            if self._to_model[label] is None:
+                raise InvalidArgument(
+                    f"sample {index} of the dataset: {clip(f'SegmentationClass/{sample.id}.png')} "
+                    f"shows class {clip(self.labels[label], 60)}, which is not a label of the "
+                    "model; evaluate it with a model that has the dataset's classes"
+                )
+            labels.append(self._to_model[label])
+        return Sample(sample.id, sample.image, tuple(labels), masks)  # masks: (K, H, W)
 
 
 class FolderDataset:
@@ -413,5 +430,5 @@ def open_server_path(
             "val.txt)"
         )
     if _is_dir(root / "ImageSets") or _is_dir(root / "JPEGImages"):
-        return VOCFolder(root, roots, max_pixels=max_pixels)
+        return VOCFolder(root, roots, model_labels=labels, max_pixels=max_pixels)
     return FolderDataset(root, roots, labels, max_pixels=max_pixels)
