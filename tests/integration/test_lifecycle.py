@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -13,18 +12,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import vitlens
+from tests.polling import wait_for
 from tests.tiny import tiny_loaded
 from vitlens_server.app import VitlensServer
 from vitlens_server.config import ServerConfig
 from vitlens_server.models import ModelRegistry
-
-
-def _wait_for(condition, timeout_s: float = 30.0) -> None:
-    """Poll a condition the server updates (bounded), instead of sleeping a fixed time."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 class Running:
@@ -69,9 +61,9 @@ def test_health_is_not_serving_until_the_models_are_warmed_up() -> None:
     server.plane.warm_up = held_warm_up
     running = Running(server)
     try:
-        _wait_for(lambda: server.port is not None and server.health is not None)
+        wait_for(lambda: server.port is not None and server.health is not None)
         address = f"127.0.0.1:{server.port}"
-        _wait_for(lambda: _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait_for(lambda: _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING)
         assert not running.started.is_set()
         release.set()
         assert running.started.wait(60)
@@ -96,7 +88,7 @@ def test_a_drain_finishes_every_accepted_request_and_refuses_new_ones() -> None:
     try:
         with client, ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(client.explain, image, method="rollout") for image in images]
-            _wait_for(
+            wait_for(
                 lambda: (
                     registry.get_sample_value("vitlens_in_flight_requests", {"rpc": "Explain"})
                     == 12

@@ -9,13 +9,13 @@ interruption failed to stop.
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 
 from tests.conftest import start_server
+from tests.polling import wait_for
 from tests.tiny import tiny_loaded
 from vitlens.client import build_explain_request
 from vitlens.v1 import vitlens_pb2_grpc
@@ -64,13 +64,6 @@ def _request(images: int, batch_size: int):
     )
 
 
-def _wait_for(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
-
-
 def _in_flight(running) -> float:
     registry = running.server.telemetry.registry
     return registry.get_sample_value("vitlens_in_flight_requests", {"rpc": "Explain"}) or 0
@@ -79,7 +72,7 @@ def _in_flight(running) -> float:
 def _after_abandoning(running, stub, forwards: Forwards) -> int:
     """Release the blocked forward once the server has ended the call; then run a call on the
     same lane (its batches are of 2 images: not counted) so the abandoned batch has ended."""
-    _wait_for(lambda: _in_flight(running) == 0)
+    wait_for(lambda: _in_flight(running) == 0)
     forwards.proceed.set()
     reply = stub.Explain(_request(2, 256), timeout=60)
     assert len(reply.results) == 2

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health
 
+from tests.polling import wait_for
 from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
 from vitlens_server.domain import Progress
@@ -125,8 +125,6 @@ def test_calls_are_counted_by_rpc_method_and_code(fake) -> None:
     before = sample("vitlens_requests_total", labels) or 0
     request = vitlens_pb2.ExplainRequest(method="no-such-method")  # label bounded to "unknown"
     _error(lambda: stub.Explain(request, timeout=10))
-    deadline = time.monotonic() + 10  # counted as the handler ends, maybe after the answer
-    while (sample("vitlens_requests_total", labels) or 0) != before + 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    # counted as the handler ends, maybe after the answer
+    wait_for(lambda: (sample("vitlens_requests_total", labels) or 0) == before + 1, 10)
     assert sample("vitlens_in_flight_requests", {"rpc": "Explain"}) == 0

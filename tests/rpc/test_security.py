@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import time
 
 import grpc
 import numpy as np
@@ -17,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import vitlens
 from tests.conftest import start_server
+from tests.polling import wait_for
 from tests.tiny import tiny_loaded
 from vitlens_server.cli import main as serve_main
 from vitlens_server.config import ServerConfig
@@ -128,10 +128,11 @@ def test_bearer_tokens(tmp_path) -> None:
         for rpc in ("Predict", "Evaluate"):  # refusals are counted like any other answer
             labels = {"rpc": rpc, "method": "", "code": "UNAUTHENTICATED"}
             # counted as the handler ends, which may be just after the caller has its answer
-            deadline = time.monotonic() + 10
-            while sample("vitlens_requests_total", labels) != 3:
-                assert time.monotonic() < deadline, sample("vitlens_requests_total", labels)
-                time.sleep(0.005)
+            wait_for(
+                lambda labels=labels: sample("vitlens_requests_total", labels) == 3,
+                10,
+                describe=lambda labels=labels: sample("vitlens_requests_total", labels),
+            )
         with grpc.insecure_channel(running.address) as channel:  # probes need no token
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status

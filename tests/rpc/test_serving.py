@@ -5,7 +5,6 @@ metrics endpoint serves Prometheus text."""
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +13,7 @@ import pytest
 
 import vitlens
 from tests.conftest import start_server
+from tests.polling import wait_for
 from tests.tiny import tiny_loaded
 from vitlens_server.config import ServerConfig
 from vitlens_server.models import ModelRegistry
@@ -59,7 +59,7 @@ def test_concurrent_requests_share_passes(batching_server) -> None:
     assert passes == 2, text  # 8 single-image requests, batches of 4: two passes
     assert _sample(text, "vitlens_batch_size_bucket", kind="explain-backward", le="2.0") == small
     # requests are counted as their handlers end, which may be just after the callers' answers
-    _wait_for(
+    wait_for(
         lambda: (
             _sample(metrics.text(), "vitlens_requests_total", rpc="Explain", method="generic",
                     code="OK") >= 8
@@ -73,19 +73,11 @@ def test_a_full_queue_answers_resource_exhausted_with_pushback(batching_server) 
     with client, ThreadPoolExecutor(1) as pool:
         # 3 images wait up to DELAY_MS for batch-mates; 6 more would exceed the 8-image bound.
         waiting = pool.submit(client.predict, [_image(i) for i in range(3)])
-        _wait_for(lambda: plane.queued_images("tiny") == 3 or waiting.done())
+        wait_for(lambda: plane.queued_images("tiny") == 3 or waiting.done())
         with pytest.raises(vitlens.ResourceExhaustedError, match="queue is full") as info:
             client.predict([_image(10 + i) for i in range(6)])
         assert "retry after" in str(info.value) and info.value.retry_after_s > 0
         assert len(waiting.result()) == 3  # the queued request is unharmed
-
-
-def _wait_for(condition, timeout_s: float = 10.0) -> None:
-    """Poll a condition the server updates (bounded), instead of sleeping a fixed time."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.001)
 
 
 def test_metrics_endpoint_serves_prometheus_text(batching_server) -> None:
