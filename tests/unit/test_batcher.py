@@ -227,3 +227,25 @@ async def test_a_free_replica_takes_the_next_batch_while_another_is_busy() -> No
     runner.release.set()
     assert (await first)[0] == "done first"
     await batcher.stop()
+
+
+async def test_a_head_expiring_while_it_waits_for_batch_mates_never_stalls_the_queue() -> None:
+    """Found by the fuzz suite: a 1 ms deadline passed while the request waited for batch-mates,
+    the batch came out empty and the consumer died, so every later request hung."""
+    runner, clock = Runner(), Clock()
+    batcher, _ = make(runner, max_delay_s=30.0, clock=clock)
+    doomed = asyncio.create_task(
+        batcher.submit("doomed", images=1, kind="a", deadline=clock.now + 1)
+    )
+    for _ in range(5):  # the consumer takes "doomed" as its head and waits for batch-mates
+        await asyncio.sleep(0)
+    clock.now += 60  # its deadline and its batching delay both pass while it waits
+    other = asyncio.create_task(batcher.submit("other", images=4, kind="b"))  # wakes the consumer
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(doomed, 10)
+    assert (await asyncio.wait_for(other, 10))[0] == "done other"
+    assert (await asyncio.wait_for(batcher.submit("later", images=4, kind="a"), 10))[
+        0
+    ] == "done later"
+    assert all("doomed" not in b for b in runner.batches)
+    await batcher.stop()

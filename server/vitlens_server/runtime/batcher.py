@@ -163,52 +163,66 @@ class Batcher(Generic[T, R]):
         return max(0.05, self._queued_images / self._images_per_s)
 
     async def _consume(self, replica: int) -> None:
-        loop = asyncio.get_running_loop()
+        """One replica's loop. It outlives any one batch: a fault in the batcher's own
+        bookkeeping fails that batch's requests, never the consumer (which would strand every
+        later request of the model)."""
         while True:
             batch = await self._next_batch()
             if batch is None:
                 return
-            stats = BatchStats(
-                images=sum(p.images for p in batch),
-                requests=len(batch),
-                queue_waits_s=tuple(self._clock() - p.enqueued for p in batch),
-                kind=batch[0].kind,
-                replica=replica,
-            )
-            if self._on_batch is not None:
-                self._on_batch(stats)
-            started = self._clock()
-
-            def interrupted(batch: list[_Pending[T]] = batch) -> bool:
-                now = self._clock()  # read on the replica's thread: flags only, no locking
-                return self._closed or all(p.abandoned(now) for p in batch)
-
-            items = [p.item for p in batch]
             try:
-                results = await loop.run_in_executor(
-                    self._executors[replica], self._run, replica, items, interrupted
-                )
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
-            except asyncio.CancelledError:  # the loop is going away under us
-                for pending in batch:
-                    _fail(pending, Unavailable(_SHUTTING_DOWN))
+                await self._serve(replica, batch)
+            except asyncio.CancelledError:
                 raise
-            except Exception as err:  # the whole batch failed: every request learns why
-                log.exception("batch of %d requests failed", len(batch))
-                results = [err] * len(batch)
-            elapsed = max(self._clock() - started, 1e-6)
-            self._images_per_s = 0.8 * self._images_per_s + 0.2 * stats.images / elapsed
-            stopped = interrupted()
-            for pending, result, wait_s in zip(batch, results, stats.queue_waits_s, strict=True):
-                if pending.future.done():  # cancelled while it ran
-                    continue
-                if stopped and isinstance(result, BaseException):
-                    _fail(pending, self._why_stopped(pending))
-                elif isinstance(result, BaseException):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result((result, wait_s))
+            except Exception as err:
+                log.exception("the batcher failed a batch of %d requests", len(batch))
+                for pending in batch:
+                    _fail(pending, err)
+
+    async def _serve(self, replica: int, batch: list[_Pending[T]]) -> None:
+        """Run one batch on ``replica`` and hand every request its result."""
+        loop = asyncio.get_running_loop()
+        stats = BatchStats(
+            images=sum(p.images for p in batch),
+            requests=len(batch),
+            queue_waits_s=tuple(self._clock() - p.enqueued for p in batch),
+            kind=batch[0].kind,
+            replica=replica,
+        )
+        if self._on_batch is not None:
+            self._on_batch(stats)
+        started = self._clock()
+
+        def interrupted(batch: list[_Pending[T]] = batch) -> bool:
+            now = self._clock()  # read on the replica's thread: flags only, no locking
+            return self._closed or all(p.abandoned(now) for p in batch)
+
+        items = [p.item for p in batch]
+        try:
+            results = await loop.run_in_executor(
+                self._executors[replica], self._run, replica, items, interrupted
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+        except asyncio.CancelledError:  # the loop is going away under us
+            for pending in batch:
+                _fail(pending, Unavailable(_SHUTTING_DOWN))
+            raise
+        except Exception as err:  # the whole batch failed: every request learns why
+            log.exception("batch of %d requests failed", len(batch))
+            results = [err] * len(batch)
+        elapsed = max(self._clock() - started, 1e-6)
+        self._images_per_s = 0.8 * self._images_per_s + 0.2 * stats.images / elapsed
+        stopped = interrupted()
+        for pending, result, wait_s in zip(batch, results, stats.queue_waits_s, strict=True):
+            if pending.future.done():  # cancelled while it ran
+                continue
+            if stopped and isinstance(result, BaseException):
+                _fail(pending, self._why_stopped(pending))
+            elif isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result((result, wait_s))
 
     def _why_stopped(self, pending: _Pending[T]) -> Exception:
         """The error of a request whose batch was interrupted."""
@@ -229,9 +243,7 @@ class Batcher(Generic[T, R]):
                     await self._changed.wait()
                     continue
                 flush_at = head.enqueued + self.max_delay_s
-                while (
-                    self._images_of_kind(head.kind) < self.max_batch_size and not head.future.done()
-                ):
+                while not self._full_or_gone(head):
                     remaining = flush_at - self._clock()
                     if remaining <= 0:
                         break
@@ -241,7 +253,9 @@ class Batcher(Generic[T, R]):
                         break
                 if head.future.done() or self._closed:  # the oldest went away: start over
                     continue
-                return self._take(head.kind)
+                batch = self._take(head.kind)
+                if batch:  # empty when every candidate expired while it waited for batch-mates
+                    return batch
 
     def _live_head(self) -> _Pending[T] | None:
         """Drop cancelled and expired requests from the front; return the first live one."""
@@ -256,6 +270,12 @@ class Batcher(Generic[T, R]):
             else:
                 return head
         return None
+
+    def _full_or_gone(self, head: _Pending[T]) -> bool:
+        """Stop waiting for batch-mates: a full batch of ``head``'s kind is queued, or nobody
+        waits for ``head`` any more."""
+        full = self._images_of_kind(head.kind) >= self.max_batch_size
+        return full or head.abandoned(self._clock())
 
     def _images_of_kind(self, kind: Hashable) -> int:
         return sum(p.images for p in self._queue if p.kind == kind and not p.future.done())
