@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision pinned to the releases available offline on the build machines.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint protos clean deploy-check
+.PHONY: install demo test lint protos clean deploy-check proto-check proto-release
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,32 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python scripts/demo.py --out demo_out
 
-test: install deploy-check
+test: install deploy-check proto-check
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # Render deploy/k8s (kustomize), validate it against Kubernetes schemas, hadolint the Dockerfiles.
 deploy-check: install
 	PATH=$(BIN):$$PATH $(BIN)/python deploy/validate.py
+
+# The contract: buf lint (STANDARD), buf format, and buf breaking against the newest released
+# image in protos/releases/ (v1 only grows). buf comes from npm (tools/package-lock.json).
+BUF := tools/node_modules/.bin/buf
+RELEASED = $(shell ls protos/releases/*.binpb | sort -V | tail -n 1)
+
+$(BUF): tools/package.json tools/package-lock.json
+	npm ci --prefix tools --no-audit --no-fund --loglevel=error
+	touch $@
+
+proto-check: $(BUF)
+	$(BUF) lint
+	$(BUF) format -d --exit-code
+	$(BUF) breaking --against $(RELEASED)
+
+# Record the contract as released: `make proto-release VERSION=v0.3.0` (then tag the commit).
+proto-release: $(BUF)
+	@test -n "$(VERSION)" || { echo "usage: make proto-release VERSION=vX.Y.Z"; exit 2; }
+	$(BUF) build -o protos/releases/$(VERSION).binpb
 
 lint: install
 	$(BIN)/ruff check .

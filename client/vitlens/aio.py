@@ -64,7 +64,7 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=opts)
         # The raw generated stub, for calls the SDK does not wrap.
-        self.stub = vitlens_pb2_grpc.VitlensStub(self._channel)
+        self.stub = vitlens_pb2_grpc.VitlensServiceStub(self._channel)
 
     async def _call(
         self, rpc: Callable[..., Awaitable[_T]], request: Any, timeout_s: float | None

@@ -205,7 +205,7 @@ class Client:
         else:
             self._channel = grpc.secure_channel(target, credentials, options=opts)
         # The raw generated stub, for calls the SDK does not wrap.
-        self.stub = vitlens_pb2_grpc.VitlensStub(self._channel)
+        self.stub = vitlens_pb2_grpc.VitlensServiceStub(self._channel)
 
     def _call(self, rpc: Callable[..., _T], request: Any, timeout_s: float | None) -> _T:
         timeout = self.timeout_s if timeout_s is None else timeout_s

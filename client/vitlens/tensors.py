@@ -54,7 +54,7 @@ def _key(dtype: np.dtype) -> str:
 
 
 def numpy_dtype(dtype: int) -> np.dtype:
-    """The little-endian numpy dtype of a wire `DType` value.
+    """The little-endian numpy dtype of a wire `Dtype` value.
 
     Raises:
         TensorFormatError: for DTYPE_UNSPECIFIED or a value this version does not know.
@@ -68,7 +68,7 @@ def numpy_dtype(dtype: int) -> np.dtype:
 
 
 def proto_dtype(dtype: DTypeLike) -> int:
-    """The wire `DType` value of a numpy dtype (uint8, float16 or float32).
+    """The wire `Dtype` value of a numpy dtype (uint8, float16 or float32).
 
     Raises:
         TypeError: for any other dtype.

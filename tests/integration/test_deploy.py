@@ -70,7 +70,7 @@ def test_overlays_differ_where_they_should() -> None:
     assert gpu_container["image"].endswith(":0.1.0-cuda")
     assert cpu_container["image"].endswith(":0.1.0-cpu")
     # the patch merged into the base container: probes and mounts survive, resources replaced
-    assert gpu_container["readinessProbe"]["grpc"]["service"] == "vitlens.v1.Vitlens"
+    assert gpu_container["readinessProbe"]["grpc"]["service"] == "vitlens.v1.VitlensService"
     assert {m["name"] for m in gpu_container["volumeMounts"]} >= {"tmp", "models", "tls"}
     config = next(o for o in gpu if o["kind"] == "ConfigMap")["data"]
     assert config["VITLENS_DEVICES"] == "cuda:0" and config["VITLENS_MODEL"] == "vitlens-demo"

@@ -50,7 +50,7 @@ def test_sigterm_under_slow_load_exits_within_grace_plus_five_seconds(tmp_path) 
     with ServeProcess.start(flags, log=tmp_path / "serve.log") as server:
         server.wait_serving(timeout_s=300)
         channel = grpc.insecure_channel(server.address)
-        stub = vitlens_pb2_grpc.VitlensStub(channel)
+        stub = vitlens_pb2_grpc.VitlensServiceStub(channel)
         explains = [
             build_explain_request(
                 _images(3, i), method="token_reflection", method_options={"batch_size": 32}

@@ -51,7 +51,7 @@ def served():
     forwards = Forwards()
     handle = model.module.register_forward_pre_hook(forwards)  # after the warm-up
     with grpc.insecure_channel(running.address) as channel:
-        yield running, vitlens_pb2_grpc.VitlensStub(channel), forwards
+        yield running, vitlens_pb2_grpc.VitlensServiceStub(channel), forwards
     handle.remove()
     stop()
 

@@ -111,7 +111,7 @@ _GOOD_IMAGE = tensor_pb2.Image(
     pixels=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[4, 4, 3], data=bytes(48))
 )
 
-SERVICE = "/vitlens.v1.Vitlens/"
+SERVICE = "/vitlens.v1.VitlensService/"
 # Raw payloads go to every method; Evaluate is the one server-streaming RPC.
 RAW_RPCS = ("Evaluate", "Explain", "GetModel", "ListModels", "Predict")
 
@@ -230,7 +230,7 @@ class Liveness:
 
     def __init__(self, channel: grpc.Channel) -> None:
         self._health = health_pb2_grpc.HealthStub(channel)
-        self._stub = vitlens_pb2_grpc.VitlensStub(channel)
+        self._stub = vitlens_pb2_grpc.VitlensServiceStub(channel)
         self._count = 0
 
     def check(self) -> None:
@@ -348,8 +348,8 @@ def channel(fuzz_server: RunningServer) -> Iterator[grpc.Channel]:
 
 
 @pytest.fixture(scope="module")
-def stub(channel: grpc.Channel) -> vitlens_pb2_grpc.VitlensStub:
-    return vitlens_pb2_grpc.VitlensStub(channel)
+def stub(channel: grpc.Channel) -> vitlens_pb2_grpc.VitlensServiceStub:
+    return vitlens_pb2_grpc.VitlensServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +367,7 @@ def alive(channel: grpc.Channel) -> Liveness:
 def test_explain_answers_ok_or_a_client_error(
     request: Shown[vitlens_pb2.ExplainRequest],
     timeout_s: float,
-    stub: vitlens_pb2_grpc.VitlensStub,
+    stub: vitlens_pb2_grpc.VitlensServiceStub,
     alive: Liveness,
 ) -> None:
     response = call_unary("Explain", stub.Explain, request.message, timeout_s)
@@ -381,7 +381,7 @@ def test_explain_answers_ok_or_a_client_error(
 def test_predict_answers_ok_or_a_client_error(
     request: Shown[vitlens_pb2.PredictRequest],
     timeout_s: float,
-    stub: vitlens_pb2_grpc.VitlensStub,
+    stub: vitlens_pb2_grpc.VitlensServiceStub,
     alive: Liveness,
 ) -> None:
     response = call_unary("Predict", stub.Predict, request.message, timeout_s)
@@ -393,7 +393,7 @@ def test_predict_answers_ok_or_a_client_error(
 @fuzz_settings("images")
 @given(image=single_images())
 def test_one_image_decodes_or_is_refused(
-    image: Shown[tensor_pb2.Image], stub: vitlens_pb2_grpc.VitlensStub, alive: Liveness
+    image: Shown[tensor_pb2.Image], stub: vitlens_pb2_grpc.VitlensServiceStub, alive: Liveness
 ) -> None:
     """The image decoders on their own: one image per Predict; a tensor also as a mask."""
     request = vitlens_pb2.PredictRequest(images=[image.message])
@@ -412,7 +412,7 @@ def test_one_image_decodes_or_is_refused(
 @fuzz_settings("GetModel")
 @given(name=model_names(CATALOG))
 def test_get_and_list_models_answer_ok_or_a_client_error(
-    name: str, stub: vitlens_pb2_grpc.VitlensStub, alive: Liveness
+    name: str, stub: vitlens_pb2_grpc.VitlensServiceStub, alive: Liveness
 ) -> None:
     call_unary("GetModel", stub.GetModel, vitlens_pb2.GetModelRequest(name=name), CALL_TIMEOUT_S)
     call_unary("ListModels", stub.ListModels, vitlens_pb2.ListModelsRequest(), CALL_TIMEOUT_S)
@@ -424,7 +424,7 @@ def test_get_and_list_models_answer_ok_or_a_client_error(
 def test_evaluate_streams_to_the_end_or_a_client_error(
     data: st.DataObject,
     timeout_s: float,
-    stub: vitlens_pb2_grpc.VitlensStub,
+    stub: vitlens_pb2_grpc.VitlensServiceStub,
     alive: Liveness,
     dataset_root: Path,
 ) -> None:

@@ -43,7 +43,7 @@ def served():
     registry = ModelRegistry([tiny_loaded(seed=12), load_model(demo_spec())])
     running, stop = start_server(config, registry)
     with grpc.insecure_channel(running.address) as channel:
-        yield running, vitlens_pb2_grpc.VitlensStub(channel)
+        yield running, vitlens_pb2_grpc.VitlensServiceStub(channel)
     stop()
 
 
@@ -294,7 +294,7 @@ def test_a_request_that_can_never_fit_is_refused_by_its_bound() -> None:
     running, stop = start_server(config, ModelRegistry([tiny_loaded(seed=13)]))
     try:
         with grpc.insecure_channel(running.address) as channel:
-            stub = vitlens_pb2_grpc.VitlensStub(channel)
+            stub = vitlens_pb2_grpc.VitlensServiceStub(channel)
             big = build_explain_request([_image(i) for i in range(6)], method="rollout")
             err = _refused(lambda: stub.Explain(big, timeout=30))  # an idle server
             assert "at most 4" in err.details() and _field(err) == "images"
@@ -327,7 +327,7 @@ def test_malformed_bytes_and_oversized_answers_are_client_errors(served) -> None
     channel = grpc.insecure_channel(running.address)
     for rpc in ("Explain", "Predict", "Evaluate", "GetModel"):
         call = (channel.unary_stream if rpc == "Evaluate" else channel.unary_unary)(
-            f"/vitlens.v1.Vitlens/{rpc}"
+            f"/vitlens.v1.VitlensService/{rpc}"
         )
         for data in (b"\xff\xff\xff", b"\x0a\x05ab", b"\x12\x03\x08\xff"):
             err = _refused(lambda call=call, data=data: call(data, timeout=30))
@@ -341,7 +341,7 @@ def test_replies_over_the_message_limit_say_how_to_ask_for_less() -> None:
     running, stop = start_server(config, ModelRegistry([tiny_loaded(seed=14)]))
     try:
         with grpc.insecure_channel(running.address) as channel:
-            stub = vitlens_pb2_grpc.VitlensStub(channel)
+            stub = vitlens_pb2_grpc.VitlensServiceStub(channel)
             big = build_explain_request(
                 [_image(i) for i in range(4)], method="rollout", grid="input", relevance=True
             )

@@ -141,7 +141,7 @@ class Hostile:
     the secret folder beside it."""
 
     channel: grpc.Channel
-    stub: vitlens_pb2_grpc.VitlensStub
+    stub: vitlens_pb2_grpc.VitlensServiceStub
     allowed: Path
     secret: Path
 
@@ -157,7 +157,7 @@ def hostile(tmp_path_factory) -> Iterator[Hostile]:
     running, stop = start_server(config, registry)
     channel = grpc.insecure_channel(running.address)
     try:
-        yield Hostile(channel, vitlens_pb2_grpc.VitlensStub(channel), allowed, secret)
+        yield Hostile(channel, vitlens_pb2_grpc.VitlensServiceStub(channel), allowed, secret)
     finally:
         channel.close()
         stop()
@@ -267,7 +267,7 @@ def test_a_server_path_that_is_not_utf8_is_invalid(hostile) -> None:
     request = _request(vitlens_pb2.Dataset(server_path=f"{hostile.allowed}/\u00e9"))
     payload = request.SerializeToString().replace("\u00e9".encode(), b"\xed\xb2")  # bad UTF-8
     raw = hostile.channel.unary_stream(
-        "/vitlens.v1.Vitlens/Evaluate",
+        "/vitlens.v1.VitlensService/Evaluate",
         request_serializer=None,
         response_deserializer=vitlens_pb2.EvaluateEvent.FromString,
     )

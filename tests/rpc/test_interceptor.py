@@ -71,7 +71,7 @@ def fake():
     thread.start()
     assert ready.wait(30)
     with grpc.insecure_channel(f"127.0.0.1:{holder['port']}") as channel:
-        yield plane, telemetry, vitlens_pb2_grpc.VitlensStub(channel)
+        yield plane, telemetry, vitlens_pb2_grpc.VitlensServiceStub(channel)
     asyncio.run_coroutine_threadsafe(holder["server"].stop(None), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(30)

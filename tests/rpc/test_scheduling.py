@@ -37,7 +37,7 @@ def served():
     config = ServerConfig(port=0, cache_bytes=0, max_delay_ms=0)
     running, stop = start_server(config, ModelRegistry([model]))
     with grpc.insecure_channel(running.address) as channel:
-        yield running, model, vitlens_pb2_grpc.VitlensStub(channel)
+        yield running, model, vitlens_pb2_grpc.VitlensServiceStub(channel)
     stop()
 
 

@@ -124,6 +124,16 @@ def test_explain_options(client: vitlens.Client) -> None:
     np.testing.assert_allclose(explanation.relevance.astype(np.float32).sum(-1), 1, atol=1e-2)
 
 
+@pytest.mark.parametrize(
+    "grid", [vitlens_pb2.OUTPUT_GRID_UNSPECIFIED, vitlens_pb2.OUTPUT_GRID_TOKENS]
+)
+def test_an_unset_grid_means_the_token_grid(client: vitlens.Client, grid: int) -> None:
+    request = vitlens_pb2.ExplainRequest(method="raw_attention", options={"grid": grid})
+    request.images.add(encoded=_png())
+    (image,) = client.stub.Explain(request, timeout=30).results
+    assert list(image.explanations[0].heatmap.shape) == [14, 14]
+
+
 def test_explain_targets(client: vitlens.Client) -> None:
     images = [_png(seed=3), _png(seed=4)]
     fixed = client.explain(images, target=6)
@@ -183,14 +193,14 @@ def test_predict(client: vitlens.Client) -> None:
 def test_health_and_reflection(server) -> None:
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "vitlens.v1.Vitlens"):
+        for service in ("", "vitlens.v1.VitlensService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         (reply,) = stub.ServerReflectionInfo(iter([request]), timeout=10)
         names = {s.name for s in reply.list_services_response.service}
-        assert {"vitlens.v1.Vitlens", "grpc.health.v1.Health"} <= names
+        assert {"vitlens.v1.VitlensService", "grpc.health.v1.Health"} <= names
 
 
 # --------------------------------------------------------------------------------- bad input

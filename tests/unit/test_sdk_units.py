@@ -452,7 +452,7 @@ def test_channel_options() -> None:
 # ------------------------------------------------------------ client against a fake servicer
 
 
-class FakeVitlens(vitlens_pb2_grpc.VitlensServicer):
+class FakeVitlens(vitlens_pb2_grpc.VitlensServiceServicer):
     """Answers from hand-written data; model "missing" gives NOT_FOUND."""
 
     def __init__(self) -> None:
@@ -501,7 +501,7 @@ class FakeVitlens(vitlens_pb2_grpc.VitlensServicer):
 def fake_server():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     servicer = FakeVitlens()
-    vitlens_pb2_grpc.add_VitlensServicer_to_server(servicer, server)
+    vitlens_pb2_grpc.add_VitlensServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}", servicer

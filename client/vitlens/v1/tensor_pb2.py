@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vitlens/v1/tensor.proto\x12\nvitlens.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.vitlens.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"V\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x06pixels\x18\x02 \x01(\x0b\x32\x12.vitlens.v1.TensorH\x00\x12\n\n\x02id\x18\x03 \x01(\tB\x08\n\x06source*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vitlens/v1/tensor.proto\x12\nvitlens.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.vitlens.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"V\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x06pixels\x18\x02 \x01(\x0b\x32\x12.vitlens.v1.TensorH\x00\x12\n\n\x02id\x18\x03 \x01(\tB\x08\n\x06source*U\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x42\x64\n\x0e\x64\x65v.vitlens.v1B\x0bTensorProtoP\x01Z6github.com/vitlens/vitlens/gen/go/vitlens/v1;vitlensv1\xaa\x02\nVitlens.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vitlens.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.vitlens.v1B\013TensorProtoP\001Z6github.com/vitlens/vitlens/gen/go/vitlens/v1;vitlensv1\252\002\nVitlens.V1'
   _globals['_DTYPE']._serialized_start=200
   _globals['_DTYPE']._serialized_end=285
   _globals['_TENSOR']._serialized_start=39

@@ -11,10 +11,12 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 class OutputGrid(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    OUTPUT_GRID_TOKENS: _ClassVar[OutputGrid]
+    OUTPUT_GRID_UNSPECIFIED: _ClassVar[OutputGrid]
     OUTPUT_GRID_INPUT: _ClassVar[OutputGrid]
-OUTPUT_GRID_TOKENS: OutputGrid
+    OUTPUT_GRID_TOKENS: _ClassVar[OutputGrid]
+OUTPUT_GRID_UNSPECIFIED: OutputGrid
 OUTPUT_GRID_INPUT: OutputGrid
+OUTPUT_GRID_TOKENS: OutputGrid
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "method", "images", "target", "options")
@@ -57,10 +59,10 @@ class ExplainOptions(_message.Message):
     METHOD_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     grid: OutputGrid
     return_relevance: bool
-    output_dtype: _tensor_pb2.DType
+    output_dtype: _tensor_pb2.Dtype
     top_k_predictions: int
     method_options: _struct_pb2.Struct
-    def __init__(self, grid: _Optional[_Union[OutputGrid, str]] = ..., return_relevance: _Optional[bool] = ..., output_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., top_k_predictions: _Optional[int] = ..., method_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    def __init__(self, grid: _Optional[_Union[OutputGrid, str]] = ..., return_relevance: _Optional[bool] = ..., output_dtype: _Optional[_Union[_tensor_pb2.Dtype, str]] = ..., top_k_predictions: _Optional[int] = ..., method_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("model", "method", "results", "timing")

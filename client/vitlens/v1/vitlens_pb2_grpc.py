@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class VitlensStub:
+class VitlensServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,33 +35,33 @@ class VitlensStub:
             channel: A grpc.Channel.
         """
         self.Explain = channel.unary_unary(
-                '/vitlens.v1.Vitlens/Explain',
+                '/vitlens.v1.VitlensService/Explain',
                 request_serializer=vitlens_dot_v1_dot_vitlens__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=vitlens_dot_v1_dot_vitlens__pb2.ExplainResponse.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_unary(
-                '/vitlens.v1.Vitlens/Predict',
+                '/vitlens.v1.VitlensService/Predict',
                 request_serializer=vitlens_dot_v1_dot_vitlens__pb2.PredictRequest.SerializeToString,
                 response_deserializer=vitlens_dot_v1_dot_vitlens__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
-                '/vitlens.v1.Vitlens/ListModels',
+                '/vitlens.v1.VitlensService/ListModels',
                 request_serializer=vitlens_dot_v1_dot_vitlens__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=vitlens_dot_v1_dot_vitlens__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
-                '/vitlens.v1.Vitlens/GetModel',
+                '/vitlens.v1.VitlensService/GetModel',
                 request_serializer=vitlens_dot_v1_dot_vitlens__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=vitlens_dot_v1_dot_vitlens__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.Evaluate = channel.unary_stream(
-                '/vitlens.v1.Vitlens/Evaluate',
+                '/vitlens.v1.VitlensService/Evaluate',
                 request_serializer=vitlens_dot_v1_dot_vitlens__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=vitlens_dot_v1_dot_vitlens__pb2.EvaluateEvent.FromString,
                 _registered_method=True)
 
 
-class VitlensServicer:
+class VitlensServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Explain(self, request, context):
@@ -102,7 +102,7 @@ class VitlensServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_VitlensServicer_to_server(servicer, server):
+def add_VitlensServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
@@ -131,13 +131,13 @@ def add_VitlensServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'vitlens.v1.Vitlens', rpc_method_handlers)
+            'vitlens.v1.VitlensService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('vitlens.v1.Vitlens', rpc_method_handlers)
+    server.add_registered_method_handlers('vitlens.v1.VitlensService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Vitlens:
+class VitlensService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -154,7 +154,7 @@ class Vitlens:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vitlens.v1.Vitlens/Explain',
+            '/vitlens.v1.VitlensService/Explain',
             vitlens_dot_v1_dot_vitlens__pb2.ExplainRequest.SerializeToString,
             vitlens_dot_v1_dot_vitlens__pb2.ExplainResponse.FromString,
             options,
@@ -181,7 +181,7 @@ class Vitlens:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vitlens.v1.Vitlens/Predict',
+            '/vitlens.v1.VitlensService/Predict',
             vitlens_dot_v1_dot_vitlens__pb2.PredictRequest.SerializeToString,
             vitlens_dot_v1_dot_vitlens__pb2.PredictResponse.FromString,
             options,
@@ -208,7 +208,7 @@ class Vitlens:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vitlens.v1.Vitlens/ListModels',
+            '/vitlens.v1.VitlensService/ListModels',
             vitlens_dot_v1_dot_vitlens__pb2.ListModelsRequest.SerializeToString,
             vitlens_dot_v1_dot_vitlens__pb2.ListModelsResponse.FromString,
             options,
@@ -235,7 +235,7 @@ class Vitlens:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vitlens.v1.Vitlens/GetModel',
+            '/vitlens.v1.VitlensService/GetModel',
             vitlens_dot_v1_dot_vitlens__pb2.GetModelRequest.SerializeToString,
             vitlens_dot_v1_dot_vitlens__pb2.ModelInfo.FromString,
             options,
@@ -262,7 +262,7 @@ class Vitlens:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/vitlens.v1.Vitlens/Evaluate',
+            '/vitlens.v1.VitlensService/Evaluate',
             vitlens_dot_v1_dot_vitlens__pb2.EvaluateRequest.SerializeToString,
             vitlens_dot_v1_dot_vitlens__pb2.EvaluateEvent.FromString,
             options,

@@ -163,7 +163,11 @@ def _target(target: vitlens_pb2.Target, num_images: int) -> TargetSpec:
     return TargetSpec("predicted")
 
 
-_GRIDS = {vitlens_pb2.OUTPUT_GRID_TOKENS: "tokens", vitlens_pb2.OUTPUT_GRID_INPUT: "input"}
+_GRIDS = {
+    vitlens_pb2.OUTPUT_GRID_UNSPECIFIED: "tokens",  # the documented default
+    vitlens_pb2.OUTPUT_GRID_TOKENS: "tokens",
+    vitlens_pb2.OUTPUT_GRID_INPUT: "input",
+}
 
 
 def _grid(grid: int) -> str:
@@ -177,7 +181,7 @@ def _grid(grid: int) -> str:
 
 def _output_dtype(dtype: int) -> str:
     if dtype not in _OUTPUT_DTYPES:
-        name = tensor_pb2.DType.Name(dtype) if dtype in tensor_pb2.DType.values() else dtype
+        name = tensor_pb2.Dtype.Name(dtype) if dtype in tensor_pb2.Dtype.values() else dtype
         raise InvalidArgument(
             f"options.output_dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT16; got {name}",
             field="options.output_dtype",

@@ -38,7 +38,7 @@ __all__ = ["CallInterceptor"]
 
 log = logging.getLogger("vitlens.rpc")
 
-SERVICE_PREFIX = "/vitlens.v1.Vitlens/"
+SERVICE_PREFIX = "/vitlens.v1.VitlensService/"
 
 
 @dataclass

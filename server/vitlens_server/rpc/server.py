@@ -16,7 +16,7 @@ from vitlens_server.telemetry import Telemetry
 
 __all__ = ["SERVICE_NAME", "build_server"]
 
-SERVICE_NAME = vitlens_pb2.DESCRIPTOR.services_by_name["Vitlens"].full_name
+SERVICE_NAME = vitlens_pb2.DESCRIPTOR.services_by_name["VitlensService"].full_name
 
 
 def build_server(
@@ -48,7 +48,7 @@ def build_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    vitlens_pb2_grpc.add_VitlensServicer_to_server(VitlensServicer(plane), server)
+    vitlens_pb2_grpc.add_VitlensServiceServicer_to_server(VitlensServicer(plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -18,7 +18,7 @@ from vitlens_server.runtime.api import DataPlaneApi
 __all__ = ["VitlensServicer"]
 
 
-class VitlensServicer(vitlens_pb2_grpc.VitlensServicer):
+class VitlensServicer(vitlens_pb2_grpc.VitlensServiceServicer):
     def __init__(self, plane: DataPlaneApi) -> None:
         self._plane = plane
 
