@@ -232,8 +232,16 @@ class Liveness:
         self._health = health_pb2_grpc.HealthStub(channel)
         self._stub = vitlens_pb2_grpc.VitlensServiceStub(channel)
         self._count = 0
+        self._lost: str | None = None  # why the server stopped answering, once it has
+
+    def require(self) -> None:
+        """Before an example: fail at once if an earlier one lost the server (each later
+        example would otherwise wait out its deadline, for the whole of the shrinking phase)."""
+        if self._lost is not None:
+            pytest.fail(f"the server stopped answering in an earlier example ({self._lost})")
 
     def check(self) -> None:
+        self.require()
         self._count += 1
         status = self._health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING, f"health answered {status}"
@@ -253,9 +261,8 @@ class Liveness:
         try:
             reply = self._stub.Explain(request, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as err:
-            pytest.fail(
-                f"after the example, a good Explain failed: {err.code().name}: {err.details()!r}"
-            )
+            self._lost = f"{err.code().name}: {err.details()!r}"
+            pytest.fail(f"after the example, a good Explain failed: {self._lost}")
         assert len(reply.results) == 1 and len(reply.results[0].explanations) == 1
         TALLY.liveness_checks += 1
 
@@ -370,6 +377,7 @@ def test_explain_answers_ok_or_a_client_error(
     stub: vitlens_pb2_grpc.VitlensServiceStub,
     alive: Liveness,
 ) -> None:
+    alive.require()
     response = call_unary("Explain", stub.Explain, request.message, timeout_s)
     if response is not None:
         assert len(response.results) == len(request.message.images)
@@ -384,6 +392,7 @@ def test_predict_answers_ok_or_a_client_error(
     stub: vitlens_pb2_grpc.VitlensServiceStub,
     alive: Liveness,
 ) -> None:
+    alive.require()
     response = call_unary("Predict", stub.Predict, request.message, timeout_s)
     if response is not None:
         assert len(response.results) == len(request.message.images)
@@ -395,6 +404,7 @@ def test_predict_answers_ok_or_a_client_error(
 def test_one_image_decodes_or_is_refused(
     image: Shown[tensor_pb2.Image], stub: vitlens_pb2_grpc.VitlensServiceStub, alive: Liveness
 ) -> None:
+    alive.require()
     """The image decoders on their own: one image per Predict; a tensor also as a mask."""
     request = vitlens_pb2.PredictRequest(images=[image.message])
     call_unary("Predict (one image)", stub.Predict, request, CALL_TIMEOUT_S)
@@ -414,6 +424,7 @@ def test_one_image_decodes_or_is_refused(
 def test_get_and_list_models_answer_ok_or_a_client_error(
     name: str, stub: vitlens_pb2_grpc.VitlensServiceStub, alive: Liveness
 ) -> None:
+    alive.require()
     call_unary("GetModel", stub.GetModel, vitlens_pb2.GetModelRequest(name=name), CALL_TIMEOUT_S)
     call_unary("ListModels", stub.ListModels, vitlens_pb2.ListModelsRequest(), CALL_TIMEOUT_S)
     alive.check()
@@ -428,6 +439,7 @@ def test_evaluate_streams_to_the_end_or_a_client_error(
     alive: Liveness,
     dataset_root: Path,
 ) -> None:
+    alive.require()
     # The dataset tree's path is known only once the fixture has made it: drawn here.
     request = data.draw(evaluate_requests(CATALOG, dataset_root), label="request")
     call_stream("Evaluate", stub.Evaluate, request.message, timeout_s)
@@ -439,6 +451,7 @@ def test_evaluate_streams_to_the_end_or_a_client_error(
 def test_raw_bytes_answer_ok_or_a_client_error(
     rpc: str, payload: bytes, channel: grpc.Channel, alive: Liveness
 ) -> None:
+    alive.require()
     note(f"{rpc} <- {len(payload)} bytes {payload[:200]!r}")
     send(channel, rpc, payload, label=f"raw {rpc}")
     alive.check()
@@ -523,5 +536,6 @@ FOUND = [
 def test_found_failures_stay_fixed(
     rpc: str, request_: Message | bytes, channel: grpc.Channel, alive: Liveness
 ) -> None:
+    alive.require()
     send(channel, rpc, request_, label=f"found {rpc}")
     alive.check()
