@@ -3,15 +3,19 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# torch/torchvision pinned to the releases available offline on the build machines.
+# torch/torchvision pinned to the releases available offline on the build machines (the
+# Dockerfiles' TORCH_VERSION/TORCHVISION_VERSION defaults match; tests/integration/test_lock.py).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install demo test lint protos clean deploy-check proto-check proto-release
 
-$(BIN)/.installed: pyproject.toml
+# Both distributions, editable, in one pip call: the SDK `vitlens` from ./client and the server
+# `vitlens-server` from ./ (with its dev extra). Naming ./client here makes pip take `vitlens`
+# from this checkout, never from an index, when it resolves vitlens-server's `vitlens[cli]==`.
+$(BIN)/.installed: pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PINS) -e '.[dev]'
+	$(BIN)/pip install --quiet $(TORCH_PINS) -e ./client -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -1,7 +1,7 @@
 """The ``vitlens`` command: explain, predict, models, evaluate, and the server commands.
 
-``vitlens serve`` hands its arguments to the server package (installed with
-``pip install "vitlens[server]"``); the other commands only need the SDK, plus Pillow for
+``vitlens serve`` hands its arguments to the server, a distribution of its own
+(``pip install vitlens-server``); the other commands only need the SDK, plus Pillow for
 ``explain``'s PNG figures.
 """
 
@@ -167,7 +167,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-# Commands run by the server package, imported only when used (the SDK never imports torch).
+# Commands run by the server distribution `vitlens-server` (package vitlens_server), imported
+# only when used: the SDK never imports torch, and installs without the server.
 _SERVER_COMMANDS = {
     "serve": ("vitlens_server.cli", "run the server"),
     "train-demo": ("vitlens_server.training.train", "train the embedded demo model"),
@@ -239,8 +240,12 @@ def _server_command(name: str, argv: list[str]) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        if (e.name or "").partition(".")[0] == "vitlens_server":
+            problem = "needs the vitlens server, which is not installed"
+        else:  # the server is there, one of its own dependencies is not
+            problem = f"cannot start the vitlens server ({e})"
         print(
-            f'error: `vitlens {name}` needs `pip install "vitlens[server]"` ({e})',
+            f"error: `vitlens {name}` {problem}: pip install vitlens-server",
             file=sys.stderr,
         )
         return 2

@@ -1,4 +1,4 @@
-"""The committed generated code is what the protos generate."""
+"""The committed generated code and the SDK's copy of the .proto files are what protos/ holds."""
 
 from __future__ import annotations
 
@@ -22,4 +22,18 @@ def test_regenerating_the_protos_changes_nothing(tmp_path: Path) -> None:
     for path in generated:
         assert (committed / path.name).read_text() == path.read_text(), (
             f"{path.name} is stale: run `make protos` and commit the result"
+        )
+
+
+def test_the_sdk_ships_an_identical_copy_of_the_protos() -> None:
+    """client/vitlens/protos/ (the import root of the .proto files in the SDK wheel) holds
+    exactly protos/vitlens/v1/, byte for byte."""
+    source = ROOT / "protos/vitlens/v1"
+    copy = ROOT / "client/vitlens/protos/vitlens/v1"
+    names = sorted(p.name for p in source.glob("*.proto"))
+    assert names == ["tensor.proto", "vitlens.proto"]
+    assert sorted(p.name for p in copy.iterdir()) == names, "run `make protos` and commit"
+    for name in names:
+        assert (copy / name).read_bytes() == (source / name).read_bytes(), (
+            f"client/vitlens/protos/vitlens/v1/{name} differs from protos/: run `make protos`"
         )
