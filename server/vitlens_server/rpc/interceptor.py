@@ -1,6 +1,7 @@
 """The one place where exceptions become gRPC statuses, for unary and streaming calls alike.
 
-For every call of the Vitlens service `CallInterceptor`:
+For every call of the Vitlens service and of the Open Inference Protocol's
+GRPCInferenceService (`rpc.oip`), `CallInterceptor`:
 
 - stamps a request id — the caller's ``x-request-id`` metadata (first 64 characters) or a fresh
   one — into the logs (`logs.request_id`) and echoes it in the trailing metadata;
@@ -9,7 +10,10 @@ For every call of the Vitlens service `CallInterceptor`:
   trailer); anything else becomes INTERNAL with a generic message naming an incident id, and
   the traceback is logged under that id;
 - counts the call in ``vitlens_in_flight_requests``, ``vitlens_requests_total`` (by rpc,
-  method and status code) and ``vitlens_request_seconds``.
+  method and status code) and ``vitlens_request_seconds``. The rpc label is the method name
+  for vitlens.v1 (``Explain``) and ``inference.<name>`` for the inference protocol
+  (``inference.ModelInfer``); the method label is the explanation method of an Explain call or
+  of an explaining ModelInfer, empty otherwise.
 
 Health and reflection calls pass through untouched.
 """
@@ -31,7 +35,9 @@ from google.protobuf.message import DecodeError
 
 from vitlens_server.errors import InvalidArgument, ResourceExhausted, VitlensError
 from vitlens_server.logs import request_id
+from vitlens_server.rpc import oip
 from vitlens_server.rpc.details import STATUS_DETAILS_KEY, status_details
+from vitlens_server.rpc.oip.convert import explain_method
 from vitlens_server.telemetry import Telemetry
 
 __all__ = ["CallInterceptor"]
@@ -39,6 +45,46 @@ __all__ = ["CallInterceptor"]
 log = logging.getLogger("vitlens.rpc")
 
 SERVICE_PREFIX = "/vitlens.v1.VitlensService/"
+
+
+def _vitlens_method(rpc: str, request: Any) -> str | None:
+    return (getattr(request, "method", "") or "") if rpc == "Explain" else None
+
+
+def _oip_method(rpc: str, request: Any) -> str | None:
+    return explain_method(request) if rpc == "ModelInfer" else None
+
+
+@dataclass(frozen=True)
+class _Service:
+    """How the interceptor treats the calls of one service."""
+
+    prefix: str  # of its call paths, "/package.Service/"
+    label: str  # put before the method name in the rpc label
+    protos: str  # where a caller finds the request types (malformed-message errors)
+    smaller: str  # how to ask for a smaller answer
+    # the explanation method a request names ("" for the default), None when it explains nothing
+    explains: Callable[[str, Any], str | None]
+
+
+_SERVICES = (
+    _Service(
+        SERVICE_PREFIX,
+        "",
+        "protos/vitlens/v1",
+        "send fewer images per request, or ask for float16 output, the token grid or no "
+        "relevance matrices",
+        _vitlens_method,
+    ),
+    _Service(
+        oip.SERVICE_PREFIX,
+        "inference.",
+        "protos/inference",
+        "send fewer images per request, or ask for fewer outputs (RELEVANCE is the largest) "
+        "or the token grid",
+        _oip_method,
+    ),
+)
 
 
 @dataclass
@@ -53,7 +99,7 @@ class _Call:
 Parse = Callable[[bytes], Any] | None
 
 
-def _parsed(rpc: str, parse: Parse, data: bytes) -> Any:
+def _parsed(rpc: str, parse: Parse, data: bytes, service: _Service) -> Any:
     """The request message of ``data``; INVALID_ARGUMENT when the bytes do not parse."""
     if parse is None:
         return data
@@ -62,12 +108,13 @@ def _parsed(rpc: str, parse: Parse, data: bytes) -> Any:
     except DecodeError as err:
         raise InvalidArgument(
             f"the {rpc} request is not a valid protobuf message of its type ({err}); "
-            "build it from protos/vitlens/v1"
+            f"build it from {service.protos}"
         ) from None
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    """Error mapping, request ids and request metrics around every Vitlens handler.
+    """Error mapping, request ids and request metrics around every handler of the Vitlens service
+    and of the inference protocol.
 
     Args:
         telemetry: where the request metrics go (None: not recorded).
@@ -97,28 +144,33 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], details
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+        service = next((s for s in _SERVICES if details.method.startswith(s.prefix)), None)
+        if handler is None or service is None:
             return handler
-        rpc = details.method.removeprefix(SERVICE_PREFIX)
+        rpc = details.method.removeprefix(service.prefix)
         parse = handler.request_deserializer
         kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(rpc, parse, handler.unary_unary), **kwargs
+                self._unary(service, rpc, parse, handler.unary_unary), **kwargs
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(rpc, parse, handler.unary_stream), **kwargs
+                self._stream(service, rpc, parse, handler.unary_stream), **kwargs
             )
-        return handler  # the service has no client-streaming RPCs
+        return handler  # neither service has client-streaming RPCs
 
-    def _unary(self, rpc: str, parse: Parse, behaviour: Callable[..., Awaitable[Any]]):
+    def _unary(
+        self, service: _Service, rpc: str, parse: Parse, behaviour: Callable[..., Awaitable[Any]]
+    ):
+        label = service.label + rpc
+
         async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-            call, token = self._begin(rpc, context)
+            call, token = self._begin(label, context)
             try:
-                request = _parsed(rpc, parse, data)
-                call.method = self._method_label(rpc, request)
-                return self._checked(await behaviour(request, context))
+                request = _parsed(label, parse, data, service)
+                call.method = self._method_label(service.explains(rpc, request))
+                return self._checked(await behaviour(request, context), service)
             except BaseException as err:
                 await self._fail(call, err, context)
                 raise
@@ -127,14 +179,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _stream(self, rpc: str, parse: Parse, behaviour: Callable[..., AsyncIterator[Any]]):
+    def _stream(
+        self, service: _Service, rpc: str, parse: Parse, behaviour: Callable[..., AsyncIterator]
+    ):
+        label = service.label + rpc
+
         async def stream(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call, token = self._begin(rpc, context)
+            call, token = self._begin(label, context)
             try:
-                request = _parsed(rpc, parse, data)
-                call.method = self._method_label(rpc, request)
+                request = _parsed(label, parse, data, service)
+                call.method = self._method_label(service.explains(rpc, request))
                 async for message in behaviour(request, context):
-                    yield self._checked(message)
+                    yield self._checked(message, service)
             except BaseException as err:
                 await self._fail(call, err, context)
                 raise
@@ -143,14 +199,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         return stream
 
-    def _checked(self, reply: Any) -> Any:
+    def _checked(self, reply: Any, service: _Service) -> Any:
         """``reply``, unless it is over the send limit (RESOURCE_EXHAUSTED saying why)."""
         limit = self._max_reply_bytes
         if limit is not None and (size := reply.ByteSize()) > limit:
             raise ResourceExhausted(
                 f"the answer would be {size:,} bytes, over this server's message limit of "
-                f"{limit:,}; send fewer images per request, or ask for float16 output, the "
-                "token grid or no relevance matrices"
+                f"{limit:,}; {service.smaller}"
             )
         return reply
 
@@ -201,8 +256,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             t.requests.labels(call.rpc, call.method, call.code).inc()
             t.latency.labels(call.rpc, call.method).observe(time.perf_counter() - call.started)
 
-    def _method_label(self, rpc: str, request: Any) -> str:
-        if rpc != "Explain":
+    def _method_label(self, method: str | None) -> str:
+        """The metrics label of a call explaining with ``method`` (None: explaining nothing)."""
+        if method is None:
             return ""
-        name = getattr(request, "method", "") or self._default_method
+        name = method or self._default_method
         return name if name in self._methods else "unknown"

@@ -1,4 +1,5 @@
-"""The grpc.aio server around a data plane: the Vitlens service, grpc.health.v1, reflection."""
+"""The grpc.aio server around a data plane: the Vitlens service, the Open Inference Protocol
+(KServe v2 / Triton gRPC), grpc.health.v1, reflection."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from grpc_reflection.v1alpha import reflection
 
 from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
+from vitlens_server.rpc import oip
 from vitlens_server.rpc.interceptor import CallInterceptor
 from vitlens_server.rpc.security import BearerTokenAuth, server_credentials
 from vitlens_server.rpc.servicer import VitlensServicer
@@ -49,9 +51,14 @@ def build_server(
         ],
     )
     vitlens_pb2_grpc.add_VitlensServiceServicer_to_server(VitlensServicer(plane), server)
+    # The same data plane through the Open Inference Protocol, ready when vitlens.v1 is.
+    ready = oip.health_readiness(health_servicer, SERVICE_NAME)
+    server.add_generic_rpc_handlers(
+        (oip.generic_handler(oip.OipServicer(plane, ready, default_method)),)
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, oip.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
     if config.tls_cert is not None:
