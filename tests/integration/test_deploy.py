@@ -319,3 +319,111 @@ def test_grafana_dashboard_queries_only_metrics_the_server_exports() -> None:
         for target in panel["targets"]:
             for name in re.findall(r"\b(vitlens_[a-z_]+)", target["expr"]):
                 assert name in exported, (panel["title"], name)
+
+
+# --- KServe (the Open Inference Protocol, docs/oip.md) ------------------------------------
+
+
+def _kserve() -> tuple[dict, dict]:
+    objects = _render("k8s/kserve")
+    runtime = next(o for o in objects if o["kind"] == "ServingRuntime")
+    isvc = next(o for o in objects if o["kind"] == "InferenceService")
+    return runtime, isvc
+
+
+def test_kserve_manifests_match_what_they_serve() -> None:
+    runtime, isvc = _kserve()
+    assert {o["metadata"]["namespace"] for o in (runtime, isvc)} == {"vitlens"}
+    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    cpu = _render("k8s/overlays/cpu")
+    assert validate.check_kserve([runtime, isvc, *cpu]) == []
+    container = runtime["spec"]["containers"][0]
+    assert (
+        container["image"] == _deployment(cpu)["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    assert container["ports"] == [{"name": "h2c", "containerPort": 50051, "protocol": "TCP"}]
+
+
+def test_kserve_runtime_flags_exist() -> None:
+    """Every flag the ServingRuntime passes is one `vitlens serve` accepts today."""
+    from vitlens_server.cli import build_parser
+
+    known = {opt for action in build_parser()._actions for opt in action.option_strings}
+    runtime, _ = _kserve()
+    args = runtime["spec"]["containers"][0]["args"]
+    assert args[0] == "serve"
+    flags = {a.split("=", 1)[0] for a in args[1:]}
+    assert flags <= known, flags - known
+
+
+def test_kserve_schemas_are_strict() -> None:
+    runtime, isvc = _kserve()
+    assert validate.validate_object(runtime) == [] and validate.validate_object(isvc) == []
+    typo = copy.deepcopy(isvc)
+    typo["spec"]["predictor"]["modle"] = typo["spec"]["predictor"].pop("model")
+    assert any("modle" in p for p in validate.validate_object(typo))
+    fmt = copy.deepcopy(runtime)
+    fmt["spec"]["protocolVersions"] = ["grpc-v3"]
+    assert any("protocolVersions" in p for p in validate.validate_object(fmt))
+    # the embedded core types are checked against the core schema
+    container = copy.deepcopy(runtime)
+    container["spec"]["containers"][0]["readinesProbe"] = {}
+    (problem,) = validate.validate_object(container)
+    assert "spec.containers.0" in problem and "readinesProbe" in problem
+    model = copy.deepcopy(isvc)
+    model["spec"]["predictor"]["model"]["resources"]["requests"]["cpu"] = ["2"]
+    (problem,) = validate.validate_object(model)
+    assert problem.startswith("InferenceService/vitlens-demo: spec.predictor.model.resources")
+
+
+def test_kserve_checks_catch_mistakes() -> None:
+    cpu = _render("k8s/overlays/cpu")
+
+    def problems(change) -> list[str]:
+        runtime, isvc = _kserve()
+        change(runtime, isvc)
+        return validate.check_kserve([runtime, isvc, *cpu])
+
+    def container(runtime: dict) -> dict:
+        return runtime["spec"]["containers"][0]
+
+    def set_port_name(r: dict, i: dict) -> None:
+        container(r)["ports"][0]["name"] = "grpc"
+
+    def set_port(r: dict, i: dict) -> None:
+        container(r)["ports"][0]["containerPort"] = 50052
+
+    def set_image(r: dict, i: dict) -> None:
+        container(r)["image"] = "registry.example.com/vitlens:latest"
+
+    def loosen(r: dict, i: dict) -> None:
+        container(r)["securityContext"]["readOnlyRootFilesystem"] = False
+        del container(r)["securityContext"]["runAsUser"]
+
+    def set_runtime(r: dict, i: dict) -> None:
+        i["spec"]["predictor"]["model"]["runtime"] = "kserve-tritonserver"
+
+    def set_protocol(r: dict, i: dict) -> None:
+        i["spec"]["predictor"]["model"]["protocolVersion"] = "v2"
+
+    def set_format(r: dict, i: dict) -> None:
+        i["spec"]["predictor"]["model"]["modelFormat"] = {"name": "onnx"}
+
+    assert any("exactly one port, named h2c; got ['grpc']" in p for p in problems(set_port_name))
+    assert any(
+        "h2c is 50052 but vitlens serve listens on --port=50051" in p for p in problems(set_port)
+    )
+    assert any(
+        "image registry.example.com/vitlens:latest is none" in p for p in problems(set_image)
+    )
+    loose = problems(loosen)
+    assert any("securityContext.readOnlyRootFilesystem must be True" in p for p in loose)
+    assert any("securityContext.runAsUser must be 10001" in p for p in loose)
+    assert any(
+        "runtime 'kserve-tritonserver' is no ServingRuntime" in p for p in problems(set_runtime)
+    )
+    http = problems(set_protocol)
+    assert any("does not speak v2" in p for p in http)
+    assert any("gRPC only" in p for p in http)
+    assert any("does not support format" in p for p in problems(set_format))
