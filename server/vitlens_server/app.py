@@ -1,4 +1,4 @@
-"""The assembled server: data plane, gRPC server, health, telemetry, and their lifecycle.
+"""The assembled server: data plane, gRPC server, health, telemetry, tracing, and their lifecycle.
 
     server = VitlensServer(config, registry)
     port = await server.start()     # NOT_SERVING until every model is warmed up
@@ -8,11 +8,16 @@
 Stopping refuses new calls at once, gives accepted calls ``grace_s`` to finish, then fails what
 is left with UNAVAILABLE (queued work at once, running batches at their next step) and joins
 every thread, so the process can exit within a few seconds of the grace period.
+
+Tracing (`vitlens_server.tracing`, ``config.tracing``) is off by default; when on, the gRPC
+server is created with OpenTelemetry's interceptor and the data plane reports its batches to the
+tracer as well as to the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +30,7 @@ from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.rpc.server import SERVICE_NAME, build_server
 from vitlens_server.runtime.plane import DEFAULT_METHOD, DataPlane, cuda_memory
 from vitlens_server.telemetry import Telemetry
+from vitlens_server.tracing import Tracing
 
 __all__ = ["VitlensServer"]
 
@@ -38,7 +44,9 @@ ANSWER_MARGIN_S = 2.0
 class VitlensServer:
     """A running vitlens gRPC server over already-loaded models.
 
-    ``replicas``: further copies of a model on other devices, by model name.
+    ``replicas``: further copies of a model on other devices, by model name. ``tracing``: the
+    server's tracing (default: what ``config.tracing`` asks for, None when off); tests pass a
+    `Tracing` over their own tracer provider.
     """
 
     def __init__(
@@ -46,11 +54,15 @@ class VitlensServer:
         config: ServerConfig,
         registry: ModelRegistry,
         replicas: Mapping[str, Sequence[LoadedModel]] | None = None,
+        *,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.telemetry = Telemetry()
-        self.plane = DataPlane(config, registry, replicas, observer=self.telemetry)
+        self.tracing = tracing if tracing is not None else Tracing.from_config(config)
+        observer = self.telemetry if self.tracing is None else self.tracing.observer(self.telemetry)
+        self.plane = DataPlane(config, registry, replicas, observer=observer)
         for model in registry:
             self.telemetry.watch_queue(model.name, lambda m=model.name: self.plane.queued_images(m))
             for replica in [model, *(replicas or {}).get(model.name, ())]:
@@ -69,9 +81,12 @@ class VitlensServer:
         solvers), so the first real request is not the slow one.
         """
         self.health = health.aio.HealthServicer()
-        self._grpc, self.port = build_server(
-            self.config, self.plane, self.health, self.telemetry, DEFAULT_METHOD
-        )
+        # OpenTelemetry's grpc.aio instrumentation hooks server creation: on before it
+        traced = self.tracing.instrumenting() if self.tracing else contextlib.nullcontext()
+        with traced:
+            self._grpc, self.port = build_server(
+                self.config, self.plane, self.health, self.telemetry, DEFAULT_METHOD
+            )
         self.plane.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.host)
@@ -100,6 +115,8 @@ class VitlensServer:
         await grpc_stopped
         self.telemetry.close()
         await asyncio.to_thread(self.plane.close)
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # export the last spans
 
     async def wait_for_termination(self) -> None:
         await self._grpc.wait_for_termination()

@@ -158,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="on SIGTERM, seconds accepted calls get to finish before the server stops",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="OpenTelemetry traces of every call, its queue waits and model passes (needs "
+        "vitlens-server[tracing]; the collector: OTEL_EXPORTER_OTLP_ENDPOINT, default "
+        "localhost:4317)",
+    )
+    parser.add_argument(
+        "--tracing-exporter",
+        default="otlp",
+        choices=("otlp", "console"),
+        help="otlp: OTLP/gRPC to the collector; console: print each span (debugging)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="json: one object per line"
@@ -200,6 +213,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if args.tracing:
+        from vitlens_server.tracing import require
+
+        require(args.tracing_exporter)  # before the models load: say what to install at once
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
                        ("--tls-client-ca", args.tls_client_ca)):  # fmt: skip
         if path is not None and not path.is_file():
@@ -240,6 +257,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_pixels=args.max_pixels,
         max_inline_samples=args.max_inline_samples,
         max_inline_bytes=int(args.max_inline_mb * 1024 * 1024),
+        tracing=args.tracing,
+        tracing_exporter=args.tracing_exporter,
     )
 
 

@@ -47,6 +47,10 @@ class ServerConfig:
         grace_s: seconds in-flight calls get to finish on shutdown.
         default_deadline_s: deadline of Explain and Predict calls whose caller set none (None:
             no deadline); a request still queued then is dropped with DEADLINE_EXCEEDED.
+        tracing: OpenTelemetry traces of every call, its queue waits and model passes
+            (`vitlens_server.tracing`; needs the ``tracing`` extra).
+        tracing_exporter: where the spans go: ``otlp`` (OTLP/gRPC to the collector of the
+            standard ``OTEL_EXPORTER_OTLP_ENDPOINT``) or ``console`` (stdout, for debugging).
     """
 
     host: str = "127.0.0.1"
@@ -72,3 +76,5 @@ class ServerConfig:
     auth_tokens: tuple[bytes, ...] = field(default=(), repr=False)
     grace_s: float = 10.0
     default_deadline_s: float | None = None
+    tracing: bool = False
+    tracing_exporter: str = "otlp"

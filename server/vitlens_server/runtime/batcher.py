@@ -14,6 +14,12 @@ engine checks it at each step (pass, backward rank, chunk of extra passes) and g
 Admission (the queue bound) is the caller's: a request is admitted whole before its chunks are
 submitted, so its own chunks never refuse it.
 
+Observation: ``on_batch`` sees each batch as it starts (`BatchStats`: sizes, each request's queue
+wait and the `contextvars.Context` it was submitted from, e.g. its trace span); what it returns,
+if anything, is called once the batch's run has ended, with each request's result or exception
+(`BatchDone`). `Telemetry` records metrics from the first; `vitlens_server.tracing` opens spans
+in each request's context on the first and ends them on the second.
+
 Never imports torch: items and results are opaque to the batcher.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -30,7 +37,7 @@ from typing import Generic, TypeVar
 
 from vitlens_server.errors import DeadlineExceeded, Unavailable
 
-__all__ = ["BatchStats", "Batcher"]
+__all__ = ["BatchDone", "BatchStats", "Batcher"]
 
 log = logging.getLogger("vitlens.batcher")
 
@@ -40,13 +47,20 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What one batch looked like, for metrics: its images and each request's queue wait."""
+    """What one batch looked like, for metrics and traces: its images, and per request (in
+    batch order) its queue wait and the context it was submitted from."""
 
     images: int
     requests: int
     queue_waits_s: tuple[float, ...]
     kind: Hashable
     replica: int
+    contexts: tuple[contextvars.Context, ...] = ()
+
+
+# What ``on_batch`` may return: called on the event loop when the batch's run has ended, with
+# each request's result or exception in batch order (empty when the run never finished).
+BatchDone = Callable[[Sequence[object]], None]
 
 
 @dataclass(eq=False)
@@ -57,6 +71,7 @@ class _Pending(Generic[T]):
     deadline: float | None  # an instant of the batcher's clock
     future: asyncio.Future
     enqueued: float
+    context: contextvars.Context  # the submitter's (O(1) to copy): its trace span, request id
 
     def abandoned(self, now: float) -> bool:
         """Nobody waits for the result any more: cancelled, answered, or past its deadline."""
@@ -73,7 +88,8 @@ class Batcher(Generic[T, R]):
         executors: one single-thread executor per replica (device).
         max_batch_size: images per batch (a single larger item still runs, alone).
         max_delay_s: longest the oldest request waits for batch-mates.
-        on_batch: called on the event loop with each batch's `BatchStats`.
+        on_batch: called on the event loop with each batch's `BatchStats` as it starts; may
+            return a `BatchDone`, called when the batch's run has ended.
         on_leave: called on the event loop whenever a request leaves the queue.
         clock: monotonic seconds (deadlines are instants of it); injectable for tests.
     """
@@ -85,7 +101,7 @@ class Batcher(Generic[T, R]):
         *,
         max_batch_size: int,
         max_delay_s: float,
-        on_batch: Callable[[BatchStats], None] | None = None,
+        on_batch: Callable[[BatchStats], BatchDone | None] | None = None,
         on_leave: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -144,7 +160,9 @@ class Batcher(Generic[T, R]):
         if deadline is not None and deadline <= self._clock():
             raise DeadlineExceeded("the request's deadline passed before it was queued")
         future = asyncio.get_running_loop().create_future()
-        pending = _Pending(item, images, kind, deadline, future, self._clock())
+        pending = _Pending(
+            item, images, kind, deadline, future, self._clock(), contextvars.copy_context()
+        )
         self._queue.append(pending)
         self._queued_images += images
         async with self._changed:
@@ -188,9 +206,9 @@ class Batcher(Generic[T, R]):
             queue_waits_s=tuple(self._clock() - p.enqueued for p in batch),
             kind=batch[0].kind,
             replica=replica,
+            contexts=tuple(p.context for p in batch),
         )
-        if self._on_batch is not None:
-            self._on_batch(stats)
+        done = self._on_batch(stats) if self._on_batch is not None else None
         started = self._clock()
 
         def interrupted(batch: list[_Pending[T]] = batch) -> bool:
@@ -198,6 +216,7 @@ class Batcher(Generic[T, R]):
             return self._closed or all(p.abandoned(now) for p in batch)
 
         items = [p.item for p in batch]
+        results: list[R | BaseException] = []
         try:
             results = await loop.run_in_executor(
                 self._executors[replica], self._run, replica, items, interrupted
@@ -211,6 +230,9 @@ class Batcher(Generic[T, R]):
         except Exception as err:  # the whole batch failed: every request learns why
             log.exception("batch of %d requests failed", len(batch))
             results = [err] * len(batch)
+        finally:
+            if done is not None:
+                done(results)
         elapsed = max(self._clock() - started, 1e-6)
         self._images_per_s = 0.8 * self._images_per_s + 0.2 * stats.images / elapsed
         stopped = interrupted()

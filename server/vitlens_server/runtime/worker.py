@@ -38,7 +38,7 @@ from vitlens_server.explain import Cost, Explainer, ExplainJob, Interrupted, get
 from vitlens_server.explain.engine import top_k_predictions
 from vitlens_server.explain.params import parse_params
 from vitlens_server.models import LoadedModel
-from vitlens_server.runtime.batcher import Batcher, BatchStats
+from vitlens_server.runtime.batcher import BatchDone, Batcher, BatchStats
 
 __all__ = ["Lane", "ModelWorker", "PredictJob"]
 
@@ -78,7 +78,7 @@ class ModelWorker:
         max_batch_size: int = 32,
         max_delay_s: float = 0.0,
         max_queue_images: int = 1024,
-        on_batch: Callable[[str, BatchStats], None] | None = None,
+        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
     ) -> None:
         self.model = model
         self.explainer = Explainer(model)
