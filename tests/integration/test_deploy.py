@@ -321,6 +321,258 @@ def test_grafana_dashboard_queries_only_metrics_the_server_exports() -> None:
                 assert name in exported, (panel["title"], name)
 
 
+# --- observability: HPA metrics at idle, the eval pods' NetworkPolicy ----------------------
+# The prometheus-adapter rules are checked twice: structurally (valid PromQL, every metric
+# falling back to a per-pod 0; PyPI promql-parser) and by Prometheus' own engine (`promtool test
+# rules`, Debian package `prometheus`) on a busy, an idle and a never-called pod. Without the
+# tool a check is skipped, except under CI, where it fails.
+
+ADAPTER_PODS = ("busy", "idle", "new")
+
+
+def _tool_missing(what: str) -> None:
+    import os
+
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed, but CI must run this check")
+    pytest.skip(f"{what} not installed")
+
+
+def _adapter_rules() -> list[dict]:
+    return yaml.safe_load(validate.ADAPTER_VALUES.read_text())["rules"]["custom"]
+
+
+def _adapter_query(rule: dict) -> str:
+    """The rule's metricsQuery as prometheus-adapter fills it in for the HPA's Pods metric."""
+    return (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", rule["seriesQuery"].split("{")[0])
+        .replace("<<.LabelMatchers>>", f'namespace="vitlens",pod=~"{"|".join(ADAPTER_PODS)}"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+
+
+def test_hpa_metrics_are_found_through_a_series_every_pod_exports_from_the_start() -> None:
+    """Each rule is discovered through, and falls back to, a gauge the server exports before
+    its first request (the labelled request and queue-wait series appear only with traffic)."""
+    from tests.tiny import tiny_loaded
+    from vitlens_server.app import VitlensServer
+    from vitlens_server.config import ServerConfig
+    from vitlens_server.models import ModelRegistry
+
+    server = VitlensServer(ServerConfig(port=0), ModelRegistry([tiny_loaded()]))
+    try:
+        before_any_call = server.telemetry.text()
+    finally:
+        server.plane.close()
+    hpa = next(o for o in _render("k8s/overlays/cpu") if o["kind"] == "HorizontalPodAutoscaler")
+    names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert {rule["name"]["as"] for rule in _adapter_rules()} == names
+    for rule in _adapter_rules():
+        series = rule["seriesQuery"].split("{")[0]
+        assert f"\n{series}{{" in before_any_call, series
+    assert "\nvitlens_in_flight_requests{" not in before_any_call  # why the rules avoid it
+
+
+def test_hpa_metric_queries_parse_and_fall_back_to_zero() -> None:
+    """``<load> or on(pod) (0 * <the always-there series>)``, and a quantile taken only where
+    the rate of ``_count`` is above 0 (0/0 is NaN)."""
+    try:
+        import promql_parser as promql
+    except ImportError:
+        _tool_missing("promql-parser")
+
+    def unwrap(node):
+        while isinstance(node, promql.ParenExpr):
+            node = node.expr
+        return node
+
+    def calls(node, name: str) -> list:
+        found: list = []
+        promql.walk(node, lambda n: found.append(n) if isinstance(n, promql.Call) else None)
+        return [c for c in found if c.func.name == name]
+
+    for rule in _adapter_rules():
+        tree = unwrap(promql.parse(_adapter_query(rule)))
+        name = rule["name"]["as"]
+        assert str(tree.op) == "or" and tree.modifier.matching.labels == ["pod"], name
+        fallback = unwrap(tree.rhs)
+        assert str(fallback.op) == "*" and unwrap(fallback.lhs).val == 0, name
+        assert rule["seriesQuery"].split("{")[0] in str(fallback.rhs), name
+        load = unwrap(tree.lhs)
+        if calls(load, "histogram_quantile"):
+            assert str(load.op) == "and" and load.modifier.matching.labels == ["pod"], name
+            assert calls(load.lhs, "histogram_quantile") and not calls(
+                load.rhs, "histogram_quantile"
+            )
+            guard = unwrap(load.rhs)
+            assert str(guard.op) == ">" and unwrap(guard.rhs).val == 0, name
+            assert "_count{" in str(guard.lhs), name
+
+
+def test_hpa_metrics_are_numbers_when_idle_promtool(tmp_path: Path) -> None:
+    """Prometheus evaluates the adapter's queries: the busy pod's p90 by hand, 0 (not NaN, not
+    missing) for the idle pod and for the pod that was never called."""
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        _tool_missing("promtool (Debian package prometheus)")
+    rules = [
+        {"record": f"adapter:{rule['name']['as']}", "expr": _adapter_query(rule)}
+        for rule in _adapter_rules()
+    ]
+
+    def write_rules() -> None:
+        groups = [{"name": "hpa", "rules": rules}]
+        (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+
+    def promtool_test() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [promtool, "test", "rules", "test.yaml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    def series(name: str, pod: str, values: str, **labels: str) -> dict:
+        text = ",".join(
+            f'{k}="{v}"' for k, v in {"namespace": "vitlens", "pod": pod, **labels}.items()
+        )
+        return {"series": f"{name}{{{text}}}", "values": values}
+
+    wait = "vitlens_queue_wait_seconds"
+    inputs = [series("vitlens_queue_depth_images", pod, "0x20", model="m") for pod in ADAPTER_PODS]
+    inputs += [
+        series("vitlens_in_flight_requests", "busy", "5x20", rpc="Explain"),
+        series("vitlens_in_flight_requests", "busy", "2x20", rpc="Evaluate"),
+        series("vitlens_in_flight_requests", "idle", "0x20", rpc="Explain"),
+        # busy: per 15 s scrape 10 waits, 5 of them ≤ 0.1 s, all ≤ 0.25 s. p90: rank 9 of 10
+        # in (0.1, 0.25] holding 5, so 0.1 + 0.15 · (9 − 5) / (10 − 5) = 0.22 s
+        series(f"{wait}_bucket", "busy", "0+5x20", model="m", le="0.1"),
+        series(f"{wait}_bucket", "busy", "0+10x20", model="m", le="0.25"),
+        series(f"{wait}_bucket", "busy", "0+10x20", model="m", le="+Inf"),
+        series(f"{wait}_count", "busy", "0+10x20", model="m"),
+        # idle: served before, nothing in the last 2 minutes (every rate 0: 0/0 in the quantile)
+        series(f"{wait}_bucket", "idle", "7x20", model="m", le="0.1"),
+        series(f"{wait}_bucket", "idle", "9x20", model="m", le="0.25"),
+        series(f"{wait}_bucket", "idle", "9x20", model="m", le="+Inf"),
+        series(f"{wait}_count", "idle", "9x20", model="m"),
+    ]  # "new" has only its queue depth: it never served a call
+    expected = {
+        "vitlens_in_flight_requests": {"busy": 7, "idle": 0, "new": 0},
+        "vitlens_queue_wait_seconds_p90": {"busy": 0.22, "idle": 0, "new": 0},
+    }
+    tests = [
+        {
+            "expr": f"adapter:{name}",
+            "eval_time": "4m",
+            "exp_samples": [
+                {"labels": f'adapter:{name}{{pod="{pod}"}}', "value": value}
+                for pod, value in values.items()
+            ],
+        }
+        for name, values in expected.items()
+    ]
+    (tmp_path / "test.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": ["rules.yaml"],
+                "evaluation_interval": "15s",
+                "tests": [{"interval": "15s", "input_series": inputs, "promql_expr_test": tests}],
+            }
+        )
+    )
+    write_rules()
+    run = promtool_test()
+    assert run.returncode == 0, run.stdout + run.stderr
+    # the old rule, a bare histogram_quantile, is NaN for the idle pod: the test tells
+    for rule in rules:
+        if rule["record"] == "adapter:vitlens_queue_wait_seconds_p90":
+            rule["expr"] = f"histogram_quantile(0.9, sum by (le, pod) (rate({wait}_bucket[2m])))"
+    write_rules()
+    run = promtool_test()
+    assert run.returncode != 0 and "NaN" in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def _eval_policies() -> tuple[list[dict], list[dict]]:
+    objects = _render("k8s/eval")
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    pods = [o["spec"]["template"] for o in objects if o["kind"] == "Job"]
+    return policies, pods
+
+
+def _selects(policy: dict, pod: dict) -> bool:
+    selector = policy["spec"]["podSelector"]
+    assert set(selector) == {"matchLabels"}  # no matchExpressions to evaluate here
+    labels = pod["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_eval_pods_get_no_ingress_and_only_the_egress_they_need() -> None:
+    policies, pods = _eval_policies()
+    assert {p["metadata"]["namespace"] for p in policies} == {"vitlens"}
+    for pod in pods:
+        mine = [p for p in policies if _selects(p, pod)]
+        component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+        # ingress: some policy isolates the pod, and none admits anything
+        assert any("Ingress" in p["spec"]["policyTypes"] for p in mine), component
+        assert all(not p["spec"].get("ingress") for p in mine), component
+        assert any("Egress" in p["spec"]["policyTypes"] for p in mine), component
+        egress = [rule for p in mine for rule in p["spec"].get("egress", [])]
+        if component == "merge":  # reads and writes the volume only
+            assert egress == [], egress
+            continue
+        assert component == "shard" and len(egress) == 2
+        dns, grpc_rule = egress
+        assert dns["to"] == [
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                },
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }
+        ]
+        assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [
+            (53, "TCP"),
+            (53, "UDP"),
+        ]
+        assert len(grpc_rule["to"]) == 1 and set(grpc_rule["to"][0]) == {"podSelector"}
+
+
+def test_shard_egress_reaches_exactly_the_server_pods_grpc_port() -> None:
+    """The shards call the server (eval/run_shard.py runs `vitlens evaluate --server`): the
+    egress rule's pods and port are the Deployment's, and EVAL_SERVER names that port."""
+    policies, pods = _eval_policies()
+    (shard,) = [
+        p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] == "shard"
+    ]
+    env = {e["name"]: e["value"] for e in shard["spec"]["containers"][0]["env"]}
+    command = run_shard.evaluate_command({**env, "JOB_COMPLETION_INDEX": "0"}, Path("/r.json"))
+    assert command[command.index("--server") + 1] == env["EVAL_SERVER"]
+    rule = next(
+        r
+        for p in policies
+        if _selects(p, shard)
+        for r in p["spec"].get("egress", [])
+        if "namespaceSelector" not in r["to"][0]
+    )
+    server = _deployment(_render("k8s/overlays/cpu"))["spec"]["template"]
+    wanted = rule["to"][0]["podSelector"]["matchLabels"]
+    assert all(server["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+    grpc_port = next(
+        p["containerPort"] for p in server["spec"]["containers"][0]["ports"] if p["name"] == "grpc"
+    )
+    assert rule["ports"] == [{"port": grpc_port, "protocol": "TCP"}]
+    assert env["EVAL_SERVER"] == f"vitlens:{grpc_port}"
+    # the server's own policy admits the shards
+    server_policy = next(o for o in _render("k8s/overlays/cpu") if o["kind"] == "NetworkPolicy")
+    admitted = server_policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert all(shard["metadata"]["labels"].get(k) == v for k, v in admitted.items())
+
+
 # --- KServe (the Open Inference Protocol, docs/oip.md) ------------------------------------
 
 
