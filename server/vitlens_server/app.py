@@ -17,7 +17,6 @@ tracer as well as to the metrics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -81,12 +80,10 @@ class VitlensServer:
         solvers), so the first real request is not the slow one.
         """
         self.health = health.aio.HealthServicer()
-        # OpenTelemetry's grpc.aio instrumentation hooks server creation: on before it
-        traced = self.tracing.instrumenting() if self.tracing else contextlib.nullcontext()
-        with traced:
-            self._grpc, self.port = build_server(
-                self.config, self.plane, self.health, self.telemetry, DEFAULT_METHOD
-            )
+        traced = [self.tracing.server_interceptor()] if self.tracing is not None else []
+        self._grpc, self.port = build_server(
+            self.config, self.plane, self.health, self.telemetry, DEFAULT_METHOD, traced
+        )
         self.plane.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.telemetry.serve(self.config.metrics_port, self.config.host)

@@ -20,18 +20,17 @@ installed as OpenTelemetry's global one, so tests give each server their own pro
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vitlens_server.runtime.batcher import BatchDone, BatchStats
 
 if TYPE_CHECKING:
+    import grpc
     from opentelemetry.sdk.trace import TracerProvider
 
     from vitlens_server.config import ServerConfig
@@ -61,7 +60,6 @@ _NEEDS = {
 }
 _OTLP_EXPORTER = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
 _OTLP = {_OTLP_EXPORTER: "opentelemetry-exporter-otlp-proto-grpc"}
-_PATCH_LOCK = threading.Lock()
 
 
 class TracingUnavailable(ValueError):
@@ -137,43 +135,15 @@ class Tracing:
             return None
         return cls(tracer_provider(config.tracing_exporter), owned=True)
 
-    @contextlib.contextmanager
-    def instrumenting(self) -> Iterator[None]:
-        """grpc.aio servers created inside the (synchronous) block get OpenTelemetry's server
-        interceptor, outermost (health and reflection calls excluded).
+    def server_interceptor(self) -> grpc.aio.ServerInterceptor:
+        """OpenTelemetry's grpc.aio server interceptor with this server's provider, for
+        `build_server` to put outermost (health and reflection calls are not traced)."""
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-        opentelemetry-instrumentation-grpc instruments grpc.aio servers by wrapping
-        ``grpc.aio.server``; this wraps it only while the block runs, with this server's
-        provider, so servers created elsewhere in the process are left alone. (A process that
-        instruments grpc.aio globally, e.g. under ``opentelemetry-instrument``, is left as is.)
-        """
-        import grpc
-        from opentelemetry.instrumentation.grpc import (
-            GrpcAioInstrumentorServer,
-            aio_server_interceptor,
-            filters,
-        )
-
-        if GrpcAioInstrumentorServer().is_instrumented_by_opentelemetry:
-            log.warning("grpc.aio is instrumented globally; its tracer provider is used")
-            yield
-            return
         untraced = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
-        interceptor = aio_server_interceptor(
+        return aio_server_interceptor(
             tracer_provider=self.provider, filter_=filters.negate(untraced)
         )
-        with _PATCH_LOCK:
-            original = grpc.aio.server
-
-            def server(*args: Any, **kwargs: Any) -> grpc.aio.Server:
-                kwargs["interceptors"] = [interceptor, *(kwargs.get("interceptors") or ())]
-                return original(*args, **kwargs)
-
-            grpc.aio.server = server
-            try:
-                yield
-            finally:
-                grpc.aio.server = original
 
     def observer(self, inner: Observer) -> Observer:
         """The data plane's observer: ``inner`` (the metrics), and this server's spans."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -27,14 +29,19 @@ def build_server(
     health_servicer: health.aio.HealthServicer,
     telemetry: Telemetry | None = None,
     default_method: str = "generic",
+    outer_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server bound to ``config.host:config.port`` (not started); returns it and the
-    bound port. Call from the event loop that will run it (grpc.aio binds to it)."""
+    bound port. Call from the event loop that will run it (grpc.aio binds to it).
+
+    ``outer_interceptors`` wrap everything else, in order (tracing: the server span covers the
+    whole call, its error mapping included)."""
     limit = config.max_message_bytes
     # The first interceptor is the outermost: the authentication refusal is mapped, counted and
     # stamped with a request id like any other error.
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        CallInterceptor(telemetry, plane.method_names, default_method, limit)
+        *outer_interceptors,
+        CallInterceptor(telemetry, plane.method_names, default_method, limit),
     ]
     if config.auth_tokens:
         interceptors.append(BearerTokenAuth(config.auth_tokens))
