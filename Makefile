@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 # Dockerfiles' TORCH_VERSION/TORCHVISION_VERSION defaults match; tests/integration/test_lock.py).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint protos clean deploy-check proto-check proto-release
+.PHONY: install demo test lint protos clean deploy-check proto-check proto-release oip-venv \
+	node-example promtool
 
 # Both distributions, editable, in one pip call: the SDK `vitlens` from ./client and the server
 # `vitlens-server` from ./ (with its dev extra). Naming ./client here makes pip take `vitlens`
@@ -23,7 +24,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python scripts/demo.py --out demo_out
 
-test: install deploy-check proto-check
+test: install deploy-check proto-check oip-venv node-example promtool
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -50,15 +51,40 @@ proto-release: $(BUF)
 	@test -n "$(VERSION)" || { echo "usage: make proto-release VERSION=vX.Y.Z"; exit 2; }
 	$(BUF) build -o protos/releases/$(VERSION).binpb
 
+# Triton's client, for the Open Inference Protocol example and tests: it needs protobuf<7, so it
+# gets a venv of its own (tests/rpc/test_oip.py runs examples/tritonclient/ with it).
+OIP_VENV ?= build/oip-venv
+$(OIP_VENV)/.installed: examples/tritonclient/requirements.txt
+	$(PYTHON) -m venv $(OIP_VENV)
+	$(OIP_VENV)/bin/pip install --quiet -r examples/tritonclient/requirements.txt
+	touch $@
+
+oip-venv: $(OIP_VENV)/.installed
+
+# The Node example's packages (tests/integration/test_any_language.py; its buf curl walkthrough
+# uses $(BUF) and jq).
+NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
+$(NODE_EXAMPLE): examples/node/package.json examples/node/package-lock.json
+	npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-example: $(NODE_EXAMPLE) $(BUF)
+
+# promtool (Debian's prometheus package) runs the HPA rules' unit tests in test_deploy.py.
+promtool:
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 protos: install
 	PATH=$(BIN):$$PATH scripts/gen_protos.sh
+	PATH=$(BIN):$$PATH scripts/gen_oip_protos.sh
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache $(OIP_VENV) examples/node/node_modules tools/node_modules
 
 # The long fuzz profile (issue #14): thousands of hostile requests per RPC against one test
 # server. The status codes seen go to build/fuzz-long.json, each test's outcome (with the

@@ -4,9 +4,9 @@
 #
 #   pip install uv && bash requirements/lock.sh          # needs PyPI; UV=/path/to/uv to choose
 #
-# Resolved: the two distributions of this checkout, `vitlens[cli]` (client/) and `vitlens-server`
-# (./), with torch/torchvision held at the Makefile's TORCH_PINS. Left out of the lock, so that the
-# images can take them from the PyTorch wheel index of their build (CPU or CUDA): torch,
+# Resolved: the two distributions of this checkout, `vitlens[cli]` (client/) and
+# `vitlens-server[tracing]` (./: the images can `--tracing`), with torch/torchvision held at the
+# Makefile's TORCH_PINS. Left out of the lock, so that the images can take them from the PyTorch wheel index of their build (CPU or CUDA): torch,
 # torchvision and the CUDA-build packages torch pulls on Linux (triton, nvidia-*, cuda-*). The
 # Dockerfiles install those first, pinned by version, then this lock with --require-hashes, then
 # the two local packages with --no-deps. tests/integration/test_lock.py checks the result.
@@ -19,7 +19,7 @@ pins="$(sed -n 's/^TORCH_PINS ?= //p' Makefile)"
 [[ -n "$pins" ]] || { echo "no TORCH_PINS in Makefile" >&2; exit 1; }
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-printf '%s\n' './client[cli]' . > "$tmp/in.txt"
+printf '%s\n' './client[cli]' '.[tracing]' > "$tmp/in.txt"
 tr ' ' '\n' <<<"$pins" > "$tmp/torch.txt"
 compile=("$uv" pip compile "$tmp/in.txt" --constraint "$tmp/torch.txt" --python-version 3.11
          --python-platform x86_64-manylinux_2_36)

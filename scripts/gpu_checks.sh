@@ -20,7 +20,7 @@
 #   DEVICE=cpu MODEL=vitlens-demo CONCURRENCY=1,4 DURATION=3 ROOF_MAX_BATCH=4 \
 #   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 bash scripts/gpu_checks.sh /tmp/smoke
 # Logs, the updated BENCHMARKS.md and a summary go to OUT_DIR; paste the figures into
-# benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e
+# benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e ./client -e
 # '.[dev]'`. On the device tool's H100/H200 image, which lacks some of them, carry wheels
 # (download them here with `bash scripts/gpu_wheels.sh`, which prints the `run` command line).
 set -uo pipefail

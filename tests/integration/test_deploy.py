@@ -67,8 +67,8 @@ def test_overlays_differ_where_they_should() -> None:
     cpu_container = _deployment(cpu)["spec"]["template"]["spec"]["containers"][0]
     assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "nvidia.com/gpu" not in cpu_container["resources"].get("limits", {})
-    assert gpu_container["image"].endswith(":0.1.0-cuda")
-    assert cpu_container["image"].endswith(":0.1.0-cpu")
+    assert gpu_container["image"].endswith(":0.2.0-cuda")
+    assert cpu_container["image"].endswith(":0.2.0-cpu")
     # the patch merged into the base container: probes and mounts survive, resources replaced
     assert gpu_container["readinessProbe"]["grpc"]["service"] == "vitlens.v1.VitlensService"
     assert {m["name"] for m in gpu_container["volumeMounts"]} >= {"tmp", "models", "tls"}

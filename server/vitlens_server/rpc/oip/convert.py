@@ -134,23 +134,15 @@ def _images(request: pb.ModelInferRequest) -> tuple[ImageInput, ...]:
             field="raw_input_contents",
         )
     _check_image_tensor(tensor, where)
-    array = tensors.decode(
-        tensor, request.raw_input_contents[0] if raw_count else None, where
-    )
+    array = tensors.decode(tensor, request.raw_input_contents[0] if raw_count else None, where)
     if tensor.datatype == "BYTES":
         return tuple(
-            ImageInput(encoded=bytes(data), where=f"{where}[{i}]")
-            for i, data in enumerate(array)
+            ImageInput(encoded=bytes(data), where=f"{where}[{i}]") for i, data in enumerate(array)
         )
-    return tuple(
-        ImageInput(pixels=pixels, where=f"{where}[{i}]")
-        for i, pixels in enumerate(array)
-    )
+    return tuple(ImageInput(pixels=pixels, where=f"{where}[{i}]") for i, pixels in enumerate(array))
 
 
-def _check_image_tensor(
-    tensor: pb.ModelInferRequest.InferInputTensor, where: str
-) -> None:
+def _check_image_tensor(tensor: pb.ModelInferRequest.InferInputTensor, where: str) -> None:
     datatype, shape = tensor.datatype, list(tensor.shape)
     if datatype not in _IMAGE_DATATYPES:
         raise InvalidArgument(
@@ -183,9 +175,7 @@ def _parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
         where = f"parameters[{cut(name, 60)}]"
         kind = parameters[name].WhichOneof("parameter_choice")
         if kind is None:
-            raise InvalidArgument(
-                f"{where} has no value; set one of its fields", field=where
-            )
+            raise InvalidArgument(f"{where} has no value; set one of its fields", field=where)
         value = getattr(parameters[name], kind)
         if name.startswith(OPTION) and len(name) > len(OPTION):
             options[name.removeprefix(OPTION)] = value
@@ -236,9 +226,7 @@ def _outputs(
                 field=where,
             )
         if output.name in names:
-            raise InvalidArgument(
-                f"output {output.name} is asked for twice", field=where
-            )
+            raise InvalidArgument(f"output {output.name} is asked for twice", field=where)
         if output.parameters:
             keys = ", ".join(clip(k, 60) for k in sorted(output.parameters)[:5])
             raise InvalidArgument(
@@ -250,9 +238,7 @@ def _outputs(
     return tuple(names)
 
 
-def explain_query(
-    inf: Inference, num_classes: int, deadline: float | None
-) -> ExplainQuery:
+def explain_query(inf: Inference, num_classes: int, deadline: float | None) -> ExplainQuery:
     target = TargetSpec() if inf.target is None else TargetSpec("index", (inf.target,))
     return ExplainQuery(
         images=inf.images,
@@ -267,12 +253,8 @@ def explain_query(
     )
 
 
-def predict_query(
-    inf: Inference, num_classes: int, deadline: float | None
-) -> PredictQuery:
-    return PredictQuery(
-        images=inf.images, model=inf.model, top_k=num_classes, deadline=deadline
-    )
+def predict_query(inf: Inference, num_classes: int, deadline: float | None) -> PredictQuery:
+    return PredictQuery(images=inf.images, model=inf.model, top_k=num_classes, deadline=deadline)
 
 
 # ------------------------------------------------------------------------------ replies
@@ -290,37 +272,27 @@ def infer_response(
         if isinstance(reply, ExplainReply)
         else _predicted(reply, num_classes)
     )
-    response = pb.ModelInferResponse(
-        model_name=reply.model, model_version=VERSION, id=request.id
-    )
+    response = pb.ModelInferResponse(model_name=reply.model, model_version=VERSION, id=request.id)
     if isinstance(reply, ExplainReply):
         response.parameters["method"].string_param = reply.method
     for name in inf.outputs:
-        tensor, raw = tensors.encode(
-            name, arrays[name], "INT32" if name == "TARGET" else "FP32"
-        )
+        tensor, raw = tensors.encode(name, arrays[name], "INT32" if name == "TARGET" else "FP32")
         response.outputs.append(tensor)
         response.raw_output_contents.append(raw)
     return response
 
 
-def _full_softmax(
-    indices: np.ndarray, probabilities: np.ndarray, num_classes: int
-) -> np.ndarray:
+def _full_softmax(indices: np.ndarray, probabilities: np.ndarray, num_classes: int) -> np.ndarray:
     """(B, k) top-k indices and probabilities (k = every class) → (B, classes) in class order."""
     full = np.zeros((len(indices), num_classes), np.float32)
     np.put_along_axis(full, indices.astype(np.int64), probabilities, axis=1)
     return full
 
 
-def _explained(
-    results: Sequence[ExplainResult], num_classes: int
-) -> dict[str, np.ndarray]:
+def _explained(results: Sequence[ExplainResult], num_classes: int) -> dict[str, np.ndarray]:
     """One B = 1, K = 1 result per image → batched arrays."""
     probabilities = [
-        _full_softmax(r.predictions.indices, r.predictions.probabilities, num_classes)[
-            0
-        ]
+        _full_softmax(r.predictions.indices, r.predictions.probabilities, num_classes)[0]
         for r in results
     ]
     arrays = {
@@ -329,17 +301,13 @@ def _explained(
         "TARGET": np.array([r.targets[0, 0] for r in results]),  # (B,)
     }
     if results[0].relevance is not None:
-        arrays["RELEVANCE"] = np.stack(
-            [r.relevance[0, 0] for r in results]
-        )  # (B, T, T)
+        arrays["RELEVANCE"] = np.stack([r.relevance[0, 0] for r in results])  # (B, T, T)
     return arrays
 
 
 def _predicted(reply: PredictReply, num_classes: int) -> dict[str, np.ndarray]:
     p = reply.predictions
-    probabilities = _full_softmax(
-        p.indices, p.probabilities, num_classes
-    )  # (B, classes)
+    probabilities = _full_softmax(p.indices, p.probabilities, num_classes)  # (B, classes)
     return {"PROBABILITIES": probabilities, "TARGET": probabilities.argmax(axis=1)}
 
 

@@ -126,9 +126,7 @@ def _from_contents(
             "raw_input_contents",
             field=where,
         )
-    others = [
-        name for name in _FIELDS if name != field and getattr(tensor.contents, name)
-    ]
+    others = [name for name in _FIELDS if name != field and getattr(tensor.contents, name)]
     if others:
         raise InvalidArgument(
             f"{where} has datatype {datatype}, whose elements go in contents.{field} (or "
