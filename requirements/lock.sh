@@ -6,10 +6,11 @@
 #
 # Resolved: the two distributions of this checkout, `vitlens[cli]` (client/) and
 # `vitlens-server[tracing]` (./: the images can `--tracing`), with torch/torchvision held at the
-# Makefile's TORCH_PINS. Left out of the lock, so that the images can take them from the PyTorch wheel index of their build (CPU or CUDA): torch,
-# torchvision and the CUDA-build packages torch pulls on Linux (triton, nvidia-*, cuda-*). The
-# Dockerfiles install those first, pinned by version, then this lock with --require-hashes, then
-# the two local packages with --no-deps. tests/integration/test_lock.py checks the result.
+# Makefile's TORCH_PINS. Left out of the lock, so that the images can take them from the PyTorch
+# wheel index of their build (CPU or CUDA): torch, torchvision and the CUDA-build packages torch
+# pulls on Linux (triton, nvidia-*, cuda-*). The Dockerfiles install those first, pinned by
+# version, then this lock with --require-hashes, then the two local packages with --no-deps.
+# tests/integration/test_lock.py checks the result.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
