@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shlex
@@ -146,7 +147,7 @@ def test_proto_loader_silently_drops_a_plain_object_struct_and_to_struct_keeps_i
 
 
 def test_a_large_reply_needs_a_raised_receive_limit(
-    server: RunningServer,
+    server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     code, summary = explain_js(server, *LARGE, *RAISED)
     assert code == 0
@@ -162,6 +163,8 @@ def test_a_large_reply_needs_a_raised_receive_limit(
     assert code == 3
     assert refused["error"]["codeName"] == "RESOURCE_EXHAUSTED"
     assert f"vs {GRPC_DEFAULT_RECEIVE_BYTES})" in refused["error"]["message"]
+    # the client's refusal is the client's doing: no ERROR (nor traceback) in the server's log
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     report(
         "any-language clients",
         f"node explain.js {' '.join(LARGE)}: {summary['bytesReceived'] / 1e6:.2f} MB reply in "

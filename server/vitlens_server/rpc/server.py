@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import grpc
@@ -22,6 +23,34 @@ __all__ = ["SERVICE_NAME", "build_server"]
 
 SERVICE_NAME = vitlens_pb2.DESCRIPTOR.services_by_name["VitlensService"].full_name
 
+# grpc.aio's core logs here, at ERROR with a traceback, when a reply cannot be sent.
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
+class CallerGoneFilter(logging.Filter):
+    """grpc.aio logs ``ExecuteBatchError raised in core`` at ERROR, with a traceback, when a
+    reply cannot be sent because the caller already ended the call: it cancelled, passed its
+    deadline, or reset the stream after its receive limit refused the reply (grpc-js does).
+    That is the caller's doing, not a server fault: it becomes one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if type(error).__name__ == "ExecuteBatchError" and record.levelno >= logging.ERROR:
+            method = record.getMessage().rpartition(" ")[2]  # [/package.Service/Method]
+            record.msg, record.args = (
+                "the caller ended the call %s before its reply was sent",
+                (method,),
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_callers_gone() -> None:
+    logger = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, CallerGoneFilter) for f in logger.filters):
+        logger.addFilter(CallerGoneFilter())
+
 
 def build_server(
     config: ServerConfig,
@@ -36,6 +65,7 @@ def build_server(
 
     ``outer_interceptors`` wrap everything else, in order (tracing: the server span covers the
     whole call, its error mapping included)."""
+    _quiet_callers_gone()
     limit = config.max_message_bytes
     # The first interceptor is the outermost: the authentication refusal is mapped, counted and
     # stamped with a request id like any other error.
