@@ -70,11 +70,12 @@ def _project(path: Path) -> dict:
 
 
 def _runtime_requirements() -> list[Requirement]:
-    """What installing vitlens-server pulls in: its dependencies and, through `vitlens[...]`,
-    the SDK's dependencies and the extras asked for."""
+    """What installing the images' `vitlens-server[tracing]` pulls in: its dependencies, the
+    tracing extra's (so the images can `--tracing`) and, through `vitlens[...]`, the SDK's
+    dependencies and the extras asked for."""
     server, sdk = _project(ROOT / "pyproject.toml"), _project(ROOT / "client/pyproject.toml")
     found = []
-    for text in server["dependencies"]:
+    for text in [*server["dependencies"], *server["optional-dependencies"]["tracing"]]:
         req = Requirement(text)
         if canonicalize_name(req.name) == "vitlens":
             found += [Requirement(t) for t in sdk["dependencies"]]
@@ -101,7 +102,7 @@ def test_the_lock_covers_every_runtime_dependency_at_a_version_allowed() -> None
     entries = _lock()
     requirements = _runtime_requirements()
     names = {canonicalize_name(r.name) for r in requirements}
-    assert {"grpcio", "numpy", "timm", "pillow", "torch"} <= names  # the walk found both trees
+    assert {"grpcio", "numpy", "timm", "pillow", "torch", "opentelemetry-sdk"} <= names
     for req in requirements:
         name = canonicalize_name(req.name)
         if name in TORCH_BUILD:
