@@ -33,6 +33,7 @@ from vitlens_server.explain.graph import (
     read_rows,
     rollout,
     self_attention,
+    self_attention_graph,
 )
 from vitlens_server.explain.graph.rules import normalised_self
 from vitlens_server.explain.graph.vit import recording_maps, vit_graph
@@ -299,6 +300,15 @@ def test_dual_encoder_reads_each_towers_pooled_row() -> None:
                 text_map[b].numpy(), _single_stream_ref(maps[2:], b)[eot[b]], **TIGHT
             )
         assert ("image", "text") not in result.matrices
+        towers = {  # the same, one graph per tower (the towers' batches may then differ)
+            "image": propagate(
+                self_attention_graph("image", 2, prefix=1), _layer_maps(maps[:2]), dtype=None
+            ).read("image")["image"],
+            "text": propagate(
+                self_attention_graph("text", 3, row=None), _layer_maps(maps[2:]), dtype=None
+            ).read("text", rows=eot)["text"],
+        }
+        assert torch.equal(towers["image"], image_map) and torch.equal(towers["text"], text_map)
 
 
 # ---------------------------------------------------------------- zero rows, LRP, dtype

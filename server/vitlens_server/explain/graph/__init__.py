@@ -17,6 +17,7 @@ from vitlens_server.explain.graph.declare import (
     bi,
     cross,
     self_attention,
+    self_attention_graph,
 )
 from vitlens_server.explain.graph.engine import GraphRelevance, LayerMaps, propagate, read_rows
 
@@ -37,4 +38,5 @@ __all__ = [
     "read_rows",
     "rollout",
     "self_attention",
+    "self_attention_graph",
 ]

@@ -50,6 +50,7 @@ __all__ = [
     "bi",
     "cross",
     "self_attention",
+    "self_attention_graph",
 ]
 
 EdgeKind: TypeAlias = Literal["self", "bi", "cross"]
@@ -228,3 +229,30 @@ class AttentionGraph:
             size = self.token_set(readout.queries).size
             if readout.row is not None and size is not None and readout.row >= size:
                 raise ValueError(f"readout {readout.name!r}: row {readout.row} >= {size}")
+
+
+def self_attention_graph(
+    name: str,
+    num_layers: int,
+    *,
+    prefix: int = 0,
+    row: int | None = 0,
+    readout: str | None = None,
+    label: str = "",
+) -> AttentionGraph:
+    """One token set with ``num_layers`` self-attention layers: a ViT, one tower of a dual
+    encoder, a single-stream joint sequence.
+
+    Args:
+        name: the set's name.
+        num_layers: self-attention layers, in forward order.
+        prefix: leading non-input tokens dropped when a row is read (`TokenSet.prefix`).
+        row: the readout row (CLS: 0); None: given with each read (an EOT position).
+        readout: the readout's name; None: ``name``.
+        label: layer labels, formatted with the layer index (e.g. ``"blocks.{}.attn"``).
+    """
+    return AttentionGraph(
+        sets=(TokenSet(name, prefix=prefix),),
+        steps=tuple(self_attention(name, label.format(n)) for n in range(num_layers)),
+        readouts=(Readout(readout or name, name, (name,), row=row),),
+    )

@@ -17,7 +17,7 @@ from functools import cache
 
 from torch import Tensor
 
-from vitlens_server.explain.graph.declare import AttentionGraph, Readout, TokenSet, self_attention
+from vitlens_server.explain.graph.declare import AttentionGraph, self_attention_graph
 from vitlens_server.explain.graph.engine import LayerMaps, propagate
 from vitlens_server.explain.records import Recording
 
@@ -29,10 +29,13 @@ TOKENS = "tokens"
 @cache
 def vit_graph(num_layers: int, num_prefix_tokens: int) -> AttentionGraph:
     """The graph of a timm ViT with ``num_layers`` blocks and P = ``num_prefix_tokens``."""
-    return AttentionGraph(
-        sets=(TokenSet(TOKENS, prefix=num_prefix_tokens),),
-        steps=tuple(self_attention(TOKENS, f"blocks.{layer}.attn") for layer in range(num_layers)),
-        readouts=(Readout("logits", TOKENS, (TOKENS,), row=None),),
+    return self_attention_graph(
+        TOKENS,
+        num_layers,
+        prefix=num_prefix_tokens,
+        row=None,
+        readout="logits",
+        label="blocks.{}.attn",
     )
 
 
