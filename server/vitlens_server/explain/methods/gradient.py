@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from vitlens_server.explain.graph.vit import vit_relevance
 from vitlens_server.explain.params import NoParams
 from vitlens_server.explain.records import Recording
 from vitlens_server.explain.registry import MethodOutput, Pass, register_method
@@ -21,14 +21,12 @@ __all__ = ["generic"]
     "gradient-weighted attention accumulated over the blocks.",
 )
 def generic(rec: Recording, _targets: Tensor, _params: NoParams) -> MethodOutput:
-    """Ā_l = mean_h((∇A_l ⊙ A_l)⁺); R = I; R ← R + Ā_l·R for l = 1..L; map = R[0, P:]."""
-    relevance: Tensor | None = None
-    for layer in range(rec.num_layers):
-        weighted = (rec.attention_grad(layer) * rec.attention(layer)).clamp(min=0).mean(dim=1)
-        if relevance is None:
-            eye = torch.eye(weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
-            relevance = eye.expand_as(weighted).clone()  # (B, N, N)
-        relevance = relevance + weighted @ relevance
+    """Ā_l = mean_h((∇A_l ⊙ A_l)⁺); R = I; R ← R + Ā_l·R for l = 1..L; map = R[0, P:].
+
+    The attention-graph engine on the ViT's graph (one token set, a self-attention layer per
+    block: `vitlens_server.explain.graph.vit`), in the recording's dtype.
+    """
+    relevance = vit_relevance(rec)  # (B, N, N)
     return MethodOutput(rec.readout_map(relevance), relevance)
 
 
