@@ -1,0 +1,441 @@
+"""Train the exemplar CLIP contrastively on generated scenes and their captions, and export it.
+
+``python -m vitlens_server.training.clip_train --out build/clip`` (``--help`` for the schedule).
+Every step renders fresh scenes from the "train" seeds (a function of the step: a resumed run
+sees the same data as an uninterrupted one), a mix of one- and two-object scenes, each with one
+of its captions drawn at random. The loss is CLIP's symmetric InfoNCE with a learnable
+temperature, where every caption of the batch that is *true* of an image (``Caption.true_of``:
+"a photo of a star." for every star) is one of its positives. The image tower starts from the
+demo classifier and learns at a lower rate. Most steps run at ``low_res`` px with the position
+embedding resampled (`low_resolution`), then the rest at the model's 224 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlens_server.data import SceneConfig, render_scene, split_seeds
+from vitlens_server.data.captions import Caption, scene_captions, scene_facts
+from vitlens_server.data.shapes import CLASSES
+from vitlens_server.models.default import DEMO_WEIGHTS
+from vitlens_server.training.accuracy import to_model_input
+from vitlens_server.training.clip_eval import PROMPT_TEMPLATE, evaluate_clip
+from vitlens_server.training.clip_export import CLIP_ASSET_DIR, export_clip
+from vitlens_server.training.clip_model import (
+    CLIP_MODEL_CFG,
+    MEAN,
+    STD,
+    build_clip,
+    low_resolution,
+    tokenizer,
+)
+from vitlens_server.training.train import _device_name, resolve_precision
+
+__all__ = ["ClipTrainConfig", "contrastive_loss", "main", "make_batch", "train_clip"]
+
+log = logging.getLogger("vitlens.clip_train")
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    """Hyper-parameters of a run; steps count batches of ``batch_size`` scenes."""
+
+    out: Path = Path("build/clip")  # checkpoint directory
+    export_dir: Path | None = CLIP_ASSET_DIR
+    model_cfg: dict[str, Any] = field(default_factory=lambda: CLIP_MODEL_CFG)
+    demo_weights: Path | None = DEMO_WEIGHTS
+    seed: int = 0
+    low_res: int = 112
+    low_res_steps: int = 1800
+    full_res_steps: int = 150
+    batch_size: int = 96
+    lr: float = 7e-4  # text tower, projections and temperature
+    visual_lr: float = 2e-4  # the pretrained image trunk
+    min_lr_fraction: float = 0.05
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    two_object_fraction: float = 0.3  # share of scenes with two objects
+    eval_every: int = 200  # steps between quick evaluations on the "val" split (0: none)
+    eval_count: int = 200
+    final_eval_count: int = 500
+    precision: str = "auto"
+    checkpoint_every_s: float = 240.0
+
+    @property
+    def total_steps(self) -> int:
+        return self.low_res_steps + self.full_res_steps
+
+    @property
+    def full_res(self) -> int:
+        return int(self.model_cfg["vision_cfg"]["image_size"])
+
+
+def make_batch(
+    config: ClipTrainConfig, step: int, size: int
+) -> tuple[np.ndarray, list[Caption], np.ndarray]:
+    """Scenes and captions of ``step``: images (B, S, S, 3) uint8, B captions (one per image),
+    and positives (B, B) bool: ``[i, j]`` when caption j is true of image i."""
+    batch = config.batch_size
+    seeds = split_seeds("train", batch, base_seed=step * batch)
+    rng = np.random.default_rng([config.seed, step])
+    two = rng.random(batch) < config.two_object_fraction
+    scene_config = SceneConfig(size=size)
+    scenes = [
+        render_scene(s, two_object=bool(t), config=scene_config)
+        for s, t in zip(seeds, two, strict=True)
+    ]
+    captions = []
+    for scene, pick in zip(scenes, rng.random(batch), strict=True):
+        options = scene_captions(scene)
+        captions.append(options[int(pick * len(options))])
+    facts = [scene_facts(scene) for scene in scenes]
+    positives = np.array([[c.true_of(f) for c in captions] for f in facts])  # (B, B)
+    return np.stack([s.image for s in scenes]), captions, positives
+
+
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE with several positives: unit embeddings image (B, E), text (B, E),
+    log-temperature () and positives (B, B) bool (``[i, j]``: text j describes image i; the
+    diagonal is true). Each direction's target spreads evenly over the positives."""
+    logits = logit_scale.exp() * image @ text.T  # (B, B)
+    targets = positives.float()
+    image_to_text = -(F.log_softmax(logits, 1) * targets / targets.sum(1, keepdim=True)).sum(1)
+    text_to_image = -(F.log_softmax(logits, 0) * targets / targets.sum(0, keepdim=True)).sum(0)
+    return (image_to_text.mean() + text_to_image.mean()) / 2
+
+
+class _Tokens:
+    """A cache of token rows: captions repeat across steps."""
+
+    def __init__(self, model_cfg: dict[str, Any]) -> None:
+        self.tokenize = tokenizer(model_cfg)
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in self.rows]
+        if new:
+            self.rows.update(zip(new, self.tokenize(new), strict=True))
+        return torch.stack([self.rows[t] for t in texts])  # (T, L)
+
+
+def _optimizer(model: open_clip.CLIP, config: ClipTrainConfig) -> torch.optim.AdamW:
+    """Four groups: (trunk | rest) x (decay | no decay); the visual projection is new, so it
+    learns at the full rate. No decay for 1-d tensors, embeddings and the temperature."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        trunk = name.startswith("visual.") and name != "visual.proj"
+        decay = param.ndim > 1 and "embedding" not in name and name != "logit_scale"
+        groups.setdefault((trunk, decay), []).append(param)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "weight_decay": config.weight_decay if decay else 0.0,
+                "base_lr": config.visual_lr if trunk else config.lr,
+            }
+            for (trunk, decay), params in sorted(groups.items())
+        ],
+        lr=config.lr,
+    )
+
+
+def _lr_factor(config: ClipTrainConfig, step: int) -> float:
+    """Linear warmup, then cosine down to ``min_lr_fraction``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
+    floor = config.min_lr_fraction
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_clip(
+    config: ClipTrainConfig,
+    command: str = "",
+    *,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    max_seconds: float | None = None,
+    export_now: bool = False,
+) -> dict[str, Any] | None:
+    """Train, evaluate on held-out scenes and export; returns the exported metadata, or None
+    when ``stop_at_step``/``max_seconds`` stopped the run first (with a checkpoint in
+    ``config.out``: rerun with ``resume`` to continue). ``export_now`` skips the remaining steps:
+    it evaluates and exports the resumed checkpoint as it is (the metadata records its step)."""
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    model = build_clip(config.model_cfg, demo_weights=config.demo_weights, seed=config.seed)
+    optimizer = _optimizer(model, config)
+    tokens = _Tokens(config.model_cfg)
+    checkpoint = config.out / "clip.ckpt"
+    step, elapsed_s, curve = 0, 0.0, []
+    if resume and checkpoint.is_file():
+        step, elapsed_s, curve = load_checkpoint(checkpoint, model, optimizer, config)
+        log.info("resumed from %s at step %d", checkpoint, step)
+    log.info(
+        "training on %s in %s from step %d of %d",
+        _device_name(torch.device("cpu")),
+        precision,
+        step,
+        config.total_steps,
+    )
+    started = time.perf_counter() - elapsed_s
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+    last_save = window_start = time.perf_counter()
+    window_loss, window_steps = 0.0, 0
+    model.train()
+    while step < config.total_steps and not export_now:
+        size = config.low_res if step < config.low_res_steps else config.full_res
+        images, captions, positives = make_batch(config, step, size)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * _lr_factor(config, step)
+        x = to_model_input(images, MEAN, STD, torch.device("cpu"))  # (B, 3, S, S)
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            with _at_size(model.visual, size, config.full_res):
+                image = model.encode_image(x, normalize=True).float()
+            text = model.encode_text(tokens([c.text for c in captions]), normalize=True).float()
+        loss = contrastive_loss(image, text, model.logit_scale, torch.from_numpy(positives))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        window_loss, window_steps = window_loss + loss.item(), window_steps + 1
+        if step % 20 == 0 or step == config.total_steps:
+            now = time.perf_counter()
+            rate = window_steps * config.batch_size / (now - window_start)
+            log.info(
+                "step %d/%d  %dpx  loss %.3f  T %.1f  lr %.1e  %.0f img/s  eta %.1f min",
+                step,
+                config.total_steps,
+                size,
+                window_loss / window_steps,
+                model.logit_scale.exp().item(),
+                optimizer.param_groups[0]["lr"],
+                rate,
+                _eta_s(config, step, rate) / 60,
+            )
+            window_loss, window_steps, window_start = 0.0, 0, now
+        if config.eval_every and step % config.eval_every == 0:
+            model.eval()
+            metrics = evaluate_clip(
+                model, tokens, count=config.eval_count, split="val", size=config.full_res
+            )
+            model.train()
+            minutes = (time.perf_counter() - started) / 60
+            curve.append(
+                {
+                    "step": step,
+                    "images": step * config.batch_size,
+                    "minutes": round(minutes, 1),
+                    **metrics.as_dict(),
+                }
+            )
+            log.info("val @ step %d: %s", step, json.dumps(curve[-1]))
+            window_start = time.perf_counter()
+        stop = step == stop_at_step or (deadline is not None and time.perf_counter() > deadline)
+        due = time.perf_counter() - last_save > config.checkpoint_every_s
+        if stop or due or step == config.total_steps:
+            save_checkpoint(
+                checkpoint, model, optimizer, config, step, time.perf_counter() - started, curve
+            )
+            last_save = time.perf_counter()
+        if stop and step < config.total_steps:
+            log.info("stopped at step %d; continue with --resume", step)
+            return None
+
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    with torch.no_grad():  # evaluate what the export stores: fp16-rounded weights
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    metrics = evaluate_clip(
+        model, tokens, count=config.final_eval_count, split="test", size=config.full_res
+    )
+    log.info("held-out (test) metrics: %s", json.dumps(metrics.as_dict()))
+    metadata = _metadata(config, command, precision, train_seconds, metrics.as_dict(), curve)
+    metadata["steps_done"] = step
+    if config.export_dir is not None:
+        export_clip(model, config.export_dir, model_cfg=config.model_cfg, metadata=metadata)
+        log.info("exported to %s", config.export_dir)
+    return metadata
+
+
+def _at_size(visual: nn.Module, size: int, full_res: int):
+    return low_resolution(visual, size) if size != full_res else contextlib.nullcontext()
+
+
+def _eta_s(config: ClipTrainConfig, step: int, rate: float) -> float:
+    """Seconds left: 224 px steps assumed 4x as slow as low-resolution ones."""
+    low_left = max(0, config.low_res_steps - step)
+    full_left = config.total_steps - max(step, config.low_res_steps)
+    slowdown = 1.0 if step >= config.low_res_steps else 4.0
+    return (low_left + full_left * slowdown) * config.batch_size / max(rate, 1e-9)
+
+
+def _metadata(config, command, precision, train_seconds, metrics, curve) -> dict[str, Any]:
+    return {
+        "labels": list(CLASSES),
+        "prompt_template": PROMPT_TEMPLATE.replace("{}", "{shape}"),
+        "mean": list(MEAN),
+        "std": list(STD),
+        "image_size": config.full_res,
+        "weights_dtype": "float16 (open_clip's loader copies them into its float32 model)",
+        "training_command": command,
+        "seed": config.seed,
+        "train_seeds": f"split 'train' (seeds 0 .. {config.total_steps * config.batch_size - 1})",
+        "eval_seeds": f"split 'test' ({config.final_eval_count} scenes from seed 20000000)",
+        "curve_seeds": "split 'val' (seeds from 10000000)",
+        "image_tower_init": "vitlens-demo.safetensors (key mapping: clip_model.demo_to_open_clip)",
+        "schedule": f"{config.low_res_steps} steps at {config.low_res}px + {config.full_res_steps}"
+        f" at {config.full_res}px, batch {config.batch_size}, AdamW lr {config.lr} (image trunk "
+        f"{config.visual_lr}), wd {config.weight_decay}, warmup {config.warmup_steps} + cosine; "
+        f"{config.two_object_fraction:.0%} two-object scenes",
+        "steps": config.total_steps,
+        "train_images": config.total_steps * config.batch_size,
+        "train_seconds": round(train_seconds, 1),
+        "device": _device_name(torch.device("cpu")),
+        "precision": precision,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "eval_split": "test",
+        "metrics": metrics,
+        "curve": curve,
+    }
+
+
+def _config_key(config: ClipTrainConfig) -> str:
+    """What must match for a checkpoint to be resumed (not where it is written, nor evals)."""
+    fields = dataclasses.asdict(config)
+    for where in (
+        "out",
+        "export_dir",
+        "precision",
+        "eval_every",
+        "eval_count",
+        "final_eval_count",
+        "checkpoint_every_s",
+        "demo_weights",
+    ):
+        fields.pop(where)
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: ClipTrainConfig,
+    step: int,
+    elapsed_s: float,
+    curve: list[dict[str, Any]],
+) -> None:
+    """Model, optimiser, step, time, curve and torch RNG state; written atomically."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "elapsed_s": elapsed_s,
+        "curve": curve,
+        "rng": torch.get_rng_state(),
+        "config": _config_key(config),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: ClipTrainConfig
+) -> tuple[int, float, list[dict[str, Any]]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != _config_key(config):
+        raise SystemExit(f"{path} was written with other hyper-parameters ({state['config']})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"]), float(state["elapsed_s"]), list(state["curve"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = ClipTrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m vitlens_server.training.clip_train", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--out", type=Path, default=d.out, help="checkpoint directory")
+    parser.add_argument("--export-dir", type=Path, default=d.export_dir)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--low-res", type=int, default=d.low_res)
+    parser.add_argument("--low-res-steps", type=int, default=d.low_res_steps)
+    parser.add_argument("--full-res-steps", type=int, default=d.full_res_steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--visual-lr", type=float, default=d.visual_lr)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--eval-count", type=int, default=d.eval_count)
+    parser.add_argument("--final-eval-count", type=int, default=d.final_eval_count)
+    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/clip.ckpt")
+    parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this long")
+    parser.add_argument(
+        "--export-now",
+        action="store_true",
+        help="with --resume: evaluate and export the checkpoint as it is",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    config = ClipTrainConfig(
+        out=args.out,
+        export_dir=args.export_dir,
+        seed=args.seed,
+        low_res=args.low_res,
+        low_res_steps=args.low_res_steps,
+        full_res_steps=args.full_res_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        visual_lr=args.visual_lr,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        eval_count=args.eval_count,
+        final_eval_count=args.final_eval_count,
+        precision=args.precision,
+    )
+    command = "python -m vitlens_server.training.clip_train " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
+    metadata = train_clip(
+        config, command, resume=args.resume, max_seconds=max_seconds, export_now=args.export_now
+    )
+    if metadata is not None:
+        print(json.dumps(metadata["metrics"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The exemplar CLIP's pieces on tiny sizes: weight mapping, loss, resumable training, export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vitlens_server.models.default import DEMO_ARCHITECTURE, DEMO_KWARGS, DEMO_WEIGHTS
+from vitlens_server.training.clip_export import export_clip, load_clip
+from vitlens_server.training.clip_model import build_clip, low_resolution, tokenizer
+from vitlens_server.training.clip_train import (
+    ClipTrainConfig,
+    contrastive_loss,
+    make_batch,
+    train_clip,
+)
+
+TINY_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {
+        "image_size": 64,
+        "patch_size": 16,
+        "width": 32,
+        "layers": 1,
+        "head_width": 16,
+        "no_ln_pre": True,
+        "pool_type": "tok",
+    },
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+}
+
+
+def _tiny_config(out: Path, **overrides) -> ClipTrainConfig:
+    fields = {
+        "out": out,
+        "export_dir": None,
+        "model_cfg": TINY_CFG,
+        "demo_weights": None,
+        "low_res": 32,
+        "low_res_steps": 3,
+        "full_res_steps": 1,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "eval_every": 0,
+        "final_eval_count": 8,
+        "precision": "fp32",
+    }
+    return ClipTrainConfig(**(fields | overrides))
+
+
+def test_demo_weights_map_onto_the_open_clip_tower():
+    clip = build_clip().eval()
+    demo = timm.create_model(DEMO_ARCHITECTURE, **DEMO_KWARGS).eval()
+    demo.load_state_dict({k: v.float() for k, v in load_file(str(DEMO_WEIGHTS)).items()})
+    x = torch.randn(2, 3, 224, 224)
+    proj, clip.visual.proj = clip.visual.proj, None
+    try:
+        with torch.no_grad():
+            expected = demo.forward_head(demo.forward_features(x), pre_logits=True)  # (2, 192)
+            assert torch.allclose(clip.visual(x), expected, atol=1e-4)
+    finally:
+        clip.visual.proj = proj
+
+
+def test_contrastive_loss_by_hand():
+    # Two orthonormal pairs, scale e^0 = 1: each row's softmax is (e, 1) / (e + 1).
+    image = torch.eye(2)
+    loss = contrastive_loss(image, image, torch.tensor(0.0), torch.eye(2, dtype=torch.bool))
+    assert loss.item() == pytest.approx(-math.log(math.e / (math.e + 1)))
+    # Both texts true of both images: the target is uniform over the row; with logits
+    # diag(s, s), s = e^2, the loss is -(log p_same + log p_other) / 2 = s / 2 + log(1 + e^-s).
+    everything = torch.ones(2, 2, dtype=torch.bool)
+    s = math.exp(2.0)
+    expected = s / 2 + math.log(1 + math.exp(-s))
+    loss = contrastive_loss(image, image, torch.tensor(2.0), everything)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_batches_are_a_function_of_the_step(tmp_path):
+    config = _tiny_config(tmp_path)
+    images, captions, positives = make_batch(config, 5, 32)
+    again = make_batch(config, 5, 32)
+    assert images.shape == (8, 32, 32, 3) and (images == again[0]).all()
+    assert [c.text for c in captions] == [c.text for c in again[1]]
+    assert positives.shape == (8, 8) and positives.diagonal().all()
+
+
+def test_low_resolution_restores_the_parameter_and_passes_gradients():
+    clip = build_clip(TINY_CFG, demo_weights=None)
+    param = clip.visual.positional_embedding
+    with low_resolution(clip.visual, 32):
+        assert clip.visual.positional_embedding.shape == (1 + 4, 32)
+        clip.encode_image(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert clip.visual.positional_embedding is param and param.grad.abs().sum() > 0
+
+
+def test_resume_continues_exactly_and_training_is_finite(tmp_path):
+    whole = train_clip(_tiny_config(tmp_path / "whole"))
+    assert whole is not None and all(math.isfinite(v) for v in whole["metrics"].values())
+    split = _tiny_config(tmp_path / "split")
+    assert train_clip(split, stop_at_step=2) is None
+    train_clip(split, resume=True)
+    a = torch.load(tmp_path / "whole" / "clip.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "clip.ckpt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_export_loads_back_in_open_clip_with_the_same_embeddings(tmp_path):
+    model = build_clip(TINY_CFG, demo_weights=None).eval()
+    with torch.no_grad():  # the export stores fp16: compare with the rounded weights
+        for tensor in model.state_dict().values():
+            tensor.copy_(tensor.half().float())
+    export_clip(model, tmp_path, model_cfg=TINY_CFG, metadata={"note": "test"})
+    loaded, preprocess, tokenize, metadata = load_clip(tmp_path)
+    assert metadata == {"note": "test"}
+    pixels = preprocess(Image.fromarray(np.full((80, 100, 3), 255, np.uint8)))
+    assert pixels.shape == (3, 64, 64) and torch.allclose(pixels, torch.ones_like(pixels))
+    images = torch.randn(2, 3, 64, 64)
+    texts = tokenize(["a photo of a star.", "a red ring on the left."])
+    assert torch.equal(
+        texts, tokenizer(TINY_CFG)(["a photo of a star.", "a red ring on the left."])
+    )
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(images), model.encode_image(images), atol=1e-6)
+        assert torch.allclose(loaded.encode_text(texts), model.encode_text(texts), atol=1e-6)
