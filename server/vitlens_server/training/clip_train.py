@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
-import os
 import shlex
 import sys
 import time
@@ -37,6 +35,7 @@ from vitlens_server.data.captions import Caption, scene_captions, scene_facts
 from vitlens_server.data.shapes import CLASSES
 from vitlens_server.models.default import DEMO_WEIGHTS
 from vitlens_server.training.accuracy import to_model_input
+from vitlens_server.training.clip_checkpoint import config_key, load_checkpoint, save_checkpoint
 from vitlens_server.training.clip_eval import PROMPT_TEMPLATE, evaluate_clip
 from vitlens_server.training.clip_export import CLIP_ASSET_DIR, export_clip
 from vitlens_server.training.clip_model import (
@@ -188,7 +187,9 @@ def train_clip(
     checkpoint = config.out / "clip.ckpt"
     step, elapsed_s, curve = 0, 0.0, []
     if resume and checkpoint.is_file():
-        step, elapsed_s, curve = load_checkpoint(checkpoint, model, optimizer, config)
+        step, elapsed_s, curve = load_checkpoint(
+            checkpoint, model, optimizer, config_key(config, _NOT_RESUME_KEYS)
+        )
         log.info("resumed from %s at step %d", checkpoint, step)
     log.info(
         "training on %s in %s from step %d of %d",
@@ -256,9 +257,9 @@ def train_clip(
         stop = step == stop_at_step or (deadline is not None and time.perf_counter() > deadline)
         due = time.perf_counter() - last_save > config.checkpoint_every_s
         if stop or due or step == config.total_steps:
-            save_checkpoint(
-                checkpoint, model, optimizer, config, step, time.perf_counter() - started, curve
-            )
+            elapsed = time.perf_counter() - started
+            key = config_key(config, _NOT_RESUME_KEYS)
+            save_checkpoint(checkpoint, model, optimizer, key, step, elapsed, curve)
             last_save = time.perf_counter()
         if stop and step < config.total_steps:
             log.info("stopped at step %d; continue with --resume", step)
@@ -325,58 +326,17 @@ def _metadata(config, command, precision, train_seconds, metrics, curve) -> dict
     }
 
 
-def _config_key(config: ClipTrainConfig) -> str:
-    """What must match for a checkpoint to be resumed (not where it is written, nor evals)."""
-    fields = dataclasses.asdict(config)
-    for where in (
-        "out",
-        "export_dir",
-        "precision",
-        "eval_every",
-        "eval_count",
-        "final_eval_count",
-        "checkpoint_every_s",
-        "demo_weights",
-    ):
-        fields.pop(where)
-    return json.dumps(fields, sort_keys=True, default=str)
-
-
-def save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: ClipTrainConfig,
-    step: int,
-    elapsed_s: float,
-    curve: list[dict[str, Any]],
-) -> None:
-    """Model, optimiser, step, time, curve and torch RNG state; written atomically."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "elapsed_s": elapsed_s,
-        "curve": curve,
-        "rng": torch.get_rng_state(),
-        "config": _config_key(config),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: ClipTrainConfig
-) -> tuple[int, float, list[dict[str, Any]]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["config"] != _config_key(config):
-        raise SystemExit(f"{path} was written with other hyper-parameters ({state['config']})")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"]), float(state["elapsed_s"]), list(state["curve"])
+# Fields that a resumed run may change: where it writes, how it evaluates and reports.
+_NOT_RESUME_KEYS = (
+    "out",
+    "export_dir",
+    "precision",
+    "eval_every",
+    "eval_count",
+    "final_eval_count",
+    "checkpoint_every_s",
+    "demo_weights",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
