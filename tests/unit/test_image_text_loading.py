@@ -112,27 +112,27 @@ def test_open_clip_directory_matches_open_clip(vit_dir) -> None:
     assert not model.module.training
 
 
-@pytest.mark.slow  # builds a 12-block ViT-Tiny twice (~5 s on 2 cores)
 def test_open_clip_stock_timm_tower_matches_open_clip(tmp_path) -> None:
-    """A timm tower as stock open_clip names it (vit_tiny_patch16_224, default avg pooling)."""
+    """A timm tower as stock open_clip configs name it (timm's 6-block test_vit at 160 px; the
+    default timm_pool is avg)."""
     cfg = {
         "embed_dim": 24,
-        "vision_cfg": {"image_size": 224, "timm_model_name": "vit_tiny_patch16_224"},
+        "vision_cfg": {"image_size": 160, "timm_model_name": "test_vit"},
         "text_cfg": VIT_CFG["text_cfg"],
     }
     module = build_open_clip_module(cfg)
     path = write_open_clip_dir(tmp_path / "timm", cfg, module)
     model = load_image_text_model(f"open_clip:{path}")
     ref = open_clip.create_model(f"local-dir:{path}").eval()
-    x = _pixels(1, 224)
+    x = _pixels(1, 160)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_images(x), ref.encode_image(x, normalize=True))
     graph = model.image_graph
     assert (graph.num_layers, graph.num_heads, graph.num_tokens, graph.grid) == (
-        12,
-        3,
-        197,
-        (14, 14),
+        6,
+        2,
+        101,
+        (10, 10),
     )
     assert graph.readout == "avg"  # CLIPVisionCfg.timm_pool defaults to avg: the patch rows
 
@@ -232,6 +232,26 @@ def test_hf_clip_directory_matches_transformers(hf_dir) -> None:
     assert model.image_graph.num_tokens == 17 and model.text_graph.num_tokens == CONTEXT
 
 
+@pytest.mark.slow  # the exemplar's 224 px tower, built by it and by open_clip (~3-6 s)
+def test_the_exemplar_clip_export_loads(tmp_path) -> None:
+    """The exemplar CLIP (training/clip_model.py: the demo ViT copied into open_clip's
+    VisionTransformer), as clip_export writes it (fp16 tensors), equals open_clip's own load."""
+    from vitlens_server.training.clip_export import export_clip, load_clip
+    from vitlens_server.training.clip_model import CLIP_MODEL_CFG, build_clip
+
+    export_clip(build_clip().eval(), tmp_path / "ex", model_cfg=CLIP_MODEL_CFG, metadata={})
+    model = load_image_text_model(f"open_clip:{tmp_path / 'ex'}")
+    ref, _, tokenizer, _ = load_clip(tmp_path / "ex")
+    tokens = model.tokenize(TEXTS[:2])
+    torch.testing.assert_close(tokens.ids, tokenizer(TEXTS[:2]), rtol=0, atol=0)
+    x = _pixels(2, 224)
+    with torch.no_grad():
+        logits = model.similarity(model.encode_images(x), model.encode_texts(tokens))
+        torch.testing.assert_close(logits, ref.get_logits(x, tokens.ids)[0])
+    assert model.image_graph.num_layers == 6 and model.image_graph.grid == (14, 14)
+    assert model.preprocess.mean == (0.5, 0.5, 0.5)
+
+
 # --- refusals --------------------------------------------------------------------------------
 
 
@@ -255,6 +275,14 @@ def test_resnet_and_convnext_towers_are_refused(tmp_path) -> None:
         load_image_text_model(f"open_clip:{path}")
     with pytest.raises(ImageTextLoadError, match="ResNet"):
         load_image_text_model(f"open_clip:RN50:{tmp_path / 'rn' / 'open_clip_model.safetensors'}")
+
+    qk_norm = copy.deepcopy(VIT_CFG)
+    qk_norm["vision_cfg"]["qk_norm"] = True  # open_clip's "custom" block and Attention
+    from open_clip.model import CLIP
+
+    path = write_open_clip_dir(tmp_path / "qk", qk_norm, CLIP(**qk_norm))
+    with pytest.raises(ImageTextLoadError, match=r"custom attention blocks .* not supported"):
+        load_image_text_model(f"open_clip:{path}")
 
 
 def test_missing_files_are_named(tmp_path, vit_dir) -> None:

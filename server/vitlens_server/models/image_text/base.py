@@ -4,7 +4,7 @@ An adapter owns one library model in eval mode on its device, with its weights f
 encodes normalised pixels and token ids into L2-normalised embeddings, scores them as the model
 defines (``logit_scale.exp() · cosine (+ logit_bias)``), tokenizes texts, knows its
 preprocessing and the attention graph of each tower, and records both towers' attention
-(`ImageTextModel.record`, `capture.capture`).
+(`ImageTextModel.record`, `recording.capture`).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class ImageTextModel(ABC):
         rec = self._fresh(self._image_hooks)
         features = self._image_features(pixels)  # (B, D)
         if rec is not None:
-            rec.read_rows = self._image_read_rows.to(features.dtype).expand(len(pixels), -1)
+            rec.read_rows = self._image_read_rows.to(features).expand(len(pixels), -1)
         return F.normalize(features, dim=-1)
 
     def encode_texts(self, ids: Tensor | TokenizedTexts, valid: Tensor | None = None) -> Tensor:
@@ -167,7 +167,7 @@ class ImageTextModel(ABC):
         features = self._text_features(ids, valid)  # (M, D)
         if rec is not None:
             rows = self.pooled_index(ids)
-            rec.read_rows = F.one_hot(rows, ids.shape[1]).to(features.dtype)
+            rec.read_rows = F.one_hot(rows, ids.shape[1]).to(features)
         return F.normalize(features, dim=-1)
 
     def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
@@ -181,7 +181,7 @@ class ImageTextModel(ABC):
         """Record both towers' attention for the passes this thread runs in the block.
 
         Each tower may run once per recording. The passes build a graph from the first attention
-        output on (when grad is enabled), so `capture.ImageTextCapture.gradients` can take
+        output on (when grad is enabled), so `recording.ImageTextCapture.gradients` can take
         ∂y/∂O of every layer.
         """
         with ExitStack() as stack:

@@ -66,7 +66,7 @@ class HfClipModel(ImageTextModel):
             preprocess=preprocess,
             image_hooks=image_hooks,
             text_hooks=text_hooks,
-            image_read_rows=readout_weights(image_graph.num_tokens, 0).to(module.device),
+            image_read_rows=readout_weights(image_graph.num_tokens, 0),
             embed_dim=int(module.config.projection_dim),
         )
 

@@ -74,15 +74,14 @@ class OpenClipModel(ImageTextModel):
         text = module.text if isinstance(module, CustomTextCLIP) else module
         self._text_pool = text.pool_type if hasattr(text, "pool_type") else module.text_pool_type
         self._eos_id = getattr(text, "eos_id", getattr(module, "text_eos_id", None))
+        tokenizer = OpenClipBpeTokenizer(
+            text.context_length, **(text_cfg.get("tokenizer_kwargs") or {})
+        )
         image_hooks, image_rows = _image_tower(module.visual)
-        text_hooks = _text_tower(text, self._text_pool)
         try:
-            tokenizer = OpenClipBpeTokenizer(
-                text.context_length, **(text_cfg.get("tokenizer_kwargs") or {})
-            )
+            text_hooks = _text_tower(text, self._text_pool)
         except BaseException:
             image_hooks.close()
-            text_hooks.close()
             raise
         super().__init__(
             module,
@@ -91,7 +90,7 @@ class OpenClipModel(ImageTextModel):
             preprocess=preprocess,
             image_hooks=image_hooks,
             text_hooks=text_hooks,
-            image_read_rows=image_rows.to(next(module.parameters()).device),
+            image_read_rows=image_rows,
             embed_dim=int(model_cfg["embed_dim"]),
         )
 
@@ -134,14 +133,19 @@ def load_open_clip(source: ImageTextSource, *, device: str = "cpu") -> OpenClipM
         model_cfg, preprocess_cfg, weights = _builtin(source.architecture), {}, source.path
     tensors = read_tensors(weights)  # first: a missing or unsafe file fails before any build
     module = build_open_clip(model_cfg)
-    if isinstance(module, CustomTextCLIP) and "text_projection" in tensors:
-        tensors = _to_custom_text(tensors)
-    if "logit_scale" in tensors:
-        tensors["logit_scale"] = tensors["logit_scale"].reshape(module.logit_scale.shape)
-    load_strict(module, tensors, weights, f"the open_clip model of {source}")
-    module.eval().requires_grad_(False).to(device)
     preprocess = _preprocess(module.visual, preprocess_cfg)
-    return OpenClipModel(module, source=str(source), preprocess=preprocess, model_cfg=model_cfg)
+    model = OpenClipModel(module, source=str(source), preprocess=preprocess, model_cfg=model_cfg)
+    try:  # the towers are supported (the adapter refuses others): load the weights
+        if isinstance(module, CustomTextCLIP) and "text_projection" in tensors:
+            tensors = _to_custom_text(tensors)
+        if "logit_scale" in tensors:
+            tensors["logit_scale"] = tensors["logit_scale"].reshape(module.logit_scale.shape)
+        load_strict(module, tensors, weights, f"the open_clip model of {source}")
+    except BaseException:
+        model.close()
+        raise
+    module.eval().requires_grad_(False).to(device)
+    return model
 
 
 def build_open_clip(model_cfg: dict[str, Any]) -> nn.Module:

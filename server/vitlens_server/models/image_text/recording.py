@@ -86,6 +86,8 @@ def capture(
         texts: M tokenized texts (`ImageTextModel.tokenize`).
         gradients: build the graph for `ImageTextCapture.gradients`; otherwise no graph.
     """
+    if gradients and torch.is_inference_mode_enabled():
+        raise RuntimeError("capture(gradients=True) cannot run under torch.inference_mode()")
     with model.record() as rec, torch.set_grad_enabled(gradients):
         image_embeds = model.encode_images(pixels)  # (B, D)
         text_embeds = model.encode_texts(texts)  # (M, D)
