@@ -11,6 +11,7 @@ ViTs the engine must reproduce `generic` bit for bit (the loop it had before the
 from __future__ import annotations
 
 import ast
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -384,6 +385,23 @@ def test_dtype_float32_by_default_float64_on_request_and_inputs_unchanged() -> N
     torch.testing.assert_close(single.double(), double, rtol=1e-5, atol=1e-6)
     for m, (a, g) in zip(layer_maps, copies, strict=True):
         assert torch.equal(m.attention, a) and torch.equal(m.gradient, g)
+
+
+def test_maps_are_consumed_one_layer_at_a_time() -> None:
+    """A generator's maps are released before the next layer's are asked for (memory: one
+    layer's A and ∂y/∂A at a time, as `generic` had)."""
+    alive: list[weakref.ref] = []
+
+    def lazy():
+        for attn, grad in _maps(14, _lxmert_shapes()):
+            assert all(ref() is None for ref in alive)
+            found = LayerMaps(torch.from_numpy(attn), torch.from_numpy(grad))
+            alive[:] = [weakref.ref(found.attention), weakref.ref(found.gradient)]
+            yield found
+            del found
+
+    propagate(_lxmert_graph(), lazy())
+    assert len(alive) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -143,14 +143,7 @@ def propagate(
     for step in graph.steps:
         additions: list[tuple[Pair, Tensor]] = []
         for edge in step:
-            layer = next(supplied, None)
-            if layer is None:
-                raise ValueError(f"maps ran out before {edge.describe()}")
-            if layer.gradient is None:
-                raise ValueError(f"{edge.describe()}: the engine needs ∂y/∂A")
-            attention, gradient = _cast(layer, dtype)
-            state.check(edge, attention, gradient)
-            additions += state.updates(edge, head_mean(attention, gradient))
+            additions += state.updates(edge, state.weighted(edge, next(supplied, None), dtype))
         state.apply(additions)
     if next(supplied, None) is not None:
         raise ValueError(f"more maps than the graph's {len(graph.edges)} edges")
@@ -165,6 +158,18 @@ class _State:
         self.matrices: dict[Pair, Tensor] = {}
         self.sizes: dict[str, int] = {}
         self.batch: int | None = None
+
+    def weighted(
+        self, edge: AttentionEdge, layer: LayerMaps | None, dtype: torch.dtype | None
+    ) -> Tensor:
+        """Ā (B, q, k) of one edge's checked maps (Eq. 5); the maps are not kept."""
+        if layer is None:
+            raise ValueError(f"maps ran out before {edge.describe()}")
+        if layer.gradient is None:
+            raise ValueError(f"{edge.describe()}: the engine needs ∂y/∂A")
+        attention, gradient = _cast(layer, dtype)
+        self.check(edge, attention, gradient)
+        return head_mean(attention, gradient)
 
     def check(self, edge: AttentionEdge, attention: Tensor, gradient: Tensor) -> None:
         """Shapes: A and ∂y/∂A (B, h, |q|, |k|), B and the set sizes as seen so far."""
