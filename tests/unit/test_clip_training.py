@@ -17,6 +17,8 @@ from vitlens_server.training.clip_export import export_clip, load_clip
 from vitlens_server.training.clip_model import build_clip, low_resolution, tokenizer
 from vitlens_server.training.clip_train import (
     ClipTrainConfig,
+    _freeze,
+    _optimizer,
     contrastive_loss,
     make_batch,
     train_clip,
@@ -132,3 +134,17 @@ def test_export_loads_back_in_open_clip_with_the_same_embeddings(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded.encode_image(images), model.encode_image(images), atol=1e-6)
         assert torch.allclose(loaded.encode_text(texts), model.encode_text(texts), atol=1e-6)
+
+
+def test_frozen_parts_get_no_gradient_and_no_optimizer_slot(tmp_path):
+    cfg = TINY_CFG | {"vision_cfg": TINY_CFG["vision_cfg"] | {"layers": 2}}
+    config = _tiny_config(tmp_path, model_cfg=cfg, frozen_blocks=1)
+    model = build_clip(cfg, demo_weights=None)
+    _freeze(model, config)
+    optimised = {id(p) for group in _optimizer(model, config).param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        frozen = name.startswith(("visual.conv1", "visual.class_embedding",
+                                  "visual.positional_embedding", "visual.transformer.resblocks.0.",
+                                  "token_embedding"))  # fmt: skip
+        assert param.requires_grad is not frozen, name
+        assert (id(param) in optimised) is not frozen, name

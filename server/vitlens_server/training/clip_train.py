@@ -63,17 +63,20 @@ class ClipTrainConfig:
     demo_weights: Path | None = DEMO_WEIGHTS
     seed: int = 0
     low_res: int = 112
-    low_res_steps: int = 1800
-    full_res_steps: int = 150
-    batch_size: int = 96
-    lr: float = 7e-4  # text tower, projections and temperature
-    visual_lr: float = 2e-4  # the pretrained image trunk
+    low_res_steps: int = 560
+    full_res_steps: int = 40
+    batch_size: int = 64
+    lr: float = 7e-4  # text tower and projections
+    visual_lr: float = 1e-4  # the pretrained image trunk
+    logit_scale_lr: float = 5e-3  # the log-temperature: it has far to go in a short run
+    frozen_blocks: int = 3  # image blocks (and patch/position embeddings) kept as the demo's
+    train_token_embedding: bool = False
     min_lr_fraction: float = 0.05
     weight_decay: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     two_object_fraction: float = 0.3  # share of scenes with two objects
-    eval_every: int = 200  # steps between quick evaluations on the "val" split (0: none)
-    eval_count: int = 200
+    eval_every: int = 100  # steps between quick evaluations on the "val" split (0: none)
+    eval_count: int = 100
     final_eval_count: int = 500
     precision: str = "auto"
     checkpoint_every_s: float = 240.0
@@ -137,22 +140,43 @@ class _Tokens:
         return torch.stack([self.rows[t] for t in texts])  # (T, L)
 
 
+def _freeze(model: open_clip.CLIP, config: ClipTrainConfig) -> None:
+    """Freeze the patch/position embeddings and the first ``frozen_blocks`` blocks of the
+    image tower (autograd then skips their backward), and the token embedding unless
+    ``train_token_embedding`` (its dense (49408, W) gradient and update cost more than the rest
+    of the text tower; the captions' few dozen tokens keep their random vectors)."""
+    visual = model.visual
+    frozen: list[nn.Module | nn.Parameter] = []
+    if config.frozen_blocks:
+        frozen += [visual.conv1, visual.class_embedding, visual.positional_embedding]
+        frozen += list(visual.transformer.resblocks[: config.frozen_blocks])
+    if not config.train_token_embedding:
+        frozen.append(model.token_embedding)
+    for item in frozen:
+        item.requires_grad_(False)
+
+
 def _optimizer(model: open_clip.CLIP, config: ClipTrainConfig) -> torch.optim.AdamW:
-    """Four groups: (trunk | rest) x (decay | no decay); the visual projection is new, so it
-    learns at the full rate. No decay for 1-d tensors, embeddings and the temperature."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    """Groups by rate and decay: the image trunk at ``visual_lr`` (its projection is new: full
+    rate), the temperature at ``logit_scale_lr``, the rest at ``lr``; no decay for 1-d tensors,
+    embeddings and the temperature. Frozen parameters are left out."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         trunk = name.startswith("visual.") and name != "visual.proj"
-        decay = param.ndim > 1 and "embedding" not in name and name != "logit_scale"
-        groups.setdefault((trunk, decay), []).append(param)
+        lr = config.visual_lr if trunk else config.lr
+        lr = config.logit_scale_lr if name == "logit_scale" else lr
+        decay = param.ndim > 1 and "embedding" not in name
+        groups.setdefault((lr, decay), []).append(param)
     return torch.optim.AdamW(
         [
             {
                 "params": params,
                 "weight_decay": config.weight_decay if decay else 0.0,
-                "base_lr": config.visual_lr if trunk else config.lr,
+                "base_lr": lr,
             }
-            for (trunk, decay), params in sorted(groups.items())
+            for (lr, decay), params in sorted(groups.items())
         ],
         lr=config.lr,
     )
@@ -182,6 +206,7 @@ def train_clip(
     it evaluates and exports the resumed checkpoint as it is (the metadata records its step)."""
     precision = resolve_precision(config.precision, torch.device("cpu"))
     model = build_clip(config.model_cfg, demo_weights=config.demo_weights, seed=config.seed)
+    _freeze(model, config)
     optimizer = _optimizer(model, config)
     tokens = _Tokens(config.model_cfg)
     checkpoint = config.out / "clip.ckpt"
@@ -311,8 +336,10 @@ def _metadata(config, command, precision, train_seconds, metrics, curve) -> dict
         "image_tower_init": "vitlens-demo.safetensors (key mapping: clip_model.demo_to_open_clip)",
         "schedule": f"{config.low_res_steps} steps at {config.low_res}px + {config.full_res_steps}"
         f" at {config.full_res}px, batch {config.batch_size}, AdamW lr {config.lr} (image trunk "
-        f"{config.visual_lr}), wd {config.weight_decay}, warmup {config.warmup_steps} + cosine; "
-        f"{config.two_object_fraction:.0%} two-object scenes",
+        f"{config.visual_lr}, temperature {config.logit_scale_lr}), wd {config.weight_decay}, "
+        f"warmup {config.warmup_steps} + cosine; {config.two_object_fraction:.0%} two-object "
+        f"scenes; frozen: patch/position embeddings and image blocks 0-{config.frozen_blocks - 1}"
+        + ("" if config.train_token_embedding else ", token embedding (random init)"),
         "steps": config.total_steps,
         "train_images": config.total_steps * config.batch_size,
         "train_seconds": round(train_seconds, 1),
