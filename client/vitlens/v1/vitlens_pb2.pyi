@@ -14,23 +14,34 @@ class OutputGrid(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_GRID_UNSPECIFIED: _ClassVar[OutputGrid]
     OUTPUT_GRID_INPUT: _ClassVar[OutputGrid]
     OUTPUT_GRID_TOKENS: _ClassVar[OutputGrid]
+
+class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_UNSPECIFIED: _ClassVar[Task]
+    TASK_CLASSIFICATION: _ClassVar[Task]
+    TASK_IMAGE_TEXT_SIMILARITY: _ClassVar[Task]
 OUTPUT_GRID_UNSPECIFIED: OutputGrid
 OUTPUT_GRID_INPUT: OutputGrid
 OUTPUT_GRID_TOKENS: OutputGrid
+TASK_UNSPECIFIED: Task
+TASK_CLASSIFICATION: Task
+TASK_IMAGE_TEXT_SIMILARITY: Task
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "method", "images", "target", "options")
+    __slots__ = ("model", "method", "images", "target", "options", "texts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     target: Target
     options: ExplainOptions
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("predicted", "class_index", "per_image", "top_k")
@@ -87,14 +98,26 @@ class ImageExplanation(_message.Message):
     def __init__(self, id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("target", "heatmap", "relevance")
+    __slots__ = ("target", "heatmap", "relevance", "text")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     target: Prediction
     heatmap: _tensor_pb2.Tensor
     relevance: _tensor_pb2.Tensor
-    def __init__(self, target: _Optional[_Union[Prediction, _Mapping]] = ..., heatmap: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., relevance: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    text: TextRelevance
+    def __init__(self, target: _Optional[_Union[Prediction, _Mapping]] = ..., heatmap: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., relevance: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text: _Optional[_Union[TextRelevance, _Mapping]] = ...) -> None: ...
+
+class TextRelevance(_message.Message):
+    __slots__ = ("text", "tokens", "relevance")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    relevance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., relevance: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")
@@ -121,14 +144,16 @@ class Timing(_message.Message):
     def __init__(self, preprocess_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "images", "top_k")
+    __slots__ = ("model", "images", "top_k", "prompts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     top_k: int
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., prompts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "results", "timing")
@@ -167,7 +192,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "input_size", "mean", "std", "patch_size", "patch_grid", "num_prefix_tokens", "num_layers", "num_heads", "labels", "methods", "weights", "device", "readout")
+    __slots__ = ("name", "architecture", "input_size", "mean", "std", "patch_size", "patch_grid", "num_prefix_tokens", "num_layers", "num_heads", "labels", "methods", "weights", "device", "readout", "task", "modalities", "prompt_template")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +208,9 @@ class ModelInfo(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     READOUT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     input_size: _containers.RepeatedScalarFieldContainer[int]
@@ -198,7 +226,20 @@ class ModelInfo(_message.Message):
     weights: Weights
     device: str
     readout: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[_Iterable[int]] = ..., patch_grid: _Optional[_Iterable[int]] = ..., num_prefix_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., device: _Optional[str] = ..., readout: _Optional[str] = ...) -> None: ...
+    task: Task
+    modalities: _containers.RepeatedCompositeFieldContainer[Modality]
+    prompt_template: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[_Iterable[int]] = ..., patch_grid: _Optional[_Iterable[int]] = ..., num_prefix_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., device: _Optional[str] = ..., readout: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., modalities: _Optional[_Iterable[_Union[Modality, _Mapping]]] = ..., prompt_template: _Optional[str] = ...) -> None: ...
+
+class Modality(_message.Message):
+    __slots__ = ("name", "num_tokens", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_tokens: int
+    description: str
+    def __init__(self, name: _Optional[str] = ..., num_tokens: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Weights(_message.Message):
     __slots__ = ("source", "random", "sha256", "metadata")
@@ -220,20 +261,22 @@ class Weights(_message.Message):
     def __init__(self, source: _Optional[str] = ..., random: _Optional[bool] = ..., sha256: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
-    __slots__ = ("name", "description", "passes", "class_specific", "relevance_matrix", "parameters")
+    __slots__ = ("name", "description", "passes", "class_specific", "relevance_matrix", "parameters", "modalities")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PASSES_FIELD_NUMBER: _ClassVar[int]
     CLASS_SPECIFIC_FIELD_NUMBER: _ClassVar[int]
     RELEVANCE_MATRIX_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     passes: _containers.RepeatedScalarFieldContainer[str]
     class_specific: bool
     relevance_matrix: bool
     parameters: _containers.RepeatedCompositeFieldContainer[MethodParameter]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., passes: _Optional[_Iterable[str]] = ..., class_specific: _Optional[bool] = ..., relevance_matrix: _Optional[bool] = ..., parameters: _Optional[_Iterable[_Union[MethodParameter, _Mapping]]] = ...) -> None: ...
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., passes: _Optional[_Iterable[str]] = ..., class_specific: _Optional[bool] = ..., relevance_matrix: _Optional[bool] = ..., parameters: _Optional[_Iterable[_Union[MethodParameter, _Mapping]]] = ..., modalities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MethodParameter(_message.Message):
     __slots__ = ("name", "type", "default_json", "description", "choices")
