@@ -39,6 +39,7 @@ from vitlens.results import (
     MethodParameter,
     ModelInfo,
     Prediction,
+    TextRelevance,
     Timing,
     Weights,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "ResourceExhaustedError",
     "Statistic",
     "TensorFormatError",
+    "TextRelevance",
     "Timing",
     "UnauthenticatedError",
     "UnavailableError",

@@ -89,6 +89,7 @@ class AsyncClient:
         top_k_predictions: int = 5,
         method_options: Mapping[str, Any] | None = None,
         ids: Sequence[str] | None = None,
+        texts: Sequence[str] = (),
         timeout_s: float | None = None,
     ) -> ExplainResult:
         """Classify and explain images; see `vitlens.Client.explain`."""
@@ -104,6 +105,7 @@ class AsyncClient:
             top_k_predictions=top_k_predictions,
             method_options=method_options,
             ids=ids,
+            texts=texts,
         )
         return ExplainResult.from_proto(await self._call(self.stub.Explain, request, timeout_s))
 
@@ -114,10 +116,11 @@ class AsyncClient:
         model: str = "",
         top_k: int = 5,
         ids: Sequence[str] | None = None,
+        prompts: Sequence[str] = (),
         timeout_s: float | None = None,
     ) -> list[Classification]:
         """Classify images; see `vitlens.Client.predict`."""
-        request = build_predict_request(images, model=model, top_k=top_k, ids=ids)
+        request = build_predict_request(images, model=model, top_k=top_k, ids=ids, prompts=prompts)
         response = await self._call(self.stub.Predict, request, timeout_s)
         return [Classification.from_proto(c) for c in response.results]
 

@@ -132,6 +132,7 @@ def build_explain_request(
     top_k_predictions: int = 5,
     method_options: Mapping[str, Any] | None = None,
     ids: Sequence[str] | None = None,
+    texts: Sequence[str] = (),
 ) -> vitlens_pb2.ExplainRequest:
     """The `ExplainRequest` for `Client.explain`'s arguments; raises before any network use."""
     msgs = to_images(images, ids=ids)
@@ -149,6 +150,7 @@ def build_explain_request(
         images=msgs,
         target=build_target(target, top_k, len(msgs)),
         options=options,
+        texts=_texts(texts, "texts"),
     )
 
 
@@ -158,11 +160,25 @@ def build_predict_request(
     model: str = "",
     top_k: int = 5,
     ids: Sequence[str] | None = None,
+    prompts: Sequence[str] = (),
 ) -> vitlens_pb2.PredictRequest:
     """The `PredictRequest` for `Client.predict`'s arguments."""
     return vitlens_pb2.PredictRequest(
-        model=model, images=to_images(images, ids=ids), top_k=_index(top_k, "top_k")
+        model=model,
+        images=to_images(images, ids=ids),
+        top_k=_index(top_k, "top_k"),
+        prompts=_texts(prompts, "prompts"),
     )
+
+
+def _texts(texts: Sequence[str], name: str) -> list[str]:
+    """A list of strings (one string is refused: it would be split into characters)."""
+    if isinstance(texts, str):
+        raise TypeError(f"{name} takes a sequence of strings, not one string")
+    found = list(texts)
+    if not all(isinstance(t, str) for t in found):
+        raise TypeError(f"{name} must be strings")
+    return found
 
 
 class Client:
@@ -228,6 +244,7 @@ class Client:
         top_k_predictions: int = 5,
         method_options: Mapping[str, Any] | None = None,
         ids: Sequence[str] | None = None,
+        texts: Sequence[str] = (),
         timeout_s: float | None = None,
     ) -> ExplainResult:
         """Classify and explain one image or a batch with one method.
@@ -245,6 +262,10 @@ class Client:
             top_k_predictions: predictions returned per image.
             method_options: method parameters, e.g. {"head_fusion": "max"}.
             ids: one id per image, echoed in the results.
+            texts: image-text models only: explain each image against each text (one
+                `Explanation` per text, in order, each with its `Explanation.text` token
+                relevance); empty: zero-shot over the model's labels through its prompt
+                template, ``target``/``top_k`` selecting among the labels.
             timeout_s: deadline for this call; None uses the client's default.
         """
         request = build_explain_request(
@@ -259,6 +280,7 @@ class Client:
             top_k_predictions=top_k_predictions,
             method_options=method_options,
             ids=ids,
+            texts=texts,
         )
         return ExplainResult.from_proto(self._call(self.stub.Explain, request, timeout_s))
 
@@ -269,10 +291,15 @@ class Client:
         model: str = "",
         top_k: int = 5,
         ids: Sequence[str] | None = None,
+        prompts: Sequence[str] = (),
         timeout_s: float | None = None,
     ) -> list[Classification]:
-        """Classify one image or a batch; one `Classification` per image, in order."""
-        request = build_predict_request(images, model=model, top_k=top_k, ids=ids)
+        """Classify one image or a batch; one `Classification` per image, in order.
+
+        ``prompts`` (image-text models only): classify zero-shot against these texts
+        (`Prediction.index` into them, label = the prompt); empty: the model's labels.
+        """
+        request = build_predict_request(images, model=model, top_k=top_k, ids=ids, prompts=prompts)
         response = self._call(self.stub.Predict, request, timeout_s)
         return [Classification.from_proto(c) for c in response.results]
 

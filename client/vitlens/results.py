@@ -26,6 +26,7 @@ __all__ = [
     "MethodParameter",
     "ModelInfo",
     "Prediction",
+    "TextRelevance",
     "Timing",
     "Weights",
 ]
@@ -65,20 +66,42 @@ class Timing:
 
 
 @dataclass(frozen=True, eq=False)
-class Explanation:
-    """One explained class of one image.
+class TextRelevance:
+    """Image-text models: the relevance of one text's tokens for one image-text similarity.
 
     Attributes:
-        target: the class explained.
+        text: the text (a request's text, or a label's prompt).
+        tokens: its readable tokens, start and end tokens excluded.
+        relevance: (len(tokens),) float32, one value per token.
+    """
+
+    text: str
+    tokens: tuple[str, ...]
+    relevance: np.ndarray
+
+    @classmethod
+    def from_proto(cls, t: vitlens_pb2.TextRelevance) -> TextRelevance:
+        return cls(t.text, tuple(t.tokens), np.asarray(t.relevance, dtype=np.float32))
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """One explained class (or, for image-text models, one text) of one image.
+
+    Attributes:
+        target: the class explained; for image-text models with texts, the text (index into
+            the request's texts, label = the text, logit = the similarity logit).
         heatmap: raw relevance map, (gh, gw) on the token grid or (H, W) on the input grid;
             larger means more relevant.
         relevance: token x token relevance (N, N), N = prefix tokens + gh * gw, when requested
             and the method has one; else None.
+        text: image-text models: the text tokens' relevance; None for classifiers.
     """
 
     target: Prediction
     heatmap: np.ndarray
     relevance: np.ndarray | None = None
+    text: TextRelevance | None = None
 
     @classmethod
     def from_proto(cls, e: vitlens_pb2.Explanation) -> Explanation:
@@ -86,6 +109,7 @@ class Explanation:
             target=Prediction.from_proto(e.target),
             heatmap=tensor_to_numpy(e.heatmap),
             relevance=tensor_to_numpy(e.relevance) if e.HasField("relevance") else None,
+            text=TextRelevance.from_proto(e.text) if e.HasField("text") else None,
         )
 
     def normalized(self) -> np.ndarray:
@@ -232,6 +256,7 @@ class MethodInfo:
     class_specific: bool
     relevance_matrix: bool
     parameters: tuple[MethodParameter, ...]
+    modalities: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, m: vitlens_pb2.MethodInfo) -> MethodInfo:
@@ -242,6 +267,7 @@ class MethodInfo:
             class_specific=m.class_specific,
             relevance_matrix=m.relevance_matrix,
             parameters=tuple(MethodParameter.from_proto(p) for p in m.parameters),
+            modalities=tuple(m.modalities),
         )
 
 
@@ -271,6 +297,10 @@ class ModelInfo:
         labels: class labels; index i names class i.
         readout: how the classifier reads the tokens: "token", "distilled", "avg" or another
             timm pooling (then methods that read a fixed token row are not offered).
+        task: "classification" or "image_text_similarity" (a CLIP-style dual encoder).
+        modalities: the token sets, name → number of tokens ({"image": N} or, for image-text
+            models, also "text": the context length).
+        prompt_template: image-text models: how labels become prompts ("a photo of a {}.").
     """
 
     name: str
@@ -288,6 +318,9 @@ class ModelInfo:
     weights: Weights
     device: str
     readout: str
+    task: str = "classification"
+    modalities: dict[str, int] | None = None
+    prompt_template: str = ""
 
     @classmethod
     def from_proto(cls, m: vitlens_pb2.ModelInfo) -> ModelInfo:
@@ -307,7 +340,16 @@ class ModelInfo:
             weights=Weights.from_proto(m.weights),
             device=m.device,
             readout=m.readout,
+            task=_TASKS.get(m.task, "unspecified"),
+            modalities={x.name: x.num_tokens for x in m.modalities},
+            prompt_template=m.prompt_template,
         )
+
+    @property
+    def image_text(self) -> bool:
+        """Whether the model scores images against texts (Explain ``texts=``, Predict
+        ``prompts=``)."""
+        return self.task == "image_text_similarity"
 
     @property
     def random_weights(self) -> bool:
@@ -334,3 +376,9 @@ class ModelInfo:
     @property
     def method_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.methods)
+
+
+_TASKS = {
+    vitlens_pb2.TASK_CLASSIFICATION: "classification",
+    vitlens_pb2.TASK_IMAGE_TEXT_SIMILARITY: "image_text_similarity",
+}

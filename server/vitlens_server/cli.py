@@ -23,13 +23,19 @@ log = logging.getLogger("vitlens.serve")
 
 
 def parse_model_spec(text: str, device: str, precision: str = "fp32") -> ModelSpec:
-    """``[NAME=]ARCH[:WEIGHTS|:random]``, or ``vitlens-demo`` for the embedded model.
+    """``[NAME=]ARCH[:WEIGHTS|:random]``, ``[NAME=]SOURCE`` for an image-text (CLIP) model, or
+    ``vitlens-demo`` for the embedded model.
 
     ``ARCH`` alone loads timm's pretrained weights from the local cache; ``:random`` builds a
-    randomly initialised model (for testing); otherwise ``WEIGHTS`` is a local file.
+    randomly initialised model (for testing); otherwise ``WEIGHTS`` is a local file. ``SOURCE``
+    is ``open_clip:DIR``, ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md);
+    without ``NAME=`` the model is named after the directory or file.
     """
     if text == DEMO_MODEL_NAME:
         return dataclasses.replace(demo_spec(device), precision=precision)
+    image_text = _image_text_spec(text, device, precision)
+    if image_text is not None:
+        return image_text
     name, _, rest = text.rpartition("=")
     arch, _, weights = rest.partition(":")
     if not arch:
@@ -44,6 +50,25 @@ def parse_model_spec(text: str, device: str, precision: str = "fp32") -> ModelSp
     )
 
 
+def _image_text_spec(text: str, device: str, precision: str) -> ModelSpec | None:
+    """The spec of ``[NAME=]open_clip:...`` or ``[NAME=]hf-clip:...``; None for other specs."""
+    from vitlens_server.models.image_text.source import FORMATS, parse_image_text_source
+
+    name, sep, rest = text.partition("=")
+    if not sep:
+        name, rest = "", text
+    if rest.partition(":")[0] not in FORMATS:
+        return None
+    source = parse_image_text_source(rest)  # ValueError names the syntax
+    return ModelSpec(
+        name=name or source.path.stem,
+        architecture=source.format,
+        source=str(source),
+        device=device,
+        precision=precision,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitlens serve", description="Serve Vision Transformers and their explanations."
@@ -53,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         action="append",
-        metavar="[NAME=]ARCH[:WEIGHTS|:random]",
-        help=f"model to serve (repeatable); default: the embedded {DEMO_MODEL_NAME!r}",
+        metavar="[NAME=]ARCH[:WEIGHTS|:random] | [NAME=]open_clip:DIR | ...",
+        help="model to serve (repeatable): a timm ViT, or an image-text (CLIP) model "
+        "open_clip:DIR, open_clip:ARCH:FILE or hf-clip:DIR; default: the embedded "
+        f"{DEMO_MODEL_NAME!r}",
     )
     parser.add_argument("--default-model", help="model used when a request names none")
     parser.add_argument(
@@ -90,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="images allowed to wait per model; beyond it requests get RESOURCE_EXHAUSTED",
     )
     parser.add_argument("--max-images", type=int, default=256, help="images per request")
+    parser.add_argument(
+        "--max-texts", type=int, default=64, help="image-text models: texts or prompts per request"
+    )
+    parser.add_argument(
+        "--max-text-chars", type=int, default=300, help="image-text models: characters per text"
+    )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -254,6 +287,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         default_deadline_s=args.default_deadline_s,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         max_images_per_request=args.max_images,
+        max_texts_per_request=args.max_texts,
+        max_text_chars=args.max_text_chars,
         max_pixels=args.max_pixels,
         max_inline_samples=args.max_inline_samples,
         max_inline_bytes=int(args.max_inline_mb * 1024 * 1024),

@@ -29,6 +29,11 @@ class ServerConfig:
         max_queue_images: images allowed to wait per model; beyond it requests get
             RESOURCE_EXHAUSTED with a retry hint.
         max_images_per_request: larger requests are rejected with INVALID_ARGUMENT.
+        max_texts_per_request: image-text models: most ``texts`` of an Explain or ``prompts``
+            of a Predict (more: INVALID_ARGUMENT).
+        max_text_chars: image-text models: longest text or prompt in characters (longer:
+            INVALID_ARGUMENT; a text the model's context cannot hold is refused as well, never
+            truncated).
         max_pixels: per-image pixel limit against decompression bombs (uploads and the images
             of server-side datasets alike).
         max_inline_samples, max_inline_bytes: how many samples, and how many bytes of image
@@ -62,6 +67,8 @@ class ServerConfig:
     max_delay_ms: float = 0.0
     max_queue_images: int = 1024
     max_images_per_request: int = 256
+    max_texts_per_request: int = 64
+    max_text_chars: int = 300
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inline_samples: int = 256
     max_inline_bytes: int = 64 * 1024 * 1024

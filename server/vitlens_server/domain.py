@@ -22,6 +22,7 @@ __all__ = [
     "Progress",
     "Summary",
     "TargetSpec",
+    "TextRelevance",
 ]
 
 
@@ -103,6 +104,21 @@ class Predictions:
 
 
 @dataclass(frozen=True)
+class TextRelevance:
+    """The relevance of one text's tokens for one image-text similarity.
+
+    Attributes:
+        text: the text as the model read it (a request text, or a label's prompt).
+        tokens: its readable tokens in order, the start and end tokens excluded.
+        relevance: (len(tokens),) float32, one value per token.
+    """
+
+    text: str
+    tokens: tuple[str, ...]
+    relevance: np.ndarray
+
+
+@dataclass(frozen=True)
 class ExplainResult:
     """Host arrays for a batch of B images with K explained classes each.
 
@@ -111,8 +127,11 @@ class ExplainResult:
         targets: (B, K) explained class indices, with their (B, K) probabilities and logits.
         heatmaps: (B, K, h, w) raw maps at the token grid, the input resolution, or (grid
             "native") the method's own.
-        relevance: (B, K, N, N) token relevance, when requested.
+        relevance: (B, K, N, N) token relevance, when requested (image-text models: the
+            image tower's).
         compute_seconds: device time of the passes and the method.
+        texts: image-text models: per image, per explanation, the text tokens' relevance
+            (B x K); None for classifiers.
     """
 
     predictions: Predictions
@@ -122,6 +141,7 @@ class ExplainResult:
     heatmaps: np.ndarray
     relevance: np.ndarray | None
     compute_seconds: float
+    texts: tuple[tuple[TextRelevance, ...], ...] | None = None
 
     @staticmethod
     def concat(parts: list[ExplainResult]) -> ExplainResult:
@@ -138,6 +158,7 @@ class ExplainResult:
             if parts[0].relevance is None
             else np.concatenate([p.relevance for p in parts]),
             compute_seconds=sum(p.compute_seconds for p in parts),
+            texts=None if parts[0].texts is None else sum((p.texts for p in parts), ()),
         )
 
     def rows(self) -> list[ExplainResult]:
@@ -151,6 +172,7 @@ class ExplainResult:
                 heatmaps=self.heatmaps[b : b + 1].copy(),
                 relevance=None if self.relevance is None else self.relevance[b : b + 1].copy(),
                 compute_seconds=self.compute_seconds,
+                texts=None if self.texts is None else (self.texts[b],),
             )
             for b in range(len(self.targets))
         ]
@@ -163,7 +185,12 @@ class ExplainResult:
         arrays += [self.target_probabilities, self.target_logits]
         if self.relevance is not None:
             arrays.append(self.relevance)
-        return sum(a.nbytes for a in arrays)
+        text_bytes = sum(
+            t.relevance.nbytes + sum(len(x) for x in t.tokens) + len(t.text)
+            for row in self.texts or ()
+            for t in row
+        )
+        return sum(a.nbytes for a in arrays) + text_bytes
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     Raises:
         ModelLoadError: unknown architecture, unreadable or mismatched weights, missing cache.
     """
+    if spec.image_text:  # an image-text (CLIP) source: its own loader
+        from vitlens_server.models.image_text_serving import load_image_text
+
+        return load_image_text(spec)  # type: ignore[return-value]
     sidecar = _read_sidecar(spec.weights)
     kwargs = {**sidecar.get("model_kwargs", {}), **spec.model_kwargs}
     try:

@@ -29,6 +29,12 @@ class ModelSpec:
             setting); ``bf16`` (model passes under bfloat16 autocast, weights and method math
             in float32).
         metadata: provenance shown in ``ModelInfo.weights.metadata``.
+        source: an image-text (CLIP) model's local source, ``open_clip:DIR``,
+            ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md); set, the model
+            is loaded by `vitlens_server.models.image_text_serving` and ``architecture`` is the
+            source's format. None: a timm classifier.
+        prompt_template: how an image-text model's labels become prompts (``{}`` is the
+            label); None: the model's metadata, else ``a photo of a {}.``.
     """
 
     name: str
@@ -41,3 +47,10 @@ class ModelSpec:
     seed: int = 0
     precision: str = "fp32"
     metadata: Mapping[str, str] = field(default_factory=dict)
+    source: str | None = None
+    prompt_template: str | None = None
+
+    @property
+    def image_text(self) -> bool:
+        """Whether this names an image-text (CLIP) model rather than a classifier."""
+        return self.source is not None

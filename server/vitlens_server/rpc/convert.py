@@ -22,6 +22,7 @@ from vitlens_server.domain import (
     Predictions,
     Progress,
     TargetSpec,
+    TextRelevance,
 )
 from vitlens_server.errors import InvalidArgument
 from vitlens_server.runtime.api import (
@@ -70,12 +71,17 @@ def explain_query(request: vitlens_pb2.ExplainRequest, deadline: float | None) -
         top_k_predictions=options.top_k_predictions,
         output_dtype=_output_dtype(options.output_dtype),
         deadline=deadline,
+        texts=tuple(request.texts),
     )
 
 
 def predict_query(request: vitlens_pb2.PredictRequest, deadline: float | None) -> PredictQuery:
     return PredictQuery(
-        images=_images(request.images), model=request.model, top_k=request.top_k, deadline=deadline
+        images=_images(request.images),
+        model=request.model,
+        top_k=request.top_k,
+        deadline=deadline,
+        prompts=tuple(request.prompts),
     )
 
 
@@ -231,6 +237,7 @@ def _image_explanation(
             ),
             heatmap=numpy_to_tensor(result.heatmaps[0, k]),
             relevance=None if result.relevance is None else numpy_to_tensor(result.relevance[0, k]),
+            text=None if result.texts is None else _text_relevance(result.texts[0][k]),
         )
         for k in range(result.targets.shape[1])
     ]
@@ -238,6 +245,12 @@ def _image_explanation(
         id=image_id,
         predictions=_predictions(result.predictions, 0, labels),
         explanations=explanations,
+    )
+
+
+def _text_relevance(text: TextRelevance) -> vitlens_pb2.TextRelevance:
+    return vitlens_pb2.TextRelevance(
+        text=text.text, tokens=text.tokens, relevance=text.relevance.tolist()
     )
 
 
@@ -284,6 +297,7 @@ def model_info(card: ModelCard) -> vitlens_pb2.ModelInfo:
                 )
                 for p in m.parameters
             ],
+            modalities=m.modalities,
         )
         for m in card.methods
     ]
@@ -308,7 +322,19 @@ def model_info(card: ModelCard) -> vitlens_pb2.ModelInfo:
         ),
         device=card.device,
         readout=card.readout,
+        task=_TASKS[card.task],
+        modalities=[
+            vitlens_pb2.Modality(name=m.name, num_tokens=m.num_tokens, description=m.description)
+            for m in card.modalities
+        ],
+        prompt_template=card.prompt_template,
     )
+
+
+_TASKS = {
+    "classification": vitlens_pb2.TASK_CLASSIFICATION,
+    "image_text_similarity": vitlens_pb2.TASK_IMAGE_TEXT_SIMILARITY,
+}
 
 
 def evaluate_event(event: Progress | MetricSummary) -> vitlens_pb2.EvaluateEvent:

@@ -30,6 +30,7 @@ __all__ = [
     "ExplainReply",
     "InlineSample",
     "MethodCard",
+    "ModalityCard",
     "ModelCard",
     "PredictQuery",
     "PredictReply",
@@ -54,6 +55,7 @@ class ExplainQuery:
     top_k_predictions: int = 0  # 0: the server's default
     output_dtype: Literal["float32", "float16"] = "float32"
     deadline: float | None = None
+    texts: tuple[str, ...] = ()  # image-text models: explain every image against each
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class PredictQuery:
     model: str = ""
     top_k: int = 0  # 0: the server's default
     deadline: float | None = None
+    prompts: tuple[str, ...] = ()  # image-text models: classify against these
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,16 @@ class MethodCard:
     class_specific: bool
     relevance_matrix: bool
     parameters: tuple[ParamInfo, ...]
+    modalities: tuple[str, ...] = ("image",)  # the token sets it returns relevance for
+
+
+@dataclass(frozen=True)
+class ModalityCard:
+    """A token set the model attends over: ``image`` (prefix + patches) or ``text``."""
+
+    name: str
+    num_tokens: int
+    description: str
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,9 @@ class ModelCard:
     weights_metadata: Mapping[str, str]
     device: str
     readout: str
+    task: Literal["classification", "image_text_similarity"] = "classification"
+    modalities: tuple[ModalityCard, ...] = ()
+    prompt_template: str = ""  # image-text models: how labels become prompts
 
 
 class DataPlaneApi(Protocol):

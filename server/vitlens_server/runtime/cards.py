@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from vitlens_server.explain import MethodSpec
 from vitlens_server.explain.params import describe_params
 from vitlens_server.models import LoadedModel
-from vitlens_server.runtime.api import MethodCard, ModelCard
+from vitlens_server.runtime.api import MethodCard, ModalityCard, ModelCard
 
 __all__ = ["model_card", "model_version"]
 
@@ -48,6 +48,8 @@ def model_card(model: LoadedModel, methods: Iterable[MethodSpec]) -> ModelCard:
         },
         device=str(model.device),
         readout=g.readout,
+        task="classification",
+        modalities=(ModalityCard("image", g.num_tokens, "prefix + patch tokens"),),
     )
 
 

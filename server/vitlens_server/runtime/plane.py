@@ -33,6 +33,7 @@ from vitlens_server.explain import METHODS, ExplainJob, MethodSpec, get_method
 from vitlens_server.explain.params import parse_params
 from vitlens_server.imaging import ImageDecoder
 from vitlens_server.models import LoadedModel, ModelRegistry
+from vitlens_server.models.image_text_serving import LoadedImageTextModel
 from vitlens_server.runtime.api import (
     EvaluateQuery,
     ExplainQuery,
@@ -46,6 +47,14 @@ from vitlens_server.runtime.batcher import BatchStats
 from vitlens_server.runtime.cache import ResultCache, cache_key
 from vitlens_server.runtime.cards import model_card, model_version
 from vitlens_server.runtime.evaluation import Evaluations
+from vitlens_server.runtime.image_text import (
+    candidates,
+    explain_job,
+    image_text_card,
+    image_text_version,
+    refuse_texts,
+)
+from vitlens_server.runtime.image_text_worker import ImageTextWorker
 from vitlens_server.runtime.worker import ModelWorker
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_TOP_K", "DataPlane", "Observer", "cuda_memory"]
@@ -66,11 +75,15 @@ class Observer(Protocol):
 class Served:
     """A loaded model with what serving it takes: its worker, decoder, version and card."""
 
-    model: LoadedModel
-    worker: ModelWorker
+    model: LoadedModel | LoadedImageTextModel
+    worker: ModelWorker | ImageTextWorker
     decoder: ImageDecoder
     version: str
     card: ModelCard
+
+    @property
+    def image_text(self) -> bool:
+        return isinstance(self.model, LoadedImageTextModel)
 
 
 class DataPlane:
@@ -88,6 +101,9 @@ class DataPlane:
         self._observer = observer
         self._served: dict[str, Served] = {}
         for model in registry:
+            if isinstance(model, LoadedImageTextModel):
+                self._served[model.name] = self._serve_image_text(model, replicas)
+                continue
             worker = self._worker(model, (replicas or {}).get(model.name, ()))
             self._served[model.name] = Served(
                 model=model,
@@ -166,8 +182,28 @@ class DataPlane:
         with self._call():
             received = time.perf_counter()
             served = self._serve(query.model)
-            method, params = self._resolve(served, query)
-            keys = self._cache_keys(served, method, params, query)
+            top_k = query.top_k_predictions or DEFAULT_TOP_K
+            if served.image_text:  # runtime.image_text: texts, or zero-shot over the labels
+                job, method, params = explain_job(served.model, query, self._config, top_k=top_k)
+                self._check_count(query.images)
+                labels = job.texts if query.texts else served.model.labels
+                texts = json.dumps([job.texts, job.target is None])
+            else:
+                if query.texts:
+                    raise refuse_texts("texts", served.model.name)
+                method, params = self._resolve(served, query)
+                job = ExplainJob(
+                    pixels=torch.empty(0),
+                    method=method,
+                    params=params,
+                    target=query.target,
+                    grid=query.grid,
+                    relevance=query.return_relevance,
+                    top_k_predictions=top_k,
+                    output_dtype=query.output_dtype,
+                )
+                labels, texts = served.model.labels, ""
+            keys = self._cache_keys(served, method, params, query, texts)
             results = [self._cache.get(key) for key in keys] or [None] * len(query.images)
             missing = [i for i, value in enumerate(results) if value is None]
             if keys and self._observer is not None:
@@ -175,16 +211,8 @@ class DataPlane:
             decode_s = queue_s = compute_s = 0.0
             if missing:
                 pixels, decode_s = await self._decode(served, [query.images[i] for i in missing])
-                job = ExplainJob(
-                    pixels=pixels,
-                    method=method,
-                    params=params,
-                    target=query.target.subset(missing),
-                    grid=query.grid,
-                    relevance=query.return_relevance,
-                    top_k_predictions=query.top_k_predictions or DEFAULT_TOP_K,
-                    output_dtype=query.output_dtype,
-                )
+                target = None if job.target is None else job.target.subset(missing)
+                job = dataclasses.replace(job, pixels=pixels, target=target)
                 computed, queue_s = await served.worker.explain(job, self._deadline(query))
                 compute_s = computed.compute_seconds
                 for i, row in zip(missing, computed.rows(), strict=True):
@@ -194,7 +222,7 @@ class DataPlane:
             return ExplainReply(
                 model=served.model.name,
                 method=method.name,
-                labels=served.model.labels,
+                labels=labels,
                 ids=tuple(image.id for image in query.images),
                 results=tuple(results),
                 timing=_timing(received, decode_s, queue_s, compute_s),
@@ -204,15 +232,25 @@ class DataPlane:
         with self._call():
             received = time.perf_counter()
             served = self._serve(query.model)
+            labels = served.model.labels
+            if served.image_text:
+                texts = candidates(served.model, query.prompts, "prompts", self._config)
+                labels = texts if query.prompts else labels
+            elif query.prompts:
+                raise refuse_texts("prompts", served.model.name)
             self._check_count(query.images)
             pixels, decode_s = await self._decode(served, query.images)
             started = time.perf_counter()
             top_k = query.top_k or DEFAULT_TOP_K
-            predictions, queue_s = await served.worker.predict(pixels, top_k, self._deadline(query))
+            deadline = self._deadline(query)
+            if served.image_text:
+                predictions, queue_s = await served.worker.predict(pixels, texts, top_k, deadline)
+            else:
+                predictions, queue_s = await served.worker.predict(pixels, top_k, deadline)
             compute_s = time.perf_counter() - started - queue_s
             return PredictReply(
                 model=served.model.name,
-                labels=served.model.labels,
+                labels=labels,
                 ids=tuple(image.id for image in query.images),
                 predictions=predictions,
                 timing=_timing(received, decode_s, queue_s, compute_s),
@@ -221,6 +259,12 @@ class DataPlane:
     async def evaluate(self, query: EvaluateQuery) -> AsyncIterator[Progress | MetricSummary]:
         with self._call():
             served = self._serve(query.model)
+            if served.image_text:
+                raise InvalidArgument(
+                    f"Evaluate does not support image-text models yet; model "
+                    f"{served.model.name!r} is one",
+                    field="model",
+                )
             async for event in self.evaluations.stream(query, served.model, served.worker):
                 yield event
 
@@ -246,8 +290,27 @@ class DataPlane:
             served.worker.explainer.check(method, params, query.target)
         return method, params
 
+    def _serve_image_text(
+        self,
+        model: LoadedImageTextModel,
+        replicas: Mapping[str, Sequence[LoadedModel | LoadedImageTextModel]] | None,
+    ) -> Served:
+        worker = ImageTextWorker.configured(
+            model,
+            self._config,
+            replicas=(replicas or {}).get(model.name, ()),
+            on_batch=None if self._observer is None else self._observer.on_batch,
+        )
+        decoder = ImageDecoder(model.input_size[1:], self._config.max_pixels)
+        return Served(model, worker, decoder, image_text_version(model), image_text_card(model))
+
     def _cache_keys(
-        self, served: Served, method: MethodSpec, params: object, query: ExplainQuery
+        self,
+        served: Served,
+        method: MethodSpec,
+        params: object,
+        query: ExplainQuery,
+        texts: str = "",
     ) -> list[bytes]:
         """Per image: SHA-256 of model version, image content, method, its target, options
         (none when the cache is off)."""
@@ -260,6 +323,7 @@ class DataPlane:
             method.name,
             json.dumps(dataclasses.asdict(params), sort_keys=True),
             f"{query.grid}|{int(query.return_relevance)}|{top_k}|{query.output_dtype}",
+            texts,
         )
         return [
             cache_key(*shared, query.target.key(i), image.content())

@@ -1,0 +1,212 @@
+"""The data plane's image-text (CLIP) side: texts checked, targets resolved, cards and versions.
+
+check_texts       ``texts`` / ``prompts``: count, characters, empty texts and texts longer
+                  than the model's context (refused, never truncated), by field
+explain_job       an `ExplainQuery` on an image-text model → `ImageTextExplainJob`
+image_text_card   GetModel's answer: task, modalities, prompt template, methods
+refuse_texts      a classifier given ``texts`` or ``prompts``
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import torch
+
+from vitlens_server.config import ServerConfig
+from vitlens_server.domain import TargetSpec
+from vitlens_server.errors import InvalidArgument, about
+from vitlens_server.explain import MethodSpec, get_method
+from vitlens_server.explain.image_text import IMAGE_TEXT_METHODS
+from vitlens_server.explain.image_text_batch import ImageTextExplainJob
+from vitlens_server.explain.params import NoParams, parse_params
+from vitlens_server.models.image_text import ImageTextModel
+from vitlens_server.models.image_text.tokenizer import OpenClipBpeTokenizer
+from vitlens_server.models.image_text_serving import LoadedImageTextModel
+from vitlens_server.runtime.api import ExplainQuery, MethodCard, ModalityCard, ModelCard
+
+__all__ = [
+    "candidates",
+    "check_texts",
+    "explain_job",
+    "image_text_card",
+    "image_text_version",
+    "refuse_texts",
+]
+
+_DESCRIPTIONS = {
+    "generic": "Chefer et al. 2021 Eq. 5-6 per tower on the pair's similarity logit: image map "
+    "from the image tower's readout row, token relevance from the text tower's EOT row",
+    "rollout": "attention rollout (Abnar & Zuidema 2020) per tower; not target-specific",
+    "raw_attention": "last layer's head-mean attention per tower; not target-specific",
+}
+
+
+def refuse_texts(field: str, model: str) -> InvalidArgument:
+    """The error of a classifier given ``texts`` or ``prompts``."""
+    return InvalidArgument(
+        f"{field} is for image-text models (ModelInfo.task TASK_IMAGE_TEXT_SIMILARITY); "
+        f"model {model!r} is a classifier: unset {field}",
+        field=field,
+    )
+
+
+def check_texts(
+    model: ImageTextModel, texts: Sequence[str], field: str, config: ServerConfig
+) -> None:
+    """Refuse too many texts, an empty one, one too long in characters or in tokens."""
+    limit = config.max_texts_per_request
+    if len(texts) > limit:
+        raise InvalidArgument(
+            f"{field} has {len(texts)} texts; this server accepts at most {limit} per request",
+            field=field,
+        )
+    for i, text in enumerate(texts):
+        where = f"{field}[{i}]"
+        if not text.strip():
+            raise InvalidArgument(f"{where} is empty; give a non-empty text", field=where)
+        if len(text) > config.max_text_chars:
+            raise InvalidArgument(
+                f"{where} has {len(text)} characters; at most {config.max_text_chars} per text",
+                field=where,
+            )
+        used, context = _token_count(model, text), model.context_length
+        if used > context:
+            raise InvalidArgument(
+                f"{where} is {used} tokens with the start and end tokens; the model reads at "
+                f"most {context} tokens: shorten it (texts are never truncated)",
+                field=where,
+            )
+
+
+def candidates(
+    served: LoadedImageTextModel, texts: Sequence[str], field: str, config: ServerConfig
+) -> tuple[str, ...]:
+    """The texts a query scores against: its own (checked), or the label prompts."""
+    if texts:
+        check_texts(served.adapter, texts, field, config)
+        return tuple(texts)
+    if not served.labels:
+        raise InvalidArgument(
+            f"model {served.name!r} has no labels for zero-shot classification; give {field}",
+            field=field,
+        )
+    return served.prompts
+
+
+def explain_job(
+    served: LoadedImageTextModel,
+    query: ExplainQuery,
+    config: ServerConfig,
+    *,
+    top_k: int,
+) -> tuple[ImageTextExplainJob, MethodSpec, object]:
+    """The query as a checked job, its images still to be decoded (``pixels`` empty)."""
+    name = query.method or "generic"
+    with about("method"):
+        method = get_method(name)
+    if name not in IMAGE_TEXT_METHODS:
+        raise InvalidArgument(
+            f"method {name!r} does not apply to image-text model {served.name!r}; use one of: "
+            f"{', '.join(IMAGE_TEXT_METHODS)}",
+            field="method",
+        )
+    params = parse_params(  # the image-text methods take no options yet
+        NoParams, query.method_options, method=name, field="options.method_options"
+    )
+    texts = candidates(served, query.texts, "texts", config)
+    target: TargetSpec | None = query.target
+    if query.texts:
+        if query.target.kind != "predicted":
+            raise InvalidArgument(
+                "with texts every text is explained, in order; unset target", field="target"
+            )
+        target = None
+    else:
+        _check_target(query.target, len(texts), served.name)
+    job = ImageTextExplainJob(
+        pixels=torch.empty(0),
+        texts=texts,
+        method=name,
+        target=target,
+        grid=query.grid,
+        relevance=query.return_relevance,
+        top_k_predictions=top_k,
+        output_dtype=query.output_dtype,
+    )
+    return job, method, params
+
+
+def image_text_card(served: LoadedImageTextModel) -> ModelCard:
+    """GetModel's answer for an image-text model."""
+    adapter = served.adapter
+    image, text = adapter.image_graph, adapter.text_graph
+    methods = []
+    for name in IMAGE_TEXT_METHODS:
+        methods.append(
+            MethodCard(
+                name=name,
+                description=_DESCRIPTIONS[name],
+                passes=("forward", "backward") if name == "generic" else ("forward",),
+                class_specific=name == "generic",
+                relevance_matrix=True,
+                parameters=(),
+                modalities=("image", "text"),
+            )
+        )
+    patch = adapter.preprocess.input_size[1] // image.grid[0]
+    return ModelCard(
+        name=served.name,
+        architecture=str(served.weights.source),
+        input_size=tuple(adapter.preprocess.input_size),
+        mean=tuple(adapter.preprocess.mean),
+        std=tuple(adapter.preprocess.std),
+        patch_size=(patch, patch),
+        patch_grid=tuple(image.grid),
+        num_prefix_tokens=image.num_prefix_tokens,
+        num_layers=image.num_layers,
+        num_heads=image.num_heads,
+        labels=served.labels,
+        methods=tuple(methods),
+        weights_source=served.weights.source,
+        weights_random=False,
+        weights_sha256=served.weights.sha256,
+        weights_metadata=dict(served.weights.metadata),
+        device=str(served.device),
+        readout=image.readout,
+        task="image_text_similarity",
+        modalities=(
+            ModalityCard("image", image.num_tokens, "image tower: prefix + patch tokens"),
+            ModalityCard("text", text.num_tokens, "text tower: the context length in tokens"),
+        ),
+        prompt_template=served.prompt_template,
+    )
+
+
+def image_text_version(served: LoadedImageTextModel) -> str:
+    """What answers are keyed by: the weights and the zero-shot prompts."""
+    return json.dumps([served.weights.source, served.weights.sha256, list(served.prompts)])
+
+
+def _check_target(target: TargetSpec, count: int, model: str) -> None:
+    if target.kind == "top_k" and not 1 <= target.k <= count:
+        raise InvalidArgument(
+            f"target.top_k must lie in [1, {count}]; got {target.k}", field="target.top_k"
+        )
+    for index in target.indices:
+        if not 0 <= index < count:
+            raise InvalidArgument(
+                f"label index {index} is out of range; model {model!r} has {count} labels "
+                f"(0..{count - 1})",
+                field="target",
+            )
+
+
+def _token_count(model: ImageTextModel, text: str) -> int:
+    """Tokens ``text`` takes in the model's context, start and end tokens included."""
+    tokenizer = model.tokenizer
+    if isinstance(tokenizer, OpenClipBpeTokenizer):
+        return len(tokenizer.library.encode(text)) + 2
+    library = tokenizer.library  # a transformers CLIPTokenizer
+    return len(library(text, truncation=False, add_special_tokens=True)["input_ids"])
