@@ -301,3 +301,19 @@ def test_a_failing_request_inside_a_batch_leaves_the_others(client, monkeypatch)
         assert all(len(f.result()[0].explanations) == 2 for f in goods)
         with pytest.raises(vitlens.InternalError):
             bad.result()
+
+
+def test_evaluate_refuses_image_text_models(client) -> None:
+    with pytest.raises(vitlens.InvalidArgumentError, match="image-text") as info:
+        client.evaluate(["generic"], ["deletion"], model="clip", dataset="synthetic:2")
+    assert [v.field for v in info.value.field_violations] == ["model"]
+
+
+def test_sdk_refuses_one_string_for_texts() -> None:
+    from vitlens.client import build_explain_request, build_predict_request
+
+    with pytest.raises(TypeError, match="sequence of strings"):
+        build_explain_request(images(1), texts="a cat")
+    with pytest.raises(TypeError, match="sequence of strings"):
+        build_predict_request(images(1), prompts="a cat")
+    assert list(build_explain_request(images(1), texts=["a", "b"]).texts) == ["a", "b"]

@@ -123,7 +123,7 @@ def read_metadata(source: ImageTextSource) -> dict[str, Any]:
     folder = source.path if source.architecture is None else source.path.parent
     found: dict[str, Any] = {}
     config = folder / "open_clip_config.json"
-    if source.architecture is None and config.is_file():
+    if source.format == "open_clip" and source.architecture is None and config.is_file():
         found.update(_json(config).get("vitlens") or {})
     sidecar = folder / SIDECAR
     if sidecar.is_file():
