@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -148,3 +149,21 @@ def test_frozen_parts_get_no_gradient_and_no_optimizer_slot(tmp_path):
                                   "token_embedding"))  # fmt: skip
         assert param.requires_grad is not frozen, name
         assert (id(param) in optimised) is not frozen, name
+
+
+def test_an_unfinished_run_exports_a_resumable_state(tmp_path):
+    whole = _tiny_config(tmp_path / "whole")
+    train_clip(whole)
+    export = tmp_path / "export"
+    part = _tiny_config(tmp_path / "part", export_dir=export)
+    assert train_clip(part, stop_at_step=2) is None
+    metadata = train_clip(part, resume=True, export_now=True)
+    assert metadata["steps_done"] == 2 and not metadata["finished"]
+    state = json.loads((export / "train_state.json").read_text())
+    assert state["step"] == 2 and state["total_steps"] == 4
+    assert load_clip(export)[0] is not None  # the weights load in open_clip as they are
+    later = _tiny_config(export)  # a later session resumes from the shipped state
+    train_clip(later, resume=True)
+    a = torch.load(tmp_path / "whole" / "clip.ckpt", weights_only=True)["model"]
+    b = torch.load(export / "clip.ckpt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

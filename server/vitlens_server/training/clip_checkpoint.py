@@ -32,9 +32,12 @@ def save_checkpoint(
     elapsed_s: float,
     curve: list[dict[str, Any]],
 ) -> None:
-    """Model, optimiser, step, time, curve and torch RNG state; written atomically."""
+    """Model, optimiser, step, time, curve and torch RNG state; written atomically. Frozen
+    parameters (``requires_grad`` False) are left out: a run rebuilds them (demo weights, seeded
+    init), which keeps the file small."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     state = {
-        "model": model.state_dict(),
+        "model": {k: v for k, v in model.state_dict().items() if k not in frozen},
         "optimizer": optimizer.state_dict(),
         "step": step,
         "elapsed_s": elapsed_s,
@@ -55,7 +58,10 @@ def load_checkpoint(
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != key:
         raise SystemExit(f"{path} was written with other hyper-parameters ({state['config']})")
-    model.load_state_dict(state["model"])
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or not set(missing) <= frozen:
+        raise SystemExit(f"{path} does not fit the model: missing {missing}, extra {unexpected}")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(state["step"]), float(state["elapsed_s"]), list(state["curve"])

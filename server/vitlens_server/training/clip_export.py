@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vitlens_server.data.shapes import CLASSES
+from vitlens_server.training.clip_eval import PROMPT_TEMPLATE
 from vitlens_server.training.clip_model import MEAN, STD
+from vitlens_server.training.train import _device_name
 
-__all__ = ["CLIP_ASSET_DIR", "export_clip", "load_clip"]
+__all__ = ["CLIP_ASSET_DIR", "export_clip", "load_clip", "run_metadata"]
 
 CLIP_ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "vitlens-clip"
 
@@ -66,3 +70,46 @@ def load_clip(directory: Path, device: str = "cpu"):
     metadata_path = directory / METADATA_NAME
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
     return model.eval(), preprocess, open_clip.get_tokenizer(name), metadata
+
+
+def run_metadata(
+    config: Any,
+    command: str,
+    precision: str,
+    train_seconds: float,
+    metrics: dict[str, float],
+    curve: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """``vitlens.json`` of a run of ``config`` (a `ClipTrainConfig`)."""
+    return {
+        "labels": list(CLASSES),
+        "prompt_template": PROMPT_TEMPLATE.replace("{}", "{shape}"),
+        "mean": list(MEAN),
+        "std": list(STD),
+        "image_size": config.full_res,
+        "weights_dtype": "float16 (open_clip's loader copies them into its float32 model)",
+        "training_command": command,
+        "seed": config.seed,
+        "train_seeds": f"split 'train' (seeds 0 .. {config.total_steps * config.batch_size - 1})",
+        "eval_seeds": f"split 'test' ({config.final_eval_count} scenes from seed 20000000)",
+        "curve_seeds": "split 'val' (seeds from 10000000)",
+        "image_tower_init": "vitlens-demo.safetensors (key mapping: clip_model.demo_to_open_clip)",
+        "schedule": f"{config.low_res_steps} steps at {config.low_res}px + {config.full_res_steps}"
+        f" at {config.full_res}px, batch {config.batch_size}, AdamW lr {config.lr} (image trunk "
+        f"{config.visual_lr}, temperature {config.logit_scale_lr}), wd {config.weight_decay}, "
+        f"warmup {config.warmup_steps} + cosine; {config.two_object_fraction:.0%} two-object "
+        f"scenes; {config.focus_shapes or 8} classes per batch, {config.canonical_fraction:.0%} "
+        f"canonical captions; frozen: patch/position embeddings, "
+        f"image blocks 0-{config.frozen_blocks - 1}"
+        + ("" if config.train_token_embedding else ", token embedding (random init)"),
+        "steps": config.total_steps,
+        "train_images": config.total_steps * config.batch_size,
+        "train_seconds": round(train_seconds, 1),
+        "device": _device_name(torch.device("cpu")),
+        "precision": precision,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "eval_split": "test",
+        "metrics": metrics,
+        "curve": curve,
+    }

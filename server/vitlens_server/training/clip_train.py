@@ -36,8 +36,8 @@ from vitlens_server.data.shapes import CLASSES
 from vitlens_server.models.default import DEMO_WEIGHTS
 from vitlens_server.training.accuracy import to_model_input
 from vitlens_server.training.clip_checkpoint import config_key, load_checkpoint, save_checkpoint
-from vitlens_server.training.clip_eval import PROMPT_TEMPLATE, evaluate_clip
-from vitlens_server.training.clip_export import CLIP_ASSET_DIR, export_clip
+from vitlens_server.training.clip_eval import evaluate_clip
+from vitlens_server.training.clip_export import CLIP_ASSET_DIR, export_clip, run_metadata
 from vitlens_server.training.clip_model import (
     CLIP_MODEL_CFG,
     MEAN,
@@ -63,11 +63,11 @@ class ClipTrainConfig:
     demo_weights: Path | None = DEMO_WEIGHTS
     seed: int = 0
     low_res: int = 112
-    low_res_steps: int = 560
-    full_res_steps: int = 40
+    low_res_steps: int = 900
+    full_res_steps: int = 100
     batch_size: int = 64
-    lr: float = 7e-4  # text tower and projections
-    visual_lr: float = 1e-4  # the pretrained image trunk
+    lr: float = 1e-3  # text tower and projections
+    visual_lr: float = 2e-4  # the pretrained image trunk
     logit_scale_lr: float = 5e-3  # the log-temperature: it has far to go in a short run
     frozen_blocks: int = 3  # image blocks (and patch/position embeddings) kept as the demo's
     train_token_embedding: bool = False
@@ -75,7 +75,9 @@ class ClipTrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     two_object_fraction: float = 0.3  # share of scenes with two objects
-    eval_every: int = 100  # steps between quick evaluations on the "val" split (0: none)
+    focus_shapes: int = 4  # classes per batch (0: all eight); see `make_batch`
+    canonical_fraction: float = 0.3  # share of scenes captioned with their canonical caption
+    eval_every: int = 150  # steps between quick evaluations on the "val" split (0: none)
     eval_count: int = 100
     final_eval_count: int = 500
     precision: str = "auto"
@@ -94,20 +96,29 @@ def make_batch(
     config: ClipTrainConfig, step: int, size: int
 ) -> tuple[np.ndarray, list[Caption], np.ndarray]:
     """Scenes and captions of ``step``: images (B, S, S, 3) uint8, B captions (one per image),
-    and positives (B, B) bool: ``[i, j]`` when caption j is true of image i."""
+    and positives (B, B) bool: ``[i, j]`` when caption j is true of image i.
+
+    With ``focus_shapes`` the batch's objects take only that many classes (drawn per step), so
+    that the batch cannot be told apart by shape alone: hard negatives for colour, position,
+    size and relation. Each scene's caption is its canonical one with probability
+    ``canonical_fraction``, else one of its other phrasings."""
     batch = config.batch_size
     seeds = split_seeds("train", batch, base_seed=step * batch)
     rng = np.random.default_rng([config.seed, step])
     two = rng.random(batch) < config.two_object_fraction
+    classes = rng.permutation(len(CLASSES))[: config.focus_shapes or len(CLASSES)]
+    picks = [rng.permutation(classes)[: 1 + int(t)] for t in two]
     scene_config = SceneConfig(size=size)
     scenes = [
-        render_scene(s, two_object=bool(t), config=scene_config)
-        for s, t in zip(seeds, two, strict=True)
+        render_scene(s, two_object=bool(t), labels=labels, config=scene_config)
+        for s, t, labels in zip(seeds, two, picks, strict=True)
     ]
     captions = []
-    for scene, pick in zip(scenes, rng.random(batch), strict=True):
+    for scene, canonical, pick in zip(
+        scenes, rng.random(batch) < config.canonical_fraction, rng.random(batch), strict=True
+    ):
         options = scene_captions(scene)
-        captions.append(options[int(pick * len(options))])
+        captions.append(options[0] if canonical else options[1 + int(pick * (len(options) - 1))])
     facts = [scene_facts(scene) for scene in scenes]
     positives = np.array([[c.true_of(f) for c in captions] for f in facts])  # (B, B)
     return np.stack([s.image for s in scenes]), captions, positives
@@ -291,6 +302,21 @@ def train_clip(
             return None
 
     train_seconds = time.perf_counter() - started
+    if step < config.total_steps and config.export_dir is not None:  # unfinished: ship the state
+        key = config_key(config, _NOT_RESUME_KEYS)
+        save_checkpoint(
+            config.export_dir / "clip.ckpt", model, optimizer, key, step, train_seconds, curve
+        )
+        state = {
+            "step": step,
+            "total_steps": config.total_steps,
+            "train_seconds": train_seconds,
+            "config": json.loads(key),
+            "command": command,
+            "curve": curve,
+            "resume": f"--out {config.export_dir} --resume (same hyper-parameters)",
+        }
+        (config.export_dir / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
     model.eval()
     with torch.no_grad():  # evaluate what the export stores: fp16-rounded weights
         for tensor in model.state_dict().values():
@@ -300,8 +326,9 @@ def train_clip(
         model, tokens, count=config.final_eval_count, split="test", size=config.full_res
     )
     log.info("held-out (test) metrics: %s", json.dumps(metrics.as_dict()))
-    metadata = _metadata(config, command, precision, train_seconds, metrics.as_dict(), curve)
+    metadata = run_metadata(config, command, precision, train_seconds, metrics.as_dict(), curve)
     metadata["steps_done"] = step
+    metadata["finished"] = step >= config.total_steps
     if config.export_dir is not None:
         export_clip(model, config.export_dir, model_cfg=config.model_cfg, metadata=metadata)
         log.info("exported to %s", config.export_dir)
@@ -318,39 +345,6 @@ def _eta_s(config: ClipTrainConfig, step: int, rate: float) -> float:
     full_left = config.total_steps - max(step, config.low_res_steps)
     slowdown = 1.0 if step >= config.low_res_steps else 4.0
     return (low_left + full_left * slowdown) * config.batch_size / max(rate, 1e-9)
-
-
-def _metadata(config, command, precision, train_seconds, metrics, curve) -> dict[str, Any]:
-    return {
-        "labels": list(CLASSES),
-        "prompt_template": PROMPT_TEMPLATE.replace("{}", "{shape}"),
-        "mean": list(MEAN),
-        "std": list(STD),
-        "image_size": config.full_res,
-        "weights_dtype": "float16 (open_clip's loader copies them into its float32 model)",
-        "training_command": command,
-        "seed": config.seed,
-        "train_seeds": f"split 'train' (seeds 0 .. {config.total_steps * config.batch_size - 1})",
-        "eval_seeds": f"split 'test' ({config.final_eval_count} scenes from seed 20000000)",
-        "curve_seeds": "split 'val' (seeds from 10000000)",
-        "image_tower_init": "vitlens-demo.safetensors (key mapping: clip_model.demo_to_open_clip)",
-        "schedule": f"{config.low_res_steps} steps at {config.low_res}px + {config.full_res_steps}"
-        f" at {config.full_res}px, batch {config.batch_size}, AdamW lr {config.lr} (image trunk "
-        f"{config.visual_lr}, temperature {config.logit_scale_lr}), wd {config.weight_decay}, "
-        f"warmup {config.warmup_steps} + cosine; {config.two_object_fraction:.0%} two-object "
-        f"scenes; frozen: patch/position embeddings and image blocks 0-{config.frozen_blocks - 1}"
-        + ("" if config.train_token_embedding else ", token embedding (random init)"),
-        "steps": config.total_steps,
-        "train_images": config.total_steps * config.batch_size,
-        "train_seconds": round(train_seconds, 1),
-        "device": _device_name(torch.device("cpu")),
-        "precision": precision,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "eval_split": "test",
-        "metrics": metrics,
-        "curve": curve,
-    }
 
 
 # Fields that a resumed run may change: where it writes, how it evaluates and reports.
