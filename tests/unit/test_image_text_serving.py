@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vitlens_server.cli import parse_model_spec
-from vitlens_server.explain.image_text import pair_rounds
+from vitlens_server.explain.image_text import side_rounds
 from vitlens_server.models.image_text import ImageTextLoadError, parse_image_text_source
 from vitlens_server.models.image_text_serving import read_metadata
 
@@ -51,19 +51,17 @@ def test_metadata_labels_must_be_a_list(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("images", "texts"), [(1, 1), (3, 2), (2, 5), (4, 4), (7, 3)])
-def test_rounds_hold_each_image_and_text_once(images: int, texts: int) -> None:
+def test_rounds_hold_each_item_of_their_tower_once(images: int, texts: int) -> None:
     pairs = list(itertools.product(range(images), range(texts)))
-    rounds = pair_rounds(pairs)
-    assert len(rounds) == max(images, texts)  # the full grid: optimal
-    assert sorted(i for r in rounds for i in r) == list(range(len(pairs)))
-    for members in rounds:
-        assert len({pairs[i][0] for i in members}) == len(members)
-        assert len({pairs[i][1] for i in members}) == len(members)
+    for side, count in ((0, texts), (1, images)):
+        rounds = side_rounds(pairs, side)
+        assert len(rounds) == count  # M image rounds, B text rounds for the full grid
+        assert sorted(i for r in rounds for i in r) == list(range(len(pairs)))
+        for members in rounds:
+            assert len({pairs[i][side] for i in members}) == len(members)
 
 
 def test_rounds_of_any_pairs() -> None:
     pairs = [(0, 2), (1, 2), (2, 2), (0, 0), (1, 1)]  # three images chose text 2
-    rounds = pair_rounds(pairs)
-    assert len(rounds) == 3
-    for members in rounds:
-        assert len({pairs[i][1] for i in members}) == len(members)
+    assert side_rounds(pairs, 0) == [[0, 1, 2], [3, 4]]
+    assert side_rounds(pairs, 1) == [[0, 3, 4], [1], [2]]

@@ -15,9 +15,12 @@ Transformer Attribution is not offered: it needs LRP relevances R^A of both towe
 open_clip and Hugging Face towers do not provide.
 
 Batching: one forward of all B images and all M texts (`capture`), then for ``generic`` one
-``autograd.grad`` call per *round* of pairs, a round holding each image and each text at most
-once (`pair_rounds`), so every pair's gradients are its own (`ImageTextCapture.gradients` sums
-an item's gradients over the pairs of one call). The full B x M grid takes max(B, M) rounds.
+``autograd.grad`` call per *round* of each tower (`side_rounds`): an image round sums the logits
+of pairs holding each image once and back-propagates the image tower alone, a text round the
+same for the text tower, so every pair's gradients are its own in both towers (a gradient of a
+sum of logits gives an item the sum over its pairs). The full B x M grid takes M image rounds
+over all B images and B text rounds over all M texts: the backward work of B x M single pairs,
+in batches, after a single forward.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ __all__ = [
     "TEXT",
     "PairMaps",
     "explain_pairs",
-    "pair_rounds",
+    "side_rounds",
     "text_positions",
     "tower_graph",
 ]
@@ -78,29 +81,20 @@ def tower_graph(name: str, num_layers: int, prefix: int) -> AttentionGraph:
     return self_attention_graph(name, num_layers, prefix=prefix, row=None, label=name + ".{}")
 
 
-def pair_rounds(pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Group pair indices into rounds where each image and each text appears at most once.
+def side_rounds(pairs: Sequence[tuple[int, int]], side: int) -> list[list[int]]:
+    """Group pair indices into rounds in which each item of one tower appears at most once.
 
-    Pairs are taken along diagonals ((m - b) mod max(B, M)), so the full B x M grid needs
-    max(B, M) rounds; any other set of pairs gets a greedy assignment.
+    ``side`` 0 groups by image (round r holds every image's r-th pair: K rounds for K targets
+    per image, M for the full B x M grid), 1 by text (round r holds every text's r-th pair).
     """
-    if not pairs:
-        return []
-    width = max(max(b for b, _ in pairs), max(m for _, m in pairs)) + 1
-    order = sorted(range(len(pairs)), key=lambda i: ((pairs[i][1] - pairs[i][0]) % width, i))
     rounds: list[list[int]] = []
-    used: list[tuple[set[int], set[int]]] = []
-    for i in order:
-        b, m = pairs[i]
-        for members, (images, texts) in zip(rounds, used, strict=True):
-            if b not in images and m not in texts:
-                members.append(i)
-                images.add(b)
-                texts.add(m)
-                break
-        else:
-            rounds.append([i])
-            used.append(({b}, {m}))
+    seen: dict[int, int] = {}
+    for i, pair in enumerate(pairs):
+        r = seen.get(pair[side], 0)
+        seen[pair[side]] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(i)
     return rounds
 
 
@@ -158,24 +152,52 @@ def _gradient_pairs(
     matrix: bool,
     interrupted: Callable[[], bool] | None,
 ) -> list[PairMaps]:
-    """Eq. 5-6 on both towers for every pair, one backward pass per round."""
-    found: list[PairMaps | None] = [None] * len(pairs)
-    rounds = pair_rounds(pairs)
-    device = captured.logits.device
-    for n, members in enumerate(rounds):
+    """Eq. 5-6 on both towers for every pair: one backward pass per round of each tower."""
+    images, texts = captured.recording.towers()
+    image_rows: list[Tensor | None] = [None] * len(pairs)
+    text_rows: list[Tensor | None] = [None] * len(pairs)
+    matrices: list[Tensor | None] = [None] * len(pairs)
+    work = [(images, members) for members in side_rounds(pairs, 0)]
+    work += [(texts, members) for members in side_rounds(pairs, 1)]
+    for n, (tower, members) in enumerate(work):
         raise_if_interrupted(interrupted)
-        image_index = torch.tensor([pairs[i][0] for i in members], device=device)
-        text_index = torch.tensor([pairs[i][1] for i in members], device=device)
-        rec = captured.gradients(image_index, text_index, retain=n < len(rounds) - 1)
-        images = rec.images.narrow(image_index)  # type: ignore[arg-type]  # rows of the round
-        texts = rec.texts.narrow(text_index)  # type: ignore[arg-type]
-        image_r = _relevance(images, propagate, with_gradients=True)  # (P, N, N)
-        text_r = _relevance(texts, propagate, with_gradients=True)  # (P, L, L)
-        image_rows, text_rows = _read(images, image_r), _read(texts, text_r)
+        rows = _round_gradients(captured, tower, pairs, members, retain=n < len(work) - 1)
+        side = 0 if tower is images else 1
+        relevance = _relevance(rows, propagate, with_gradients=True)  # (P, N, N)
+        read = _read(rows, relevance)  # (P, N)
         for j, i in enumerate(members):
-            found[i] = _pair(images, image_rows[j], text_rows[j], image_r[j] if matrix else None)
-        del rec, images, texts, image_r, text_r
-    return found  # type: ignore[return-value]
+            if side == 0:
+                image_rows[i] = read[j]
+                matrices[i] = relevance[j] if matrix else None
+            else:
+                text_rows[i] = read[j]
+        del rows, relevance
+    return [
+        _pair(images, image_rows[i], text_rows[i], matrices[i])  # type: ignore[arg-type]
+        for i in range(len(pairs))
+    ]
+
+
+def _round_gradients(
+    captured: ImageTextCapture,
+    tower: TowerRecording,
+    pairs: list[tuple[int, int]],
+    members: list[int],
+    *,
+    retain: bool,
+) -> TowerRecording:
+    """One tower's recording with ∂y/∂O_l for y = Σ of the round's pair logits, narrowed to the
+    round's items (each appears once, so each gets its own pair's gradients). Only this tower
+    is back-propagated: ``autograd.grad`` runs the part of the graph that leads to its inputs.
+    """
+    device = captured.logits.device
+    image_index = torch.tensor([pairs[i][0] for i in members], device=device)
+    text_index = torch.tensor([pairs[i][1] for i in members], device=device)
+    chosen = captured.logits[image_index, text_index].sum()
+    outs = tower.attention_outputs()
+    grads = torch.autograd.grad(chosen, outs, retain_graph=retain, allow_unused=True)
+    rows = image_index if tower is captured.recording.images else text_index
+    return tower.with_gradients(grads).narrow(rows)  # type: ignore[arg-type]
 
 
 def _maps(tower: TowerRecording, with_gradients: bool) -> Iterator[LayerMaps]:
