@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from vitlens_server.errors import InvalidArgument
+
 __all__ = [
     "ExplainResult",
     "ImageInput",
@@ -62,6 +64,21 @@ class TargetSpec:
     def count(self) -> int:
         """Explanations per image (K)."""
         return self.k if self.kind == "top_k" else 1
+
+    def check(self, count: int, model: str, noun: str = "class", nouns: str = "classes") -> None:
+        """Refuse a ``top_k`` or an index outside the ``count`` classes of ``model`` (or what
+        else it ranks: ``noun``/``nouns``) with INVALID_ARGUMENT."""
+        if self.kind == "top_k" and not 1 <= self.k <= count:
+            raise InvalidArgument(
+                f"target.top_k must lie in [1, {count}]; got {self.k}", field="target.top_k"
+            )
+        for index in self.indices:
+            if not 0 <= index < count:
+                raise InvalidArgument(
+                    f"{noun} index {index} is out of range; model {model!r} has {count} "
+                    f"{nouns} (0..{count - 1})",
+                    field="target",
+                )
 
     def subset(self, images: Sequence[int]) -> TargetSpec:
         """The target of the images ``images`` of the request, as a request of their own."""

@@ -93,18 +93,7 @@ class Explainer:
         check = getattr(params, "check", None)
         if check is not None:  # options against the model (e.g. start_layer below its depth)
             check(geometry.num_layers)
-        classes = geometry.num_classes
-        if target.kind == "top_k" and not 1 <= target.k <= classes:
-            raise InvalidArgument(
-                f"target.top_k must lie in [1, {classes}]; got {target.k}", field="target.top_k"
-            )
-        for index in target.indices:
-            if not 0 <= index < classes:
-                raise InvalidArgument(
-                    f"class index {index} is out of range; model {self.model.name!r} has "
-                    f"{classes} classes (0..{classes - 1})",
-                    field="target",
-                )
+        target.check(geometry.num_classes, self.model.name)
 
     def predict(self, pixels: Tensor, top_k: int) -> Predictions:
         """Classify (B, C, H, W) pixels on the fused fast path."""

@@ -22,7 +22,6 @@ from vitlens_server.explain.image_text import IMAGE_TEXT_METHODS
 from vitlens_server.explain.image_text_batch import ImageTextExplainJob
 from vitlens_server.explain.params import NoParams, parse_params
 from vitlens_server.models.image_text import ImageTextModel
-from vitlens_server.models.image_text.tokenizer import OpenClipBpeTokenizer
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
 from vitlens_server.runtime.api import ExplainQuery, MethodCard, ModalityCard, ModelCard
 
@@ -71,7 +70,7 @@ def check_texts(
                 f"{where} has {len(text)} characters; at most {config.max_text_chars} per text",
                 field=where,
             )
-        used, context = _token_count(model, text), model.context_length
+        used, context = model.tokenizer.count(text), model.context_length
         if used > context:
             raise InvalidArgument(
                 f"{where} is {used} tokens with the start and end tokens; the model reads at "
@@ -124,7 +123,7 @@ def explain_job(
             )
         target = None
     else:
-        _check_target(query.target, len(texts), served.name)
+        query.target.check(len(texts), served.name, "label", "labels")
     job = ImageTextExplainJob(
         pixels=torch.empty(0),
         texts=texts,
@@ -187,26 +186,3 @@ def image_text_card(served: LoadedImageTextModel) -> ModelCard:
 def image_text_version(served: LoadedImageTextModel) -> str:
     """What answers are keyed by: the weights and the zero-shot prompts."""
     return json.dumps([served.weights.source, served.weights.sha256, list(served.prompts)])
-
-
-def _check_target(target: TargetSpec, count: int, model: str) -> None:
-    if target.kind == "top_k" and not 1 <= target.k <= count:
-        raise InvalidArgument(
-            f"target.top_k must lie in [1, {count}]; got {target.k}", field="target.top_k"
-        )
-    for index in target.indices:
-        if not 0 <= index < count:
-            raise InvalidArgument(
-                f"label index {index} is out of range; model {model!r} has {count} labels "
-                f"(0..{count - 1})",
-                field="target",
-            )
-
-
-def _token_count(model: ImageTextModel, text: str) -> int:
-    """Tokens ``text`` takes in the model's context, start and end tokens included."""
-    tokenizer = model.tokenizer
-    if isinstance(tokenizer, OpenClipBpeTokenizer):
-        return len(tokenizer.library.encode(text)) + 2
-    library = tokenizer.library  # a transformers CLIPTokenizer
-    return len(library(text, truncation=False, add_special_tokens=True)["input_ids"])

@@ -71,6 +71,10 @@ class BpeTokenizer:
         """(M, L) ids, (M, L) valid mask, readable tokens of the valid positions."""
         raise NotImplementedError
 
+    def count(self, text: str) -> int:
+        """Tokens ``text`` takes in the context, start and end tokens included (untruncated)."""
+        raise NotImplementedError
+
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
@@ -112,6 +116,9 @@ class OpenClipBpeTokenizer(BpeTokenizer):
         )
         return ids, valid, tokens
 
+    def count(self, text: str) -> int:
+        return len(self.library.encode(text)) + 2  # + start and end of text
+
 
 class HfBpeTokenizer(BpeTokenizer):
     """A transformers ``CLIPTokenizer`` loaded from a local directory."""
@@ -138,3 +145,6 @@ class HfBpeTokenizer(BpeTokenizer):
             for row, ok in zip(ids, valid, strict=True)
         )
         return ids, valid, tokens
+
+    def count(self, text: str) -> int:
+        return len(self.library(text, truncation=False, add_special_tokens=True)["input_ids"])
