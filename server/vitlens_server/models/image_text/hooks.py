@@ -23,7 +23,7 @@ parameter ``.grad``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -118,6 +118,20 @@ def _anchor(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def _out_hook(hooks: TowerHooks, index: int) -> Callable[[nn.Module, tuple], tuple | None]:
+    """A forward pre-hook on the module that reads layer ``index``'s attention output O
+    (B, N, h·d): records it, anchored so that ∂y/∂O can be asked for."""
+
+    def on_out(_m: nn.Module, args: tuple) -> tuple | None:
+        rec = hooks.layer(index)
+        if rec is None:
+            return None
+        rec.out = _anchor(args[0])
+        return None if rec.out is args[0] else (rec.out, *args[1:])
+
+    return on_out
+
+
 def _heads(tensor: Tensor, num_heads: int) -> Tensor:
     """(B, N, h·d) → (B, h, N, d), detached."""
     b, n, _ = tensor.shape
@@ -200,12 +214,7 @@ class TimmAttentionTap:
 
             return hook
 
-        def on_out(_m: nn.Module, args: tuple) -> tuple | None:
-            rec = hooks.layer(index)
-            if rec is None:
-                return None
-            rec.out = _anchor(args[0])  # (B, N, h·d)
-            return None if rec.out is args[0] else (rec.out, *args[1:])
+        on_out = _out_hook(hooks, index)
 
         return [
             attn.register_forward_pre_hook(on_call, with_kwargs=True),
@@ -304,12 +313,7 @@ class HfClipAttentionTap:
 
             return hook
 
-        def on_out(_m: nn.Module, args: tuple) -> tuple | None:
-            rec = hooks.layer(index)
-            if rec is None:
-                return None
-            rec.out = _anchor(args[0])  # (B, N, h·d)
-            return None if rec.out is args[0] else (rec.out, *args[1:])
+        on_out = _out_hook(hooks, index)
 
         return [
             attn.q_proj.register_forward_hook(on_proj("q")),
