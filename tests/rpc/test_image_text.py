@@ -303,12 +303,6 @@ def test_a_failing_request_inside_a_batch_leaves_the_others(client, monkeypatch)
             bad.result()
 
 
-def test_evaluate_refuses_image_text_models(client) -> None:
-    with pytest.raises(vitlens.InvalidArgumentError, match="image-text") as info:
-        client.evaluate(["generic"], ["deletion"], model="clip", dataset="synthetic:2")
-    assert [v.field for v in info.value.field_violations] == ["model"]
-
-
 def test_sdk_refuses_one_string_for_texts() -> None:
     from vitlens.client import build_explain_request, build_predict_request
 

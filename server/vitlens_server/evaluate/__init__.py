@@ -17,7 +17,7 @@ from vitlens_server.evaluate.datasets import (
     resolve_allowed,
 )
 from vitlens_server.evaluate.faithfulness import average_drop, deletion, insertion, perturbation
-from vitlens_server.evaluate.local import LocalCalls
+from vitlens_server.evaluate.local import LocalCalls, ZeroShotLocalCalls
 from vitlens_server.evaluate.perturbation import (
     CHEFER_STEPS,
     CausalCurve,
@@ -74,6 +74,7 @@ __all__ = [
     "EvaluationPlan",
     "FolderDataset",
     "LocalCalls",
+    "ZeroShotLocalCalls",
     "MetricContext",
     "MetricSpec",
     "ModelCalls",

@@ -1,15 +1,23 @@
-"""`ModelCalls` in process, straight on an `Explainer`: scripts and tests run the same
-`run_evaluation` as the service, without its batcher.
+"""`ModelCalls` in process, straight on an `Explainer` (classifiers) or an image-text model
+(zero-shot over prompts): scripts and tests run the same `run_evaluation` as the service,
+without its batcher.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from vitlens_server.domain import ExplainResult
 from vitlens_server.explain import Explainer, ExplainJob
+from vitlens_server.explain.image_text_batch import (
+    ImageTextExplainJob,
+    TextCache,
+    explain_jobs,
+)
+from vitlens_server.models.image_text import ImageTextModel
 
-__all__ = ["LocalCalls"]
+__all__ = ["LocalCalls", "ZeroShotLocalCalls"]
 
 
 class LocalCalls:
@@ -43,3 +51,29 @@ class LocalCalls:
 def _explain(explainer: Explainer, job: ExplainJob) -> ExplainResult:
     explainer.check(job.method, job.params, job.target)
     return explainer.explain(job)
+
+
+class ZeroShotLocalCalls:
+    """`ModelCalls` of an image-text ``model`` as a zero-shot classifier over ``prompts``
+    (one class per prompt), as the service's `runtime.image_text_evaluation` makes it."""
+
+    def __init__(self, model: ImageTextModel, prompts: tuple[str, ...]) -> None:
+        self.prompts = prompts
+        self._cache = TextCache(model)
+
+    def explain(self, job: ExplainJob) -> ExplainResult:
+        """(B, K, gh, gw) maps on the token grid, the target choosing among the prompts."""
+        query = ImageTextExplainJob(
+            job.pixels, self.prompts, job.method.name, job.target, grid="tokens"
+        )
+        return explain_jobs(self._cache, [query])[0]
+
+    def logits(self, pixels: Tensor) -> Tensor:
+        """(n, 3, H, W) pixels in [0, 1] → (n, M) float32 similarity logits on the host."""
+        model = self._cache.model
+        with torch.inference_mode():
+            images = model.encode_images(model.preprocess.normalise(pixels.to(model.device)))
+            return model.similarity(images, self._cache.embeds(self.prompts)).float().cpu()
+
+    def randomised_explain(self, job: ExplainJob) -> ExplainResult:
+        raise ValueError("image-text models have no weight-randomised copy (no sanity metric)")

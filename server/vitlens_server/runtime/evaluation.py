@@ -1,16 +1,20 @@
 """Evaluate runs: plan, dataset, one thread per run, every model call batched.
 
-    stream(query)  plan the run (methods, metrics and options parsed once; each method checked
-                   against the model), open the dataset (inline images decoded on the decode
-                   pool), then run `evaluate.run_evaluation` on a run thread, yielding its
-                   progress as it happens and one summary per method x metric at the end
+    stream(query, evaluand)  plan the run (methods, metrics and options parsed once; each
+                   method checked against the model by its `Evaluand`), open the dataset
+                   (inline images decoded on the decode pool), then run
+                   `evaluate.run_evaluation` on a run thread, yielding its progress as it
+                   happens and one summary per method x metric at the end
 
-The run thread's model calls (`ModelCalls`) are submitted straight into the model's worker on
-the event loop (`asyncio.run_coroutine_threadsafe`) and wait on the returned future, so an
-evaluation's passes batch with each other and with live traffic, by cost class; the sanity
-metric's weight-randomised copy is served by a worker of its own. When the caller goes away
-the run stops at its next step and the model call it is waiting for is withdrawn (a running
-batch nobody else waits for is interrupted); on shutdown the run fails with UNAVAILABLE.
+An `Evaluand` is what a run scores: a classifier (`ClassifierEvaluand`, below) or an image-text
+model classifying zero-shot over its label prompts (`runtime.image_text_evaluation`). It
+checks the plan and gives the run its `ModelCalls`, whose model calls are submitted straight
+into the model's worker on the event loop (`asyncio.run_coroutine_threadsafe`) and wait on the
+returned future, so an evaluation's passes batch with each other and with live traffic, by
+cost class; the sanity metric's weight-randomised copy is served by a worker of its own. When
+the caller goes away the run stops at its next step and the model call it is waiting for is
+withdrawn (a running batch nobody else waits for is interrupted); on shutdown the run fails
+with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import functools
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +43,7 @@ from vitlens_server.errors import (
 from vitlens_server.evaluate import (
     Cancelled,
     EvaluationPlan,
+    ModelCalls,
     Sample,
     open_server_path,
     parse_synthetic,
@@ -51,9 +56,61 @@ from vitlens_server.models import LoadedModel
 from vitlens_server.runtime.api import EvaluateQuery, InlineSample
 from vitlens_server.runtime.worker import ModelWorker
 
-__all__ = ["Evaluations"]
+__all__ = ["ClassifierEvaluand", "Evaluand", "Evaluations", "Submit"]
 
 RandomisedWorker = Callable[[LoadedModel], Awaitable[ModelWorker]]
+Submit = Callable[[Coroutine[Any, Any, Any]], Any]  # run thread: one model call, its result
+
+
+class Evaluand(Protocol):
+    """What an Evaluate run scores, and how the run reaches it.
+
+    Attributes:
+        name: the model's name.
+        labels: its class names (server datasets' classes are matched to them by name).
+        input_size: (H, W) of its input.
+        grid: (gh, gw) its token grid.
+        max_queue_images: its worker's queue bound (a plan's model calls must fit in it).
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    input_size: tuple[int, int]
+    grid: tuple[int, int]
+    max_queue_images: int
+
+    def check(self, plan: EvaluationPlan, query: EvaluateQuery) -> None:
+        """Refuse a plan (or dataset) this model cannot run, before the dataset is opened."""
+        ...
+
+    async def calls(self, plan: EvaluationPlan, submit: Submit) -> ModelCalls:
+        """The run's `ModelCalls`; each model call is ``submit(coroutine on the loop)``."""
+        ...
+
+
+class ClassifierEvaluand:
+    """A classifier as Evaluate scores it: its worker, and a weight-randomised copy's (made by
+    ``randomised`` on first use) for the sanity metric."""
+
+    def __init__(
+        self, model: LoadedModel, worker: ModelWorker, randomised: RandomisedWorker
+    ) -> None:
+        self._model, self._worker, self._randomised = model, worker, randomised
+        self.name = model.name
+        self.labels = model.labels
+        self.input_size = tuple(model.geometry.input_size[1:])
+        self.grid = model.geometry.grid
+        self.max_queue_images = worker.max_queue_images
+
+    def check(self, plan: EvaluationPlan, query: EvaluateQuery) -> None:
+        for planned in plan.methods:
+            if not planned.spec.needs_mask:  # the oracle reads the dataset's masks
+                with about(f"method_options[{planned.name}]"):
+                    self._worker.explainer.check(planned.spec, planned.params, TargetSpec())
+
+    async def calls(self, plan: EvaluationPlan, submit: Submit) -> ModelCalls:
+        randomised = await self._randomised(self._model) if plan.needs_randomised else None
+        return _ClassifierCalls(self._worker, randomised, submit)
 
 
 class Evaluations:
@@ -62,7 +119,6 @@ class Evaluations:
     Args:
         config: the server's settings (dataset roots, pixel and inline limits).
         decode_pool: where inline images are decoded and server folders opened.
-        randomised: the worker of a model's weight-randomised copy (made on first use).
         threads: runs at once; further calls wait for a thread.
     """
 
@@ -70,13 +126,11 @@ class Evaluations:
         self,
         config: ServerConfig,
         decode_pool: concurrent.futures.Executor,
-        randomised: RandomisedWorker,
         threads: int = 2,
     ) -> None:
         self._config = config
         self._roots = tuple(Path(r) for r in config.dataset_roots)
         self._decode_pool = decode_pool
-        self._randomised = randomised
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "vitlens-evaluate")
         self._runs: set[_RunState] = set()
 
@@ -94,7 +148,7 @@ class Evaluations:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def stream(
-        self, query: EvaluateQuery, model: LoadedModel, worker: ModelWorker
+        self, query: EvaluateQuery, evaluand: Evaluand
     ) -> AsyncIterator[Progress | MetricSummary]:
         plan = plan_evaluation(
             query.methods,
@@ -103,17 +157,13 @@ class Evaluations:
             metric_options=query.metric_options,
             explain_label=query.explain_label,
         )
-        for planned in plan.methods:
-            if not planned.spec.needs_mask:  # the oracle reads the dataset's masks
-                with about(f"method_options[{planned.name}]"):
-                    worker.explainer.check(planned.spec, planned.params, TargetSpec())
-        _check_fits(plan, worker.max_queue_images)
-        dataset = await self._dataset(query, model)
-        randomised = await self._randomised(model) if plan.needs_randomised else None
+        evaluand.check(plan, query)
+        _check_fits(plan, evaluand.max_queue_images)
+        dataset = await self._dataset(query, evaluand)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Progress] = asyncio.Queue()
         state = _RunState()
-        calls = _BatchedCalls(worker, randomised, loop, state)
+        calls = await evaluand.calls(plan, functools.partial(_submit, loop, state))
 
         def work() -> list[MetricSummary]:
             try:
@@ -121,9 +171,9 @@ class Evaluations:
                     plan,
                     dataset,
                     calls,
-                    input_size=model.geometry.input_size[1:],
-                    grid=model.geometry.grid,
-                    num_classes=model.geometry.num_classes,
+                    input_size=evaluand.input_size,
+                    grid=evaluand.grid,
+                    num_classes=len(evaluand.labels),
                     progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, p),
                     cancelled=state.cancelled,
                 )
@@ -154,7 +204,7 @@ class Evaluations:
         finally:
             state.stop(None)  # the caller went away, or the run is over
 
-    async def _dataset(self, query: EvaluateQuery, model: LoadedModel) -> Sequence[Sample]:
+    async def _dataset(self, query: EvaluateQuery, evaluand: Evaluand) -> Sequence[Sample]:
         loop = asyncio.get_running_loop()
         config = self._config
         if query.synthetic is not None:
@@ -168,15 +218,15 @@ class Evaluations:
                         open_server_path,
                         query.server_path,
                         self._roots,
-                        model.labels,
+                        evaluand.labels,
                         max_pixels=config.max_pixels,
                     ),
                 )
         elif query.inline is not None:
             _check_inline(query.inline, config.max_inline_samples, config.max_inline_bytes)
-            decoder = ImageDecoder(model.geometry.input_size[1:], config.max_pixels)
+            decoder = ImageDecoder(evaluand.input_size, config.max_pixels)
             dataset = await loop.run_in_executor(
-                self._decode_pool, _inline, query.inline, decoder, model.geometry.num_classes
+                self._decode_pool, _inline, query.inline, decoder, len(evaluand.labels)
             )
         else:
             raise InvalidArgument(
@@ -227,41 +277,40 @@ class _RunState:
             waiting.cancel()
 
 
-class _BatchedCalls:
+def _submit(
+    loop: asyncio.AbstractEventLoop, state: _RunState, coro: Coroutine[Any, Any, Any]
+) -> Any:
+    """From the run thread: run ``coro`` on the loop and wait for it; a cancelled run withdraws
+    the call it is waiting for (`_RunState.stop`) and raises `Cancelled`."""
+    if state.cancelled.is_set():
+        coro.close()
+        raise Cancelled("the evaluation was cancelled")
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    state.waiting = future
+    try:
+        return future.result()
+    except concurrent.futures.CancelledError:
+        raise Cancelled("the evaluation was cancelled") from None
+    finally:
+        state.waiting = None
+
+
+class _ClassifierCalls:
     """`ModelCalls` for the run thread: each call is one request to the model's worker."""
 
-    def __init__(
-        self,
-        worker: ModelWorker,
-        randomised: ModelWorker | None,
-        loop: asyncio.AbstractEventLoop,
-        state: _RunState,
-    ) -> None:
-        self._worker, self._randomised, self._loop, self._state = worker, randomised, loop, state
+    def __init__(self, worker: ModelWorker, randomised: ModelWorker | None, submit: Submit) -> None:
+        self._worker, self._randomised, self._submit = worker, randomised, submit
 
     def explain(self, job: ExplainJob) -> ExplainResult:
-        return self._call(self._worker.explain(job, wait_for_room=True))[0]
+        return self._submit(self._worker.explain(job, wait_for_room=True))[0]
 
     def randomised_explain(self, job: ExplainJob) -> ExplainResult:
         if self._randomised is None:
             raise RuntimeError("the plan has no metric that needs the randomised copy")
-        return self._call(self._randomised.explain(job, wait_for_room=True))[0]
+        return self._submit(self._randomised.explain(job, wait_for_room=True))[0]
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._call(self._worker.logits(pixels, wait_for_room=True))
-
-    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        if self._state.cancelled.is_set():
-            coro.close()
-            raise Cancelled("the evaluation was cancelled")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        self._state.waiting = future
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise Cancelled("the evaluation was cancelled") from None
-        finally:
-            self._state.waiting = None
+        return self._submit(self._worker.logits(pixels, wait_for_room=True))
 
 
 class _Limited:

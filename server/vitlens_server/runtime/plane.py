@@ -46,7 +46,7 @@ from vitlens_server.runtime.api import (
 from vitlens_server.runtime.batcher import BatchStats
 from vitlens_server.runtime.cache import ResultCache, cache_key
 from vitlens_server.runtime.cards import model_card, model_version
-from vitlens_server.runtime.evaluation import Evaluations
+from vitlens_server.runtime.evaluation import ClassifierEvaluand, Evaluand, Evaluations
 from vitlens_server.runtime.image_text import (
     candidates,
     explain_job,
@@ -54,6 +54,7 @@ from vitlens_server.runtime.image_text import (
     image_text_version,
     refuse_texts,
 )
+from vitlens_server.runtime.image_text_evaluation import ZeroShotEvaluand
 from vitlens_server.runtime.image_text_worker import ImageTextWorker
 from vitlens_server.runtime.worker import ModelWorker
 
@@ -116,7 +117,7 @@ class DataPlane:
         self._cache = ResultCache(config.cache_bytes)
         self._randomised: dict[str, ModelWorker] = {}
         self._randomised_lock = asyncio.Lock()
-        self.evaluations = Evaluations(config, self._decode_pool, self._randomised_worker)
+        self.evaluations = Evaluations(config, self._decode_pool)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -259,13 +260,12 @@ class DataPlane:
     async def evaluate(self, query: EvaluateQuery) -> AsyncIterator[Progress | MetricSummary]:
         with self._call():
             served = self._serve(query.model)
-            if served.image_text:
-                raise InvalidArgument(
-                    f"Evaluate does not support image-text models yet; model "
-                    f"{served.model.name!r} is one",
-                    field="model",
-                )
-            async for event in self.evaluations.stream(query, served.model, served.worker):
+            evaluand: Evaluand
+            if served.image_text:  # zero-shot over the label prompts
+                evaluand = ZeroShotEvaluand(served.model, served.worker)
+            else:
+                evaluand = ClassifierEvaluand(served.model, served.worker, self._randomised_worker)
+            async for event in self.evaluations.stream(query, evaluand):
                 yield event
 
     # ------------------------------------------------------------------ helpers
