@@ -1,21 +1,25 @@
-"""The demo model's evaluation table: every method x every metric on held-out generated scenes.
+"""A model's evaluation table: every method x every metric on held-out generated scenes.
 
     python scripts/eval_table.py                      # 500 scenes, all methods, resumable
+    python scripts/eval_table.py --model vitlens-clip --methods oracle,random,rollout,generic \
+        --metrics segmentation,deletion,insertion,average_drop,class_sensitivity \
+        --out benchmarks/evaluation-clip              # an image-text model, zero-shot
     python scripts/eval_table.py --scenes 40 --block 20 --methods oracle,random,generic
     python scripts/eval_table.py --parts single --metrics perturbation,deletion \
         --metric-option perturbation.baseline=inpaint --out benchmarks/evaluation-inpaint
 
-Starts `vitlens serve` (the embedded demo model, result cache off) on loopback and calls
-`Evaluate` through the SDK, block by block: ``synthetic:BLOCK:START`` single-object scenes with
-every single-object metric, and ``synthetic:BLOCK:START:two_object`` scenes with
-`class_sensitivity`. Blocks are the same scenes as one ``synthetic:SCENES`` run (a scene is a
-function of its seed), so their results merge exactly (deploy/eval/merge_results.py, the
-pooled statistics of the sharded Kubernetes Job). Each finished block is written to
-``OUT/shards/`` with its wall time and plan (methods, metrics, metric options), and blocks
-already there are skipped: an interrupted run continues where it stopped; a block made with
-another plan stops the run (use another ``--out``). At the end the merged results become
-``OUT/<part>/report.md`` (tables and curve plots, `vitlens.report`) and ``OUT/README.md``
-(time, machine, options, orderings).
+Starts `vitlens serve` (the embedded demo model, or the ``--model`` spec; result cache off) on
+loopback and calls `Evaluate` through the SDK, block by block: ``synthetic:BLOCK:START``
+single-object scenes with every single-object metric, and ``synthetic:BLOCK:START:two_object``
+scenes with `class_sensitivity`. An image-text model is scored zero-shot over its label prompts
+(seed 004 Table 2's protocol; it has no ``sanity``). Blocks are the same scenes as one
+``synthetic:SCENES`` run (a scene is a function of its seed), so their results merge exactly
+(deploy/eval/merge_results.py, the pooled statistics of the sharded Kubernetes Job). Each
+finished block is written to ``OUT/shards/`` with its wall time and plan (methods, metrics,
+metric options), and blocks already there are skipped: an interrupted run continues where it
+stopped; a block made with another plan stops the run (use another ``--out``). At the end the
+merged results become ``OUT/<part>/report.md`` (tables and curve plots, `vitlens.report`) and
+``OUT/README.md`` (time, machine, options, orderings).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METRIC.KEY=VALUE", help="e.g. perturbation.baseline=inpaint; repeatable",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "evaluation")
+    p.add_argument("--model", default="", help="serve this `vitlens serve --model` spec instead")
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
     p.add_argument("--note", default="", help="a sentence about the machine, e.g. its load")
     args = p.parse_args(argv)
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if todo:
         flags = ["--cache-mb", "0", "--log-level", "warning"]
         flags += ["--threads", str(args.threads)] if args.threads else []
+        flags += ["--model", args.model] if args.model else []
         with (
             ServeProcess.start(flags, log=args.out / "serve.log") as server,
             vitlens.Client(server.address, timeout_s=30) as client,
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             for number, (part, start) in enumerate(todo, 1):
                 size = min(args.block, args.scenes - start)
                 print(f"[{number}/{len(todo)}] {part} scenes {start}..{start + size - 1}")
-                _block(client, part, start, size, plans[part], shards)
+                _block(client, part, start, size, plans[part], shards, _name(args.model))
     _finish(args, plans, shards, argv)
     return 0
 
@@ -121,7 +127,12 @@ def _plans(args) -> dict[str, dict]:
     return plans
 
 
-def _block(client, part: str, start: int, size: int, plan: dict, shards: Path) -> None:
+def _name(spec: str) -> str:
+    """The served name of a ``--model`` spec ("" for the default model)."""
+    return spec.partition("=")[0]
+
+
+def _block(client, part: str, start: int, size: int, plan: dict, shards: Path, model: str) -> None:
     dataset = f"synthetic:{size}:{start}{PARTS[part][0]}"
     began = time.monotonic()
 
@@ -135,8 +146,8 @@ def _block(client, part: str, start: int, size: int, plan: dict, shards: Path) -
         )
 
     result = client.evaluate(
-        plan["methods"], plan["metrics"], dataset=dataset, metric_options=plan["options"],
-        on_progress=show, timeout_s=24 * 3600,
+        plan["methods"], plan["metrics"], dataset=dataset, model=model,
+        metric_options=plan["options"], on_progress=show, timeout_s=24 * 3600,
     )  # fmt: skip
     seconds = time.monotonic() - began
     print(f"\r  done in {seconds:.0f} s{' ' * 60}")
@@ -152,7 +163,7 @@ def _block(client, part: str, start: int, size: int, plan: dict, shards: Path) -
 def _finish(args, plans: dict[str, dict], shards: Path, argv) -> None:
     """Merge every part whose blocks are all there; write its report and the summary."""
     lines = [
-        "# Evaluation of every method on the demo model",
+        f"# Evaluation of every method on {_name(args.model) or 'the demo model'}",
         "",
         "Produced by",
         "",

@@ -7,7 +7,8 @@ directory (the checkpoint's directory for ``open_clip:ARCH:FILE``)::
     {"labels": ["circle", "square"], "prompt_template": "a photo of a {}."}
 
 The template defaults to ``a photo of a {}.``. Without labels the model has no zero-shot
-classes: Explain then needs ``texts`` and Predict ``prompts``.
+classes: Explain then needs ``texts`` and Predict ``prompts``. Every other key (how the weights
+were trained, their scores) is reported by GetModel as the weights' metadata.
 """
 
 from __future__ import annotations
@@ -112,14 +113,15 @@ def load_image_text(spec: ModelSpec) -> LoadedImageTextModel:
             f"got {template!r}"
         )
     adapter = load_image_text_model(source, device=spec.device)
-    weights = _weights_info(source, spec.metadata)
+    weights = _weights_info(source, {**_described(metadata), **spec.metadata})
     if not labels:
         log.info("image-text model %r has no labels: Explain needs texts", spec.name)
     return LoadedImageTextModel(spec, adapter, tuple(labels), template, weights)
 
 
 def read_metadata(source: ImageTextSource) -> dict[str, Any]:
-    """``labels`` and ``prompt_template`` from the config's ``"vitlens"`` key or `SIDECAR`."""
+    """The config's ``"vitlens"`` object, then `SIDECAR`'s keys it lacks: ``labels``,
+    ``prompt_template``, and anything else, which GetModel reports as the weights' metadata."""
     folder = source.path if source.architecture is None else source.path.parent
     found: dict[str, Any] = {}
     config = folder / "open_clip_config.json"
@@ -129,12 +131,20 @@ def read_metadata(source: ImageTextSource) -> dict[str, Any]:
     if sidecar.is_file():
         for key, value in _json(sidecar).items():
             found.setdefault(key, value)
-    unknown = sorted(set(found) - {"labels", "prompt_template"})
-    if unknown:
-        log.warning("%s: ignoring unknown vitlens metadata keys %s", source, unknown)
     if "labels" in found and not isinstance(found["labels"], list):
         raise ImageTextLoadError(f"{source}: vitlens metadata 'labels' must be a list of strings")
     return found
+
+
+def _described(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """The metadata's other keys (how the weights were made, their scores) as GetModel's
+    ``weights.metadata``: strings as they are, anything else as compact JSON."""
+    described = {}
+    for key, value in metadata.items():
+        if key in ("labels", "prompt_template"):
+            continue
+        described[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    return described
 
 
 def _json(path: Path) -> dict[str, Any]:
