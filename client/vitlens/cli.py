@@ -2,7 +2,9 @@
 
 ``vitlens serve`` hands its arguments to the server, a distribution of its own
 (``pip install vitlens-server``); the other commands only need the SDK, plus Pillow for
-``explain``'s PNG figures.
+``explain``'s PNG figures. On image-text (CLIP) models ``explain --text`` explains each image
+against each text and ``predict --prompt`` ranks prompts; their explanations also get a PNG of
+the text's tokens shaded by relevance (`vitlens.text_overlay`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from vitlens.client import DEFAULT_TARGET, Client
 from vitlens.errors import UnavailableError, VitlensError
 from vitlens.evaluation import Progress
-from vitlens.results import ExplainResult, ImageExplanation, ModelInfo
+from vitlens.results import ExplainResult, Explanation, ImageExplanation, ModelInfo
 
 __all__ = ["main"]
 
@@ -58,31 +60,44 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), max(size, 1))]
 
 
+def _name(stem: str, e: Explanation, args: argparse.Namespace) -> str:
+    """The file stem of one explanation: the image's, plus the text (its index first, as two
+    texts may read the same once made safe) or the class when several are explained."""
+    if args.text:
+        return f"{stem}_{e.target.index}_{_safe(e.target.label)[:40]}"
+    return f"{stem}_{_safe(e.target.label or str(e.target.index))}" if args.top_k else stem
+
+
 def _write_explanation(
     path: Path, stem: str, item: ImageExplanation, result: ExplainResult, args: argparse.Namespace
 ) -> list[Path]:
     from vitlens.overlay import default_caption, render_explanation
+    from vitlens.text_overlay import save_text_relevance, text_caption
 
     out = Path(args.out)
     data = path.read_bytes()
     files, entries = [], []
     for e in item.explanations:
-        name = f"{stem}_{_safe(e.target.label or str(e.target.index))}" if args.top_k else stem
+        name = _name(stem, e, args)
         target = out / f"{name}.png"
-        if target.resolve() == path.resolve():
+        tokens = out / f"{name}_tokens.png"
+        if path.resolve() in (target.resolve(), tokens.resolve()):
             raise ValueError(f"refusing to overwrite the input image {path}; choose another --out")
-        render_explanation(data, e, default_caption(e, result.method)).save(target)
+        caption = (default_caption if e.text is None else text_caption)(e, result.method)
+        render_explanation(data, e, caption).save(target)
         files.append(target)
         heat = e.heatmap
-        entries.append(
-            {
-                "target": dataclasses.asdict(e.target),
-                "file": target.name,
-                "heatmap_shape": list(heat.shape),
-                "heatmap_min": float(heat.min()) if heat.size else None,
-                "heatmap_max": float(heat.max()) if heat.size else None,
-            }
-        )
+        entry = {
+            "target": dataclasses.asdict(e.target),
+            "file": target.name,
+            "heatmap_shape": list(heat.shape),
+            "heatmap_min": float(heat.min()) if heat.size else None,
+            "heatmap_max": float(heat.max()) if heat.size else None,
+        }
+        if e.text is not None:  # image-text models: the text's tokens and their relevance
+            entry["text"] = save_text_relevance(e, tokens, result.method)
+            files.append(tokens)
+        entries.append(entry)
     report = {
         "image": str(path),
         "id": item.id,
@@ -99,6 +114,11 @@ def _write_explanation(
 def _cmd_explain(args: argparse.Namespace) -> int:
     from vitlens.overlay import require_pillow
 
+    if args.text and (args.target is not None or args.top_k is not None):
+        raise ValueError(
+            "--text explains every text; --target and --top-k choose among an image-text "
+            "model's labels (zero-shot, without --text)"
+        )
     require_pillow()
     paths = [Path(p) for p in args.images]
     for p in paths:
@@ -116,12 +136,19 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 top_k=args.top_k,
                 grid=args.grid,
                 method_options=dict(args.option or []),
+                texts=args.text or (),
             )
             for (path, stem), item in zip(chunk, result, strict=True):
                 files = _write_explanation(path, stem, item, result, args)
-                top = item.top
                 written = ", ".join(str(f) for f in files)
-                print(f"{path}: {top.label} {top.probability:.1%} -> {written}")
+                if args.text:  # each text's logit against this image
+                    print(f"{path}: -> {written}")
+                    for e in item.explanations:
+                        t = e.target
+                        print(f"  logit {t.logit:8.3f}  p {t.probability:6.1%}  {t.label!r}")
+                else:
+                    top = item.top
+                    print(f"{path}: {top.label} {top.probability:.1%} -> {written}")
     return 0
 
 
@@ -129,11 +156,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     paths = list(args.images)
     with Client(args.server, timeout_s=args.timeout_s) as client:
         for chunk in _batches(paths, args.batch_size):
-            results = client.predict(chunk, model=args.model, top_k=args.top_k)
+            results = client.predict(
+                chunk, model=args.model, top_k=args.top_k, prompts=args.prompt or ()
+            )
             for path, c in zip(chunk, results, strict=True):
                 print(path)
                 for rank, p in enumerate(c.predictions, 1):
-                    print(f"  {rank:>2}. {p.probability:7.2%}  {p.label}  (class {p.index})")
+                    what = f"prompt {p.index}" if args.prompt else f"class {p.index}"
+                    print(f"  {rank:>2}. {p.probability:7.2%}  {p.label}  ({what})")
     return 0
 
 
@@ -280,6 +310,14 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--grid", choices=["tokens", "input"], default="tokens")
     ex.add_argument("--out", default="vitlens_out", metavar="DIR", help="output directory")
     ex.add_argument(
+        "--text",
+        action="append",
+        metavar="TEXT",
+        help="image-text models: explain each image against TEXT (repeatable); also writes "
+        "a PNG of its tokens shaded by relevance. Without it an image-text model explains "
+        "its predicted label's prompt (zero-shot)",
+    )
+    ex.add_argument(
         "--option",
         action="append",
         type=_option,
@@ -290,6 +328,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", parents=[common, batch], help="print top classes")
     pr.add_argument("--top-k", type=int, default=5, help="predictions per image")
+    pr.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="image-text models: rank these prompts zero-shot (repeatable; default: the "
+        "model's labels)",
+    )
     pr.set_defaults(func=_cmd_predict)
 
     mo = sub.add_parser("models", parents=[common], help="list the server's models")
