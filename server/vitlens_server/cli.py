@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vitlens_server.config import DEFAULT_MAX_PIXELS, ServerConfig
 from vitlens_server.logs import configure_logging
-from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
+from vitlens_server.models.default import CLIP_MODEL_NAME, DEMO_MODEL_NAME, builtin_spec
 from vitlens_server.models.spec import ModelSpec
 from vitlens_server.rpc.security import read_tokens
 from vitlens_server.settings import SettingsError, parse_settings
@@ -24,15 +24,17 @@ log = logging.getLogger("vitlens.serve")
 
 def parse_model_spec(text: str, device: str, precision: str = "fp32") -> ModelSpec:
     """``[NAME=]ARCH[:WEIGHTS|:random]``, ``[NAME=]SOURCE`` for an image-text (CLIP) model, or
-    ``vitlens-demo`` for the embedded model.
+    the name of a model that ships with the server: ``vitlens-demo`` (the embedded classifier)
+    or ``vitlens-clip`` (the exemplar CLIP; `vitlens_server.models.default`).
 
     ``ARCH`` alone loads timm's pretrained weights from the local cache; ``:random`` builds a
     randomly initialised model (for testing); otherwise ``WEIGHTS`` is a local file. ``SOURCE``
     is ``open_clip:DIR``, ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md);
     without ``NAME=`` the model is named after the directory or file.
     """
-    if text == DEMO_MODEL_NAME:
-        return dataclasses.replace(demo_spec(device), precision=precision)
+    builtin = builtin_spec(text, device, precision)
+    if builtin is not None:
+        return builtin
     image_text = _image_text_spec(text, device, precision)
     if image_text is not None:
         return image_text
@@ -79,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         metavar="[NAME=]ARCH[:WEIGHTS|:random] | [NAME=]open_clip:DIR | ...",
-        help="model to serve (repeatable): a timm ViT, or an image-text (CLIP) model "
-        "open_clip:DIR, open_clip:ARCH:FILE or hf-clip:DIR; default: the embedded "
-        f"{DEMO_MODEL_NAME!r}",
+        help="model to serve (repeatable): a timm ViT, an image-text (CLIP) model "
+        "open_clip:DIR, open_clip:ARCH:FILE or hf-clip:DIR, or a shipped model by name: "
+        f"{DEMO_MODEL_NAME!r} (the embedded classifier) or {CLIP_MODEL_NAME!r} (the exemplar "
+        f"CLIP); default: {DEMO_MODEL_NAME!r} alone",
     )
     parser.add_argument("--default-model", help="model used when a request names none")
     parser.add_argument(

@@ -1,9 +1,10 @@
 """The two distributions as built: the SDK `vitlens` (client/pyproject.toml) carries the client,
 the CLI, the generated stubs and the .proto files, and nothing of the server; the server
-`vitlens-server` (pyproject.toml) carries vitlens_server and the demo weights, and nothing of
-the SDK. Each is built offline (no build isolation: the dev venv's setuptools) from a copy of
-its tree, as an sdist and then a wheel *from that sdist*, so a file the sdist lacks is missing
-from the wheel too. The SDK wheel is then installed into a fresh venv, without torch.
+`vitlens-server` (pyproject.toml) carries vitlens_server, the demo weights and the exemplar CLIP
+folder, and nothing of the SDK. Each is built offline (no build isolation: the dev venv's
+setuptools) from a copy of its tree, as an sdist and then a wheel *from that sdist*, so a file
+the sdist lacks is missing from the wheel too. The SDK wheel is then installed into a fresh venv,
+without torch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import pytest
 pytest.importorskip("setuptools", reason="dev extra: setuptools builds the wheels")
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from vitlens_server.models.default import CLIP_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_ONLY = {"torch", "torchvision", "timm", "safetensors", "numba", "prometheus-client"}
@@ -167,6 +170,12 @@ def test_server_wheel_has_the_server_and_the_weights_and_not_the_sdk(server: Bui
         if asset.suffix in {".safetensors", ".json"}:
             assert f"vitlens_server/assets/{asset.name}" in server.names
     assert "vitlens_server/assets/vitlens-demo.safetensors" in server.names
+    # the exemplar CLIP (`--model vitlens-clip`): every file of its folder, and the ones
+    # `vitlens_server.models.default.clip_spec` requires
+    clip = ROOT / "server/vitlens_server/assets/vitlens-clip"
+    shipped = {f"vitlens_server/assets/vitlens-clip/{p.name}" for p in clip.iterdir()}
+    required = {f"vitlens_server/assets/vitlens-clip/{name}" for name in CLIP_FILES}
+    assert required <= shipped <= server.names, sorted((shipped | required) - server.names)
     # no console script: `vitlens` is the SDK's, two distributions must not both install it
     assert "console_scripts" not in server.dist_info("entry_points.txt")
 

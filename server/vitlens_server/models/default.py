@@ -1,20 +1,40 @@
-"""The embedded default model, served when ``vitlens serve`` is given no model.
+"""The models that ship with the server, servable by name: ``vitlens serve --model NAME``.
 
-Its weights ship in ``assets/`` (written by ``vitlens train-demo``). Without that file the model
-falls back to seeded random weights, and the server says so in its log and in ``GetModel``
+``vitlens-demo``, the default model (served when ``vitlens serve`` is given no model), is a timm
+classifier whose weights ship in ``assets/`` (written by ``vitlens train-demo``). Without that file
+it falls back to seeded random weights, and the server says so in its log and in ``GetModel``
 (``weights.random``).
+
+``vitlens-clip``, the exemplar image-text (CLIP) model trained on the same scenes, ships as an
+open_clip hub directory in ``assets/vitlens-clip/``; it is served only when named (the default
+list stays ``vitlens-demo``, so start-up is not slower). A missing file is an error naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vitlens_server.models.spec import ModelSpec
 
-__all__ = ["DEMO_LABELS", "DEMO_MODEL_NAME", "DEMO_WEIGHTS", "demo_spec"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "CLIP_DIR",
+    "CLIP_FILES",
+    "CLIP_MODEL_NAME",
+    "DEMO_LABELS",
+    "DEMO_MODEL_NAME",
+    "DEMO_WEIGHTS",
+    "builtin_spec",
+    "clip_spec",
+    "demo_spec",
+]
 
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "vitlens-demo.safetensors"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEMO_WEIGHTS = ASSETS / "vitlens-demo.safetensors"
 
 DEMO_MODEL_NAME = "vitlens-demo"
 
@@ -48,3 +68,66 @@ def demo_spec(device: str = "cpu", weights: Path | None = DEMO_WEIGHTS) -> Model
         device=device,
         metadata={"note": f"random initialisation (seed 0): {weights} is missing"},
     )
+
+
+CLIP_MODEL_NAME = "vitlens-clip"
+CLIP_DIR = ASSETS / "vitlens-clip"
+# The exemplar's files: open_clip's hub layout, and vitlens.json (labels, prompt template).
+CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "vitlens.json")
+
+
+def clip_spec(device: str = "cpu", directory: Path = CLIP_DIR) -> ModelSpec:
+    """Spec of the exemplar CLIP (an ``open_clip:DIR`` source) on ``device``.
+
+    Labels and the prompt template come from the directory's ``vitlens.json``, as for any
+    open_clip directory; a named placeholder there (``{shape}``) is read as the loader's ``{}``.
+
+    Raises:
+        FileNotFoundError: one of `CLIP_FILES` is missing; the message names it.
+    """
+    for name in CLIP_FILES:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(
+                f"model {CLIP_MODEL_NAME!r}: {directory / name} is missing (the exemplar ships "
+                f"in the vitlens-server package: reinstall it, or serve another CLIP with "
+                f"--model NAME=open_clip:DIR)"
+            )
+    try:
+        metadata = json.loads((directory / "vitlens.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"model {CLIP_MODEL_NAME!r}: {directory / 'vitlens.json'}: {err}"
+        ) from None
+    template = metadata.get("prompt_template") if isinstance(metadata, dict) else None
+    return ModelSpec(
+        name=CLIP_MODEL_NAME,
+        architecture="open_clip",
+        source=f"open_clip:{directory}",
+        device=device,
+        prompt_template=_positional(template) if isinstance(template, str) else None,
+    )
+
+
+def _positional(template: str) -> str:
+    """``a photo of a {shape}.`` -> ``a photo of a {}.`` (one named field; else unchanged)."""
+    fields = re.findall(r"\{[A-Za-z_]\w*\}", template)
+    return (
+        template.replace(fields[0], "{}") if len(fields) == 1 and "{}" not in template else template
+    )
+
+
+# The models servable by name alone; each builds its spec for a device.
+BUILTIN_MODELS: Mapping[str, Callable[[str], ModelSpec]] = {
+    DEMO_MODEL_NAME: demo_spec,
+    CLIP_MODEL_NAME: clip_spec,
+}
+
+
+def builtin_spec(name: str, device: str, precision: str = "fp32") -> ModelSpec | None:
+    """The spec of a model that ships with the server (`BUILTIN_MODELS`); None for other names.
+
+    Raises:
+        FileNotFoundError: the model's files are missing.
+    """
+    build = BUILTIN_MODELS.get(name)
+    return None if build is None else dataclasses.replace(build(device), precision=precision)
