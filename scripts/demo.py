@@ -2,10 +2,14 @@
 
     python scripts/demo.py --out demo_out
 
-Explains generated test scenes (never seen in training) and writes `summary.png`: per row the
-image, its ground-truth mask and each method's heatmap. The last two rows are one two-object scene
+Serves the demo classifier `vitlens-demo` and the exemplar CLIP `vitlens-clip`. Explains
+generated test scenes (never seen in training) and writes `summary.png`: per row the image, its
+ground-truth mask and each method's heatmap. The last two rows are one two-object scene
 explained once for each of its classes: class-specific methods should move to that object. Also
-writes per image and method an overlay PNG, and the CLI's PNG + JSON output.
+writes per image and method an overlay PNG, and the CLI's PNG + JSON output. Then explains one
+scene with the CLIP against its object's prompt, a wrong object's prompt and its caption: per
+text a heatmap overlay and a PNG of the text's tokens shaded by relevance (`clip/`, and the CLI's
+`cli_clip/`), with the image-text similarity logits printed.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from PIL import Image, ImageDraw, ImageFont
 import vitlens
 from vitlens import cli
 from vitlens.overlay import render_explanation
+from vitlens.text_overlay import render_text_relevance, text_caption
 from vitlens_server.bench.process import ServeProcess
 from vitlens_server.data import CLASSES, Scene, render_scene, split_seeds
+from vitlens_server.data.captions import canonical_caption
 
 METHODS = ("raw_attention", "rollout", "generic")
+MODELS = ("vitlens-demo", "vitlens-clip")  # the first is the default model
 
 
 def scene_png(scene: Scene) -> bytes:
@@ -51,10 +58,13 @@ def main() -> int:
 
     log = out / "server.log"
     log.unlink(missing_ok=True)
-    with ServeProcess.start([], log=log) as server, vitlens.Client(server.address) as client:
+    flags = [arg for name in MODELS for arg in ("--model", name)]
+    with ServeProcess.start(flags, log=log) as server, vitlens.Client(server.address) as client:
         server.wait_serving(timeout_s=120)
         run(client, out, server.address)
-    print(f"\nwrote {out}/summary.png and per-method overlays; server log: {out}/server.log")
+        run_clip(client, out, server.address)
+    print(f"\nwrote {out}/summary.png, per-method overlays and {out}/clip/ (overlay + token PNG "
+          f"per text); server log: {out}/server.log")  # fmt: skip
     return 0
 
 
@@ -108,6 +118,37 @@ def run(client: vitlens.Client, out: Path, address: str) -> None:
 
     print("\nthe CLI on the same images:")
     cli.main(["explain", *map(str, paths), "--server", address, "--out", str(out / "cli")])
+
+
+def run_clip(client: vitlens.Client, out: Path, address: str) -> None:
+    """The exemplar CLIP on one test scene: its prompt, a wrong one and its caption."""
+    info = client.model(MODELS[1])
+    print(f"\nimage-text model {info.name}: {info.architecture}, labels {', '.join(info.labels)}")
+    scene = render_scene(split_seeds("test", 1)[0])
+    truth = CLASSES[scene.label]
+    wrong = CLASSES[(scene.label + len(CLASSES) // 2) % len(CLASSES)]
+    template = info.prompt_template
+    texts = [template.format(truth), template.format(wrong), canonical_caption(scene).text]
+    path = out / "inputs" / "clip_scene.png"
+    path.write_bytes(scene_png(scene))
+    started = time.perf_counter()
+    result = client.explain(path, model=info.name, texts=texts)
+    elapsed = time.perf_counter() - started
+    print(f"  scene of a {truth}: {len(texts)} texts in {elapsed * 1000:.0f} ms "
+          f"(server compute {result.timing.compute_seconds * 1000:.0f} ms)")  # fmt: skip
+    (out / "clip").mkdir(exist_ok=True)
+    for i, e in enumerate(result[0].explanations):
+        print(f"    logit {e.target.logit:7.2f}  p {e.target.probability:6.1%}  {e.target.label!r}")
+        caption = text_caption(e, result.method)
+        render_explanation(path.read_bytes(), e, caption).save(out / "clip" / f"text{i}.png")
+        render_text_relevance(e.text, caption).save(out / "clip" / f"text{i}_tokens.png")
+    (ranked,) = client.predict(path, model=info.name, top_k=3)
+    top = ", ".join(f"{p.label} {p.probability:.0%}" for p in ranked.predictions)
+    print(f"  zero-shot over the labels' prompts: {top}")
+
+    print("\nthe CLI on the same scene and texts:")
+    argv = ["explain", str(path), "--server", address, "--model", info.name]
+    cli.main([*argv, "--out", str(out / "cli_clip"), *(a for t in texts for a in ("--text", t))])
 
 
 def _sheet(rows: list[list[Image.Image]], header: list[str]) -> Image.Image:

@@ -64,7 +64,7 @@ def _name(stem: str, e: Explanation, args: argparse.Namespace) -> str:
     """The file stem of one explanation: the image's, plus the text (its index first, as two
     texts may read the same once made safe) or the class when several are explained."""
     if args.text:
-        return f"{stem}_{e.target.index}_{_safe(e.target.label)[:40]}"
+        return f"{stem}_{e.target.index}_{_safe(e.target.label)[:40].strip('._-') or 'text'}"
     return f"{stem}_{_safe(e.target.label or str(e.target.index))}" if args.top_k else stem
 
 
