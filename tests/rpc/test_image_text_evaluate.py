@@ -20,6 +20,9 @@ import torch
 import vitlens
 from tests.conftest import RunningServer, start_server
 from tests.unit.image_text_tiny import VIT_CFG, build_open_clip_module, write_open_clip_dir
+from vitlens.images import to_image
+from vitlens.tensors import numpy_to_tensor
+from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
 from vitlens_server.data.shapes import CLASSES
 from vitlens_server.evaluate import (
@@ -38,9 +41,10 @@ METHODS = ["generic", "rollout", "oracle"]
 
 def _write(root: Path, name: str, labels, seed: int) -> Path:
     folder = write_open_clip_dir(root / name, VIT_CFG, build_open_clip_module(VIT_CFG, seed=seed))
-    config = json.loads((folder / "open_clip_config.json").read_text())
-    config["vitlens"] = {"labels": list(labels), "prompt_template": TEMPLATE}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    if labels:
+        config = json.loads((folder / "open_clip_config.json").read_text())
+        config["vitlens"] = {"labels": list(labels), "prompt_template": TEMPLATE}
+        (folder / "open_clip_config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -50,6 +54,7 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     return {
         "scenes": _write(root, "scenes", CLASSES, seed=5),
         "other": _write(root, "other", ["cat", "dog"], seed=6),
+        "unlabelled": _write(root, "unlabelled", (), seed=7),
     }
 
 
@@ -165,3 +170,48 @@ def test_what_cannot_run_on_an_image_text_model_is_refused_by_field(client, kwar
     code, got = _refused(client, **kwargs)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert got.startswith(field)
+
+
+def _inline(labels: list[int]) -> vitlens_pb2.Dataset:
+    """Inline samples: random 32 px images, each with a mask of its middle."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    samples = [
+        vitlens_pb2.Sample(
+            image=to_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+            label=label,
+            mask=numpy_to_tensor(mask),
+        )
+        for label in labels
+    ]
+    return vitlens_pb2.Dataset(inline=vitlens_pb2.InlineDataset(samples=samples))
+
+
+def _stream(served, **fields) -> list[vitlens_pb2.EvaluateEvent]:
+    with grpc.insecure_channel(served.address) as channel:
+        stub = vitlens_pb2_grpc.VitlensServiceStub(channel)
+        return list(stub.Evaluate(vitlens_pb2.EvaluateRequest(**fields), timeout=120))
+
+
+def test_inline_samples_are_labelled_with_the_models_own_classes(served) -> None:
+    """Raw stubs: labels index the model's labels (cat, dog), so any label set can be scored."""
+    events = _stream(served, model="other", methods=["generic", "oracle"],
+                     metrics=["segmentation"], dataset=_inline([1, 0, 1]))  # fmt: skip
+    results = [e.result for e in events if e.HasField("result")]
+    assert {r.method for r in results} == {"generic", "oracle"}
+    oracle = next(r for r in results if r.method == "oracle")
+    assert {v.name: v.n for v in oracle.values}["iou"] == 3
+    with pytest.raises(grpc.RpcError) as info:
+        _stream(served, model="other", methods=["generic"], metrics=["segmentation"],
+                dataset=_inline([0, 2]))  # fmt: skip
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dataset.inline.samples[1].label" in info.value.details()
+
+
+def test_a_model_without_labels_cannot_be_scored_zero_shot(served) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _stream(served, model="unlabelled", methods=["generic"], metrics=["segmentation"],
+                dataset=_inline([0]))  # fmt: skip
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no labels" in info.value.details()
