@@ -170,6 +170,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _model_row(m: ModelInfo, default: str) -> list[str]:
     return [
         m.name + (" *" if m.name == default else ""),
+        "image-text" if m.image_text else "classifier",
         m.architecture,
         "x".join(str(d) for d in m.input_size),
         "x".join(str(d) for d in m.patch_grid),
@@ -187,7 +188,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         doc = {"default_model": default, "models": [dataclasses.asdict(m) for m in models]}
         print(json.dumps(doc, indent=2))
         return 0
-    header = ["NAME", "ARCHITECTURE", "INPUT", "GRID", "CLASSES", "WEIGHTS", "RANDOM"]
+    header = ["NAME", "TASK", "ARCHITECTURE", "INPUT", "GRID", "CLASSES", "WEIGHTS", "RANDOM"]
     rows = [header] + [_model_row(m, default) for m in models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:

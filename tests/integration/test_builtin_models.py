@@ -79,6 +79,9 @@ def test_the_exemplar_serves_as_an_image_text_model_with_its_labels(tmp_path: Pa
             assert info.labels == labels
             assert set(info.modalities) == {"image", "text"}
             assert info.prompt_template.count("{}") == 1
+        assert cli.main(["models", "--server", running.address]) == 0
+        (row,) = (r for r in capsys.readouterr().out.splitlines() if r.startswith("vitlens-clip"))
+        assert row.split()[1:3] == ["*", "image-text"]  # the only model: the default
         scene = Path(__file__).resolve().parents[2] / "examples/grpcurl/scene.png"
         out = tmp_path / "out"
         argv = ["explain", str(scene), "--server", running.address, "--out", str(out)]
