@@ -1,8 +1,10 @@
 """Property-based fuzzing of every RPC over real gRPC on loopback (issue #14).
 
 Hypothesis builds mostly valid ExplainRequest / PredictRequest / EvaluateRequest messages with
-hostile mutations (`tests.rpc.fuzz`), and raw byte strings for every method path, and
-sends them to one server of the tiny model. The oracle, for every answer:
+hostile mutations (`tests.rpc.fuzz`), image-text requests with hostile ``texts`` and
+``prompts`` (`tests.rpc.fuzz.texts`), and raw byte strings for every method path, and sends
+them to one server of the tiny classifier and a tiny CLIP (labels: the scene classes). The
+oracle, for every answer:
 
 - the status is OK, or a client error (`CLIENT_ERRORS`) with a non-empty message of at most
   `MAX_DETAILS_CHARS` characters; never INTERNAL, UNKNOWN, UNIMPLEMENTED, CANCELLED or
@@ -20,22 +22,19 @@ summary, and written as JSON to ``VITLENS_FUZZ_REPORT`` when it is set.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 import os
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
@@ -54,11 +53,27 @@ from tests.rpc.fuzz import (
     server_catalog,
     single_images,
 )
+from tests.rpc.fuzz.oracle import (
+    CALL_TIMEOUT_S,
+    EVALUATE_TIMEOUT_S,
+    TALLY,
+    Liveness,
+    call_stream,
+    call_unary,
+    send,
+)
+from tests.rpc.fuzz.texts import (
+    TextLimits,
+    image_text_explain_requests,
+    image_text_predict_requests,
+)
 from tests.tiny import TINY_KWARGS, tiny_loaded
+from tests.unit.image_text_tiny import VIT_CFG, build_open_clip_module, write_open_clip_dir
 from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
 from vitlens_server.data.shapes import CLASSES
-from vitlens_server.models import ModelRegistry
+from vitlens_server.explain.image_text import IMAGE_TEXT_METHODS
+from vitlens_server.models import ModelRegistry, ModelSpec, load_model
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 
@@ -72,6 +87,8 @@ EXAMPLES: dict[str, dict[str, int]] = {
         "Evaluate": 150,
         "GetModel": 50,
         "raw": 400,
+        "texts": 150,
+        "texts Evaluate": 50,
     },
     "long": {
         "Explain": 4000,
@@ -80,38 +97,31 @@ EXAMPLES: dict[str, dict[str, int]] = {
         "Evaluate": 1500,
         "GetModel": 500,
         "raw": 5000,
+        "texts": 1500,
+        "texts Evaluate": 500,
     },
 }
 if PROFILE not in EXAMPLES:
     raise ValueError(f"VITLENS_FUZZ_PROFILE must be one of {sorted(EXAMPLES)}; got {PROFILE!r}")
-
-CLIENT_ERRORS = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    }
-)
-MAX_DETAILS_CHARS = 1000
-CALL_TIMEOUT_S = 30.0
-EVALUATE_TIMEOUT_S = 15.0  # a slow valid run ends DEADLINE_EXCEEDED, which is allowed
+TALLY.profile = PROFILE
 
 MODEL = "tiny"
 # The generated scenes' labels index CLASSES, so the model has as many classes.
 NUM_CLASSES = len(CLASSES)
 MAX_IMAGES = 4
 CATALOG: Catalog = server_catalog(MODEL, NUM_CLASSES, TINY_KWARGS["depth"], MAX_IMAGES)
+CLIP = TextLimits("clip", max_texts=4, max_chars=60)
+# The image-text methods take no options yet; the oracle reads the masks, as for the classifier.
+CLIP_CATALOG: Catalog = dataclasses.replace(
+    CATALOG,
+    model=CLIP.model,
+    methods={name: () for name in (*IMAGE_TEXT_METHODS, "oracle")},
+)
 
 _GOOD_IMAGE = tensor_pb2.Image(
     pixels=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[4, 4, 3], data=bytes(48))
 )
 
-SERVICE = "/vitlens.v1.VitlensService/"
 # Raw payloads go to every method; Evaluate is the one server-streaming RPC.
 RAW_RPCS = ("Evaluate", "Explain", "GetModel", "ListModels", "Predict")
 
@@ -131,140 +141,6 @@ def fuzz_settings(test: str) -> settings:
             HealthCheck.large_base_example,
         ],
     )
-
-
-# --------------------------------------------------------------------------- bookkeeping
-
-
-@dataclass
-class Tally:
-    """Cases sent per RPC and the status codes they got, for the end-of-run report."""
-
-    codes: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    seconds: Counter[str] = field(default_factory=Counter)
-    liveness_checks: int = 0
-
-    def record(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.codes[rpc][code.name] += 1
-        self.seconds[rpc] += seconds
-
-    def lines(self) -> list[str]:
-        out = [f"profile {PROFILE}; {self.liveness_checks} liveness checks passed"]
-        for rpc in sorted(self.codes):
-            codes = self.codes[rpc]
-            seen = ", ".join(f"{code} {n}" for code, n in codes.most_common())
-            out.append(f"{rpc}: {sum(codes.values())} cases in {self.seconds[rpc]:.1f} s — {seen}")
-        return out
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "profile": PROFILE,
-            "liveness_checks": self.liveness_checks,
-            "rpcs": {
-                rpc: {
-                    "cases": sum(codes.values()),
-                    "seconds": round(self.seconds[rpc], 2),
-                    "codes": dict(codes.most_common()),
-                }
-                for rpc, codes in sorted(self.codes.items())
-            },
-        }
-
-
-TALLY = Tally()
-
-
-def check_status(rpc: str, code: grpc.StatusCode, details: str | None, seconds: float) -> None:
-    """The oracle: OK, or a client error with a short message. Every answer is counted first,
-    the forbidden ones included."""
-    TALLY.record(rpc, code, seconds)
-    if code is grpc.StatusCode.OK:
-        return
-    if code not in CLIENT_ERRORS:
-        raise AssertionError(f"{rpc} answered {code.name}: {details!r}")
-    if not details:
-        raise AssertionError(f"{rpc} answered {code.name} with an empty message")
-    if len(details) > MAX_DETAILS_CHARS:
-        raise AssertionError(
-            f"{rpc} answered {code.name} with a {len(details):,}-character message: "
-            f"{details[:200]!r}…"
-        )
-
-
-def call_unary(rpc: str, method: Callable[..., Any], request: Any, timeout_s: float) -> Any:
-    """The response, or None after a checked error status."""
-    return _call(rpc, lambda: method(request, timeout=timeout_s))
-
-
-def call_stream(rpc: str, method: Callable[..., Any], request: Any, timeout_s: float) -> Any:
-    """Every message of the stream, read to its end, or None after a checked error status."""
-    return _call(rpc, lambda: list(method(request, timeout=timeout_s)))
-
-
-def _call(rpc: str, send: Callable[[], Any]) -> Any:
-    started = time.perf_counter()
-    try:
-        answer, code, details = send(), grpc.StatusCode.OK, None
-    except grpc.RpcError as err:
-        answer, code, details = None, err.code(), err.details()
-    # Checked outside the `except`: where in a stream gRPC raised is not part of the failure.
-    check_status(rpc, code, details, time.perf_counter() - started)
-    return answer
-
-
-def send(channel: grpc.Channel, rpc: str, request: Message | bytes, label: str) -> None:
-    """``request`` to ``rpc`` as it is (bytes go on the wire unchanged), its answer checked;
-    an Evaluate stream is read to its end."""
-    serialize = None if isinstance(request, bytes) else type(request).SerializeToString
-    if rpc == "Evaluate":
-        method = channel.unary_stream(SERVICE + rpc, request_serializer=serialize)
-        call_stream(label, method, request, EVALUATE_TIMEOUT_S)
-    else:
-        method = channel.unary_unary(SERVICE + rpc, request_serializer=serialize)
-        call_unary(label, method, request, CALL_TIMEOUT_S)
-
-
-class Liveness:
-    """After an example: health SERVING, and a good Explain of an image never sent before (a
-    cached answer would not prove the worker still runs)."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self._health = health_pb2_grpc.HealthStub(channel)
-        self._stub = vitlens_pb2_grpc.VitlensServiceStub(channel)
-        self._count = 0
-        self._lost: str | None = None  # why the server stopped answering, once it has
-
-    def require(self) -> None:
-        """Before an example: fail at once if an earlier one lost the server (each later
-        example would otherwise wait out its deadline, for the whole of the shrinking phase)."""
-        if self._lost is not None:
-            pytest.fail(f"the server stopped answering in an earlier example ({self._lost})")
-
-    def check(self) -> None:
-        self.require()
-        self._count += 1
-        status = self._health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
-        assert status == health_pb2.HealthCheckResponse.SERVING, f"health answered {status}"
-        pixels = np.zeros((8, 8, 3), dtype=np.uint8)
-        pixels[0, 0] = (self._count % 256, self._count // 256 % 256, self._count // 65536 % 256)
-        request = vitlens_pb2.ExplainRequest(
-            model=MODEL,
-            method="generic",
-            images=[
-                tensor_pb2.Image(
-                    pixels=tensor_pb2.Tensor(
-                        dtype=tensor_pb2.DTYPE_UINT8, shape=pixels.shape, data=pixels.tobytes()
-                    )
-                )
-            ],
-        )
-        try:
-            reply = self._stub.Explain(request, timeout=CALL_TIMEOUT_S)
-        except grpc.RpcError as err:
-            self._lost = f"{err.code().name}: {err.details()!r}"
-            pytest.fail(f"after the example, a good Explain failed: {self._lost}")
-        assert len(reply.results) == 1 and len(reply.results[0].explanations) == 1
-        TALLY.liveness_checks += 1
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -327,8 +203,18 @@ def fuzz_server(dataset_root: Path) -> Iterator[RunningServer]:
         dataset_roots=(dataset_root,),
         cache_bytes=8 * 1024 * 1024,
         grace_s=1.0,
+        max_texts_per_request=CLIP.max_texts,
+        max_text_chars=CLIP.max_chars,
     )
-    registry = ModelRegistry([tiny_loaded(seed=14, num_classes=NUM_CLASSES)])
+    clip = write_open_clip_dir(
+        dataset_root.parent / "clip", VIT_CFG, build_open_clip_module(VIT_CFG)
+    )
+    config_file = clip / "open_clip_config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "vitlens": {"labels": list(CLASSES)}})
+    )
+    spec = ModelSpec(name=CLIP.model, architecture="open_clip", source=f"open_clip:{clip}")
+    registry = ModelRegistry([tiny_loaded(seed=14, num_classes=NUM_CLASSES), load_model(spec)])
     started = time.perf_counter()
     running, stop = start_server(config, registry)
     yield running
@@ -361,7 +247,7 @@ def stub(channel: grpc.Channel) -> vitlens_pb2_grpc.VitlensServiceStub:
 
 @pytest.fixture(scope="module")
 def alive(channel: grpc.Channel) -> Liveness:
-    liveness = Liveness(channel)
+    liveness = Liveness(channel, MODEL)
     liveness.check()
     return liveness
 
@@ -454,6 +340,44 @@ def test_raw_bytes_answer_ok_or_a_client_error(
     alive.require()
     note(f"{rpc} <- {len(payload)} bytes {payload[:200]!r}")
     send(channel, rpc, payload, label=f"raw {rpc}")
+    alive.check()
+
+
+@fuzz_settings("texts")
+@given(
+    explain=image_text_explain_requests(CLIP_CATALOG, CLIP, list(IMAGE_TEXT_METHODS)),
+    predict=image_text_predict_requests(CLIP_CATALOG, CLIP),
+    timeout_s=deadlines_s(CALL_TIMEOUT_S),
+)
+def test_image_text_requests_answer_ok_or_a_client_error(
+    explain: Shown[vitlens_pb2.ExplainRequest],
+    predict: Shown[vitlens_pb2.PredictRequest],
+    timeout_s: float,
+    stub: vitlens_pb2_grpc.VitlensServiceStub,
+    alive: Liveness,
+) -> None:
+    alive.require()
+    response = call_unary("Explain (texts)", stub.Explain, explain.message, timeout_s)
+    if response is not None:
+        assert len(response.results) == len(explain.message.images)
+    response = call_unary("Predict (prompts)", stub.Predict, predict.message, timeout_s)
+    if response is not None:
+        assert len(response.results) == len(predict.message.images)
+    alive.check()
+
+
+@fuzz_settings("texts Evaluate")
+@given(data=st.data(), timeout_s=deadlines_s(EVALUATE_TIMEOUT_S))
+def test_image_text_evaluate_streams_to_the_end_or_a_client_error(
+    data: st.DataObject,
+    timeout_s: float,
+    stub: vitlens_pb2_grpc.VitlensServiceStub,
+    alive: Liveness,
+    dataset_root: Path,
+) -> None:
+    alive.require()
+    request = data.draw(evaluate_requests(CLIP_CATALOG, dataset_root), label="request")
+    call_stream("Evaluate (image-text)", stub.Evaluate, request.message, timeout_s)
     alive.check()
 
 
