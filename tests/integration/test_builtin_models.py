@@ -92,3 +92,20 @@ def test_the_exemplar_serves_as_an_image_text_model_with_its_labels(tmp_path: Pa
     finally:
         stop()
     assert "logit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("written", "served"),
+    [
+        ("a photo of a {shape}.", "a photo of a {}."),  # a named placeholder, as the export writes
+        ("a photo of a {}.", "a photo of a {}."),
+        ("{} and {shape}", "{} and {shape}"),  # left for the loader to refuse
+    ],
+)
+def test_the_exemplar_template_is_read_as_the_loaders(
+    tmp_path: Path, written: str, served: str
+) -> None:
+    for name in builtin.CLIP_FILES:
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "vitlens.json").write_text(json.dumps({"prompt_template": written}))
+    assert builtin.clip_spec("cpu", tmp_path).prompt_template == served
