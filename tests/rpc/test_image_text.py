@@ -122,7 +122,15 @@ def test_get_model_reports_task_modalities_template_methods(client) -> None:
     assert info.modalities == {"image": 17, "text": 16}
     assert info.prompt_template == TEMPLATE
     assert info.labels == tuple(LABELS)
-    assert info.method_names == ("generic", "rollout", "raw_attention")
+    assert info.method_names == (
+        "generic",
+        "gradcam",
+        "agcam",
+        "saliency",
+        "token_reflection",
+        "rollout",
+        "raw_attention",
+    )
     assert all(m.modalities == ("image", "text") for m in info.methods)
     raw = client.stub.GetModel(vitlens_pb2.GetModelRequest(name="clip"))
     assert raw.task == vitlens_pb2.TASK_IMAGE_TEXT_SIMILARITY
@@ -216,7 +224,7 @@ def test_predict_zero_shot_and_prompts(client, clip_model) -> None:
         ),
         (lambda c: c.predict(images(1), model="clip", prompts=["ok", ""]), "prompts[1]"),
         (lambda c: c.explain(images(1), model="clip", texts=["a cat"], target=1), "target"),
-        (lambda c: c.explain(images(1), model="clip", method="gradcam"), "method"),
+        (lambda c: c.explain(images(1), model="clip", method="transformer_attribution"), "method"),
         (lambda c: c.explain(images(1), model="clip", target=3), "target"),
         (
             lambda c: c.explain(images(1), model="clip", method="rollout", method_options={"a": 1}),

@@ -3,43 +3,56 @@
 Each tower is its own self-attention graph (no attention crosses towers, METHODS.md "Dual
 encoders (CLIP)"): ``image`` (N = P + gh·gw tokens, read at the tower's readout row) and
 ``text`` (L = the context length, read at each text's EOT row). For a pair (image b, text m) the
-target is its similarity logit y = s · cos(image_b, text_m).
+target is its similarity logit y = s · cos(image_b, text_m). Image map / text relevance:
 
-    generic         seed 003 Eq. 5-6 per tower: Ā = mean_h((∇A ⊙ A)⁺), R ← R + Ā·R, with
-                    ∂y/∂A of the pair's own logit; image map = R^{image}'s readout row without
-                    the prefix, text relevance = R^{text}'s EOT row
-    rollout         §4 baseline per tower: R = Ã_L ··· Ã_1, Ã = norm_rows(mean_h A + I)
-    raw_attention   §4 baseline per tower: the last layer's head-mean attention
+    generic           seed 003 Eq. 5-6 per tower: Ā = mean_h((∇A ⊙ A)⁺), R ← R + Ā·R, with
+                      ∂y/∂A of the pair's own logit; image map = R^{image}'s readout row without
+                      the prefix, text relevance = R^{text}'s EOT row
+    gradcam           Grad-CAM on each tower's last layer, its readout / EOT row (the ViT math)
+    agcam             AG-CAM over each tower's layers, its readout / EOT row (the ViT math)
+    saliency          image: max over channels of |∂y/∂x| (SmoothGrad, IG options) at input
+                      resolution; text: max over the width of |∂y/∂e_j| of the token embeddings
+    token_reflection  image: seed 004 on generic's image relevance R, masked images scored
+                      against the pair's text; text: generic's
+    rollout           §4 baseline per tower: R = Ã_L ··· Ã_1, Ã = norm_rows(mean_h A + I)
+    raw_attention     §4 baseline per tower: the last layer's head-mean attention
 
-Transformer Attribution is not offered: it needs LRP relevances R^A of both towers, which the
-open_clip and Hugging Face towers do not provide.
+(`image_text_methods` says how each reuses the single-modality code.) Transformer Attribution
+is not offered: it needs LRP relevances R^A, and vitlens' LRP rules cover timm classifier
+blocks only, not open_clip's or transformers' towers, nor the cosine similarity head.
 
-Batching: one forward of all B images and all M texts (`capture`), then for ``generic`` one
-``autograd.grad`` call per *round* of each tower (`side_rounds`): an image round sums the logits
-of pairs holding each image once and back-propagates the image tower alone, a text round the
-same for the text tower, so every pair's gradients are its own in both towers (a gradient of a
-sum of logits gives an item the sum over its pairs). The full B x M grid takes M image rounds
-over all B images and B text rounds over all M texts: the backward work of B x M single pairs,
-in batches, after a single forward.
+Batching: one forward of all B images and all M texts (`capture`), then for the gradient
+methods one ``autograd.grad`` call per *round* of each tower (`side_rounds`): an image round
+sums the logits of pairs holding each image once and back-propagates the image tower alone, a
+text round the same for the text tower, so every pair's gradients are its own in both towers
+(a gradient of a sum of logits gives an item the sum over its pairs). The full B x M grid takes
+M image rounds over all B images and B text rounds over all M texts: the backward work of B x M
+single pairs, in batches, after a single forward. Saliency runs its image passes per image
+round instead (one forward and backward of the round's images per SmoothGrad sample or IG
+step); token reflection then scores every pair's gh·gw masked images in one flat sequence, in
+chunks (`image_text_methods`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import Tensor
 
-from vitlens_server.explain.graph import (
-    AttentionGraph,
-    LayerMaps,
-    propagate,
-    raw_attention,
-    rollout,
-    self_attention_graph,
+from vitlens_server.explain.graph import raw_attention, rollout
+from vitlens_server.explain.image_text_methods import (
+    TOWER_READS,
+    TowerRead,
+    TowerView,
+    reflection_maps,
+    saliency_maps,
+    tower_graph,
+    tower_relevance,
 )
+from vitlens_server.explain.methods.reflection import ReflectionParams
+from vitlens_server.explain.methods.saliency import SaliencyParams
 from vitlens_server.explain.passes import raise_if_interrupted
 from vitlens_server.models.image_text import ImageTextModel, TokenizedTexts, TowerRecording
 from vitlens_server.models.image_text.recording import ImageTextCapture, capture
@@ -56,8 +69,15 @@ __all__ = [
 ]
 
 IMAGE, TEXT = "image", "text"
-IMAGE_TEXT_METHODS = ("generic", "rollout", "raw_attention")
-_GRADIENTS = frozenset({"generic"})
+IMAGE_TEXT_METHODS = (
+    "generic",
+    "gradcam",
+    "agcam",
+    "saliency",
+    "token_reflection",
+    "rollout",
+    "raw_attention",
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,8 @@ class PairMaps:
     """What one pair's explanation is, on the model's device.
 
     Attributes:
-        heatmap: (gh, gw) image relevance on the patch grid.
+        heatmap: (gh, gw) image relevance on the patch grid, or (H, W) at input resolution
+            for saliency.
         text: (L,) relevance of every text position (the EOT row of R^{text}).
         matrix: (N, N) the image tower's relevance matrix, when asked for; else None.
     """
@@ -73,12 +94,6 @@ class PairMaps:
     heatmap: Tensor
     text: Tensor
     matrix: Tensor | None
-
-
-@cache
-def tower_graph(name: str, num_layers: int, prefix: int) -> AttentionGraph:
-    """One tower's graph: ``num_layers`` self-attention layers over one set, rows given per read."""
-    return self_attention_graph(name, num_layers, prefix=prefix, row=None, label=name + ".{}")
 
 
 def side_rounds(pairs: Sequence[tuple[int, int]], side: int) -> list[list[int]]:
@@ -110,6 +125,8 @@ def explain_pairs(
     choose: Callable[[Tensor], Sequence[tuple[int, int]]],
     *,
     method: str,
+    params: object | None = None,
+    images: Tensor | None = None,
     matrix: bool = False,
     interrupted: Callable[[], bool] | None = None,
 ) -> tuple[Tensor, list[PairMaps]]:
@@ -121,59 +138,70 @@ def explain_pairs(
         texts: M tokenized texts.
         choose: (B, M) float32 logits → the (image, text) pairs to explain.
         method: one of `IMAGE_TEXT_METHODS`.
-        matrix: also return each pair's image-tower relevance matrix.
+        params: the method's options (`SaliencyParams`, `ReflectionParams`); None: defaults.
+        images: (B, 3, H, W) the same images in [0, 1] (before normalisation), which saliency
+            and token reflection pass through the image tower again; None: only for the others.
+        matrix: also return each pair's image-tower relevance matrix (generic, rollout,
+            raw_attention).
 
     Returns:
         (B, M) float32 logits on the model's device and one `PairMaps` per chosen pair.
     """
     if method not in IMAGE_TEXT_METHODS:
         raise ValueError(f"unknown image-text method {method!r}")
-    gradients = method in _GRADIENTS
-    captured = capture(model, pixels, texts, gradients=gradients)
+    if method in ("saliency", "token_reflection") and images is None:
+        raise ValueError(f"{method} needs the images in [0, 1] (images=)")
+    gradients = method in TOWER_READS
+    captured = capture(model, pixels, texts, gradients=gradients, text_inputs=method == "saliency")
     logits = captured.logits.detach().float()  # (B, M)
     pairs = list(choose(logits))
     raise_if_interrupted(interrupted)
     if gradients:
-        return logits, _gradient_pairs(captured, pairs, matrix, interrupted)
-    images, texts_rec = captured.recording.towers()
+        keep = matrix or method == "token_reflection"  # reflection reads generic's R
+        maps = _gradient_pairs(captured, pairs, method, keep, interrupted)
+        if method == "saliency":
+            maps = _saliency(model, captured, pairs, maps, images, params, interrupted)
+        elif method == "token_reflection":
+            maps = _reflection(model, captured, pairs, maps, images, params, interrupted)
+        return logits, maps
+    images_rec, texts_rec = captured.recording.towers()
     baseline = rollout if method == "rollout" else raw_attention
-    image_r = _relevance(images, baseline, with_gradients=False)  # (B, N, N)
-    text_r = _relevance(texts_rec, baseline, with_gradients=False)  # (M, L, L)
-    image_rows = _read(images, image_r)  # (B, N)
-    text_rows = _read(texts_rec, text_r)  # (M, L)
+    image_r = tower_relevance(images_rec, baseline, with_gradients=False)  # (B, N, N)
+    text_r = tower_relevance(texts_rec, baseline, with_gradients=False)  # (M, L, L)
+    heatmaps = TowerView(images_rec).readout_map(image_r)  # (B, gh, gw)
+    text_rows = TowerView(texts_rec).readout_map(text_r)  # (M, L)
     return logits, [
-        _pair(images, image_rows[b], text_rows[m], image_r[b] if matrix else None) for b, m in pairs
+        PairMaps(heatmaps[b], text_rows[m], image_r[b] if matrix else None) for b, m in pairs
     ]
 
 
 def _gradient_pairs(
     captured: ImageTextCapture,
     pairs: list[tuple[int, int]],
+    method: str,
     matrix: bool,
     interrupted: Callable[[], bool] | None,
 ) -> list[PairMaps]:
-    """Eq. 5-6 on both towers for every pair: one backward pass per round of each tower."""
+    """``method``'s read of both towers for every pair: one backward pass per round of each
+    tower (image rounds are skipped when the method runs its own image passes)."""
     images, texts = captured.recording.towers()
-    image_rows: list[Tensor | None] = [None] * len(pairs)
-    text_rows: list[Tensor | None] = [None] * len(pairs)
+    reads = TOWER_READS[method]  # (image read or None, text read)
+    found: list[list[Tensor | None]] = [[None] * len(pairs), [None] * len(pairs)]
     matrices: list[Tensor | None] = [None] * len(pairs)
-    work = [(images, members) for members in side_rounds(pairs, 0)]
-    work += [(texts, members) for members in side_rounds(pairs, 1)]
-    for n, (tower, members) in enumerate(work):
+    work = [(images, 0, members) for members in side_rounds(pairs, 0) if reads[0] is not None]
+    work += [(texts, 1, members) for members in side_rounds(pairs, 1)]
+    for n, (tower, side, members) in enumerate(work):
         raise_if_interrupted(interrupted)
         rows = _round_gradients(captured, tower, pairs, members, retain=n < len(work) - 1)
-        side = 0 if tower is images else 1
-        relevance = _relevance(rows, propagate, with_gradients=True)  # (P, N, N)
-        read = _read(rows, relevance)  # (P, N)
+        read: TowerRead = reads[side]  # type: ignore[assignment]
+        maps, relevance = read(TowerView(rows))  # (n, *grid), (n, N, N) | None
         for j, i in enumerate(members):
-            if side == 0:
-                image_rows[i] = read[j]
-                matrices[i] = relevance[j] if matrix else None
-            else:
-                text_rows[i] = read[j]
-        del rows, relevance
+            found[side][i] = maps[j]
+            if side == 0 and relevance is not None and matrix:
+                matrices[i] = relevance[j]
+        del rows, maps, relevance
     return [
-        _pair(images, image_rows[i], text_rows[i], matrices[i])  # type: ignore[arg-type]
+        PairMaps(found[0][i], found[1][i], matrices[i])  # type: ignore[arg-type]
         for i in range(len(pairs))
     ]
 
@@ -186,41 +214,86 @@ def _round_gradients(
     *,
     retain: bool,
 ) -> TowerRecording:
-    """One tower's recording with ∂y/∂O_l for y = Σ of the round's pair logits, narrowed to the
-    round's items (each appears once, so each gets its own pair's gradients). Only this tower
-    is back-propagated: ``autograd.grad`` runs the part of the graph that leads to its inputs.
+    """One tower's recording with ∂y/∂O_l (and ∂y/∂inputs, where the inputs were recorded)
+    for y = Σ of the round's pair logits, narrowed to the round's items (each appears once, so
+    each gets its own pair's gradients). Only this tower is back-propagated:
+    ``autograd.grad`` runs the part of the graph that leads to its inputs.
     """
+    image_index, text_index = _indices(captured, pairs, members)
+    chosen = captured.logits[image_index, text_index].sum()
+    outs = tower.attention_outputs()
+    if tower.inputs is not None:
+        outs = [*outs, tower.inputs]
+    grads = torch.autograd.grad(chosen, outs, retain_graph=retain, allow_unused=True)
+    rows = image_index if tower is captured.recording.images else text_index
+    found = tower.with_gradients(grads[: tower.num_layers])
+    if tower.inputs is not None:
+        found = found.with_input_gradient(grads[-1])
+    return found.narrow(rows)
+
+
+def _indices(
+    captured: ImageTextCapture, pairs: list[tuple[int, int]], members: list[int]
+) -> tuple[Tensor, Tensor]:
+    """(n,) image and (n,) text indices of the pairs ``members``, on the model's device."""
     device = captured.logits.device
     image_index = torch.tensor([pairs[i][0] for i in members], device=device)
     text_index = torch.tensor([pairs[i][1] for i in members], device=device)
-    chosen = captured.logits[image_index, text_index].sum()
-    outs = tower.attention_outputs()
-    grads = torch.autograd.grad(chosen, outs, retain_graph=retain, allow_unused=True)
-    rows = image_index if tower is captured.recording.images else text_index
-    return tower.with_gradients(grads).narrow(rows)  # type: ignore[arg-type]
+    return image_index, text_index
 
 
-def _maps(tower: TowerRecording, with_gradients: bool) -> Iterator[LayerMaps]:
-    """A_l (and ∂y/∂A_l) of each layer, (B, h, N, N), one layer at a time."""
-    for layer in range(tower.num_layers):
-        grad = tower.attention_grad(layer) if with_gradients else None
-        yield LayerMaps(tower.attention(layer), grad)
+def _saliency(
+    model: ImageTextModel,
+    captured: ImageTextCapture,
+    pairs: list[tuple[int, int]],
+    maps: list[PairMaps],
+    images: Tensor,
+    params: object | None,
+    interrupted: Callable[[], bool] | None,
+) -> list[PairMaps]:
+    """Saliency's image maps, one image round at a time (each image once per round)."""
+    params = params if isinstance(params, SaliencyParams) else SaliencyParams()
+    heatmaps: list[Tensor | None] = [None] * len(pairs)
+    for members in side_rounds(pairs, 0):
+        image_index, text_index = _indices(captured, pairs, members)
+        rows = captured.recording.images.narrow(image_index)
+        found = saliency_maps(
+            model,
+            rows,
+            captured.text_embeds,
+            images.to(image_index.device)[image_index],
+            text_index,
+            params,
+            interrupted,
+        )  # (n, H, W)
+        for j, i in enumerate(members):
+            heatmaps[i] = found[j]
+    return [
+        PairMaps(h, m.text, None)
+        for h, m in zip(heatmaps, maps, strict=True)  # type: ignore[arg-type]
+    ]
 
 
-def _relevance(tower: TowerRecording, rule, *, with_gradients: bool) -> Tensor:
-    """R^{xx} (B, N, N) of one tower under ``rule`` (`propagate`, `rollout`, `raw_attention`)."""
-    g = tower.graph
-    graph = tower_graph(g.tower, tower.num_layers, g.num_prefix_tokens)
-    return rule(graph, _maps(tower, with_gradients)).matrix(g.tower, g.tower)
-
-
-def _read(tower: TowerRecording, relevance: Tensor) -> Tensor:
-    """The embedding's row of each relevance matrix: (B, N, N) → (B, N) (all columns)."""
-    weights = tower.read_rows.to(relevance)  # (B, N)
-    return torch.einsum("bn,bnm->bm", weights, relevance)
-
-
-def _pair(images: TowerRecording, image_row: Tensor, text_row: Tensor, matrix) -> PairMaps:
-    g = images.graph
-    heatmap = image_row[g.num_prefix_tokens :].reshape(g.grid)  # (gh, gw)
-    return PairMaps(heatmap, text_row, matrix)
+def _reflection(
+    model: ImageTextModel,
+    captured: ImageTextCapture,
+    pairs: list[tuple[int, int]],
+    maps: list[PairMaps],
+    images: Tensor,
+    params: object | None,
+    interrupted: Callable[[], bool] | None,
+) -> list[PairMaps]:
+    """Token reflection's image maps for every pair from generic's R (kept per pair)."""
+    params = params if isinstance(params, ReflectionParams) else ReflectionParams()
+    image_index, text_index = _indices(captured, pairs, list(range(len(pairs))))
+    heatmaps = reflection_maps(
+        model,
+        captured.text_embeds,
+        images.to(image_index.device)[image_index],
+        text_index,
+        torch.stack([m.matrix for m in maps]),  # type: ignore[misc]
+        torch.stack([m.heatmap for m in maps]),
+        params,
+        interrupted,
+    )  # (P, gh, gw)
+    return [PairMaps(heatmaps[i], m.text, None) for i, m in enumerate(maps)]

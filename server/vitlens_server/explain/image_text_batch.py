@@ -20,6 +20,7 @@ from torch import Tensor
 from vitlens_server.domain import ExplainResult, Predictions, TargetSpec, TextRelevance
 from vitlens_server.explain.engine import resize_maps, top_k_predictions
 from vitlens_server.explain.image_text import PairMaps, explain_pairs, text_positions
+from vitlens_server.explain.params import NoParams
 from vitlens_server.models.image_text import ImageTextModel, TokenizedTexts
 
 __all__ = [
@@ -36,13 +37,15 @@ class ImageTextExplainJob:
     """Explain (B, 3, H, W) ``pixels`` in [0, 1] against ``texts``.
 
     ``target`` None: every text, in order (K = M); else it selects among the texts as a
-    classifier's target selects among classes (the label prompts of zero-shot).
+    classifier's target selects among classes (the label prompts of zero-shot). ``params``:
+    the method's parsed options (`explain.params.parse_params` of its registered dataclass).
     """
 
     pixels: Tensor
     texts: tuple[str, ...]
     method: str
     target: TargetSpec | None = None
+    params: object = NoParams()
     grid: Literal["tokens", "input"] = "tokens"
     relevance: bool = False
     top_k_predictions: int = 5
@@ -51,7 +54,7 @@ class ImageTextExplainJob:
     @property
     def group(self) -> tuple:
         """Jobs with equal groups run as one `explain_pairs`."""
-        return (self.texts, self.method, self.grid, self.relevance)
+        return (self.texts, self.method, self.params, self.grid, self.relevance)
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ def _explain_group(
         texts,
         choose,
         method=first.method,
+        params=first.params,
+        images=pixels,
         matrix=first.relevance,
         interrupted=interrupted,
     )
@@ -159,7 +164,8 @@ def _explain_group(
     for job, start, targets in zip(jobs, offsets, chosen, strict=False):
         count = targets.size
         rows = logits[start : start + len(job.pixels)]
-        results.append(_result(job, rows, targets, maps[used : used + count], texts, seconds))
+        found = maps[used : used + count]
+        results.append(_result(job, rows, targets, found, texts, model.image_graph.grid, seconds))
         used += count
     return results
 
@@ -183,12 +189,13 @@ def _result(
     targets: np.ndarray,
     maps: Sequence[PairMaps],
     texts: TokenizedTexts,
+    grid: tuple[int, int],
     seconds: float,
 ) -> ExplainResult:
     batch, k = targets.shape
     heatmaps = torch.stack([m.heatmap for m in maps]).reshape(batch, k, *maps[0].heatmap.shape)
-    if job.grid == "input":
-        heatmaps = resize_maps(heatmaps, tuple(job.pixels.shape[-2:]))
+    size = tuple(job.pixels.shape[-2:]) if job.grid == "input" else grid
+    heatmaps = resize_maps(heatmaps, size)  # saliency's pixel maps: patch means on "tokens"
     dtype = np.float16 if job.output_dtype == "float16" else np.float32
     relevance = None
     if job.relevance:

@@ -20,7 +20,7 @@ from vitlens_server.errors import InvalidArgument, about
 from vitlens_server.explain import MethodSpec, get_method
 from vitlens_server.explain.image_text import IMAGE_TEXT_METHODS
 from vitlens_server.explain.image_text_batch import ImageTextExplainJob
-from vitlens_server.explain.params import NoParams, parse_params
+from vitlens_server.explain.params import describe_params, parse_params
 from vitlens_server.models.image_text import ImageTextModel
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
 from vitlens_server.runtime.api import ExplainQuery, MethodCard, ModalityCard, ModelCard
@@ -37,8 +37,32 @@ __all__ = [
 _DESCRIPTIONS = {
     "generic": "Chefer et al. 2021 Eq. 5-6 per tower on the pair's similarity logit: image map "
     "from the image tower's readout row, token relevance from the text tower's EOT row",
+    "gradcam": "Grad-CAM as adapted to ViT by Chefer et al. 2021, per tower on the pair's "
+    "similarity logit: each tower's last-layer attention of its readout row (image: class "
+    "token; text: EOT token), weighted per head by its mean gradient, ReLU",
+    "agcam": "Attention-guided CAM (Leem & Seo 2024) per tower on the pair's similarity logit: "
+    "positive attention gradients of every layer times sigmoid scores, in the readout row "
+    "(image: class token; text: EOT token), summed over heads and layers",
+    "saliency": "Saliency (Simonyan et al. 2014) of the pair's similarity logit: image map = "
+    "max over colour channels of |dy/dx| at input resolution (options SmoothGrad, Integrated "
+    "Gradients); token relevance = max over the embedding width of |dy/de| of each token "
+    "embedding (the plain gradient, whatever the image option)",
+    "token_reflection": "Token reflection (Sago & Hotta 2024) on the image tower: masks from the "
+    "generic (Eq. 5-6) relevance R among the patch tokens — in place of Transformer "
+    "Attribution's, which needs LRP rules these towers lack — the masked images scored against "
+    "the pair's text (float32), plus R's readout row; token relevance as in generic",
     "rollout": "attention rollout (Abnar & Zuidema 2020) per tower; not target-specific",
     "raw_attention": "last layer's head-mean attention per tower; not target-specific",
+}
+_FB, _FBE = ("forward", "backward"), ("forward", "backward", "extra")
+_PASSES = {"generic": _FB, "gradcam": _FB, "agcam": _FB, "saliency": _FBE, "token_reflection": _FBE}
+_MATRICES = frozenset({"generic", "rollout", "raw_attention"})
+_REFUSED = {
+    "transformer_attribution": "it needs the LRP relevance R^A of every attention map, and "
+    "vitlens' LRP rules cover timm classifier blocks only, not open_clip's or transformers' "
+    "towers nor a cosine-similarity head",
+    "partial_lrp": "it needs LRP relevances, which these towers do not have (see "
+    "transformer_attribution)",
 }
 
 
@@ -106,14 +130,22 @@ def explain_job(
     with about("method"):
         method = get_method(name)
     if name not in IMAGE_TEXT_METHODS:
+        why = _REFUSED.get(name)
         raise InvalidArgument(
-            f"method {name!r} does not apply to image-text model {served.name!r}; use one of: "
-            f"{', '.join(IMAGE_TEXT_METHODS)}",
+            f"method {name!r} does not apply to image-text model {served.name!r}"
+            + (f": {why}" if why else "")
+            + f"; use one of: {', '.join(IMAGE_TEXT_METHODS)}",
             field="method",
         )
-    params = parse_params(  # the image-text methods take no options yet
-        NoParams, query.method_options, method=name, field="options.method_options"
+    params = parse_params(
+        method.params, query.method_options, method=name, field="options.method_options"
     )
+    if query.return_relevance and name not in _MATRICES:
+        raise InvalidArgument(
+            f"method {name!r} has no token relevance matrix for image-text models; unset "
+            f"return_relevance or use one of: {', '.join(sorted(_MATRICES))}",
+            field="options.return_relevance",
+        )
     texts = candidates(served, query.texts, "texts", config)
     target: TargetSpec | None = query.target
     if query.texts:
@@ -129,6 +161,7 @@ def explain_job(
         texts=texts,
         method=name,
         target=target,
+        params=params,
         grid=query.grid,
         relevance=query.return_relevance,
         top_k_predictions=top_k,
@@ -143,14 +176,15 @@ def image_text_card(served: LoadedImageTextModel) -> ModelCard:
     image, text = adapter.image_graph, adapter.text_graph
     methods = []
     for name in IMAGE_TEXT_METHODS:
+        spec = get_method(name)
         methods.append(
             MethodCard(
                 name=name,
                 description=_DESCRIPTIONS[name],
-                passes=("forward", "backward") if name == "generic" else ("forward",),
-                class_specific=name == "generic",
-                relevance_matrix=True,
-                parameters=(),
+                passes=_PASSES.get(name, ("forward",)),
+                class_specific=spec.class_specific,
+                relevance_matrix=name in _MATRICES,
+                parameters=tuple(describe_params(spec.params)),
                 modalities=("image", "text"),
             )
         )

@@ -177,16 +177,17 @@ class ImageTextModel(ABC):
         return logits if bias is None else logits + bias
 
     @contextmanager
-    def record(self) -> Iterator[ImageTextRecording]:
+    def record(self, *, text_inputs: bool = False) -> Iterator[ImageTextRecording]:
         """Record both towers' attention for the passes this thread runs in the block.
 
         Each tower may run once per recording. The passes build a graph from the first attention
         output on (when grad is enabled), so `recording.ImageTextCapture.gradients` can take
-        ∂y/∂O of every layer.
+        ∂y/∂O of every layer; ``text_inputs`` also records the text tower's token embeddings
+        (`TowerRecording.inputs`), the graph then starting there.
         """
         with ExitStack() as stack:
             images = stack.enter_context(self._image_hooks.record())
-            texts = stack.enter_context(self._text_hooks.record())
+            texts = stack.enter_context(self._text_hooks.record(inputs=text_inputs))
             yield ImageTextRecording(images, texts)
 
     def close(self) -> None:

@@ -57,7 +57,11 @@ class HfClipModel(ImageTextModel):
             "text", text.num_hidden_layers, text.num_attention_heads, context, 0, None, True, "eot"
         )
         image_hooks = _hooks(image_graph, module.vision_model.encoder.layers)
-        text_hooks = _hooks(text_graph, module.text_model.encoder.layers)
+        text_hooks = _hooks(
+            text_graph,
+            module.text_model.encoder.layers,
+            inputs=module.text_model.embeddings.token_embedding,
+        )
         self._eos_id = int(text.eos_token_id)
         super().__init__(
             module,
@@ -169,8 +173,11 @@ def _preprocess(path: Path, image_size: int) -> Preprocess:
     )
 
 
-def _hooks(graph: TowerGraph, layers: nn.ModuleList) -> TowerHooks:
-    return TowerHooks(graph, [HfClipAttentionTap(layer.self_attn) for layer in layers])
+def _hooks(
+    graph: TowerGraph, layers: nn.ModuleList, *, inputs: nn.Module | None = None
+) -> TowerHooks:
+    taps = [HfClipAttentionTap(layer.self_attn) for layer in layers]
+    return TowerHooks(graph, taps, inputs=inputs)
 
 
 def _pooled(output) -> Tensor:

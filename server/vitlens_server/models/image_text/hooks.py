@@ -17,7 +17,9 @@ unless the calling thread records (`TowerHooks.record`). One tap per attention k
 When the pass builds a graph but nothing before a layer requires grad (the weights never do),
 the hook hands the layer an alias of O (or Z) that does: the graph then starts at the first
 attention output, and ``torch.autograd.grad`` w.r.t. the recorded outputs never touches
-parameter ``.grad``.
+parameter ``.grad``. A recording asked for its inputs (``record(inputs=True)``) also keeps the
+output of the tower's input-embedding module (the text tower's token embedding), anchored the
+same way, so ∂y/∂(input embeddings) can be asked for (saliency's text relevance).
 """
 
 from __future__ import annotations
@@ -59,15 +61,26 @@ class TowerHooks:
     `close()` removes every hook.
     """
 
-    def __init__(self, graph: TowerGraph, taps: Sequence[AttentionTap]) -> None:
+    def __init__(
+        self,
+        graph: TowerGraph,
+        taps: Sequence[AttentionTap],
+        *,
+        inputs: nn.Module | None = None,
+    ) -> None:
+        """``inputs``: the module whose output (B, N, D) is the tower's input embeddings (the
+        text tower's token embedding), recorded when a recording asks for it; None: none."""
         if len(taps) != graph.num_layers:
             raise ValueError(f"{graph.tower} tower: {len(taps)} taps for {graph.num_layers} layers")
         self.graph = graph
+        self.has_inputs = inputs is not None
         self._local = threading.local()  # .recording: this thread's active `TowerRecording`
         self._handles: list[RemovableHandle] = []
         try:
             for index, tap in enumerate(taps):
                 self._handles += tap.install(self, index)
+            if inputs is not None:
+                self._handles.append(inputs.register_forward_hook(_inputs_hook(self)))
         except BaseException:
             self.close()
             raise
@@ -78,11 +91,14 @@ class TowerHooks:
         return getattr(self._local, "recording", None)
 
     @contextmanager
-    def record(self) -> Iterator[TowerRecording]:
-        """Activate the hooks, for this thread, for the passes inside the ``with`` block."""
+    def record(self, *, inputs: bool = False) -> Iterator[TowerRecording]:
+        """Activate the hooks, for this thread, for the passes inside the ``with`` block;
+        ``inputs`` also records the tower's input embeddings (`TowerRecording.inputs`)."""
         if self.active is not None:
             raise RuntimeError(f"a recording of the {self.graph.tower} tower is already active")
-        recording = TowerRecording(self.graph, layers=[])
+        if inputs and not self.has_inputs:
+            raise RuntimeError(f"the {self.graph.tower} tower records no input embeddings")
+        recording = TowerRecording(self.graph, layers=[], record_inputs=inputs)
         self._local.recording = recording
         try:
             yield recording
@@ -116,6 +132,21 @@ def _anchor(tensor: Tensor) -> Tensor:
     if torch.is_grad_enabled() and not tensor.requires_grad:
         return tensor.detach().requires_grad_(True)
     return tensor
+
+
+def _inputs_hook(hooks: TowerHooks) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
+    """A forward hook on the tower's input-embedding module: records its output (B, N, D),
+    anchored, when the active recording asks for inputs. (A closure, not a bound method, so
+    that copying the model never copies the hooks' thread-local state.)"""
+
+    def on_inputs(_m: nn.Module, _args: tuple, output: Tensor) -> Tensor | None:
+        rec = hooks.active
+        if rec is None or not rec.record_inputs:
+            return None
+        rec.inputs = _anchor(output)
+        return None if rec.inputs is output else rec.inputs
+
+    return on_inputs
 
 
 def _out_hook(hooks: TowerHooks, index: int) -> Callable[[nn.Module, tuple], tuple | None]:

@@ -309,7 +309,7 @@ def _text_tower(text: nn.Module, pool_type: str) -> TowerHooks:
     graph = TowerGraph(
         "text", len(blocks), int(taps[0].attn.num_heads), n, 0, None, causal, readout
     )
-    return TowerHooks(graph, taps)
+    return TowerHooks(graph, taps, inputs=getattr(text, "token_embedding", None))
 
 
 def _mha_tap(block: nn.Module, tower: str) -> MultiheadAttentionTap:

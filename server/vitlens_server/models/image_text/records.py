@@ -95,12 +95,19 @@ class TowerRecording:
         read_rows: (B, N) weights of the rows the embedding is read at — one-hot on the class
             token or on each text's pooled (EOT) token, uniform over the patch rows for average
             pooling. ``read_rows @ R`` is the relevance map of a relevance matrix R (B, N, N).
+        record_inputs: the pass keeps ``inputs`` (`TowerHooks.record(inputs=True)`).
+        inputs: (B, N, D) the tower's input embeddings (text: the token embeddings), part of
+            the pass's graph; None unless ``record_inputs``.
+        input_grad: (B, N, D) ∂y/∂inputs of one backward pass (`with_input_gradient`).
     """
 
     graph: TowerGraph
     layers: list[AttentionRecord]
     mask: Tensor | None = None
     read_rows: Tensor | None = None
+    record_inputs: bool = False
+    inputs: Tensor | None = None
+    input_grad: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -153,7 +160,15 @@ class TowerRecording:
         ]
         return dataclasses.replace(self, layers=layers)
 
-    def narrow(self, rows: slice) -> TowerRecording:
+    def with_input_gradient(self, grad: Tensor | None) -> TowerRecording:
+        """This recording with ∂y/∂inputs, (B, N, D), of one backward pass (None: zero)."""
+        if self.inputs is None:
+            raise RuntimeError(f"the {self.graph.tower} tower's pass did not record its inputs")
+        return dataclasses.replace(
+            self, input_grad=torch.zeros_like(self.inputs) if grad is None else grad
+        )
+
+    def narrow(self, rows: slice | Tensor) -> TowerRecording:
         """The recording of the batch items ``rows`` (views, no copies)."""
         layers = [
             dataclasses.replace(
@@ -169,8 +184,18 @@ class TowerRecording:
         mask = self.mask
         if mask is not None and mask.shape[0] > 1:
             mask = mask[rows]
-        read_rows = None if self.read_rows is None else self.read_rows[rows]
-        return dataclasses.replace(self, layers=layers, mask=mask, read_rows=read_rows)
+        return dataclasses.replace(
+            self,
+            layers=layers,
+            mask=mask,
+            read_rows=_rows(self.read_rows, rows),
+            inputs=_rows(self.inputs, rows),
+            input_grad=_rows(self.input_grad, rows),
+        )
+
+
+def _rows(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:
+    return None if tensor is None else tensor[rows]
 
 
 @dataclass
