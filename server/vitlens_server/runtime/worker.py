@@ -40,7 +40,7 @@ from vitlens_server.explain.params import parse_params
 from vitlens_server.models import LoadedModel
 from vitlens_server.runtime.batcher import BatchDone, Batcher, BatchStats
 
-__all__ = ["Lane", "ModelWorker", "PredictJob"]
+__all__ = ["LANES", "Lane", "LanedWorker", "ModelWorker", "PredictJob"]
 
 log = logging.getLogger("vitlens.worker")
 
@@ -66,32 +66,32 @@ class PredictJob:
     top_k: int
 
 
-class ModelWorker:
-    """One served model: a replica per device, each with its cached hooks and one thread per
-    lane, fed by one batcher per lane, so whichever replica is free takes the next batch."""
+class LanedWorker:
+    """The lanes of one served model: per lane a batcher and a thread per replica, the queue
+    bound over all lanes, admission and waiting for room. Subclasses run the batches
+    (`_run_batch`) and split requests into jobs; `ModelWorker` for classifiers,
+    `runtime.image_text_worker.ImageTextWorker` for image-text models."""
 
     def __init__(
         self,
-        model: LoadedModel,
+        name: str,
+        devices: Sequence[object],
         *,
-        replicas: Sequence[LoadedModel] = (),
         max_batch_size: int = 32,
         max_delay_s: float = 0.0,
         max_queue_images: int = 1024,
         on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
     ) -> None:
-        self.model = model
-        self.explainer = Explainer(model)
+        """``devices``: one per replica (thread names only); replica i runs on thread i."""
+        self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_images = max_queue_images
-        self._replicas = [self.explainer, *(Explainer(m) for m in replicas)]
         self._executors: list[ThreadPoolExecutor] = []
         self._room_waiters: list[asyncio.Future] = []
         self._lanes: dict[Lane, Batcher[Any, Any]] = {}
         for lane in Lane:
             executors = [
-                ThreadPoolExecutor(1, f"vitlens-{model.name}-{lane.value}-{e.model.device}")
-                for e in self._replicas
+                ThreadPoolExecutor(1, f"vitlens-{name}-{lane.value}-{device}") for device in devices
             ]  # threads start on first use: an idle lane costs nothing
             self._executors += executors
             self._lanes[lane] = Batcher(
@@ -99,7 +99,7 @@ class ModelWorker:
                 executors,
                 max_batch_size=max_batch_size,
                 max_delay_s=max_delay_s,
-                on_batch=None if on_batch is None else lambda s: on_batch(model.name, s),
+                on_batch=None if on_batch is None else lambda s: on_batch(name, s),
                 on_leave=self._left_queue,
             )
 
@@ -120,55 +120,6 @@ class ModelWorker:
     def close(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=True)
-        for explainer in self._replicas:
-            explainer.close()
-
-    async def explain(
-        self, job: ExplainJob, deadline: float | None = None, *, wait_for_room: bool = False
-    ) -> tuple[ExplainResult, float]:
-        """Explain a job; returns the result and the longest queue wait of its chunks.
-
-        ``wait_for_room``: wait until the queue has room instead of answering RESOURCE_EXHAUSTED
-        (Evaluate's calls: a long run feeds the queue, it is never refused midway)."""
-        chunks = [
-            dataclasses.replace(job, pixels=pixels)
-            for pixels in job.pixels.split(self.max_batch_size)
-        ]
-        lane = LANES[job.method.cost]
-        kind = ("explain", job.method.cost)
-        done = await self._submit(chunks, lane, kind, deadline, wait_for_room)
-        return ExplainResult.concat([r for r, _ in done]), max(w for _, w in done)
-
-    async def predict(
-        self, pixels: torch.Tensor, top_k: int, deadline: float | None = None
-    ) -> tuple[Predictions, float]:
-        """Classify (B, C, H, W) pixels; returns predictions and the queue wait in seconds."""
-        chunks = [PredictJob(chunk, top_k) for chunk in pixels.split(self.max_batch_size)]
-        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline, False)
-        return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
-
-    async def logits(
-        self, pixels: torch.Tensor, deadline: float | None = None, *, wait_for_room: bool = False
-    ) -> torch.Tensor:
-        """(B, C, H, W) pixels → (B, classes) float32 logits on the host, batched like Predict
-        (Evaluate's re-classification of perturbed images)."""
-        chunks = [PredictJob(chunk, 0) for chunk in pixels.split(self.max_batch_size)]
-        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline, wait_for_room)
-        return torch.cat([r for r, _ in done])
-
-    async def warm_up(self) -> None:
-        """One small pass of each kind through the batchers, all at once (each waits out
-        ``max_delay_s`` for batch-mates only once): classification, a forward-only and a
-        gradient explanation, and the attention-flow solver's compilation."""
-        _, height, width = self.model.geometry.input_size
-        pixels = torch.zeros(1, 3, height, width)
-        passes: list[Awaitable[Any]] = [self.predict(pixels, 1)]
-        for name in ("rollout", "generic", "attention_flow"):
-            spec = get_method(name)
-            if self.explainer.refusal(spec) is None:
-                params = parse_params(spec.params, {}, method=name)
-                passes.append(self.explain(ExplainJob(pixels, spec, params, TargetSpec())))
-        await asyncio.gather(*passes)
 
     async def _submit(
         self,
@@ -182,7 +133,7 @@ class ModelWorker:
         images = sum(c.pixels.shape[0] for c in chunks)
         if images > self.max_queue_images:  # it could never be admitted
             raise InvalidArgument(
-                f"the request needs {images} images in model {self.model.name!r}'s queue, which "
+                f"the request needs {images} images in model {self.name!r}'s queue, which "
                 f"holds at most {self.max_queue_images}; send at most that many per request",
                 field="images",
             )
@@ -237,12 +188,103 @@ class ModelWorker:
                 waiter.set_result(None)
         self._room_waiters.clear()
 
+    def _run_batch(
+        self, replica: int, items: list[Any], interrupted: Callable[[], bool]
+    ) -> list[Any]:
+        """One batch (all items of one kind) on replica ``replica``: a result or an exception
+        per item."""
+        raise NotImplementedError
+
     def _run(self, replica: int, items: list[Any], interrupted: Callable[[], bool]) -> list[Any]:
-        """Run one batch on replica ``replica``'s thread of its lane (all items of one kind)."""
+        """`_run_batch` on its lane's thread, isolated: a failing item never fails the rest."""
+        return _isolated(lambda batch: self._run_batch(replica, batch, interrupted), items)
+
+
+class ModelWorker(LanedWorker):
+    """One served model: a replica per device, each with its cached hooks and one thread per
+    lane, fed by one batcher per lane, so whichever replica is free takes the next batch."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        replicas: Sequence[LoadedModel] = (),
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.0,
+        max_queue_images: int = 1024,
+        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
+    ) -> None:
+        self.model = model
+        self.explainer = Explainer(model)
+        self._replicas = [self.explainer, *(Explainer(m) for m in replicas)]
+        super().__init__(
+            model.name,
+            [e.model.device for e in self._replicas],
+            max_batch_size=max_batch_size,
+            max_delay_s=max_delay_s,
+            max_queue_images=max_queue_images,
+            on_batch=on_batch,
+        )
+
+    def close(self) -> None:
+        super().close()
+        for explainer in self._replicas:
+            explainer.close()
+
+    async def explain(
+        self, job: ExplainJob, deadline: float | None = None, *, wait_for_room: bool = False
+    ) -> tuple[ExplainResult, float]:
+        """Explain a job; returns the result and the longest queue wait of its chunks.
+
+        ``wait_for_room``: wait until the queue has room instead of answering RESOURCE_EXHAUSTED
+        (Evaluate's calls: a long run feeds the queue, it is never refused midway)."""
+        chunks = [
+            dataclasses.replace(job, pixels=pixels)
+            for pixels in job.pixels.split(self.max_batch_size)
+        ]
+        lane = LANES[job.method.cost]
+        kind = ("explain", job.method.cost)
+        done = await self._submit(chunks, lane, kind, deadline, wait_for_room)
+        return ExplainResult.concat([r for r, _ in done]), max(w for _, w in done)
+
+    async def predict(
+        self, pixels: torch.Tensor, top_k: int, deadline: float | None = None
+    ) -> tuple[Predictions, float]:
+        """Classify (B, C, H, W) pixels; returns predictions and the queue wait in seconds."""
+        chunks = [PredictJob(chunk, top_k) for chunk in pixels.split(self.max_batch_size)]
+        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline, False)
+        return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
+
+    async def logits(
+        self, pixels: torch.Tensor, deadline: float | None = None, *, wait_for_room: bool = False
+    ) -> torch.Tensor:
+        """(B, C, H, W) pixels → (B, classes) float32 logits on the host, batched like Predict
+        (Evaluate's re-classification of perturbed images)."""
+        chunks = [PredictJob(chunk, 0) for chunk in pixels.split(self.max_batch_size)]
+        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline, wait_for_room)
+        return torch.cat([r for r, _ in done])
+
+    async def warm_up(self) -> None:
+        """One small pass of each kind through the batchers, all at once (each waits out
+        ``max_delay_s`` for batch-mates only once): classification, a forward-only and a
+        gradient explanation, and the attention-flow solver's compilation."""
+        _, height, width = self.model.geometry.input_size
+        pixels = torch.zeros(1, 3, height, width)
+        passes: list[Awaitable[Any]] = [self.predict(pixels, 1)]
+        for name in ("rollout", "generic", "attention_flow"):
+            spec = get_method(name)
+            if self.explainer.refusal(spec) is None:
+                params = parse_params(spec.params, {}, method=name)
+                passes.append(self.explain(ExplainJob(pixels, spec, params, TargetSpec())))
+        await asyncio.gather(*passes)
+
+    def _run_batch(
+        self, replica: int, items: list[Any], interrupted: Callable[[], bool]
+    ) -> list[Any]:
         explainer = self._replicas[replica]
         if isinstance(items[0], PredictJob):
-            return _isolated(lambda batch: _predict_batch(explainer, batch), items)
-        return _isolated(lambda jobs: explainer.explain_batch(jobs, interrupted=interrupted), items)
+            return _predict_batch(explainer, items)
+        return explainer.explain_batch(items, interrupted=interrupted)
 
 
 def _predict_batch(
