@@ -5,6 +5,7 @@ Builds a random open_clip model shaped like the exemplar CLIP (ViT-Tiny/16 image
 times `explain_pairs` on the full grid against B x M single-pair calls, checking they agree.
 
     .venv/bin/python scripts/bench_image_text.py --images 8 --texts 4 --repeat 3
+    python scripts/bench_image_text.py --images 32 --texts 8 --device cuda   # scripts/gpu_checks.sh
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
-    module = build_open_clip(MODEL_CFG).eval().requires_grad_(False)
+    device = torch.device(args.device)
+    module = build_open_clip(MODEL_CFG).to(device).eval().requires_grad_(False)
     preprocess = Preprocess((3, 224, 224), (0.5,) * 3, (0.5,) * 3)
     model = OpenClipModel(module, source="bench", preprocess=preprocess, model_cfg=MODEL_CFG)
-    pixels = preprocess.normalise(torch.rand(args.images, 3, 224, 224))
+    pixels = preprocess.normalise(torch.rand(args.images, 3, 224, 224, device=device))
     texts = model.tokenize([f"a photo of shape number {i}" for i in range(args.texts)])
     grid = [(b, m) for b in range(args.images) for m in range(args.texts)]
 
@@ -62,9 +65,11 @@ def main() -> None:
 
     for name, run in (("batched", batched), ("per-pair loop", looped)):
         run()  # warm-up
+        _sync(device)
         started = time.perf_counter()
         for _ in range(args.repeat):
             found = run()
+        _sync(device)
         seconds = (time.perf_counter() - started) / args.repeat
         rate = len(grid) / seconds
         print(f"{name:>14}: {seconds:.3f} s for {len(grid)} pairs ({rate:.1f} pairs/s)")
@@ -74,6 +79,11 @@ def main() -> None:
         float((a.heatmap - b.heatmap).abs().max()) for a, b in zip(reference, found, strict=True)
     )
     print(f"max |batched - loop| heatmap difference: {error:.2e}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

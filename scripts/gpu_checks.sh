@@ -14,11 +14,14 @@
 # 5. Mixed load on the GPU (issue #13): one-image `generic` p50 alone and beside four clients
 #    of `token_reflection`, scripts/bench_mixed_load.py (section in OUT_DIR/mixed_load.md; copy
 #    it into benchmarks/mixed_load.md).
+# 6. Image-text N x M (issue #16): `generic` on an exemplar-shaped CLIP, one batched call for
+#    IMAGES x TEXTS pairs against the per-pair loop, scripts/bench_image_text.py --device.
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
-# REPEATS and TRAIN_STEPS override the defaults. A CPU smoke run of the script itself:
+# REPEATS, TRAIN_STEPS, IMAGES and TEXTS override the defaults. A CPU smoke run of the script itself:
 #   DEVICE=cpu MODEL=vitlens-demo CONCURRENCY=1,4 DURATION=3 ROOF_MAX_BATCH=4 \
-#   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 bash scripts/gpu_checks.sh /tmp/smoke
+#   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 IMAGES=2 TEXTS=2 \
+#   bash scripts/gpu_checks.sh /tmp/smoke
 # Logs, the updated BENCHMARKS.md and a summary go to OUT_DIR; paste the figures into
 # benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e ./client -e
 # '.[dev]'`. On the device tool's H100/H200 image, which lacks some of them, carry wheels
@@ -70,4 +73,6 @@ grep -h "img/s" "$OUT/training.log" | tail -n 4 >>"$OUT/summary.txt"
 cp benchmarks/mixed_load.md "$OUT/mixed_load.md"
 step mixed_load "$PY" scripts/bench_mixed_load.py --device "$DEVICE" --requests 400 \
     --slow-clients 4 --out "$OUT/mixed_load.md"
+step image_text "$PY" scripts/bench_image_text.py --device "$DEVICE" --images "${IMAGES:-32}" \
+    --texts "${TEXTS:-8}" --repeat "${REPEATS:-5}"
 exit $status

@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
     grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
     pytest-asyncio==1.5.0 prometheus-client==0.26.0 safetensors==0.8.0
+    # image-text models (issue #16): open_clip and transformers with what they import
+    open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 regex==2026.11.19 transformers==5.24.0
+    tokenizers==0.23.3 huggingface-hub==2.4.0 hf-xet==1.8.0 typer==0.29.2 click==8.5.1
+    shellingham==1.5.4 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
 )
 rm -rf .whl && mkdir .whl
 for package in "${PACKAGES[@]}"; do
