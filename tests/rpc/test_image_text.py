@@ -124,6 +124,7 @@ def test_get_model_reports_task_modalities_template_methods(client) -> None:
     assert info.labels == tuple(LABELS)
     assert info.method_names == (
         "generic",
+        "transformer_attribution",
         "gradcam",
         "agcam",
         "saliency",
@@ -224,7 +225,7 @@ def test_predict_zero_shot_and_prompts(client, clip_model) -> None:
         ),
         (lambda c: c.predict(images(1), model="clip", prompts=["ok", ""]), "prompts[1]"),
         (lambda c: c.explain(images(1), model="clip", texts=["a cat"], target=1), "target"),
-        (lambda c: c.explain(images(1), model="clip", method="transformer_attribution"), "method"),
+        (lambda c: c.explain(images(1), model="clip", method="partial_lrp"), "method"),
         (lambda c: c.explain(images(1), model="clip", target=3), "target"),
         (
             lambda c: c.explain(images(1), model="clip", method="rollout", method_options={"a": 1}),

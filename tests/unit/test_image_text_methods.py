@@ -73,8 +73,11 @@ def test_the_grid_in_one_call_equals_one_pair_at_a_time(models, kind, method) ->
     batched = _explain(model, pixels, texts, grid, method)
     for (b, m), found in zip(grid, batched, strict=True):
         (alone,) = _explain(model, pixels[b : b + 1], [texts[m]], [(0, 0)], method)
-        torch.testing.assert_close(found.heatmap, alone.heatmap, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(found.text, alone.text, rtol=1e-4, atol=1e-6)
+        # LRP's divisions amplify the rounding of batched matmuls (~1e-4 relative)
+        rtol = 2e-3 if method in ("transformer_attribution", "token_reflection") else 1e-4
+        atol = 1e-4 if method == "token_reflection" else 1e-6
+        torch.testing.assert_close(found.heatmap, alone.heatmap, rtol=rtol, atol=atol)
+        torch.testing.assert_close(found.text, alone.text, rtol=rtol, atol=1e-6)
         assert torch.isfinite(found.heatmap).all() and torch.isfinite(found.text).all()
 
 
@@ -143,3 +146,55 @@ def test_a_worker_of_several_lanes_keeps_the_queue_bound(sources) -> None:
             worker.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "timm", "hf"])
+def test_lrp_activations_satisfy_the_block_equations(models, kind) -> None:
+    """What the LRP taps record is each block's own computation: x_{l+1} = x_l + attn + mlp,
+    and O = A·V at the output projection; the propagation then gives finite R^A per layer."""
+    from vitlens_server.explain.image_text_lrp import PairLrp, attention_relevances
+    from vitlens_server.models.image_text import capture
+
+    model = models[kind]
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    texts = model.tokenize(["a red square", "a circle"])
+    cap = capture(model, model.preprocess.normalise(pixels), texts, lrp=True)
+    for tower in cap.recording.towers():
+        blocks = tower.blocks
+        assert blocks is not None and tower.head_in is not None
+        for this, following in itertools.pairwise(blocks):
+            torch.testing.assert_close(following.x, this.x + this.attn_branch + this.mlp_branch)
+        for layer, block in enumerate(blocks):
+            if block.proj_in is not None:  # O = A·V, the input of the output projection
+                rec = tower.layers[layer]
+                o = (tower.attention(layer) @ rec.v).transpose(1, 2).flatten(2)
+                torch.testing.assert_close(block.proj_in, o, rtol=1e-4, atol=1e-5)
+    images = cap.recording.images
+    pair = PairLrp(model, cap.image_embeds.detach(), cap.text_embeds.detach())
+    relevances = attention_relevances(images, pair)
+    assert len(relevances) == images.num_layers
+    assert all(r.shape == (2, images.graph.num_heads, 17, 17) for r in relevances)
+    assert all(torch.isfinite(r).all() for r in relevances)
+
+
+def test_an_average_pooled_image_tower_refuses_the_lrp_methods(tmp_path) -> None:
+    import copy
+
+    cfg = copy.deepcopy(VIT_CFG)
+    cfg["vision_cfg"]["pool_type"] = "avg"
+    path = write_open_clip_dir(tmp_path / "avg", cfg, build_open_clip_module(cfg, seed=8))
+    model = load_image_text_model(f"open_clip:{path}")
+    assert "image tower" in model.lrp_problem
+    pixels = torch.rand(1, 3, 32, 32)
+    for method in ("transformer_attribution", "token_reflection"):
+        with pytest.raises(ValueError, match="no LRP rules"):
+            explain_pairs(
+                model,
+                pixels,
+                model.tokenize(["a"]),
+                lambda _: [(0, 0)],
+                method=method,
+                images=pixels,
+            )
+    maps = _explain(model, pixels, ["a"], [(0, 0)], "gradcam")  # the others still apply
+    assert maps[0].heatmap.shape == (4, 4)

@@ -8,18 +8,21 @@ target is its similarity logit y = s · cos(image_b, text_m). Image map / text r
     generic           seed 003 Eq. 5-6 per tower: Ā = mean_h((∇A ⊙ A)⁺), R ← R + Ā·R, with
                       ∂y/∂A of the pair's own logit; image map = R^{image}'s readout row without
                       the prefix, text relevance = R^{text}'s EOT row
+    transformer_attribution
+                      Chefer CVPR 2021 per tower: LRP from the pair's logit (`image_text_lrp`),
+                      Ā = mean_h((∇A ⊙ R^A)⁺), R ← R + Ā·R; read as generic's
     gradcam           Grad-CAM on each tower's last layer, its readout / EOT row (the ViT math)
     agcam             AG-CAM over each tower's layers, its readout / EOT row (the ViT math)
     saliency          image: max over channels of |∂y/∂x| (SmoothGrad, IG options) at input
                       resolution; text: max over the width of |∂y/∂e_j| of the token embeddings
-    token_reflection  image: seed 004 on generic's image relevance R, masked images scored
-                      against the pair's text; text: generic's
+    token_reflection  image: seed 004 on Transformer Attribution's image relevance R, masked
+                      images scored against the pair's text; text: Transformer Attribution's
     rollout           §4 baseline per tower: R = Ã_L ··· Ã_1, Ã = norm_rows(mean_h A + I)
     raw_attention     §4 baseline per tower: the last layer's head-mean attention
 
-(`image_text_methods` says how each reuses the single-modality code.) Transformer Attribution
-is not offered: it needs LRP relevances R^A, and vitlens' LRP rules cover timm classifier
-blocks only, not open_clip's or transformers' towers, nor the cosine similarity head.
+(`image_text_methods` says how each reuses the single-modality code.) The two LRP methods
+need both towers' LRP activations (`ImageTextModel.lrp_problem` says why a model has none,
+e.g. an average-pooled image tower), and refuse the model otherwise.
 
 Batching: one forward of all B images and all M texts (`capture`), then for the gradient
 methods one ``autograd.grad`` call per *round* of each tower (`side_rounds`): an image round
@@ -42,6 +45,7 @@ import torch
 from torch import Tensor
 
 from vitlens_server.explain.graph import raw_attention, rollout
+from vitlens_server.explain.image_text_lrp import PairLrp, transformer_attribution
 from vitlens_server.explain.image_text_methods import (
     TOWER_READS,
     TowerRead,
@@ -60,6 +64,7 @@ from vitlens_server.models.image_text.recording import ImageTextCapture, capture
 __all__ = [
     "IMAGE",
     "IMAGE_TEXT_METHODS",
+    "LRP_METHODS",
     "TEXT",
     "PairMaps",
     "explain_pairs",
@@ -71,6 +76,7 @@ __all__ = [
 IMAGE, TEXT = "image", "text"
 IMAGE_TEXT_METHODS = (
     "generic",
+    "transformer_attribution",
     "gradcam",
     "agcam",
     "saliency",
@@ -78,6 +84,19 @@ IMAGE_TEXT_METHODS = (
     "rollout",
     "raw_attention",
 )
+
+
+def _attribution(view: TowerView) -> tuple[Tensor, Tensor | None]:
+    return transformer_attribution(view, view.pair)
+
+
+_READS = {
+    **TOWER_READS,
+    "transformer_attribution": (_attribution, _attribution),
+    "token_reflection": (_attribution, _attribution),  # seed 004 reflects TA's R
+}
+_LRP = frozenset({"transformer_attribution", "token_reflection"})
+LRP_METHODS = _LRP
 
 
 @dataclass(frozen=True)
@@ -151,14 +170,19 @@ def explain_pairs(
         raise ValueError(f"unknown image-text method {method!r}")
     if method in ("saliency", "token_reflection") and images is None:
         raise ValueError(f"{method} needs the images in [0, 1] (images=)")
-    gradients = method in TOWER_READS
-    captured = capture(model, pixels, texts, gradients=gradients, text_inputs=method == "saliency")
+    gradients = method in _READS
+    lrp = method in _LRP
+    if lrp and model.lrp_problem is not None:
+        raise ValueError(f"{method} cannot explain this model: {model.lrp_problem}")
+    captured = capture(
+        model, pixels, texts, gradients=gradients, text_inputs=method == "saliency", lrp=lrp
+    )
     logits = captured.logits.detach().float()  # (B, M)
     pairs = list(choose(logits))
     raise_if_interrupted(interrupted)
     if gradients:
-        keep = matrix or method == "token_reflection"  # reflection reads generic's R
-        maps = _gradient_pairs(captured, pairs, method, keep, interrupted)
+        keep = matrix or method == "token_reflection"  # reflection reads TA's R
+        maps = _gradient_pairs(model, captured, pairs, method, keep, interrupted)
         if method == "saliency":
             maps = _saliency(model, captured, pairs, maps, images, params, interrupted)
         elif method == "token_reflection":
@@ -176,6 +200,7 @@ def explain_pairs(
 
 
 def _gradient_pairs(
+    model: ImageTextModel,
     captured: ImageTextCapture,
     pairs: list[tuple[int, int]],
     method: str,
@@ -185,7 +210,7 @@ def _gradient_pairs(
     """``method``'s read of both towers for every pair: one backward pass per round of each
     tower (image rounds are skipped when the method runs its own image passes)."""
     images, texts = captured.recording.towers()
-    reads = TOWER_READS[method]  # (image read or None, text read)
+    reads = _READS[method]  # (image read or None, text read)
     found: list[list[Tensor | None]] = [[None] * len(pairs), [None] * len(pairs)]
     matrices: list[Tensor | None] = [None] * len(pairs)
     work = [(images, 0, members) for members in side_rounds(pairs, 0) if reads[0] is not None]
@@ -194,7 +219,8 @@ def _gradient_pairs(
         raise_if_interrupted(interrupted)
         rows = _round_gradients(captured, tower, pairs, members, retain=n < len(work) - 1)
         read: TowerRead = reads[side]  # type: ignore[assignment]
-        maps, relevance = read(TowerView(rows))  # (n, *grid), (n, N, N) | None
+        pair = _pair_lrp(model, captured, pairs, members, side) if method in _LRP else None
+        maps, relevance = read(TowerView(rows, pair=pair))  # (n, *grid), (n, N, N) | None
         for j, i in enumerate(members):
             found[side][i] = maps[j]
             if side == 0 and relevance is not None and matrix:
@@ -204,6 +230,21 @@ def _gradient_pairs(
         PairMaps(found[0][i], found[1][i], matrices[i])  # type: ignore[arg-type]
         for i in range(len(pairs))
     ]
+
+
+def _pair_lrp(
+    model: ImageTextModel,
+    captured: ImageTextCapture,
+    pairs: list[tuple[int, int]],
+    members: list[int],
+    side: int,
+) -> PairLrp:
+    """Both sides of the round's dot products, from the tower ``side`` (0 image, 1 text)."""
+    image_index, text_index = _indices(captured, pairs, members)
+    images = captured.image_embeds.detach()[image_index]
+    texts = captured.text_embeds.detach()[text_index]
+    own, other = (images, texts) if side == 0 else (texts, images)
+    return PairLrp(model, own, other)
 
 
 def _round_gradients(
@@ -283,7 +324,8 @@ def _reflection(
     params: object | None,
     interrupted: Callable[[], bool] | None,
 ) -> list[PairMaps]:
-    """Token reflection's image maps for every pair from generic's R (kept per pair)."""
+    """Token reflection's image maps for every pair from Transformer Attribution's R (kept
+    per pair)."""
     params = params if isinstance(params, ReflectionParams) else ReflectionParams()
     image_index, text_index = _indices(captured, pairs, list(range(len(pairs))))
     heatmaps = reflection_maps(

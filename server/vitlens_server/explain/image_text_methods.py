@@ -12,9 +12,9 @@ further model passes), so those methods are *called*, not restated:
     agcam             `methods.gradient.agcam` over the tower's layers, readout row
     saliency (image)  `methods.saliency.saliency` through `PairPasses` (pixels → the pair's logit)
     saliency (text)   max over the embedding width of |∂y/∂e_j|, e_j the token embedding at j
-    token_reflection  `methods.reflection.reflect` on generic's image relevance R, the masked
-                      images scored against the pair's text (`PairPasses.logits`, float32),
-                      `combine_maps` with generic's readout row
+    token_reflection  `methods.reflection.reflect` on Transformer Attribution's image relevance R
+                      (`image_text_lrp`), the masked images scored against the pair's text
+                      (`PairPasses.logits`, float32), `combine_maps` with R's readout row
 
 The image readout row is the class token's (or the patch mean for average-pooled towers), the
 text one each text's pooled (EOT) token. In the text tower ∂y/∂A is taken as 0 where the causal
@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,10 +89,12 @@ class TowerView:
     Attributes:
         tower: the recording of a round's n items (with the round's gradients).
         passes: further passes of the pair (saliency), or None.
+        pair: what LRP reads of the round's pairs (`image_text_lrp.PairLrp`), or None.
     """
 
     tower: TowerRecording
     passes: ModelPasses | None = None
+    pair: Any = None
 
     @property
     def num_layers(self) -> int:
@@ -164,7 +167,6 @@ TOWER_READS: dict[str, tuple[TowerRead | None, TowerRead]] = {
     "gradcam": (_gradcam, _gradcam),
     "agcam": (_agcam, _agcam),
     "saliency": (None, _text_saliency),
-    "token_reflection": (_generic, _generic),
 }
 
 
@@ -238,8 +240,7 @@ def reflection_maps(
 
     Args:
         pixels: (P, 3, H, W) each pair's image in [0, 1]; targets: (P,) its text.
-        relevance: (P, N, N) generic's image relevance R of each pair (in place of Transformer
-            Attribution's, which needs LRP rules these towers do not have).
+        relevance: (P, N, N) Transformer Attribution's image relevance R of each pair.
         row: (P, gh, gw) the readout row of R over the patches.
     """
     graph = model.image_graph

@@ -18,7 +18,7 @@ from vitlens_server.config import ServerConfig
 from vitlens_server.domain import TargetSpec
 from vitlens_server.errors import InvalidArgument, about
 from vitlens_server.explain import MethodSpec, get_method
-from vitlens_server.explain.image_text import IMAGE_TEXT_METHODS
+from vitlens_server.explain.image_text import IMAGE_TEXT_METHODS, LRP_METHODS
 from vitlens_server.explain.image_text_batch import ImageTextExplainJob
 from vitlens_server.explain.params import describe_params, parse_params
 from vitlens_server.models.image_text import ImageTextModel
@@ -37,6 +37,11 @@ __all__ = [
 _DESCRIPTIONS = {
     "generic": "Chefer et al. 2021 Eq. 5-6 per tower on the pair's similarity logit: image map "
     "from the image tower's readout row, token relevance from the text tower's EOT row",
+    "transformer_attribution": "Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021) per "
+    "tower on the pair's similarity logit: LRP from the logit (the dot product with the other "
+    "tower's unit embedding, the projection, then every block) gives R^A of each layer; "
+    "mean_h((dy/dA * R^A)+) accumulated over the layers; image map from the class-token row, "
+    "token relevance from the EOT row",
     "gradcam": "Grad-CAM as adapted to ViT by Chefer et al. 2021, per tower on the pair's "
     "similarity logit: each tower's last-layer attention of its readout row (image: class "
     "token; text: EOT token), weighted per head by its mean gradient, ReLU",
@@ -48,21 +53,25 @@ _DESCRIPTIONS = {
     "Gradients); token relevance = max over the embedding width of |dy/de| of each token "
     "embedding (the plain gradient, whatever the image option)",
     "token_reflection": "Token reflection (Sago & Hotta 2024) on the image tower: masks from the "
-    "generic (Eq. 5-6) relevance R among the patch tokens — in place of Transformer "
-    "Attribution's, which needs LRP rules these towers lack — the masked images scored against "
-    "the pair's text (float32), plus R's readout row; token relevance as in generic",
+    "Transformer Attribution relevance R among the patch tokens, the masked images scored "
+    "against the pair's text (float32), plus R's class-token row; token relevance as in "
+    "transformer_attribution",
     "rollout": "attention rollout (Abnar & Zuidema 2020) per tower; not target-specific",
     "raw_attention": "last layer's head-mean attention per tower; not target-specific",
 }
 _FB, _FBE = ("forward", "backward"), ("forward", "backward", "extra")
-_PASSES = {"generic": _FB, "gradcam": _FB, "agcam": _FB, "saliency": _FBE, "token_reflection": _FBE}
+_PASSES = {
+    "generic": _FB,
+    "transformer_attribution": (*_FB, "lrp"),
+    "gradcam": _FB,
+    "agcam": _FB,
+    "saliency": _FBE,
+    "token_reflection": ("forward", "backward", "lrp", "extra"),
+}
 _MATRICES = frozenset({"generic", "rollout", "raw_attention"})
 _REFUSED = {
-    "transformer_attribution": "it needs the LRP relevance R^A of every attention map, and "
-    "vitlens' LRP rules cover timm classifier blocks only, not open_clip's or transformers' "
-    "towers nor a cosine-similarity head",
-    "partial_lrp": "it needs LRP relevances, which these towers do not have (see "
-    "transformer_attribution)",
+    "partial_lrp": "it is a last-layer baseline of classifiers; for image-text models use "
+    "transformer_attribution",
 }
 
 
@@ -137,6 +146,12 @@ def explain_job(
             + f"; use one of: {', '.join(IMAGE_TEXT_METHODS)}",
             field="method",
         )
+    problem = served.adapter.lrp_problem
+    if name in LRP_METHODS and problem is not None:
+        raise InvalidArgument(
+            f"method {name!r} cannot explain image-text model {served.name!r}: {problem}",
+            field="method",
+        )
     params = parse_params(
         method.params, query.method_options, method=name, field="options.method_options"
     )
@@ -176,6 +191,8 @@ def image_text_card(served: LoadedImageTextModel) -> ModelCard:
     image, text = adapter.image_graph, adapter.text_graph
     methods = []
     for name in IMAGE_TEXT_METHODS:
+        if name in LRP_METHODS and adapter.lrp_problem is not None:
+            continue
         spec = get_method(name)
         methods.append(
             MethodCard(

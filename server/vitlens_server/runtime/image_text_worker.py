@@ -5,8 +5,8 @@ model's queue bound, split into chunks of at most ``max_batch_size`` images and 
 lane of their method's cost class (`explain.Cost` of the registered method):
 
     lane     image-text methods
-    device   Predict; rollout, raw_attention (forward); generic, gradcam, agcam (one backward
-             per round of each tower)
+    device   Predict; rollout, raw_attention (forward); generic, transformer_attribution,
+             gradcam, agcam (one backward per round of each tower)
     extra    saliency, token_reflection (further passes of the image tower)
 
 so a cheap request never waits behind a token-reflection batch. Within a lane, batches form per

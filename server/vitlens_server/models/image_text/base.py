@@ -177,18 +177,41 @@ class ImageTextModel(ABC):
         return logits if bias is None else logits + bias
 
     @contextmanager
-    def record(self, *, text_inputs: bool = False) -> Iterator[ImageTextRecording]:
+    def record(
+        self, *, text_inputs: bool = False, lrp: bool = False
+    ) -> Iterator[ImageTextRecording]:
         """Record both towers' attention for the passes this thread runs in the block.
 
         Each tower may run once per recording. The passes build a graph from the first attention
         output on (when grad is enabled), so `recording.ImageTextCapture.gradients` can take
         ∂y/∂O of every layer; ``text_inputs`` also records the text tower's token embeddings
-        (`TowerRecording.inputs`), the graph then starting there.
+        (`TowerRecording.inputs`), the graph then starting there; ``lrp`` both towers' LRP
+        activations (`TowerRecording.blocks`; `lrp_problem` says when a tower has none).
         """
         with ExitStack() as stack:
-            images = stack.enter_context(self._image_hooks.record())
-            texts = stack.enter_context(self._text_hooks.record(inputs=text_inputs))
+            images = stack.enter_context(self._image_hooks.record(lrp=lrp))
+            texts = stack.enter_context(self._text_hooks.record(inputs=text_inputs, lrp=lrp))
             yield ImageTextRecording(images, texts)
+
+    @property
+    def lrp_problem(self) -> str | None:
+        """Why LRP relevances cannot be propagated through this model, or None when both
+        towers record their LRP activations."""
+        missing = [h.graph.tower for h in (self._image_hooks, self._text_hooks) if h.lrp is None]
+        if not missing:
+            return None
+        return (
+            f"the {' and '.join(missing)} tower{'s' if len(missing) > 1 else ''} of this model "
+            "has no LRP rules in vitlens (they cover towers read at the class / EOT token "
+            "through the final norm and one linear projection)"
+        )
+
+    def lrp_weights(self, tower: str) -> tuple[list[dict[str, Tensor]], Tensor]:
+        """The weights LRP reads of ``tower`` (`hooks.LrpTaps.weights`)."""
+        hooks = self._image_hooks if tower == "image" else self._text_hooks
+        if hooks.lrp is None:
+            raise RuntimeError(self.lrp_problem)
+        return hooks.lrp.weights()
 
     def close(self) -> None:
         """Remove the recording hooks (the model is then exactly as the library built it)."""

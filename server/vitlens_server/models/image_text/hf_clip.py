@@ -24,6 +24,7 @@ from vitlens_server.models.image_text.base import (
     readout_weights,
 )
 from vitlens_server.models.image_text.hooks import HfClipAttentionTap, TowerHooks, causal_mask
+from vitlens_server.models.image_text.lrp_taps import LrpTaps, hf_clip_taps
 from vitlens_server.models.image_text.records import TowerGraph
 from vitlens_server.models.image_text.tokenizer import HfBpeTokenizer
 
@@ -56,11 +57,21 @@ class HfClipModel(ImageTextModel):
         text_graph = TowerGraph(
             "text", text.num_hidden_layers, text.num_attention_heads, context, 0, None, True, "eot"
         )
-        image_hooks = _hooks(image_graph, module.vision_model.encoder.layers)
+        vision_model, text_model = module.vision_model, module.text_model
+        image_hooks = _hooks(
+            image_graph,
+            vision_model.encoder.layers,
+            lrp=hf_clip_taps(
+                vision_model.encoder.layers, vision_model.post_layernorm, module.visual_projection
+            ),
+        )
         text_hooks = _hooks(
             text_graph,
-            module.text_model.encoder.layers,
-            inputs=module.text_model.embeddings.token_embedding,
+            text_model.encoder.layers,
+            inputs=text_model.embeddings.token_embedding,
+            lrp=hf_clip_taps(
+                text_model.encoder.layers, text_model.final_layer_norm, module.text_projection
+            ),
         )
         self._eos_id = int(text.eos_token_id)
         super().__init__(
@@ -174,10 +185,14 @@ def _preprocess(path: Path, image_size: int) -> Preprocess:
 
 
 def _hooks(
-    graph: TowerGraph, layers: nn.ModuleList, *, inputs: nn.Module | None = None
+    graph: TowerGraph,
+    layers: nn.ModuleList,
+    *,
+    inputs: nn.Module | None = None,
+    lrp: LrpTaps | None = None,
 ) -> TowerHooks:
     taps = [HfClipAttentionTap(layer.self_attn) for layer in layers]
-    return TowerHooks(graph, taps, inputs=inputs)
+    return TowerHooks(graph, taps, inputs=inputs, lrp=lrp)
 
 
 def _pooled(output) -> Tensor:

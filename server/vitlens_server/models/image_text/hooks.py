@@ -19,7 +19,9 @@ the hook hands the layer an alias of O (or Z) that does: the graph then starts a
 attention output, and ``torch.autograd.grad`` w.r.t. the recorded outputs never touches
 parameter ``.grad``. A recording asked for its inputs (``record(inputs=True)``) also keeps the
 output of the tower's input-embedding module (the text tower's token embedding), anchored the
-same way, so ∂y/∂(input embeddings) can be asked for (saliency's text relevance).
+same way, so ∂y/∂(input embeddings) can be asked for (saliency's text relevance). One asked
+for LRP activations (``record(lrp=True)``) keeps what `LrpTaps` names: each block's input, the
+inputs of its linear layers, its residual branches and the final norm's output (`BlockRecord`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vitlens_server.models.image_text.records import AttentionRecord, TowerGraph, TowerRecording
+from vitlens_server.models.image_text.lrp_taps import LrpTaps, install_lrp
+from vitlens_server.models.image_text.records import (
+    AttentionRecord,
+    BlockRecord,
+    TowerGraph,
+    TowerRecording,
+)
 
 __all__ = [
     "AttentionTap",
@@ -67,13 +75,16 @@ class TowerHooks:
         taps: Sequence[AttentionTap],
         *,
         inputs: nn.Module | None = None,
+        lrp: LrpTaps | None = None,
     ) -> None:
         """``inputs``: the module whose output (B, N, D) is the tower's input embeddings (the
-        text tower's token embedding), recorded when a recording asks for it; None: none."""
+        text tower's token embedding), recorded when a recording asks for it; None: none.
+        ``lrp``: where LRP activations are read; None: the tower records none."""
         if len(taps) != graph.num_layers:
             raise ValueError(f"{graph.tower} tower: {len(taps)} taps for {graph.num_layers} layers")
         self.graph = graph
         self.has_inputs = inputs is not None
+        self.lrp = lrp
         self._local = threading.local()  # .recording: this thread's active `TowerRecording`
         self._handles: list[RemovableHandle] = []
         try:
@@ -81,6 +92,8 @@ class TowerHooks:
                 self._handles += tap.install(self, index)
             if inputs is not None:
                 self._handles.append(inputs.register_forward_hook(_inputs_hook(self)))
+            if lrp is not None:
+                self._handles += install_lrp(self, lrp)
         except BaseException:
             self.close()
             raise
@@ -91,14 +104,23 @@ class TowerHooks:
         return getattr(self._local, "recording", None)
 
     @contextmanager
-    def record(self, *, inputs: bool = False) -> Iterator[TowerRecording]:
+    def record(self, *, inputs: bool = False, lrp: bool = False) -> Iterator[TowerRecording]:
         """Activate the hooks, for this thread, for the passes inside the ``with`` block;
-        ``inputs`` also records the tower's input embeddings (`TowerRecording.inputs`)."""
+        ``inputs`` also records the tower's input embeddings (`TowerRecording.inputs`),
+        ``lrp`` its LRP activations (`TowerRecording.blocks`, ``head_in``)."""
         if self.active is not None:
             raise RuntimeError(f"a recording of the {self.graph.tower} tower is already active")
         if inputs and not self.has_inputs:
             raise RuntimeError(f"the {self.graph.tower} tower records no input embeddings")
-        recording = TowerRecording(self.graph, layers=[], record_inputs=inputs)
+        if lrp and self.lrp is None:
+            raise RuntimeError(f"the {self.graph.tower} tower records no LRP activations")
+        recording = TowerRecording(
+            self.graph,
+            layers=[],
+            record_inputs=inputs,
+            record_lrp=lrp,
+            blocks=[BlockRecord() for _ in range(self.graph.num_layers)] if lrp else None,
+        )
         self._local.recording = recording
         try:
             yield recording

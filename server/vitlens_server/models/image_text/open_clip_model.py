@@ -44,6 +44,7 @@ from vitlens_server.models.image_text.hooks import (
     TimmAttentionTap,
     TowerHooks,
 )
+from vitlens_server.models.image_text.lrp_taps import open_clip_taps, timm_taps
 from vitlens_server.models.image_text.records import TowerGraph
 from vitlens_server.models.image_text.source import ImageTextSource
 from vitlens_server.models.image_text.tokenizer import OpenClipBpeTokenizer
@@ -261,6 +262,9 @@ def _image_tower(visual: nn.Module) -> tuple[TowerHooks, Tensor]:
         if pool is None or visual.attn_pool is not None:
             raise ImageTextLoadError(f"image pool_type {visual.pool_type!r} has no readout row")
         grid, prefix = tuple(visual.grid_size), 1
+        lrp = None
+        if pool == "token" and visual.proj is not None:
+            lrp = open_clip_taps(blocks, visual.ln_post, lambda: visual.proj)
     elif isinstance(visual, TimmModel):
         trunk = visual.trunk
         if not all(hasattr(trunk, a) for a in ("blocks", "patch_embed", "num_prefix_tokens")):
@@ -277,6 +281,11 @@ def _image_tower(visual: nn.Module) -> tuple[TowerHooks, Tensor]:
         if pool not in ("token", "avg") or "pool" in visual.head._modules:
             raise ImageTextLoadError(f"timm pooling {pool!r} has no readout row; use token or avg")
         grid, prefix = tuple(trunk.patch_embed.grid_size), int(trunk.num_prefix_tokens)
+        proj = getattr(visual.head, "proj", None)
+        plain = isinstance(getattr(trunk, "fc_norm", nn.Identity()), nn.Identity)
+        lrp = None
+        if pool == "token" and plain and isinstance(proj, nn.Linear):
+            lrp = timm_taps(blocks, trunk.norm, proj)
         if tuple(trunk.patch_embed.img_size) != tuple(visual.image_size):
             raise ImageTextLoadError(
                 f"vision_cfg.image_size {tuple(visual.image_size)} but the timm tower takes "
@@ -292,7 +301,7 @@ def _image_tower(visual: nn.Module) -> tuple[TowerHooks, Tensor]:
     graph = TowerGraph("image", len(blocks), heads, n, prefix, grid, False, pool)
     start = 0 if getattr(getattr(visual, "trunk", None), "pool_include_prefix", False) else prefix
     rows = readout_weights(n, 0) if pool == "token" else readout_weights(n, slice(start, n))
-    return TowerHooks(graph, taps), rows
+    return TowerHooks(graph, taps, lrp=lrp), rows
 
 
 def _text_tower(text: nn.Module, pool_type: str) -> TowerHooks:
@@ -309,7 +318,10 @@ def _text_tower(text: nn.Module, pool_type: str) -> TowerHooks:
     graph = TowerGraph(
         "text", len(blocks), int(taps[0].attn.num_heads), n, 0, None, causal, readout
     )
-    return TowerHooks(graph, taps, inputs=getattr(text, "token_embedding", None))
+    lrp = None
+    if readout == "eot" and hasattr(text, "ln_final") and text.text_projection is not None:
+        lrp = open_clip_taps(blocks, text.ln_final, lambda: text.text_projection)
+    return TowerHooks(graph, taps, inputs=getattr(text, "token_embedding", None), lrp=lrp)
 
 
 def _mha_tap(block: nn.Module, tower: str) -> MultiheadAttentionTap:

@@ -78,6 +78,7 @@ def capture(
     *,
     gradients: bool = True,
     text_inputs: bool = False,
+    lrp: bool = False,
 ) -> ImageTextCapture:
     """Encode ``pixels`` and ``texts`` with both towers recording, and score every pair.
 
@@ -88,10 +89,11 @@ def capture(
         gradients: build the graph for `ImageTextCapture.gradients`; otherwise no graph.
         text_inputs: also record the text tower's token embeddings (M, L, D), in the graph, for
             ∂y/∂embeddings (`TowerRecording.inputs`).
+        lrp: also record both towers' LRP activations (`TowerRecording.blocks`).
     """
     if gradients and torch.is_inference_mode_enabled():
         raise RuntimeError("capture(gradients=True) cannot run under torch.inference_mode()")
-    with model.record(text_inputs=text_inputs) as rec, torch.set_grad_enabled(gradients):
+    with model.record(text_inputs=text_inputs, lrp=lrp) as rec, torch.set_grad_enabled(gradients):
         image_embeds = model.encode_images(pixels)  # (B, D)
         text_embeds = model.encode_texts(texts)  # (M, D)
         logits = model.similarity(image_embeds, text_embeds)  # (B, M)

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["AttentionRecord", "ImageTextRecording", "TowerGraph", "TowerRecording"]
+__all__ = [
+    "AttentionRecord",
+    "BlockRecord",
+    "ImageTextRecording",
+    "TowerGraph",
+    "TowerRecording",
+]
 
 READOUTS = ("token", "avg", "eot", "first", "last")
 
@@ -83,6 +89,31 @@ class AttentionRecord:
 
 
 @dataclass
+class BlockRecord:
+    """One block's activations for layer-wise relevance propagation (``record(lrp=True)``).
+
+    Block: x_mid = x + attn_branch, attn_branch = ls1(attn(norm1(x))); out = x_mid + mlp_branch,
+    mlp_branch = ls2(fc2(act(fc1(norm2(x_mid))))). W the width, F the MLP width; all detached.
+
+    Attributes:
+        x: (B, N, W) block input.
+        qkv_in: (B, N, W) norm1(x), the input of the q, k, v projections.
+        proj_in: (B, N, h·d) input of the output projection, O = A·V; None where the library's
+            fused attention never exposes it (``nn.MultiheadAttention``: rebuilt as A·V).
+        attn_branch, mlp_branch: (B, N, W) the two residual branches.
+        fc1_in: (B, N, W) norm2(x_mid); fc2_in: (B, N, F) the input of the second MLP layer.
+    """
+
+    x: Tensor | None = None
+    qkv_in: Tensor | None = None
+    proj_in: Tensor | None = None
+    attn_branch: Tensor | None = None
+    fc1_in: Tensor | None = None
+    fc2_in: Tensor | None = None
+    mlp_branch: Tensor | None = None
+
+
+@dataclass
 class TowerRecording:
     """One tower's pass: a record per layer, the shared attention mask, the readout rows.
 
@@ -99,6 +130,10 @@ class TowerRecording:
         inputs: (B, N, D) the tower's input embeddings (text: the token embeddings), part of
             the pass's graph; None unless ``record_inputs``.
         input_grad: (B, N, D) ∂y/∂inputs of one backward pass (`with_input_gradient`).
+        record_lrp: the pass keeps ``blocks`` and ``head_in`` (`TowerHooks.record(lrp=True)`).
+        blocks: one `BlockRecord` per layer, or None.
+        head_in: the output of the tower's final norm, (B, N, W) per token or (B, W) pooled,
+            detached; None unless ``record_lrp``.
     """
 
     graph: TowerGraph
@@ -108,6 +143,9 @@ class TowerRecording:
     record_inputs: bool = False
     inputs: Tensor | None = None
     input_grad: Tensor | None = None
+    record_lrp: bool = False
+    blocks: list[BlockRecord] | None = None
+    head_in: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -191,11 +229,18 @@ class TowerRecording:
             read_rows=_rows(self.read_rows, rows),
             inputs=_rows(self.inputs, rows),
             input_grad=_rows(self.input_grad, rows),
+            blocks=None if self.blocks is None else [_block_rows(b, rows) for b in self.blocks],
+            head_in=_rows(self.head_in, rows),
         )
 
 
 def _rows(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:
     return None if tensor is None else tensor[rows]
+
+
+def _block_rows(block: BlockRecord, rows: slice | Tensor) -> BlockRecord:
+    fields = dataclasses.fields(block)
+    return BlockRecord(**{f.name: _rows(getattr(block, f.name), rows) for f in fields})
 
 
 @dataclass
