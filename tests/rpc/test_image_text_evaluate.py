@@ -36,7 +36,7 @@ from vitlens_server.models.image_text import load_image_text_model
 
 TEMPLATE = "a photo of a {}."
 METRICS = ["deletion", "insertion", "average_drop", "perturbation", "segmentation"]
-METHODS = ["generic", "rollout", "oracle"]
+METHODS = ["generic", "rollout", "saliency", "transformer_attribution", "oracle"]
 
 
 def _write(root: Path, name: str, labels, seed: int) -> Path:
@@ -154,13 +154,14 @@ def _refused(client, **kwargs) -> tuple[grpc.StatusCode, str]:
     [
         ({"methods": ["generic"], "metrics": ["sanity"]}, "metrics"),
         ({"methods": ["attention_flow"], "metrics": ["deletion"]}, "methods"),
+        ({"methods": ["partial_lrp"], "metrics": ["deletion"]}, "methods"),
         (
             {
-                "methods": ["rollout"],
+                "methods": ["saliency"],
                 "metrics": ["deletion"],
-                "method_options": {"rollout": {"head_fusion": "max"}},
+                "method_options": {"saliency": {"samples": -1}},
             },
-            "method_options[rollout]",
+            "method_options[saliency]",
         ),
         ({"methods": ["generic"], "metrics": ["deletion"], "model": "other"}, "dataset.synthetic"),
     ],

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from vitlens_server.domain import ExplainResult
 from vitlens_server.explain import Explainer, ExplainJob
+from vitlens_server.explain.image_text import native_grid
 from vitlens_server.explain.image_text_batch import (
     ImageTextExplainJob,
     TextCache,
@@ -62,9 +63,11 @@ class ZeroShotLocalCalls:
         self._cache = TextCache(model)
 
     def explain(self, job: ExplainJob) -> ExplainResult:
-        """(B, K, gh, gw) maps on the token grid, the target choosing among the prompts."""
+        """(B, K, h, w) maps at the method's own resolution, the target choosing among the
+        prompts."""
+        name = job.method.name
         query = ImageTextExplainJob(
-            job.pixels, self.prompts, job.method.name, job.target, grid="tokens"
+            job.pixels, self.prompts, name, job.target, job.params, grid=native_grid(name)
         )
         return explain_jobs(self._cache, [query])[0]
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -68,6 +69,7 @@ __all__ = [
     "TEXT",
     "PairMaps",
     "explain_pairs",
+    "native_grid",
     "side_rounds",
     "text_positions",
     "tower_graph",
@@ -84,6 +86,12 @@ IMAGE_TEXT_METHODS = (
     "rollout",
     "raw_attention",
 )
+_PIXEL_METHODS = frozenset({"saliency"})  # image maps at input resolution; the rest on tokens
+
+
+def native_grid(method: str) -> Literal["tokens", "input"]:
+    """The grid a method's image map is made on (Evaluate reads maps at it, as for ViTs)."""
+    return "input" if method in _PIXEL_METHODS else "tokens"
 
 
 def _attribution(view: TowerView) -> tuple[Tensor, Tensor | None]:

@@ -1,5 +1,6 @@
 """The data plane's image-text (CLIP) side: texts checked, targets resolved, cards and versions.
 
+check_method      a method name → its spec, if it applies to the model (Explain, Evaluate)
 check_texts       ``texts`` / ``prompts``: count, characters, empty texts and texts longer
                   than the model's context (refused, never truncated), by field
 explain_job       an `ExplainQuery` on an image-text model → `ImageTextExplainJob`
@@ -27,6 +28,7 @@ from vitlens_server.runtime.api import ExplainQuery, MethodCard, ModalityCard, M
 
 __all__ = [
     "candidates",
+    "check_method",
     "check_texts",
     "explain_job",
     "image_text_card",
@@ -127,6 +129,28 @@ def candidates(
     return served.prompts
 
 
+def check_method(served: LoadedImageTextModel, name: str, field: str = "method") -> MethodSpec:
+    """The registered method ``name`` if it applies to ``served`` (Explain and Evaluate alike):
+    an image-text method, and the LRP methods only on towers with LRP taps."""
+    with about(field):
+        method = get_method(name)
+    if name not in IMAGE_TEXT_METHODS:
+        why = _REFUSED.get(name)
+        raise InvalidArgument(
+            f"method {name!r} does not apply to image-text model {served.name!r}"
+            + (f": {why}" if why else "")
+            + f"; use one of: {', '.join(IMAGE_TEXT_METHODS)}",
+            field=field,
+        )
+    problem = served.adapter.lrp_problem
+    if name in LRP_METHODS and problem is not None:
+        raise InvalidArgument(
+            f"method {name!r} cannot explain image-text model {served.name!r}: {problem}",
+            field=field,
+        )
+    return method
+
+
 def explain_job(
     served: LoadedImageTextModel,
     query: ExplainQuery,
@@ -136,22 +160,7 @@ def explain_job(
 ) -> tuple[ImageTextExplainJob, MethodSpec, object]:
     """The query as a checked job, its images still to be decoded (``pixels`` empty)."""
     name = query.method or "generic"
-    with about("method"):
-        method = get_method(name)
-    if name not in IMAGE_TEXT_METHODS:
-        why = _REFUSED.get(name)
-        raise InvalidArgument(
-            f"method {name!r} does not apply to image-text model {served.name!r}"
-            + (f": {why}" if why else "")
-            + f"; use one of: {', '.join(IMAGE_TEXT_METHODS)}",
-            field="method",
-        )
-    problem = served.adapter.lrp_problem
-    if name in LRP_METHODS and problem is not None:
-        raise InvalidArgument(
-            f"method {name!r} cannot explain image-text model {served.name!r}: {problem}",
-            field="method",
-        )
+    method = check_method(served, name)
     params = parse_params(
         method.params, query.method_options, method=name, field="options.method_options"
     )

@@ -24,12 +24,12 @@ from vitlens_server.domain import ExplainResult
 from vitlens_server.errors import FailedPrecondition, InvalidArgument
 from vitlens_server.evaluate import EvaluationPlan, ModelCalls
 from vitlens_server.explain import ExplainJob
-from vitlens_server.explain.image_text import IMAGE_TEXT_METHODS
+from vitlens_server.explain.image_text import native_grid
 from vitlens_server.explain.image_text_batch import ImageTextExplainJob
-from vitlens_server.explain.params import NoParams, parse_params
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
 from vitlens_server.runtime.api import EvaluateQuery
 from vitlens_server.runtime.evaluation import Submit
+from vitlens_server.runtime.image_text import check_method
 from vitlens_server.runtime.image_text_worker import ImageTextWorker
 
 __all__ = ["ZeroShotEvaluand"]
@@ -61,21 +61,9 @@ class ZeroShotEvaluand:
                     f"{self.name!r}",
                     field="metrics",
                 )
-        for planned in plan.methods:
-            if planned.spec.needs_mask:  # the oracle reads the masks, never the model
-                continue
-            if planned.name not in IMAGE_TEXT_METHODS:
-                raise InvalidArgument(
-                    f"method {planned.name!r} does not apply to image-text model "
-                    f"{self.name!r}; use one of: {', '.join(IMAGE_TEXT_METHODS)}",
-                    field="methods",
-                )
-            parse_params(  # as Explain parses them: the image-text methods take no options yet
-                NoParams,
-                query.method_options.get(planned.name, {}),
-                method=planned.name,
-                field=f"method_options[{planned.name}]",
-            )
+        for planned in plan.methods:  # their options were parsed by the plan, as Explain's
+            if not planned.spec.needs_mask:  # the oracle reads the masks, never the model
+                check_method(self._served, planned.name, field="methods")
         if query.synthetic is not None and self.labels != CLASSES:
             raise InvalidArgument(
                 f"synthetic scenes are labelled with the scene classes ({', '.join(CLASSES)}), "
@@ -96,21 +84,23 @@ class _ZeroShotCalls:
         self._prompts, self._worker, self._submit = prompts, worker, submit
 
     def explain(self, job: ExplainJob) -> ExplainResult:
-        """(B, K, gh, gw) maps on the token grid (every image-text method's own resolution)."""
+        """(B, K, h, w) maps at the method's own resolution (`native_grid`)."""
         query = ImageTextExplainJob(
             pixels=job.pixels,
             texts=self._prompts,
             method=job.method.name,
             target=job.target,
-            grid="tokens",
+            params=job.params,
+            grid=native_grid(job.method.name),
             top_k_predictions=1,
         )
-        return self._submit(self._worker.explain(query))[0]
+        return self._submit(self._worker.explain(query, wait_for_room=True))[0]
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) pixels in [0, 1] → (n, M) similarity logits over the prompts."""
         count = len(self._prompts)
-        predictions, _ = self._submit(self._worker.predict(pixels, self._prompts, count))
+        call = self._worker.predict(pixels, self._prompts, count, wait_for_room=True)
+        predictions, _ = self._submit(call)
         logits = torch.empty(len(pixels), count)
         logits.scatter_(
             1, torch.from_numpy(predictions.indices), torch.from_numpy(predictions.logits).float()
