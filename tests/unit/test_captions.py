@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vitlens_server.data import Scene, SceneObject, render_object_mask, render_scene
+from vitlens_server.data import Scene, SceneConfig, SceneObject, render_object_mask, render_scene
 from vitlens_server.data.captions import (
     CENTRE_FRACTION,
     COLOURS,
+    CRISP_ATTRIBUTES,
     LARGE_AREA_FRACTION,
     canonical_caption,
     colour_name,
+    crisp_scene_config,
     prompt,
     relation,
     scene_captions,
@@ -113,3 +115,43 @@ def test_claims_reject_absent_shapes_and_wrong_relations():
     assert swapped.true_of(facts) and canonical.true_of(facts[::-1])
     one = scene_facts(render_scene(5))
     assert not canonical.true_of(one)  # a two-object claim is never true of one object
+
+
+# --- crisp attributes (SceneConfig.crisp): every caption far from its boundary ----------------
+
+
+@pytest.mark.parametrize("size", [112, 224])
+def test_crisp_single_objects_sit_far_from_every_caption_boundary(size):
+    config = crisp_scene_config(size)
+    palette = np.array(list(COLOURS.values()))  # (10, 3)
+    for seed in range(60):
+        scene = render_scene(seed, config=config)
+        (facts,) = scene_facts(scene)
+        area = scene.masks[0].mean()
+        assert area <= 0.05 or area >= 0.09  # LARGE_AREA_FRACTION 0.08 in between
+        offsets = np.abs(np.array(facts.centroid) - 0.5)  # (2,)
+        assert offsets.max() <= 0.105 or offsets.max() >= 0.125 + 0.005
+        if offsets.max() >= CENTRE_FRACTION:  # a side: one axis clearly dominates
+            assert offsets.max() >= 2 * offsets.min()
+        jitter = np.abs(palette - np.array(scene.objects[0].colour)).max(axis=1).min()
+        assert jitter <= CRISP_ATTRIBUTES.palette_jitter  # a named colour, jittered
+        assert canonical_caption(scene).true_of(scene_facts(scene))
+
+
+def test_crisp_scenes_are_deterministic_and_cover_every_value():
+    config = crisp_scene_config(112)
+    facts = [scene_facts(render_scene(seed, config=config))[0] for seed in range(300)]
+    again = scene_facts(render_scene(7, config=config))[0]
+    assert again == facts[7]
+    assert {f.colour for f in facts} == set(COLOURS)
+    assert {f.size for f in facts} == {"small", "large"}
+    assert {f.position for f in facts} == {"centre", "left", "right", "top", "bottom"}
+    pairs = [render_scene(seed, two_object=True, config=config) for seed in range(20)]
+    assert all(len(scene_facts(scene)) == 2 for scene in pairs)
+
+
+def test_crisp_is_off_by_default():
+    assert SceneConfig().crisp is None
+    plain, crisp = render_scene(3), render_scene(3, config=crisp_scene_config(224))
+    assert (plain.image != crisp.image).any()
+    assert (plain.image == render_scene(3, config=SceneConfig()).image).all()

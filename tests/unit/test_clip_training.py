@@ -15,11 +15,17 @@ from safetensors.torch import load_file
 
 from vitlens_server.models.default import DEMO_ARCHITECTURE, DEMO_KWARGS, DEMO_WEIGHTS
 from vitlens_server.training.clip_export import export_clip, load_clip
-from vitlens_server.training.clip_model import build_clip, low_resolution, tokenizer
+from vitlens_server.training.clip_model import (
+    EXEMPLAR_IMAGE_SIZE,
+    build_clip,
+    low_resolution,
+    model_cfg_at,
+    resample_position_embedding,
+    tokenizer,
+)
+from vitlens_server.training.clip_optim import freeze, make_optimizer
 from vitlens_server.training.clip_train import (
     ClipTrainConfig,
-    _freeze,
-    _optimizer,
     contrastive_loss,
     make_batch,
     train_clip,
@@ -141,8 +147,10 @@ def test_frozen_parts_get_no_gradient_and_no_optimizer_slot(tmp_path):
     cfg = TINY_CFG | {"vision_cfg": TINY_CFG["vision_cfg"] | {"layers": 2}}
     config = _tiny_config(tmp_path, model_cfg=cfg, frozen_blocks=1)
     model = build_clip(cfg, demo_weights=None)
-    _freeze(model, config)
-    optimised = {id(p) for group in _optimizer(model, config).param_groups for p in group["params"]}
+    freeze(model, config)
+    optimised = {
+        id(p) for group in make_optimizer(model, config).param_groups for p in group["params"]
+    }
     for name, param in model.named_parameters():
         frozen = name.startswith(("visual.conv1", "visual.class_embedding",
                                   "visual.positional_embedding", "visual.transformer.resblocks.0.",
@@ -167,3 +175,23 @@ def test_an_unfinished_run_exports_a_resumable_state(tmp_path):
     a = torch.load(tmp_path / "whole" / "clip.ckpt", weights_only=True)["model"]
     b = torch.load(export / "clip.ckpt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_position_embedding_resampling_keeps_the_grid_and_halves_it():
+    pos = torch.randn(1 + 14 * 14, 8)
+    same = resample_position_embedding(pos, (14, 14))
+    assert torch.allclose(same, pos, atol=1e-5)  # bicubic at the same size is the identity
+    half = resample_position_embedding(pos, (7, 7))
+    assert half.shape == (1 + 49, 8) and torch.equal(half[0], pos[0])
+
+
+def test_the_exemplar_builds_at_its_native_112_px():
+    cfg = model_cfg_at(EXEMPLAR_IMAGE_SIZE)
+    model = build_clip(cfg).eval()
+    assert tuple(model.visual.grid_size) == (7, 7)
+    assert model.visual.positional_embedding.shape == (1 + 49, 192)
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(1, 3, 112, 112)).shape == (1, 128)
+    full = build_clip().visual.positional_embedding.detach()
+    expected = resample_position_embedding(full, (7, 7))
+    assert torch.allclose(model.visual.positional_embedding.detach(), expected)

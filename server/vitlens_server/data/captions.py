@@ -14,6 +14,13 @@ Every attribute is read from the scene itself, so a caption is true of the pixel
 - **relation** (two objects): the first object is ``left of``/``right of``/``above``/``below``
   the second, along the axis of the larger centroid offset between them.
 
+`CRISP_ATTRIBUTES` (used by ``crisp_scene_config``) is the optional scene setting matched to
+these names and thresholds: colours drawn from `COLOURS` (jitter of at most 12 per channel, far
+under half the distance between two named colours), visible areas in 0.025-0.045 or 0.095-0.13
+(either side of `LARGE_AREA_FRACTION`), centroids within 0.05 of the centre or of an anchor 0.27
+off it (either side of `CENTRE_FRACTION`). Its captions are then true by a wide margin, not
+by a few pixels: the exemplar CLIP trains and is evaluated on such scenes.
+
 `scene_captions` gives several phrasings of a scene (for training) and `canonical_caption` one
 (for retrieval evaluation). Each `Caption` also carries its *claims*, so a caption can be
 checked against any scene (`Caption.true_of`): training uses that to treat every caption in a
@@ -28,20 +35,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vitlens_server.data.scenes import Scene
+from vitlens_server.data.crisp import CrispAttributes
+from vitlens_server.data.scenes import Scene, SceneConfig
 
 __all__ = [
     "CENTRE_FRACTION",
     "COLOURS",
+    "CRISP_ATTRIBUTES",
+    "CRISP_MIN_CONTRAST",
     "LARGE_AREA_FRACTION",
+    "WHERE",
     "Caption",
     "ObjectFacts",
     "canonical_caption",
     "colour_name",
+    "crisp_scene_config",
     "prompt",
     "relation",
     "scene_captions",
     "scene_facts",
+    "with_article",
 ]
 
 # Named colours and their RGB; an object's colour name is the nearest of them.
@@ -63,7 +76,17 @@ _COLOUR_RGB = np.array(list(COLOURS.values()), dtype=np.float64)  # (10, 3)
 CENTRE_FRACTION = 0.125  # |offset| under this on both axes: "centre"
 LARGE_AREA_FRACTION = 0.08  # visible area at or above this fraction of the image: "large"
 
-_WHERE = {
+# Separated attribute values on both sides of the thresholds above (see the module docstring).
+CRISP_ATTRIBUTES = CrispAttributes(
+    palette=tuple(COLOURS.values()),
+    palette_jitter=12,
+    area_bands=((0.025, 0.045), (0.095, 0.13)),
+    anchors=((0.0, 0.0), (-0.27, 0.0), (0.27, 0.0), (0.0, -0.27), (0.0, 0.27)),
+    anchor_jitter=0.05,
+)
+CRISP_MIN_CONTRAST = 25.0
+
+WHERE = {  # position name -> its phrase in captions
     "centre": "in the centre",
     "left": "on the left",
     "right": "on the right",
@@ -132,6 +155,13 @@ def colour_name(rgb: tuple[int, int, int]) -> str:
     return _COLOUR_NAMES[int(distance.argmin())]
 
 
+def crisp_scene_config(size: int = 224) -> SceneConfig:
+    """Scenes of side ``size`` px with `CRISP_ATTRIBUTES` and a luminance contrast of 25 (instead
+    of 60, under which the mid-luminance named colours would hardly ever be drawn: they still
+    differ from the background in hue), otherwise the default drawing."""
+    return SceneConfig(size=size, min_contrast=CRISP_MIN_CONTRAST, crisp=CRISP_ATTRIBUTES)
+
+
 def scene_facts(scene: Scene) -> tuple[ObjectFacts, ...]:
     """The facts of each object of ``scene``, in its painting order."""
     size = scene.image.shape[0]
@@ -162,6 +192,11 @@ def relation(first: ObjectFacts, second: ObjectFacts) -> str:
     if abs(dx) >= abs(dy):
         return "left of" if dx < 0 else "right of"
     return "above" if dy < 0 else "below"
+
+
+def with_article(text: str) -> str:
+    """``text`` with "a" before a vowel made "an" ("a orange disc." -> "an orange disc.")."""
+    return _AN.sub("an ", text)
 
 
 def prompt(shape: str, template: str = "a photo of a {}.") -> str:
@@ -207,7 +242,7 @@ def _position(dx: float, dy: float) -> str:
 
 
 def _single(obj: ObjectFacts, template: str, keys: tuple[str, ...]) -> Caption:
-    text = template.format(s=obj.shape, c=obj.colour, z=obj.size, w=_WHERE[obj.position])
+    text = template.format(s=obj.shape, c=obj.colour, z=obj.size, w=WHERE[obj.position])
     return Caption(_AN.sub("an ", text), (obj.claims(keys),))
 
 

@@ -16,6 +16,10 @@ their mask only.
 
 Two-object scenes place the objects with disjoint bounding circles (retrying positions), so their
 masks do not overlap; ``labels[0]`` is the main object.
+
+``SceneConfig(crisp=...)`` (off by default; `vitlens_server.data.crisp`) draws colours from a
+palette, and single objects' sizes and positions from separated values instead: scenes whose
+captions sit far from every boundary. The default draws, bytes and seeds are unaffected by it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitlens_server.data.backgrounds import draw_background
+from vitlens_server.data.crisp import CrispAttributes, crisp_colour_candidates, crisp_geometry
 from vitlens_server.data.shapes import CLASSES, SceneObject, object_patch
 
 __all__ = [
@@ -69,6 +74,9 @@ class SceneConfig:
         min_contrast: least luminance difference (0-255 units) between an object's colour and
             the mean luminance of the background it covers; at most 63, which is always reachable.
         shading_amplitude: largest brightness swing of an object's shading (0-255 units).
+        crisp: None (the default) for free colours, sizes and positions; else how objects'
+            attributes are drawn from separated values (`CrispAttributes`): ``radius`` is then
+            unused for single objects, and ``labels=`` keeps their area, not their radius.
     """
 
     size: int = 224
@@ -82,6 +90,7 @@ class SceneConfig:
     clutter: tuple[int, int] = (16, 48)
     min_contrast: float = 60.0
     shading_amplitude: float = 24.0
+    crisp: CrispAttributes | None = None
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -164,13 +173,19 @@ def render_scene(
     labels = drawn if labels is None else _check_labels(labels, count)
     size = config.size
 
+    crisp = config.crisp
     objects = []
     full_masks = np.zeros((count, size, size), dtype=bool)  # (K, H, W) each object alone
-    for index, (label, (cx, cy, r)) in enumerate(
-        zip(labels, _place(rng, config, count), strict=True)
-    ):
-        rotation = float(rng.uniform(0.0, 2 * math.pi))
-        candidates = rng.integers(0, 256, (_COLOUR_TRIES, 3))  # (T, 3) RGB
+    places = [None] * count if crisp is not None and count == 1 else _place(rng, config, count)
+    for index, (label, place) in enumerate(zip(labels, places, strict=True)):
+        if place is None:  # a crisp single object: geometry from separated values
+            cx, cy, r, rotation = crisp_geometry(rng, crisp, label, size)
+        else:
+            (cx, cy, r), rotation = place, float(rng.uniform(0.0, 2 * math.pi))
+        if crisp is None:
+            candidates = rng.integers(0, 256, (_COLOUR_TRIES, 3))  # (T, 3) RGB
+        else:
+            candidates = crisp_colour_candidates(rng, crisp)  # (P, 3) RGB
         shading = rng.random(5)
         obj = SceneObject(label, (cx, cy), r, rotation, (0, 0, 0))
         rows, cols, patch = object_patch(obj, size)  # patch: (h, w) bool

@@ -99,9 +99,13 @@ def run_metadata(
         f"{config.visual_lr}, temperature {config.logit_scale_lr}), wd {config.weight_decay}, "
         f"warmup {config.warmup_steps} + cosine; {config.two_object_fraction:.0%} two-object "
         f"scenes; {config.focus_shapes or 8} classes per batch, {config.canonical_fraction:.0%} "
-        f"canonical captions; frozen: patch/position embeddings, "
-        f"image blocks 0-{config.frozen_blocks - 1}"
-        + ("" if config.train_token_embedding else ", token embedding (random init)"),
+        f"canonical captions; frozen: "
+        + (
+            f"patch/position embeddings, image blocks 0-{config.frozen_blocks - 1}, "
+            if config.frozen_blocks
+            else ""
+        )
+        + ("nothing" if config.train_token_embedding else "token embedding (random init)"),
         "steps": config.total_steps,
         "train_images": config.total_steps * config.batch_size,
         "train_seconds": round(train_seconds, 1),
@@ -110,6 +114,11 @@ def run_metadata(
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "eval_split": "test",
+        "scenes": "crisp" if getattr(config, "crisp", False) else "free",
+        "scene_config": "vitlens_server.data.captions.crisp_scene_config(image_size): colours from "
+        "the named palette, separated sizes and positions (train and eval alike)"
+        if getattr(config, "crisp", False)
+        else "vitlens_server.data.SceneConfig(size=image_size)",
         "metrics": metrics,
         "curve": curve,
     }

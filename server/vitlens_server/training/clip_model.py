@@ -11,6 +11,7 @@ the copy computes the same pooled features as the demo ViT. The text tower is op
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +27,14 @@ from vitlens_server.models.default import DEMO_WEIGHTS
 
 __all__ = [
     "CLIP_MODEL_CFG",
+    "EXEMPLAR_IMAGE_SIZE",
     "MEAN",
     "STD",
     "build_clip",
     "demo_to_open_clip",
     "low_resolution",
+    "model_cfg_at",
+    "resample_position_embedding",
     "tokenizer",
 ]
 
@@ -62,19 +66,48 @@ CLIP_MODEL_CFG: dict[str, Any] = {
 }
 
 
+# The shipped exemplar's native side: 112 px (7 x 7 patches), a quarter of the 224 px compute,
+# which is what a CPU-only training budget affords (benchmarks/clip_training.md).
+EXEMPLAR_IMAGE_SIZE = 112
+
+
+def model_cfg_at(image_size: int, model_cfg: Mapping[str, Any] = CLIP_MODEL_CFG) -> dict[str, Any]:
+    """A copy of ``model_cfg`` whose image tower takes ``image_size`` px images."""
+    cfg = copy.deepcopy(dict(model_cfg))
+    cfg["vision_cfg"]["image_size"] = image_size
+    return cfg
+
+
+def resample_position_embedding(param: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of a (1 + h * w, D) class + square-grid position embedding to
+    (1 + rows * cols, D) for ``grid`` = (rows, cols); differentiable."""
+    cls, patches = param[:1], param[1:]  # (1, D), (N, D)
+    side, width = math.isqrt(patches.shape[0]), param.shape[1]
+    patches = patches.reshape(1, side, side, width).permute(0, 3, 1, 2)  # (1, D, h, w)
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(-1, width)])  # (1 + n, D)
+
+
 def build_clip(
     model_cfg: Mapping[str, Any] = CLIP_MODEL_CFG,
     *,
     demo_weights: Path | None = DEMO_WEIGHTS,
     seed: int = 0,
 ) -> open_clip.CLIP:
-    """A fresh CLIP (seeded init); its image tower from ``demo_weights`` unless None."""
+    """A fresh CLIP (seeded init); its image tower from ``demo_weights`` unless None. At another
+    ``image_size`` than the demo's 224 px its position embedding is resampled to the grid."""
     torch.manual_seed(seed)
     cfg = copy.deepcopy(dict(model_cfg))
     model = open_clip.CLIP(**cfg)
     if demo_weights is not None:
         demo = {k: v.float() for k, v in load_file(str(demo_weights)).items()}
-        missing, unexpected = model.visual.load_state_dict(demo_to_open_clip(demo), strict=False)
+        state = demo_to_open_clip(demo)
+        if state["positional_embedding"].shape != model.visual.positional_embedding.shape:
+            grid = tuple(model.visual.grid_size)
+            state["positional_embedding"] = resample_position_embedding(
+                state["positional_embedding"], grid
+            )
+        missing, unexpected = model.visual.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"proj"}:
             raise RuntimeError(f"demo weights do not fit: missing {missing}, extra {unexpected}")
     return model
@@ -133,15 +166,9 @@ def low_resolution(visual: nn.Module, side: int):
     smaller grid, computed from the parameter so that gradients flow back to it."""
     param = visual._parameters.pop("positional_embedding")
     try:
-        grid = visual.grid_size  # (rows, cols) at the native size
         patch = visual.patch_size[0]
-        new = (side // patch, side // patch)
-        cls, patches = param[:1], param[1:]  # (1, D), (N, D)
-        width = param.shape[1]
-        patches = patches.reshape(1, grid[0], grid[1], width).permute(0, 3, 1, 2)  # (1, D, h, w)
-        patches = F.interpolate(patches, size=new, mode="bicubic", align_corners=False)
-        patches = patches.permute(0, 2, 3, 1).reshape(-1, width)  # (n, D)
-        visual.positional_embedding = torch.cat([cls, patches])  # a plain attribute meanwhile
+        new = resample_position_embedding(param, (side // patch, side // patch))  # (1 + n, D)
+        visual.positional_embedding = new  # a plain attribute meanwhile
         yield visual
     finally:
         visual.__dict__.pop("positional_embedding", None)

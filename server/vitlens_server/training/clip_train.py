@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -25,13 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vitlens_server.data import SceneConfig, render_scene, split_seeds
-from vitlens_server.data.captions import Caption, scene_captions, scene_facts
+from vitlens_server.data.captions import (
+    Caption,
+    crisp_scene_config,
+    scene_captions,
+    scene_facts,
+)
 from vitlens_server.data.shapes import CLASSES
 from vitlens_server.models.default import DEMO_WEIGHTS
 from vitlens_server.training.accuracy import to_model_input
@@ -39,13 +44,15 @@ from vitlens_server.training.clip_checkpoint import config_key, load_checkpoint,
 from vitlens_server.training.clip_eval import evaluate_clip
 from vitlens_server.training.clip_export import CLIP_ASSET_DIR, export_clip, run_metadata
 from vitlens_server.training.clip_model import (
-    CLIP_MODEL_CFG,
+    EXEMPLAR_IMAGE_SIZE,
     MEAN,
     STD,
     build_clip,
     low_resolution,
+    model_cfg_at,
     tokenizer,
 )
+from vitlens_server.training.clip_optim import freeze, lr_factor, make_optimizer
 from vitlens_server.training.train import _device_name, resolve_precision
 
 __all__ = ["ClipTrainConfig", "contrastive_loss", "main", "make_batch", "train_clip"]
@@ -59,25 +66,27 @@ class ClipTrainConfig:
 
     out: Path = Path("build/clip")  # checkpoint directory
     export_dir: Path | None = CLIP_ASSET_DIR
-    model_cfg: dict[str, Any] = field(default_factory=lambda: CLIP_MODEL_CFG)
+    model_cfg: dict[str, Any] = field(default_factory=lambda: model_cfg_at(EXEMPLAR_IMAGE_SIZE))
     demo_weights: Path | None = DEMO_WEIGHTS
     seed: int = 0
-    low_res: int = 112
-    low_res_steps: int = 900
-    full_res_steps: int = 100
-    batch_size: int = 64
+    crisp: bool = True  # scenes with crisp attributes (`crisp_scene_config`), train and eval
+    low_res: int = 56
+    low_res_steps: int = 0
+    full_res_steps: int = 3000
+    batch_size: int = 48
     lr: float = 1e-3  # text tower and projections
-    visual_lr: float = 2e-4  # the pretrained image trunk
+    visual_lr: float = 5e-4  # the pretrained image trunk
     logit_scale_lr: float = 5e-3  # the log-temperature: it has far to go in a short run
-    frozen_blocks: int = 3  # image blocks (and patch/position embeddings) kept as the demo's
+    frozen_blocks: int = 0  # image blocks (and patch/position embeddings) kept as the demo's
     train_token_embedding: bool = False
     min_lr_fraction: float = 0.05
     weight_decay: float = 0.1
     warmup_steps: int = 50
     two_object_fraction: float = 0.3  # share of scenes with two objects
     focus_shapes: int = 4  # classes per batch (0: all eight); see `make_batch`
-    canonical_fraction: float = 0.3  # share of scenes captioned with their canonical caption
-    eval_every: int = 150  # steps between quick evaluations on the "val" split (0: none)
+    focus_colours: int = 3  # crisp scenes: palette colours per batch (0: all ten)
+    canonical_fraction: float = 0.5  # share of scenes captioned with their canonical caption
+    eval_every: int = 250  # steps between quick evaluations on the "val" split (0: none)
     eval_count: int = 100
     final_eval_count: int = 500
     precision: str = "auto"
@@ -100,15 +109,24 @@ def make_batch(
 
     With ``focus_shapes`` the batch's objects take only that many classes (drawn per step), so
     that the batch cannot be told apart by shape alone: hard negatives for colour, position,
-    size and relation. Each scene's caption is its canonical one with probability
-    ``canonical_fraction``, else one of its other phrasings."""
+    size and relation; with ``focus_colours`` (crisp scenes) the same for colours, so that
+    shape and colour together still leave several scenes apart only by position and size
+    (captions stay true: they are read from the pixels). Each scene's caption is its canonical
+    one with probability ``canonical_fraction``, else one of its other phrasings."""
     batch = config.batch_size
     seeds = split_seeds("train", batch, base_seed=step * batch)
     rng = np.random.default_rng([config.seed, step])
     two = rng.random(batch) < config.two_object_fraction
     classes = rng.permutation(len(CLASSES))[: config.focus_shapes or len(CLASSES)]
     picks = [rng.permutation(classes)[: 1 + int(t)] for t in two]
-    scene_config = SceneConfig(size=size)
+    scene_config = crisp_scene_config(size) if config.crisp else SceneConfig(size=size)
+    if config.crisp and config.focus_colours:
+        crisp = scene_config.crisp
+        keep = rng.permutation(len(crisp.palette))[: config.focus_colours]
+        palette = tuple(crisp.palette[i] for i in sorted(keep))
+        scene_config = dataclasses.replace(
+            scene_config, crisp=dataclasses.replace(crisp, palette=palette)
+        )
     scenes = [
         render_scene(s, two_object=bool(t), labels=labels, config=scene_config)
         for s, t, labels in zip(seeds, two, picks, strict=True)
@@ -151,57 +169,6 @@ class _Tokens:
         return torch.stack([self.rows[t] for t in texts])  # (T, L)
 
 
-def _freeze(model: open_clip.CLIP, config: ClipTrainConfig) -> None:
-    """Freeze the patch/position embeddings and the first ``frozen_blocks`` blocks of the
-    image tower (autograd then skips their backward), and the token embedding unless
-    ``train_token_embedding`` (its dense (49408, W) gradient and update cost more than the rest
-    of the text tower; the captions' few dozen tokens keep their random vectors)."""
-    visual = model.visual
-    frozen: list[nn.Module | nn.Parameter] = []
-    if config.frozen_blocks:
-        frozen += [visual.conv1, visual.class_embedding, visual.positional_embedding]
-        frozen += list(visual.transformer.resblocks[: config.frozen_blocks])
-    if not config.train_token_embedding:
-        frozen.append(model.token_embedding)
-    for item in frozen:
-        item.requires_grad_(False)
-
-
-def _optimizer(model: open_clip.CLIP, config: ClipTrainConfig) -> torch.optim.AdamW:
-    """Groups by rate and decay: the image trunk at ``visual_lr`` (its projection is new: full
-    rate), the temperature at ``logit_scale_lr``, the rest at ``lr``; no decay for 1-d tensors,
-    embeddings and the temperature. Frozen parameters are left out."""
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        trunk = name.startswith("visual.") and name != "visual.proj"
-        lr = config.visual_lr if trunk else config.lr
-        lr = config.logit_scale_lr if name == "logit_scale" else lr
-        decay = param.ndim > 1 and "embedding" not in name
-        groups.setdefault((lr, decay), []).append(param)
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "weight_decay": config.weight_decay if decay else 0.0,
-                "base_lr": lr,
-            }
-            for (lr, decay), params in sorted(groups.items())
-        ],
-        lr=config.lr,
-    )
-
-
-def _lr_factor(config: ClipTrainConfig, step: int) -> float:
-    """Linear warmup, then cosine down to ``min_lr_fraction``."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
-    floor = config.min_lr_fraction
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def train_clip(
     config: ClipTrainConfig,
     command: str = "",
@@ -217,8 +184,8 @@ def train_clip(
     it evaluates and exports the resumed checkpoint as it is (the metadata records its step)."""
     precision = resolve_precision(config.precision, torch.device("cpu"))
     model = build_clip(config.model_cfg, demo_weights=config.demo_weights, seed=config.seed)
-    _freeze(model, config)
-    optimizer = _optimizer(model, config)
+    freeze(model, config)
+    optimizer = make_optimizer(model, config)
     tokens = _Tokens(config.model_cfg)
     checkpoint = config.out / "clip.ckpt"
     step, elapsed_s, curve = 0, 0.0, []
@@ -243,7 +210,7 @@ def train_clip(
         size = config.low_res if step < config.low_res_steps else config.full_res
         images, captions, positives = make_batch(config, step, size)
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * _lr_factor(config, step)
+            group["lr"] = group["base_lr"] * lr_factor(config, step)
         x = to_model_input(images, MEAN, STD, torch.device("cpu"))  # (B, 3, S, S)
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
             with _at_size(model.visual, size, config.full_res):
@@ -276,7 +243,12 @@ def train_clip(
         if config.eval_every and step % config.eval_every == 0:
             model.eval()
             metrics = evaluate_clip(
-                model, tokens, count=config.eval_count, split="val", size=config.full_res
+                model,
+                tokens,
+                count=config.eval_count,
+                split="val",
+                size=config.full_res,
+                crisp=config.crisp,
             )
             model.train()
             minutes = (time.perf_counter() - started) / 60
@@ -323,7 +295,12 @@ def train_clip(
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half().float())
     metrics = evaluate_clip(
-        model, tokens, count=config.final_eval_count, split="test", size=config.full_res
+        model,
+        tokens,
+        count=config.final_eval_count,
+        split="test",
+        size=config.full_res,
+        crisp=config.crisp,
     )
     log.info("held-out (test) metrics: %s", json.dumps(metrics.as_dict()))
     metadata = run_metadata(config, command, precision, train_seconds, metrics.as_dict(), curve)
@@ -375,6 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--visual-lr", type=float, default=d.visual_lr)
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--frozen-blocks", type=int, default=d.frozen_blocks)
+    parser.add_argument("--canonical-fraction", type=float, default=d.canonical_fraction)
+    parser.add_argument("--two-object-fraction", type=float, default=d.two_object_fraction)
+    parser.add_argument("--focus-shapes", type=int, default=d.focus_shapes)
+    parser.add_argument("--focus-colours", type=int, default=d.focus_colours)
+    parser.add_argument("--train-token-embedding", action="store_true")
+    parser.add_argument(
+        "--free-scenes", action="store_true", help="default scenes instead of crisp attributes"
+    )
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--eval-count", type=int, default=d.eval_count)
     parser.add_argument("--final-eval-count", type=int, default=d.final_eval_count)
@@ -401,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         visual_lr=args.visual_lr,
         warmup_steps=args.warmup_steps,
+        frozen_blocks=args.frozen_blocks,
+        canonical_fraction=args.canonical_fraction,
+        two_object_fraction=args.two_object_fraction,
+        focus_shapes=args.focus_shapes,
+        focus_colours=args.focus_colours,
+        train_token_embedding=args.train_token_embedding,
+        crisp=not args.free_scenes,
         eval_every=args.eval_every,
         eval_count=args.eval_count,
         final_eval_count=args.final_eval_count,

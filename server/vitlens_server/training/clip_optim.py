@@ -1,0 +1,64 @@
+"""What the exemplar CLIP's training updates, and how fast: frozen parts, AdamW groups and the
+learning-rate schedule of a `vitlens_server.training.clip_train.ClipTrainConfig`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+__all__ = ["freeze", "lr_factor", "make_optimizer"]
+
+
+def freeze(model: open_clip.CLIP, config: Any) -> None:
+    """Freeze the patch/position embeddings and the first ``frozen_blocks`` blocks of the
+    image tower (autograd then skips their backward), and the token embedding unless
+    ``train_token_embedding`` (its dense (49408, W) gradient and update cost more than the rest
+    of the text tower; the captions' few dozen tokens keep their random vectors)."""
+    visual = model.visual
+    frozen: list[nn.Module | nn.Parameter] = []
+    if config.frozen_blocks:
+        frozen += [visual.conv1, visual.class_embedding, visual.positional_embedding]
+        frozen += list(visual.transformer.resblocks[: config.frozen_blocks])
+    if not config.train_token_embedding:
+        frozen.append(model.token_embedding)
+    for item in frozen:
+        item.requires_grad_(False)
+
+
+def make_optimizer(model: open_clip.CLIP, config: Any) -> torch.optim.AdamW:
+    """Groups by rate and decay: the image trunk at ``visual_lr`` (its projection is new: full
+    rate), the temperature at ``logit_scale_lr``, the rest at ``lr``; no decay for 1-d tensors,
+    embeddings and the temperature. Frozen parameters are left out."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        trunk = name.startswith("visual.") and name != "visual.proj"
+        lr = config.visual_lr if trunk else config.lr
+        lr = config.logit_scale_lr if name == "logit_scale" else lr
+        decay = param.ndim > 1 and "embedding" not in name
+        groups.setdefault((lr, decay), []).append(param)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "weight_decay": config.weight_decay if decay else 0.0,
+                "base_lr": lr,
+            }
+            for (lr, decay), params in sorted(groups.items())
+        ],
+        lr=config.lr,
+    )
+
+
+def lr_factor(config: Any, step: int) -> float:
+    """Linear warmup, then cosine down to ``min_lr_fraction``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
+    floor = config.min_lr_fraction
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
