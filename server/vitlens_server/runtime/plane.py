@@ -6,9 +6,11 @@
     predict(query)   decoded, batched, answered
     evaluate(query)  `runtime.evaluation`: one thread per run, every model call batched
 
-The RPC layer hands in domain queries (`runtime.api`) and gets domain replies back; errors are
-`VitlensError`s. `drain` lets in-flight calls finish, then `stop` fails the rest with
-UNAVAILABLE and interrupts running batches at their next step.
+Each model is served by the class of its task (`runtime.served`: a classifier, or an image-text
+model over texts or its label prompts), which resolves its queries, so the flow here is the
+same for all. The RPC layer hands in domain queries (`runtime.api`) and gets domain replies
+back; errors are `VitlensError`s. `drain` lets in-flight calls finish, then `stop` fails the
+rest with UNAVAILABLE and interrupts running batches at their next step.
 """
 
 from __future__ import annotations
@@ -20,17 +22,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from vitlens_server.config import ServerConfig
 from vitlens_server.domain import ImageInput, MetricSummary, Progress
-from vitlens_server.errors import InvalidArgument, Unavailable, about
+from vitlens_server.errors import InvalidArgument, Unavailable
 from vitlens_server.evaluate import randomised_copy
-from vitlens_server.explain import METHODS, ExplainJob, MethodSpec, get_method
-from vitlens_server.explain.params import parse_params
+from vitlens_server.explain import METHODS, MethodSpec
 from vitlens_server.imaging import ImageDecoder
 from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
@@ -46,21 +46,22 @@ from vitlens_server.runtime.api import (
 from vitlens_server.runtime.batcher import BatchStats
 from vitlens_server.runtime.cache import ResultCache, cache_key
 from vitlens_server.runtime.cards import model_card, model_version
-from vitlens_server.runtime.evaluation import ClassifierEvaluand, Evaluand, Evaluations
+from vitlens_server.runtime.evaluation import Evaluations
 from vitlens_server.runtime.image_text import (
-    candidates,
-    explain_job,
     image_text_card,
     image_text_version,
-    refuse_texts,
 )
-from vitlens_server.runtime.image_text_evaluation import ZeroShotEvaluand
 from vitlens_server.runtime.image_text_worker import ImageTextWorker
+from vitlens_server.runtime.served import (
+    DEFAULT_METHOD,
+    Served,
+    ServedClassifier,
+    ServedImageText,
+)
 from vitlens_server.runtime.worker import ModelWorker
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_TOP_K", "DataPlane", "Observer", "cuda_memory"]
 
-DEFAULT_METHOD = "generic"
 DEFAULT_TOP_K = 5
 
 
@@ -70,21 +71,6 @@ class Observer(Protocol):
     def on_batch(self, model: str, stats: BatchStats) -> None: ...
 
     def on_cache(self, model: str, hits: int, misses: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class Served:
-    """A loaded model with what serving it takes: its worker, decoder, version and card."""
-
-    model: LoadedModel | LoadedImageTextModel
-    worker: ModelWorker | ImageTextWorker
-    decoder: ImageDecoder
-    version: str
-    card: ModelCard
-
-    @property
-    def image_text(self) -> bool:
-        return isinstance(self.model, LoadedImageTextModel)
 
 
 class DataPlane:
@@ -102,17 +88,11 @@ class DataPlane:
         self._observer = observer
         self._served: dict[str, Served] = {}
         for model in registry:
+            extra = (replicas or {}).get(model.name, ())
             if isinstance(model, LoadedImageTextModel):
-                self._served[model.name] = self._serve_image_text(model, replicas)
-                continue
-            worker = self._worker(model, (replicas or {}).get(model.name, ()))
-            self._served[model.name] = Served(
-                model=model,
-                worker=worker,
-                decoder=ImageDecoder(model.geometry.input_size[1:], config.max_pixels),
-                version=model_version(model),
-                card=model_card(model, worker.explainer.supported_methods()),
-            )
+                self._served[model.name] = self._serve_image_text(model, extra)
+            else:
+                self._served[model.name] = self._serve_classifier(model, extra)
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, "vitlens-decode")
         self._cache = ResultCache(config.cache_bytes)
         self._randomised: dict[str, ModelWorker] = {}
@@ -184,27 +164,10 @@ class DataPlane:
             received = time.perf_counter()
             served = self._serve(query.model)
             top_k = query.top_k_predictions or DEFAULT_TOP_K
-            if served.image_text:  # runtime.image_text: texts, or zero-shot over the labels
-                job, method, params = explain_job(served.model, query, self._config, top_k=top_k)
-                self._check_count(query.images)
-                labels = job.texts if query.texts else served.model.labels
-                texts = json.dumps([job.texts, job.target is None])
-            else:
-                if query.texts:
-                    raise refuse_texts("texts", served.model.name)
-                method, params = self._resolve(served, query)
-                job = ExplainJob(
-                    pixels=torch.empty(0),
-                    method=method,
-                    params=params,
-                    target=query.target,
-                    grid=query.grid,
-                    relevance=query.return_relevance,
-                    top_k_predictions=top_k,
-                    output_dtype=query.output_dtype,
-                )
-                labels, texts = served.model.labels, ""
-            keys = self._cache_keys(served, method, params, query, texts)
+            resolved = served.resolve(query, self._config, top_k)
+            self._check_count(query.images)
+            job, method, params = resolved.job, resolved.method, resolved.params
+            keys = self._cache_keys(served, method, params, query, resolved.cache_extra)
             results = [self._cache.get(key) for key in keys] or [None] * len(query.images)
             missing = [i for i, value in enumerate(results) if value is None]
             if keys and self._observer is not None:
@@ -223,7 +186,7 @@ class DataPlane:
             return ExplainReply(
                 model=served.model.name,
                 method=method.name,
-                labels=labels,
+                labels=resolved.labels,
                 ids=tuple(image.id for image in query.images),
                 results=tuple(results),
                 timing=_timing(received, decode_s, queue_s, compute_s),
@@ -233,21 +196,14 @@ class DataPlane:
         with self._call():
             received = time.perf_counter()
             served = self._serve(query.model)
-            labels = served.model.labels
-            if served.image_text:
-                texts = candidates(served.model, query.prompts, "prompts", self._config)
-                labels = texts if query.prompts else labels
-            elif query.prompts:
-                raise refuse_texts("prompts", served.model.name)
+            served.check_predict(query, self._config)
             self._check_count(query.images)
             pixels, decode_s = await self._decode(served, query.images)
             started = time.perf_counter()
             top_k = query.top_k or DEFAULT_TOP_K
-            deadline = self._deadline(query)
-            if served.image_text:
-                predictions, queue_s = await served.worker.predict(pixels, texts, top_k, deadline)
-            else:
-                predictions, queue_s = await served.worker.predict(pixels, top_k, deadline)
+            predictions, queue_s, labels = await served.predict(
+                query, pixels, top_k, self._deadline(query)
+            )
             compute_s = time.perf_counter() - started - queue_s
             return PredictReply(
                 model=served.model.name,
@@ -260,49 +216,31 @@ class DataPlane:
     async def evaluate(self, query: EvaluateQuery) -> AsyncIterator[Progress | MetricSummary]:
         with self._call():
             served = self._serve(query.model)
-            evaluand: Evaluand
-            if served.image_text:  # zero-shot over the label prompts
-                evaluand = ZeroShotEvaluand(served.model, served.worker)
-            else:
-                evaluand = ClassifierEvaluand(served.model, served.worker, self._randomised_worker)
+            evaluand = served.evaluand(self._randomised_worker)
             async for event in self.evaluations.stream(query, evaluand):
                 yield event
 
     # ------------------------------------------------------------------ helpers
 
-    def _resolve(self, served: Served, query: ExplainQuery) -> tuple[MethodSpec, object]:
-        """The query's method and parsed options, checked against the model."""
-        with about("method"):
-            method = get_method(query.method or DEFAULT_METHOD)
-        options = "options.method_options"
-        params = parse_params(
-            method.params, query.method_options, method=method.name, field=options
-        )
-        if query.return_relevance and not method.relevance_matrix:
-            with_matrix = [m.name for m in served.card.methods if m.relevance_matrix]
-            raise InvalidArgument(
-                f"method {method.name!r} has no token relevance matrix; unset return_relevance "
-                f"or use one of: {', '.join(with_matrix)}",
-                field="options.return_relevance",
-            )
-        self._check_count(query.images)
-        with about(options):  # what check() leaves unnamed are the options' model limits
-            served.worker.explainer.check(method, params, query.target)
-        return method, params
+    def _serve_classifier(self, model: LoadedModel, replicas: Sequence[LoadedModel]) -> Served:
+        worker = self._worker(model, replicas)
+        decoder = ImageDecoder(model.geometry.input_size[1:], self._config.max_pixels)
+        card = model_card(model, worker.explainer.supported_methods())
+        return ServedClassifier(model, worker, decoder, model_version(model), card)
 
     def _serve_image_text(
-        self,
-        model: LoadedImageTextModel,
-        replicas: Mapping[str, Sequence[LoadedModel | LoadedImageTextModel]] | None,
+        self, model: LoadedImageTextModel, replicas: Sequence[LoadedImageTextModel]
     ) -> Served:
         worker = ImageTextWorker.configured(
             model,
             self._config,
-            replicas=(replicas or {}).get(model.name, ()),
+            replicas=replicas,
             on_batch=None if self._observer is None else self._observer.on_batch,
         )
         decoder = ImageDecoder(model.input_size[1:], self._config.max_pixels)
-        return Served(model, worker, decoder, image_text_version(model), image_text_card(model))
+        return ServedImageText(
+            model, worker, decoder, image_text_version(model), image_text_card(model)
+        )
 
     def _cache_keys(
         self,
