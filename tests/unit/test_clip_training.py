@@ -13,8 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from vitlens_server.data.captions import COLOURS, WHERE, ObjectFacts
+from vitlens_server.data.shapes import CLASSES
 from vitlens_server.models.default import DEMO_ARCHITECTURE, DEMO_KWARGS, DEMO_WEIGHTS
-from vitlens_server.training.clip_export import export_clip, load_clip
+from vitlens_server.training.clip_aux import attribute_head, attribute_loss, attribute_targets
+from vitlens_server.training.clip_export import WEIGHTS_NAME, export_clip, load_clip
 from vitlens_server.training.clip_model import (
     EXEMPLAR_IMAGE_SIZE,
     build_clip,
@@ -94,7 +97,7 @@ def test_contrastive_loss_by_hand():
 
 def test_batches_are_a_function_of_the_step(tmp_path):
     config = _tiny_config(tmp_path)
-    images, captions, positives = make_batch(config, 5, 32)
+    images, captions, positives, _ = make_batch(config, 5, 32)
     again = make_batch(config, 5, 32)
     assert images.shape == (8, 32, 32, 3) and (images == again[0]).all()
     assert [c.text for c in captions] == [c.text for c in again[1]]
@@ -195,3 +198,31 @@ def test_the_exemplar_builds_at_its_native_112_px():
     full = build_clip().visual.positional_embedding.detach()
     expected = resample_position_embedding(full, (7, 7))
     assert torch.allclose(model.visual.positional_embedding.detach(), expected)
+
+
+def test_attribute_targets_and_loss_by_hand():
+    one = ObjectFacts("star", "red", "large", "left", (0.2, 0.5))
+    other = ObjectFacts("disc", "blue", "small", "centre", (0.5, 0.5))
+    targets = attribute_targets([(one,), (one, other)])
+    assert targets.tolist() == [
+        [CLASSES.index("star"), list(COLOURS).index("red"), list(WHERE).index("left"), 1],
+        [-1, -1, -1, -1],  # two objects: no single value per attribute
+    ]
+    head = attribute_head(4)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)  # uniform logits: the loss is the mean log of the sizes
+    loss = attribute_loss(head, torch.randn(2, 4), torch.from_numpy(targets))
+    expected = (math.log(8) + math.log(10) + math.log(5) + math.log(2)) / 4
+    assert loss.item() == pytest.approx(expected)
+
+
+def test_the_attribute_head_is_trained_and_resumed_but_not_exported(tmp_path):
+    export = tmp_path / "export"
+    config = _tiny_config(tmp_path / "run", aux_weight=1.0, export_dir=export)
+    assert train_clip(config, stop_at_step=2) is None
+    state = torch.load(tmp_path / "run" / "clip.ckpt", weights_only=True)["model"]
+    assert {"aux_head.weight", "aux_head.bias"} <= state.keys()
+    metadata = train_clip(config, resume=True)
+    assert metadata["finished"] and "aux" in metadata["schedule"]
+    assert not any(k.startswith("aux_head") for k in load_file(str(export / WEIGHTS_NAME)))
+    assert load_clip(export)[0] is not None

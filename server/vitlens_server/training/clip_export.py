@@ -105,7 +105,12 @@ def run_metadata(
             if config.frozen_blocks
             else ""
         )
-        + ("nothing" if config.train_token_embedding else "token embedding (random init)"),
+        + ("nothing" if config.train_token_embedding else "token embedding (random init)")
+        + (
+            f"; aux attribute head (clip_aux, weight {config.aux_weight}, dropped at export)"
+            if getattr(config, "aux_weight", 0.0)
+            else ""
+        ),
         "steps": config.total_steps,
         "train_images": config.total_steps * config.batch_size,
         "train_seconds": round(train_seconds, 1),

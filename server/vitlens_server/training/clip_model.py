@@ -30,6 +30,7 @@ __all__ = [
     "EXEMPLAR_IMAGE_SIZE",
     "MEAN",
     "STD",
+    "TokenCache",
     "build_clip",
     "demo_to_open_clip",
     "low_resolution",
@@ -173,3 +174,17 @@ def low_resolution(visual: nn.Module, side: int):
     finally:
         visual.__dict__.pop("positional_embedding", None)
         visual._parameters["positional_embedding"] = param
+
+
+class TokenCache:
+    """`tokenizer` with a cache of token rows: captions repeat across steps."""
+
+    def __init__(self, model_cfg: dict[str, Any]) -> None:
+        self.tokenize = tokenizer(model_cfg)
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in self.rows]
+        if new:
+            self.rows.update(zip(new, self.tokenize(new), strict=True))
+        return torch.stack([self.rows[t] for t in texts])  # (T, L)

@@ -6,8 +6,11 @@ sees the same data as an uninterrupted one), a mix of one- and two-object scenes
 of its captions drawn at random. The loss is CLIP's symmetric InfoNCE with a learnable
 temperature, where every caption of the batch that is *true* of an image (``Caption.true_of``:
 "a photo of a star." for every star) is one of its positives. The image tower starts from the
-demo classifier and learns at a lower rate. Most steps run at ``low_res`` px with the position
-embedding resampled (`low_resolution`), then the rest at the model's 224 px.
+demo classifier (its position embedding resampled to the exemplar's native 112 px) and learns at
+a lower rate. Scenes have crisp attributes (`crisp_scene_config`) unless ``crisp`` is off. An
+optional first phase of ``low_res_steps`` runs at ``low_res`` px (`low_resolution`); the default
+schedule has none. On a shared CPU, ``--threads 1`` can be far faster than 2 (see
+benchmarks/clip_training.md).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitlens_server.data import SceneConfig, render_scene, split_seeds
@@ -40,17 +42,19 @@ from vitlens_server.data.captions import (
 from vitlens_server.data.shapes import CLASSES
 from vitlens_server.models.default import DEMO_WEIGHTS
 from vitlens_server.training.accuracy import to_model_input
+from vitlens_server.training.clip_aux import attribute_head, attribute_loss, attribute_targets
 from vitlens_server.training.clip_checkpoint import config_key, load_checkpoint, save_checkpoint
 from vitlens_server.training.clip_eval import evaluate_clip
 from vitlens_server.training.clip_export import CLIP_ASSET_DIR, export_clip, run_metadata
+from vitlens_server.training.clip_loss import contrastive_loss
 from vitlens_server.training.clip_model import (
     EXEMPLAR_IMAGE_SIZE,
     MEAN,
     STD,
+    TokenCache,
     build_clip,
     low_resolution,
     model_cfg_at,
-    tokenizer,
 )
 from vitlens_server.training.clip_optim import freeze, lr_factor, make_optimizer
 from vitlens_server.training.train import _device_name, resolve_precision
@@ -72,10 +76,10 @@ class ClipTrainConfig:
     crisp: bool = True  # scenes with crisp attributes (`crisp_scene_config`), train and eval
     low_res: int = 56
     low_res_steps: int = 0
-    full_res_steps: int = 3000
+    full_res_steps: int = 3200
     batch_size: int = 48
     lr: float = 1e-3  # text tower and projections
-    visual_lr: float = 5e-4  # the pretrained image trunk
+    visual_lr: float = 7e-4  # the pretrained image trunk
     logit_scale_lr: float = 5e-3  # the log-temperature: it has far to go in a short run
     frozen_blocks: int = 0  # image blocks (and patch/position embeddings) kept as the demo's
     train_token_embedding: bool = False
@@ -84,7 +88,8 @@ class ClipTrainConfig:
     warmup_steps: int = 50
     two_object_fraction: float = 0.3  # share of scenes with two objects
     focus_shapes: int = 4  # classes per batch (0: all eight); see `make_batch`
-    focus_colours: int = 3  # crisp scenes: palette colours per batch (0: all ten)
+    focus_colours: int = 0  # crisp scenes: palette colours per batch (0: all ten)
+    aux_weight: float = 0.0  # weight of the attribute head's loss (`clip_aux`; 0: none)
     canonical_fraction: float = 0.5  # share of scenes captioned with their canonical caption
     eval_every: int = 250  # steps between quick evaluations on the "val" split (0: none)
     eval_count: int = 100
@@ -103,9 +108,10 @@ class ClipTrainConfig:
 
 def make_batch(
     config: ClipTrainConfig, step: int, size: int
-) -> tuple[np.ndarray, list[Caption], np.ndarray]:
+) -> tuple[np.ndarray, list[Caption], np.ndarray, np.ndarray]:
     """Scenes and captions of ``step``: images (B, S, S, 3) uint8, B captions (one per image),
-    and positives (B, B) bool: ``[i, j]`` when caption j is true of image i.
+    positives (B, B) bool (``[i, j]`` when caption j is true of image i) and the attribute
+    targets (B, 4) int64 of `attribute_targets`.
 
     With ``focus_shapes`` the batch's objects take only that many classes (drawn per step), so
     that the batch cannot be told apart by shape alone: hard negatives for colour, position,
@@ -139,34 +145,8 @@ def make_batch(
         captions.append(options[0] if canonical else options[1 + int(pick * (len(options) - 1))])
     facts = [scene_facts(scene) for scene in scenes]
     positives = np.array([[c.true_of(f) for c in captions] for f in facts])  # (B, B)
-    return np.stack([s.image for s in scenes]), captions, positives
-
-
-def contrastive_loss(
-    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor
-) -> torch.Tensor:
-    """Symmetric InfoNCE with several positives: unit embeddings image (B, E), text (B, E),
-    log-temperature () and positives (B, B) bool (``[i, j]``: text j describes image i; the
-    diagonal is true). Each direction's target spreads evenly over the positives."""
-    logits = logit_scale.exp() * image @ text.T  # (B, B)
-    targets = positives.float()
-    image_to_text = -(F.log_softmax(logits, 1) * targets / targets.sum(1, keepdim=True)).sum(1)
-    text_to_image = -(F.log_softmax(logits, 0) * targets / targets.sum(0, keepdim=True)).sum(0)
-    return (image_to_text.mean() + text_to_image.mean()) / 2
-
-
-class _Tokens:
-    """A cache of token rows: captions repeat across steps."""
-
-    def __init__(self, model_cfg: dict[str, Any]) -> None:
-        self.tokenize = tokenizer(model_cfg)
-        self.rows: dict[str, torch.Tensor] = {}
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        new = [t for t in dict.fromkeys(texts) if t not in self.rows]
-        if new:
-            self.rows.update(zip(new, self.tokenize(new), strict=True))
-        return torch.stack([self.rows[t] for t in texts])  # (T, L)
+    images = np.stack([s.image for s in scenes])
+    return images, captions, positives, attribute_targets(facts)
 
 
 def train_clip(
@@ -184,9 +164,11 @@ def train_clip(
     it evaluates and exports the resumed checkpoint as it is (the metadata records its step)."""
     precision = resolve_precision(config.precision, torch.device("cpu"))
     model = build_clip(config.model_cfg, demo_weights=config.demo_weights, seed=config.seed)
+    if config.aux_weight:  # trained and checkpointed with the model, dropped before export
+        model.aux_head = attribute_head(config.model_cfg["embed_dim"])
     freeze(model, config)
     optimizer = make_optimizer(model, config)
-    tokens = _Tokens(config.model_cfg)
+    tokens = TokenCache(config.model_cfg)
     checkpoint = config.out / "clip.ckpt"
     step, elapsed_s, curve = 0, 0.0, []
     if resume and checkpoint.is_file():
@@ -208,7 +190,7 @@ def train_clip(
     model.train()
     while step < config.total_steps and not export_now:
         size = config.low_res if step < config.low_res_steps else config.full_res
-        images, captions, positives = make_batch(config, step, size)
+        images, captions, positives, targets = make_batch(config, step, size)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(config, step)
         x = to_model_input(images, MEAN, STD, torch.device("cpu"))  # (B, 3, S, S)
@@ -217,6 +199,9 @@ def train_clip(
                 image = model.encode_image(x, normalize=True).float()
             text = model.encode_text(tokens([c.text for c in captions]), normalize=True).float()
         loss = contrastive_loss(image, text, model.logit_scale, torch.from_numpy(positives))
+        if config.aux_weight:
+            aux = attribute_loss(model.aux_head, image, torch.from_numpy(targets))
+            loss = loss + config.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -289,6 +274,7 @@ def train_clip(
             "resume": f"--out {config.export_dir} --resume (same hyper-parameters)",
         }
         (config.export_dir / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    model.aux_head = None  # not part of the exported CLIP
     model.eval()
     with torch.no_grad():  # evaluate what the export stores: fp16-rounded weights
         for tensor in model.state_dict().values():
@@ -357,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--two-object-fraction", type=float, default=d.two_object_fraction)
     parser.add_argument("--focus-shapes", type=int, default=d.focus_shapes)
     parser.add_argument("--focus-colours", type=int, default=d.focus_colours)
+    parser.add_argument("--aux-weight", type=float, default=d.aux_weight)
     parser.add_argument("--train-token-embedding", action="store_true")
     parser.add_argument(
         "--free-scenes", action="store_true", help="default scenes instead of crisp attributes"
@@ -392,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         two_object_fraction=args.two_object_fraction,
         focus_shapes=args.focus_shapes,
         focus_colours=args.focus_colours,
+        aux_weight=args.aux_weight,
         train_token_embedding=args.train_token_embedding,
         crisp=not args.free_scenes,
         eval_every=args.eval_every,
