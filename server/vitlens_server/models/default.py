@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def clip_spec(device: str = "cpu", directory: Path = CLIP_DIR) -> ModelSpec:
     """Spec of the exemplar CLIP (an ``open_clip:DIR`` source) on ``device``.
 
     Labels and the prompt template come from the directory's ``vitlens.json``, as for any
-    open_clip directory; a named placeholder there (``{shape}``) is read as the loader's ``{}``.
+    open_clip directory.
 
     Raises:
         FileNotFoundError: one of `CLIP_FILES` is missing; the message names it.
@@ -92,27 +91,11 @@ def clip_spec(device: str = "cpu", directory: Path = CLIP_DIR) -> ModelSpec:
                 f"in the vitlens-server package: reinstall it, or serve another CLIP with "
                 f"--model NAME=open_clip:DIR)"
             )
-    try:
-        metadata = json.loads((directory / "vitlens.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"model {CLIP_MODEL_NAME!r}: {directory / 'vitlens.json'}: {err}"
-        ) from None
-    template = metadata.get("prompt_template") if isinstance(metadata, dict) else None
     return ModelSpec(
         name=CLIP_MODEL_NAME,
         architecture="open_clip",
         source=f"open_clip:{directory}",
         device=device,
-        prompt_template=_positional(template) if isinstance(template, str) else None,
-    )
-
-
-def _positional(template: str) -> str:
-    """``a photo of a {shape}.`` -> ``a photo of a {}.`` (one named field; else unchanged)."""
-    fields = re.findall(r"\{[A-Za-z_]\w*\}", template)
-    return (
-        template.replace(fields[0], "{}") if len(fields) == 1 and "{}" not in template else template
     )
 
 

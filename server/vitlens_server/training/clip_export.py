@@ -83,7 +83,7 @@ def run_metadata(
     """``vitlens.json`` of a run of ``config`` (a `ClipTrainConfig`)."""
     return {
         "labels": list(CLASSES),
-        "prompt_template": PROMPT_TEMPLATE.replace("{}", "{shape}"),
+        "prompt_template": PROMPT_TEMPLATE,
         "mean": list(MEAN),
         "std": list(STD),
         "image_size": config.full_res,
