@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vitlens_server.explain.records import (
+    BlockRecord,
     LayerRecord,
-    LrpLayer,
     LrpRecord,
     ModelPasses,
     Recording,
@@ -198,7 +198,7 @@ class AttentionHooks:
         pool = readout_kind(model)
         heads = _heads(model)
         return LrpRecord(
-            layers=[LrpLayer() for _ in self._attns],
+            layers=[BlockRecord() for _ in self._attns],
             blocks=list(model.blocks),
             heads=heads,
             pool=pool,

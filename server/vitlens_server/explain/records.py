@@ -17,7 +17,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerRecord", "LrpLayer", "LrpRecord", "ModelPasses", "Recording"]
+from vitlens_server.models.block_record import BlockRecord
+
+__all__ = ["BlockRecord", "LayerRecord", "LrpRecord", "ModelPasses", "Recording"]
 
 
 @dataclass
@@ -35,36 +37,11 @@ class LayerRecord:
 
 
 @dataclass
-class LrpLayer:
-    """One block's tensors for LRP, kept by ``record(lrp=True)``; D model width, F MLP width.
-
-    Block: x_mid = x + ls1(attn(norm1(x))), x_out = x_mid + ls2(mlp(norm2(x_mid))).
-
-    Attributes:
-        x: (B, N, D) block input.
-        qkv_in: (B, N, D) input of ``attn.qkv`` (= norm1(x)).
-        proj_in: (B, N, H·D_h) input of ``attn.proj`` (= attn.norm(A·V)).
-        attn_branch: (B, N, D) output of ``ls1``, the first residual branch.
-        fc1_in: (B, N, D) input of ``mlp.fc1`` (= norm2(x_mid)).
-        fc2_in: (B, N, F) input of ``mlp.fc2``.
-        mlp_branch: (B, N, D) output of ``ls2``, the second residual branch.
-    """
-
-    x: Tensor | None = None
-    qkv_in: Tensor | None = None
-    proj_in: Tensor | None = None
-    attn_branch: Tensor | None = None
-    fc1_in: Tensor | None = None
-    fc2_in: Tensor | None = None
-    mlp_branch: Tensor | None = None
-
-
-@dataclass
 class LrpRecord:
     """What LRP reads besides the attention records: activations and the modules' weights.
 
     Attributes:
-        layers: one `LrpLayer` per block.
+        layers: one `BlockRecord` per block.
         blocks: the model's blocks, whose Linear weights the rules read (never write).
         heads: the classifier Linear layers (``head``, plus ``head_dist`` for DeiT distilled).
         head_in: (B, D) input of each head; head_out: (B, C) its output.
@@ -73,7 +50,7 @@ class LrpRecord:
         pooled: (B, D) output of the average pool (input of ``fc_norm``), ``avg`` only.
     """
 
-    layers: list[LrpLayer]
+    layers: list[BlockRecord]
     blocks: list[nn.Module]
     heads: list[nn.Linear]
     pool: str

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vitlens_server.models.block_record import BlockRecord
+
 __all__ = [
     "AttentionRecord",
     "BlockRecord",
@@ -86,31 +88,6 @@ class AttentionRecord:
     out_weight: Tensor | None = None
     out_grad: Tensor | None = None
     scale: float = 1.0
-
-
-@dataclass
-class BlockRecord:
-    """One block's activations for layer-wise relevance propagation (``record(lrp=True)``).
-
-    Block: x_mid = x + attn_branch, attn_branch = ls1(attn(norm1(x))); out = x_mid + mlp_branch,
-    mlp_branch = ls2(fc2(act(fc1(norm2(x_mid))))). W the width, F the MLP width; all detached.
-
-    Attributes:
-        x: (B, N, W) block input.
-        qkv_in: (B, N, W) norm1(x), the input of the q, k, v projections.
-        proj_in: (B, N, h·d) input of the output projection, O = A·V; None where the library's
-            fused attention never exposes it (``nn.MultiheadAttention``: rebuilt as A·V).
-        attn_branch, mlp_branch: (B, N, W) the two residual branches.
-        fc1_in: (B, N, W) norm2(x_mid); fc2_in: (B, N, F) the input of the second MLP layer.
-    """
-
-    x: Tensor | None = None
-    qkv_in: Tensor | None = None
-    proj_in: Tensor | None = None
-    attn_branch: Tensor | None = None
-    fc1_in: Tensor | None = None
-    fc2_in: Tensor | None = None
-    mlp_branch: Tensor | None = None
 
 
 @dataclass
