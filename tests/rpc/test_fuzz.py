@@ -88,7 +88,6 @@ EXAMPLES: dict[str, dict[str, int]] = {
         "GetModel": 50,
         "raw": 400,
         "texts": 150,
-        "texts Evaluate": 50,
     },
     "long": {
         "Explain": 4000,
@@ -98,7 +97,6 @@ EXAMPLES: dict[str, dict[str, int]] = {
         "GetModel": 500,
         "raw": 5000,
         "texts": 1500,
-        "texts Evaluate": 500,
     },
 }
 if PROFILE not in EXAMPLES:
@@ -316,19 +314,25 @@ def test_get_and_list_models_answer_ok_or_a_client_error(
     alive.check()
 
 
+@pytest.mark.parametrize(
+    ("catalog", "rpc"), [(CATALOG, "Evaluate"), (CLIP_CATALOG, "Evaluate (image-text)")]
+)
 @fuzz_settings("Evaluate")
 @given(data=st.data(), timeout_s=deadlines_s(EVALUATE_TIMEOUT_S))
 def test_evaluate_streams_to_the_end_or_a_client_error(
+    catalog: Catalog,
+    rpc: str,
     data: st.DataObject,
     timeout_s: float,
     stub: vitlens_pb2_grpc.VitlensServiceStub,
     alive: Liveness,
     dataset_root: Path,
 ) -> None:
+    """On the classifier, and on the CLIP (zero-shot over its labels)."""
     alive.require()
     # The dataset tree's path is known only once the fixture has made it: drawn here.
-    request = data.draw(evaluate_requests(CATALOG, dataset_root), label="request")
-    call_stream("Evaluate", stub.Evaluate, request.message, timeout_s)
+    request = data.draw(evaluate_requests(catalog, dataset_root), label="request")
+    call_stream(rpc, stub.Evaluate, request.message, timeout_s)
     alive.check()
 
 
@@ -363,21 +367,6 @@ def test_image_text_requests_answer_ok_or_a_client_error(
     response = call_unary("Predict (prompts)", stub.Predict, predict.message, timeout_s)
     if response is not None:
         assert len(response.results) == len(predict.message.images)
-    alive.check()
-
-
-@fuzz_settings("texts Evaluate")
-@given(data=st.data(), timeout_s=deadlines_s(EVALUATE_TIMEOUT_S))
-def test_image_text_evaluate_streams_to_the_end_or_a_client_error(
-    data: st.DataObject,
-    timeout_s: float,
-    stub: vitlens_pb2_grpc.VitlensServiceStub,
-    alive: Liveness,
-    dataset_root: Path,
-) -> None:
-    alive.require()
-    request = data.draw(evaluate_requests(CLIP_CATALOG, dataset_root), label="request")
-    call_stream("Evaluate (image-text)", stub.Evaluate, request.message, timeout_s)
     alive.check()
 
 
