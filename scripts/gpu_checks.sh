@@ -14,7 +14,7 @@
 # 5. Mixed load on the GPU (issue #13): one-image `generic` p50 alone and beside four clients
 #    of `token_reflection`, scripts/bench_mixed_load.py (section in OUT_DIR/mixed_load.md; copy
 #    it into benchmarks/mixed_load.md).
-# 6. Image-text N x M (issue #16): `generic` on an exemplar-shaped CLIP, one batched call for
+# 6. Image-text N x M (issue #16): `generic` on a ViT-Tiny/16 CLIP at 224 px, one batched call for
 #    IMAGES x TEXTS pairs against the per-pair loop, scripts/bench_image_text.py --device.
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
