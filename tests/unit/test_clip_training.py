@@ -226,3 +226,37 @@ def test_the_attribute_head_is_trained_and_resumed_but_not_exported(tmp_path):
     assert metadata["finished"] and "aux" in metadata["schedule"]
     assert not any(k.startswith("aux_head") for k in load_file(str(export / WEIGHTS_NAME)))
     assert load_clip(export)[0] is not None
+
+
+def test_each_parameter_trains_at_its_group_rate(tmp_path):
+    config = _tiny_config(tmp_path, lr=1e-3, visual_lr=2e-4, position_lr=5e-2, logit_scale_lr=7e-3)
+    model = build_clip(TINY_CFG, demo_weights=None)
+    freeze(model, config)
+    rate = {
+        id(p): group["base_lr"]
+        for group in make_optimizer(model, config).param_groups
+        for p in group["params"]
+    }
+    named = dict(model.named_parameters())
+    assert rate[id(named["visual.positional_embedding"])] == 5e-2
+    assert rate[id(named["visual.conv1.weight"])] == 2e-4
+    assert rate[id(named["visual.proj"])] == 1e-3  # new, not pretrained: the full rate
+    assert rate[id(named["logit_scale"])] == 7e-3
+    assert rate[id(named["text_projection"])] == 1e-3
+
+
+def test_the_command_line_sets_config_fields_by_name(monkeypatch):
+    from vitlens_server.training import clip_train
+
+    seen: list[ClipTrainConfig] = []
+    monkeypatch.setattr(clip_train, "train_clip", lambda config, command, **kw: seen.append(config))
+    argv = ["--position-lr", "0.02", "--no-crisp", "--device", "cuda:1", "--aux-weight", "0.5"]
+    assert clip_train.main([*argv, "--threads", str(torch.get_num_threads())]) == 0
+    (config,) = seen
+    assert (config.position_lr, config.crisp, config.device, config.aux_weight) == (
+        0.02,
+        False,
+        "cuda:1",
+        0.5,
+    )
+    assert config.visual_lr == ClipTrainConfig().visual_lr  # untouched fields keep defaults

@@ -3,9 +3,10 @@ embedding by a linear head that the export drops.
 
 A contrastive model only learns an attribute once both towers vary with it; the demo image
 tower starts blind to an object's position (benchmarks/clip_training.md), so the InfoNCE
-gradient for "on the left" / "at the top" stays near zero. A cross-entropy on the unit image
-embedding (B, E) for the shape, colour, position and size of single-object scenes breaks that
-symmetry; the captions' contrastive loss then aligns the text tower with it.
+gradient for "on the left" / "at the top" stays near zero. A cross-entropy on the image
+embedding (B, E), before its normalisation (a unit vector would cap the head's logits), for the
+shape, colour, position and size of single-object scenes breaks that symmetry; the captions'
+contrastive loss then aligns the text tower with it.
 """
 
 from __future__ import annotations

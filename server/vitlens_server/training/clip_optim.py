@@ -31,14 +31,16 @@ def freeze(model: open_clip.CLIP, config: Any) -> None:
 
 def make_optimizer(model: open_clip.CLIP, config: Any) -> torch.optim.AdamW:
     """Groups by rate and decay: the image trunk at ``visual_lr`` (its projection is new: full
-    rate), the temperature at ``logit_scale_lr``, the rest at ``lr``; no decay for 1-d tensors,
-    embeddings and the temperature. Frozen parameters are left out."""
+    rate) but its position embedding at ``position_lr``, the temperature at ``logit_scale_lr``,
+    the rest at ``lr``; no decay for 1-d tensors, embeddings and the temperature. Frozen
+    parameters are left out."""
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         trunk = name.startswith("visual.") and name != "visual.proj"
         lr = config.visual_lr if trunk else config.lr
+        lr = config.position_lr if name == "visual.positional_embedding" else lr
         lr = config.logit_scale_lr if name == "logit_scale" else lr
         decay = param.ndim > 1 and "embedding" not in name
         groups.setdefault((lr, decay), []).append(param)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitlens_server.data import SceneConfig, render_scene, split_seeds
@@ -57,6 +58,7 @@ from vitlens_server.training.clip_model import (
     model_cfg_at,
 )
 from vitlens_server.training.clip_optim import freeze, lr_factor, make_optimizer
+from vitlens_server.training.config_cli import add_config_arguments, config_from_args
 from vitlens_server.training.train import _device_name, resolve_precision
 
 __all__ = ["ClipTrainConfig", "contrastive_loss", "main", "make_batch", "train_clip"]
@@ -80,6 +82,7 @@ class ClipTrainConfig:
     batch_size: int = 48
     lr: float = 1e-3  # text tower and projections
     visual_lr: float = 7e-4  # the pretrained image trunk
+    position_lr: float = 1e-2  # its position embedding: the demo's is near-uniform (see docs)
     logit_scale_lr: float = 5e-3  # the log-temperature: it has far to go in a short run
     frozen_blocks: int = 0  # image blocks (and patch/position embeddings) kept as the demo's
     train_token_embedding: bool = False
@@ -95,6 +98,7 @@ class ClipTrainConfig:
     eval_count: int = 100
     final_eval_count: int = 500
     precision: str = "auto"
+    device: str = "cpu"  # where it trains ("cuda", "cuda:1"); data is rendered on the CPU
     checkpoint_every_s: float = 240.0
 
     @property
@@ -162,10 +166,12 @@ def train_clip(
     when ``stop_at_step``/``max_seconds`` stopped the run first (with a checkpoint in
     ``config.out``: rerun with ``resume`` to continue). ``export_now`` skips the remaining steps:
     it evaluates and exports the resumed checkpoint as it is (the metadata records its step)."""
-    precision = resolve_precision(config.precision, torch.device("cpu"))
+    device = torch.device(config.device)
+    precision = resolve_precision(config.precision, device)
     model = build_clip(config.model_cfg, demo_weights=config.demo_weights, seed=config.seed)
     if config.aux_weight:  # trained and checkpointed with the model, dropped before export
         model.aux_head = attribute_head(config.model_cfg["embed_dim"])
+    model.to(device)
     freeze(model, config)
     optimizer = make_optimizer(model, config)
     tokens = TokenCache(config.model_cfg)
@@ -178,7 +184,7 @@ def train_clip(
         log.info("resumed from %s at step %d", checkpoint, step)
     log.info(
         "training on %s in %s from step %d of %d",
-        _device_name(torch.device("cpu")),
+        _device_name(device),
         precision,
         step,
         config.total_steps,
@@ -193,14 +199,17 @@ def train_clip(
         images, captions, positives, targets = make_batch(config, step, size)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(config, step)
-        x = to_model_input(images, MEAN, STD, torch.device("cpu"))  # (B, 3, S, S)
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        x = to_model_input(images, MEAN, STD, device)  # (B, 3, S, S)
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             with _at_size(model.visual, size, config.full_res):
-                image = model.encode_image(x, normalize=True).float()
-            text = model.encode_text(tokens([c.text for c in captions]), normalize=True).float()
-        loss = contrastive_loss(image, text, model.logit_scale, torch.from_numpy(positives))
+                embedding = model.encode_image(x).float()  # (B, E), not normalised
+            token_rows = tokens([c.text for c in captions]).to(device)  # (B, L)
+            text = model.encode_text(token_rows, normalize=True).float()
+        image = F.normalize(embedding, dim=-1)
+        positive = torch.from_numpy(positives).to(device)  # (B, B)
+        loss = contrastive_loss(image, text, model.logit_scale, positive)
         if config.aux_weight:
-            aux = attribute_loss(model.aux_head, image, torch.from_numpy(targets))
+            aux = attribute_loss(model.aux_head, embedding, torch.from_numpy(targets).to(device))
             loss = loss + config.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,7 +284,7 @@ def train_clip(
         }
         (config.export_dir / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
     model.aux_head = None  # not part of the exported CLIP
-    model.eval()
+    model.cpu().eval()
     with torch.no_grad():  # evaluate what the export stores: fp16-rounded weights
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
@@ -320,38 +329,55 @@ _NOT_RESUME_KEYS = (
     "final_eval_count",
     "checkpoint_every_s",
     "demo_weights",
+    "device",
+)
+
+
+# Config fields that are command-line options (``--kebab-case``, types and defaults from
+# `ClipTrainConfig`).
+_OPTIONS = (
+    "out",
+    "export_dir",
+    "seed",
+    "crisp",
+    "low_res",
+    "low_res_steps",
+    "full_res_steps",
+    "batch_size",
+    "lr",
+    "visual_lr",
+    "position_lr",
+    "warmup_steps",
+    "frozen_blocks",
+    "train_token_embedding",
+    "canonical_fraction",
+    "two_object_fraction",
+    "focus_shapes",
+    "focus_colours",
+    "aux_weight",
+    "eval_every",
+    "eval_count",
+    "final_eval_count",
+    "precision",
+    "device",
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = ClipTrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m vitlens_server.training.clip_train", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--out", type=Path, default=d.out, help="checkpoint directory")
-    parser.add_argument("--export-dir", type=Path, default=d.export_dir)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--low-res", type=int, default=d.low_res)
-    parser.add_argument("--low-res-steps", type=int, default=d.low_res_steps)
-    parser.add_argument("--full-res-steps", type=int, default=d.full_res_steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--visual-lr", type=float, default=d.visual_lr)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--frozen-blocks", type=int, default=d.frozen_blocks)
-    parser.add_argument("--canonical-fraction", type=float, default=d.canonical_fraction)
-    parser.add_argument("--two-object-fraction", type=float, default=d.two_object_fraction)
-    parser.add_argument("--focus-shapes", type=int, default=d.focus_shapes)
-    parser.add_argument("--focus-colours", type=int, default=d.focus_colours)
-    parser.add_argument("--aux-weight", type=float, default=d.aux_weight)
-    parser.add_argument("--train-token-embedding", action="store_true")
-    parser.add_argument(
-        "--free-scenes", action="store_true", help="default scenes instead of crisp attributes"
+    add_config_arguments(
+        parser,
+        ClipTrainConfig,
+        _OPTIONS,
+        help={
+            "out": "checkpoint directory",
+            "crisp": "crisp-attribute scenes (--no-crisp: the default scenes)",
+            "device": '"cpu" or a CUDA device ("cuda", "cuda:1")',
+        },
+        choices={"precision": ("auto", "fp32", "bf16")},
     )
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--eval-count", type=int, default=d.eval_count)
-    parser.add_argument("--final-eval-count", type=int, default=d.final_eval_count)
-    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/clip.ckpt")
     parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this long")
@@ -363,30 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    config = ClipTrainConfig(
-        out=args.out,
-        export_dir=args.export_dir,
-        seed=args.seed,
-        low_res=args.low_res,
-        low_res_steps=args.low_res_steps,
-        full_res_steps=args.full_res_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        visual_lr=args.visual_lr,
-        warmup_steps=args.warmup_steps,
-        frozen_blocks=args.frozen_blocks,
-        canonical_fraction=args.canonical_fraction,
-        two_object_fraction=args.two_object_fraction,
-        focus_shapes=args.focus_shapes,
-        focus_colours=args.focus_colours,
-        aux_weight=args.aux_weight,
-        train_token_embedding=args.train_token_embedding,
-        crisp=not args.free_scenes,
-        eval_every=args.eval_every,
-        eval_count=args.eval_count,
-        final_eval_count=args.final_eval_count,
-        precision=args.precision,
-    )
+    config = config_from_args(ClipTrainConfig, args, _OPTIONS)
     command = "python -m vitlens_server.training.clip_train " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )

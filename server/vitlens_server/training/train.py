@@ -34,6 +34,7 @@ from vitlens_server.data import SceneConfig, render_scene, split_seeds
 from vitlens_server.data.shapes import CLASSES
 from vitlens_server.models.default import DEMO_ARCHITECTURE, DEMO_KWARGS, DEMO_WEIGHTS
 from vitlens_server.training.accuracy import scene_accuracy, to_model_input
+from vitlens_server.training.config_cli import add_config_arguments, config_from_args
 from vitlens_server.training.export import export_weights
 
 __all__ = ["TrainConfig", "main", "train"]
@@ -284,25 +285,36 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+# Config fields that are command-line options (types and defaults from `TrainConfig`).
+_OPTIONS = (
+    "out",
+    "seed",
+    "low_res",
+    "low_res_steps",
+    "full_res_steps",
+    "batch_size",
+    "lr",
+    "eval_count",
+    "device",
+    "precision",
+    "workers",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="vitlens train-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=defaults.out, help="weights file to write")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--low-res", type=int, default=defaults.low_res)
-    parser.add_argument("--low-res-steps", type=int, default=defaults.low_res_steps)
-    parser.add_argument("--full-res-steps", type=int, default=defaults.full_res_steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--eval-count", type=int, default=defaults.eval_count)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument(
-        "--precision",
-        default=defaults.precision,
-        choices=("auto", "fp32", "bf16"),
-        help="bf16 autocast (fp32 weights); auto = bf16 where the hardware has it natively",
+    add_config_arguments(
+        parser,
+        TrainConfig,
+        _OPTIONS,
+        help={
+            "out": "weights file to write",
+            "precision": "bf16 autocast (fp32 weights); auto = bf16 where the hardware has it"
+            " natively",
+            "workers": "scene processes",
+        },
+        choices={"precision": ("auto", "fp32", "bf16")},
     )
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="scene processes")
     parser.add_argument(
         "--resume", action="store_true", help="continue from <out>.ckpt if it exists"
     )
@@ -311,19 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = TrainConfig(
-        out=args.out,
-        seed=args.seed,
-        low_res=args.low_res,
-        low_res_steps=args.low_res_steps,
-        full_res_steps=args.full_res_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        eval_count=args.eval_count,
-        device=args.device,
-        precision=args.precision,
-        workers=args.workers,
-    )
+    config = config_from_args(TrainConfig, args, _OPTIONS)
     command = "vitlens train-demo " + shlex.join(sys.argv[1:] if argv is None else argv)
     max_seconds = None if args.max_minutes is None else args.max_minutes * 60
     metadata = train(config, command, resume=args.resume, max_seconds=max_seconds)
