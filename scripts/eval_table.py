@@ -17,7 +17,8 @@ scenes with `class_sensitivity`. An image-text model is scored zero-shot over it
 (deploy/eval/merge_results.py, the pooled statistics of the sharded Kubernetes Job). Each
 finished block is written to ``OUT/shards/`` with its wall time and plan (methods, metrics,
 metric options), and blocks already there are skipped: an interrupted run continues where it
-stopped; a block made with another plan stops the run (use another ``--out``). At the end the
+stopped; a block made with another plan, or with other weights (each block records the served
+weights' SHA-256), stops the run (use another ``--out``). At the end the
 merged results become ``OUT/<part>/report.md`` (tables and curve plots, `vitlens.report`) and
 ``OUT/README.md`` (time, machine, options, orderings).
 """
@@ -104,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             vitlens.Client(server.address, timeout_s=30) as client,
         ):
             server.wait_serving(timeout_s=600)
+            weights = _weights_sha256(client, _name(args.model))
+            for done in shards.glob("*.json"):
+                if json.loads(done.read_text()).get("weights_sha256") != weights:
+                    p.error(f"{done} was made with other weights than {weights}; use another --out")
             for number, (part, start) in enumerate(todo, 1):
                 size = min(args.block, args.scenes - start)
                 print(f"[{number}/{len(todo)}] {part} scenes {start}..{start + size - 1}")
-                _block(client, part, start, size, plans[part], shards, _name(args.model))
+                _block(client, part, start, size, plans[part], shards, _name(args.model), weights)
     _finish(args, plans, shards, argv)
     return 0
 
@@ -132,7 +137,18 @@ def _name(spec: str) -> str:
     return spec.partition("=")[0]
 
 
-def _block(client, part: str, start: int, size: int, plan: dict, shards: Path, model: str) -> None:
+def _weights_sha256(client, model: str) -> str:
+    """The SHA-256 of the served weights of ``model`` ("" for the server's default)."""
+    models = client.models()
+    info = next((m for m in models if m.name == model), models[0] if not model else None)
+    if info is None:
+        raise SystemExit(f"the server does not serve {model!r}")
+    return info.weights.sha256
+
+
+def _block(
+    client, part: str, start: int, size: int, plan: dict, shards: Path, model: str, weights: str
+) -> None:
     dataset = f"synthetic:{size}:{start}{PARTS[part][0]}"
     began = time.monotonic()
 
@@ -153,6 +169,7 @@ def _block(client, part: str, start: int, size: int, plan: dict, shards: Path, m
     print(f"\r  done in {seconds:.0f} s{' ' * 60}")
     record = json.loads(result.to_json())
     record["plan"] = plan
+    record["weights_sha256"] = weights  # a resumed run refuses blocks of other weights
     record["seconds"] = round(seconds, 1)
     record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     path = shards / f"{part}-{start:04d}.json"

@@ -16,11 +16,14 @@
 #    it into benchmarks/mixed_load.md).
 # 6. Image-text N x M (issue #16): `generic` on a ViT-Tiny/16 CLIP at 224 px, one batched call for
 #    IMAGES x TEXTS pairs against the per-pair loop, scripts/bench_image_text.py --device.
+# 7. Exemplar CLIP training speed on the GPU (issue #16): CLIP_STEPS steps of the shipped
+#    schedule's batches (`clip_train --device`), whose log gives images/s at 112 px; the full
+#    3,200-step schedule's time follows. Scenes are rendered on one CPU core meanwhile.
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
-# REPEATS, TRAIN_STEPS, IMAGES and TEXTS override the defaults. A CPU smoke run of the script itself:
+# REPEATS, TRAIN_STEPS, IMAGES, TEXTS and CLIP_STEPS override the defaults. A CPU smoke run of the script itself:
 #   DEVICE=cpu MODEL=vitlens-demo CONCURRENCY=1,4 DURATION=3 ROOF_MAX_BATCH=4 \
-#   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 IMAGES=2 TEXTS=2 \
+#   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 IMAGES=2 TEXTS=2 CLIP_STEPS=4 \
 #   bash scripts/gpu_checks.sh /tmp/smoke
 # Logs, the updated BENCHMARKS.md and a summary go to OUT_DIR; paste the figures into
 # benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e ./client -e
@@ -75,4 +78,10 @@ step mixed_load "$PY" scripts/bench_mixed_load.py --device "$DEVICE" --requests 
     --slow-clients 4 --out "$OUT/mixed_load.md"
 step image_text "$PY" scripts/bench_image_text.py --device "$DEVICE" --images "${IMAGES:-32}" \
     --texts "${TEXTS:-8}" --repeat "${REPEATS:-5}"
+CLIP_STEPS=${CLIP_STEPS:-300}
+step clip_training "$PY" -m vitlens_server.training.clip_train --device "$DEVICE" --threads 4 \
+    --full-res-steps "$CLIP_STEPS" --eval-every 0 --final-eval-count 100 \
+    --out "$OUT/clip-check" --export-dir "$OUT/clip-check/export"
+rm -rf "$OUT/clip-check"
+grep -h "img/s" "$OUT/clip_training.log" | tail -n 2 >>"$OUT/summary.txt"
 exit $status

@@ -45,6 +45,17 @@ def test_blocks_merge_into_the_report_and_a_rerun_resumes(tmp_path) -> None:
     assert (tmp_path / "shards" / "single-0000.json").read_text() == kept
     assert (tmp_path / "shards" / "single-0002.json").exists()
 
+    # Blocks remember the served weights: a block of other weights stops a resumed run.
+    shard = tmp_path / "shards" / "two_object-0000.json"
+    record = json.loads(shard.read_text())
+    assert len(record["weights_sha256"]) == 64
+    shard.write_text(json.dumps(record | {"weights_sha256": "0" * 64}))
+    (tmp_path / "shards" / "single-0002.json").unlink()
+    with pytest.raises(SystemExit):
+        table.main(argv)
+    assert not (tmp_path / "shards" / "single-0002.json").exists()
+    shard.write_text(json.dumps(record))
+
     # Blocks remember their plan: other metric options need another output folder.
     inpaint = ["--metric-option", "perturbation.baseline=inpaint"]
     with pytest.raises(SystemExit):

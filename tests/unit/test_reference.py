@@ -12,7 +12,7 @@ from vitlens_server.errors import InvalidArgument
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
 from vitlens_server.explain.methods.reference import oracle_map
 from vitlens_server.explain.params import parse_params
-from vitlens_server.explain.records import LayerRecord, Recording
+from vitlens_server.explain.records import AttentionRecord, Recording
 from vitlens_server.rpc.convert import model_info
 from vitlens_server.runtime.cards import model_card
 
@@ -86,7 +86,7 @@ def _recording(batch: int, grid: tuple[int, int], dtype: torch.dtype) -> Recordi
     q = torch.zeros(batch, 1, 1, 1, dtype=dtype)
     pixels = torch.rand(batch, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     return Recording(
-        [LayerRecord(q=q)], num_heads=1, scale=1.0, num_prefix_tokens=0, grid=grid, pixels=pixels
+        [AttentionRecord(q=q)], num_heads=1, num_prefix_tokens=0, grid=grid, pixels=pixels
     )
 
 

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vitlens_server.explain.records import (
+    AttentionRecord,
     BlockRecord,
-    LayerRecord,
     LrpRecord,
     ModelPasses,
     Recording,
@@ -109,9 +109,8 @@ class AttentionHooks:
             raise UnsupportedModel(self.lrp_problem)
         first = self._attns[0]
         recording = Recording(
-            layers=[LayerRecord() for _ in self._attns],
+            layers=[AttentionRecord(scale=float(attn.scale)) for attn in self._attns],
             num_heads=first.num_heads,
-            scale=float(first.scale),
             num_prefix_tokens=self._num_prefix_tokens,
             grid=self._grid,
             readout=self._readout,

@@ -17,23 +17,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from vitlens_server.models.block_record import BlockRecord
+from vitlens_server.models.block_record import AttentionRecord, BlockRecord
 
-__all__ = ["BlockRecord", "LayerRecord", "LrpRecord", "ModelPasses", "Recording"]
-
-
-@dataclass
-class LayerRecord:
-    """Tensors of one attention layer, all (B, H, N, D) except `out` and `out_grad`, (B, N, H·D).
-
-    ``out_grad`` is ∂y/∂O_l of one backward pass, set by `Recording.with_gradients`.
-    """
-
-    q: Tensor | None = None
-    k: Tensor | None = None
-    v: Tensor | None = None
-    out: Tensor | None = None
-    out_grad: Tensor | None = None
+__all__ = ["AttentionRecord", "BlockRecord", "LrpRecord", "ModelPasses", "Recording"]
 
 
 @dataclass
@@ -110,7 +96,7 @@ class Recording:
 
     Attributes:
         layers: one record per block, input side first.
-        num_heads, scale: of the attention modules (the same in every block).
+        num_heads: of the attention modules (the same in every block).
         num_prefix_tokens: P, tokens before the patch tokens.
         grid: (gh, gw) patch grid.
         readout: (N,) weights of the token rows the logits read — one-hot on the class token,
@@ -123,9 +109,8 @@ class Recording:
         lrp: activations for layer-wise relevance propagation, when recorded with ``lrp=True``.
     """
 
-    layers: list[LayerRecord]
+    layers: list[AttentionRecord]
     num_heads: int
-    scale: float
     num_prefix_tokens: int
     grid: tuple[int, int]
     readout: Tensor | None = None
@@ -142,7 +127,7 @@ class Recording:
     def scores(self, layer: int) -> Tensor:
         """Pre-softmax scores S_l = scale · q kᵀ, (B, H, N, N)."""
         rec = self.layers[layer]
-        return (rec.q * self.scale) @ rec.k.transpose(-2, -1)
+        return (rec.q * rec.scale) @ rec.k.transpose(-2, -1)
 
     def attention(self, layer: int) -> Tensor:
         """Attention A_l = softmax(S_l), (B, H, N, N); rows sum to 1."""
@@ -183,7 +168,7 @@ class Recording:
         """The recording of the images ``rows`` of the batch (views, no copies)."""
         return dataclasses.replace(
             self,
-            layers=[_narrow_fields(layer, rows) for layer in self.layers],
+            layers=[layer.narrow(rows) for layer in self.layers],
             tokens=_narrow(self.tokens, rows),
             pixels=_narrow(self.pixels, rows),
             passes=None if self.passes is None else self.passes.narrow(rows),
@@ -197,7 +182,8 @@ class Recording:
     def with_gradients(self, grads: Sequence[Tensor]) -> Recording:
         """This recording with ∂y/∂O_l of one backward pass, one (B, N, H·D) tensor per layer.
 
-        A new recording (new `LayerRecord`s sharing the captured tensors); this one is unchanged.
+        A new recording (new `AttentionRecord`s sharing the captured tensors); this one is
+        unchanged.
         """
         layers = [
             dataclasses.replace(layer, out_grad=grad)

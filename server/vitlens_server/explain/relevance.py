@@ -173,7 +173,7 @@ def block_relevance(
     heads_out = heads_out.view(b, n, rec.num_heads, -1).transpose(1, 2)  # (B, H, N, D_h)
     attn, k_t = rec.attention(layer), att.k.transpose(-2, -1)
     rel_attn, rel_v = product_relevance(attn, att.v, heads_out)  # (B, H, N, N), (B, H, N, D_h)
-    rel_q, rel_k_t = product_relevance(att.q, k_t, rel_attn, rec.scale)  # softmax: unchanged
+    rel_q, rel_k_t = product_relevance(att.q, k_t, rel_attn, att.scale)  # softmax: unchanged
     rel_qkv = torch.stack([rel_q, rel_k_t.transpose(-2, -1), rel_v])  # (3, B, H, N, D_h)
     rel_qkv = rel_qkv.permute(1, 3, 0, 2, 4).reshape(b, n, -1)  # qkv's (B, N, 3·H·D_h) layout
     x_branch = linear_relevance(acts.qkv_in, block.attn.qkv.weight, rel_qkv)

@@ -1,18 +1,57 @@
-"""`BlockRecord`: one transformer block's activations for layer-wise relevance propagation.
+"""What the hooks record per layer: `AttentionRecord`, one attention layer's tensors (every
+method reads them), and `BlockRecord`, one block's activations for layer-wise relevance
+propagation.
 
-One type for every block LRP walks: timm ViT blocks (classifiers, and timm image towers) and
-the open_clip and Hugging Face blocks of image-text towers. The hooks that fill it live with
-their models (`explain.capture` for classifiers, `models.image_text.lrp_taps`); the rules that
-read it are `explain.relevance`'s.
+One type each for every model they are recorded on: timm ViT blocks (classifiers, and timm
+image towers) and the open_clip and Hugging Face blocks of image-text towers. The hooks that fill
+them live with their models (`explain.capture` for classifiers, `models.image_text.hooks` and
+`models.image_text.lrp_taps`); the rules that read them are `explain`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["BlockRecord"]
+__all__ = ["AttentionRecord", "BlockRecord"]
+
+
+@dataclass
+class AttentionRecord:
+    """Tensors of one attention layer (classifiers' and image-text towers' alike).
+
+    Attributes:
+        q, k, v: (B, h, N, d) queries (after any q-norm), keys, values; detached.
+        out: (B, N, E) the tensor gradients are taken with respect to: O_l itself (E = h·d), or
+            the projected output Z_l where ``out_weight`` is set; part of the pass's graph.
+        out_weight: (E, h·d) W with Z_l = O_l Wᵀ + b, so that ∂y/∂O_l = ∂y/∂Z_l · W; None when
+            ``out`` is O_l.
+        out_grad: (B, N, E) ∂y/∂out of one backward pass (``with_gradients`` of the recording).
+        scale: the factor of q kᵀ (head_dim ** -0.5 in every supported tower).
+    """
+
+    q: Tensor | None = None
+    k: Tensor | None = None
+    v: Tensor | None = None
+    out: Tensor | None = None
+    out_weight: Tensor | None = None
+    out_grad: Tensor | None = None
+    scale: float = 1.0
+
+    def narrow(self, rows: slice | Tensor) -> AttentionRecord:
+        """The record of the batch items ``rows`` (views, no copies; ``out_weight`` is shared)."""
+        return dataclasses.replace(
+            self, **{name: _rows(getattr(self, name), rows) for name in _BATCH_FIRST}
+        )
+
+
+_BATCH_FIRST = ("q", "k", "v", "out", "out_grad")  # AttentionRecord's (B, ...) fields
+
+
+def _rows(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:
+    return None if tensor is None else tensor[rows]
 
 
 @dataclass

@@ -96,7 +96,8 @@ def run_metadata(
         "image_tower_init": "vitlens-demo.safetensors (key mapping: clip_model.demo_to_open_clip)",
         "schedule": f"{config.low_res_steps} steps at {config.low_res}px + {config.full_res_steps}"
         f" at {config.full_res}px, batch {config.batch_size}, AdamW lr {config.lr} (image trunk "
-        f"{config.visual_lr}, temperature {config.logit_scale_lr}), wd {config.weight_decay}, "
+        f"{config.visual_lr}, its position embedding {config.position_lr}, temperature "
+        f"{config.logit_scale_lr}), wd {config.weight_decay}, "
         f"warmup {config.warmup_steps} + cosine; {config.two_object_fraction:.0%} two-object "
         f"scenes; {config.focus_shapes or 8} classes per batch, {config.canonical_fraction:.0%} "
         f"canonical captions; frozen: "

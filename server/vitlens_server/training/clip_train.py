@@ -81,7 +81,7 @@ class ClipTrainConfig:
     full_res_steps: int = 3200
     batch_size: int = 48
     lr: float = 1e-3  # text tower and projections
-    visual_lr: float = 7e-4  # the pretrained image trunk
+    visual_lr: float = 4e-4  # the pretrained image trunk
     position_lr: float = 1e-2  # its position embedding: the demo's is near-uniform (see docs)
     logit_scale_lr: float = 5e-3  # the log-temperature: it has far to go in a short run
     frozen_blocks: int = 0  # image blocks (and patch/position embeddings) kept as the demo's
@@ -92,7 +92,7 @@ class ClipTrainConfig:
     two_object_fraction: float = 0.3  # share of scenes with two objects
     focus_shapes: int = 4  # classes per batch (0: all eight); see `make_batch`
     focus_colours: int = 0  # crisp scenes: palette colours per batch (0: all ten)
-    aux_weight: float = 0.0  # weight of the attribute head's loss (`clip_aux`; 0: none)
+    aux_weight: float = 2.0  # weight of the attribute head's loss (`clip_aux`; 0: none)
     canonical_fraction: float = 0.5  # share of scenes captioned with their canonical caption
     eval_every: int = 250  # steps between quick evaluations on the "val" split (0: none)
     eval_count: int = 100
@@ -284,7 +284,7 @@ def train_clip(
         }
         (config.export_dir / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
     model.aux_head = None  # not part of the exported CLIP
-    model.cpu().eval()
+    model.eval()
     with torch.no_grad():  # evaluate what the export stores: fp16-rounded weights
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
@@ -302,7 +302,7 @@ def train_clip(
     metadata["steps_done"] = step
     metadata["finished"] = step >= config.total_steps
     if config.export_dir is not None:
-        export_clip(model, config.export_dir, model_cfg=config.model_cfg, metadata=metadata)
+        export_clip(model.cpu(), config.export_dir, model_cfg=config.model_cfg, metadata=metadata)
         log.info("exported to %s", config.export_dir)
     return metadata
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vitlens_server.models.block_record import BlockRecord
+from vitlens_server.models.block_record import AttentionRecord, BlockRecord
 
 __all__ = [
     "AttentionRecord",
@@ -65,29 +65,6 @@ class TowerGraph:
     grid: tuple[int, int] | None
     causal: bool
     readout: str
-
-
-@dataclass
-class AttentionRecord:
-    """Tensors of one attention layer.
-
-    Attributes:
-        q, k, v: (B, h, N, d) queries (after any q-norm), keys, values; detached.
-        out: (B, N, E) the tensor gradients are taken with respect to: O_l itself (E = h·d), or
-            the projected output Z_l where ``out_weight`` is set; part of the pass's graph.
-        out_weight: (E, h·d) W with Z_l = O_l Wᵀ + b, so that ∂y/∂O_l = ∂y/∂Z_l · W; None when
-            ``out`` is O_l.
-        out_grad: (B, N, E) ∂y/∂out of one backward pass (`TowerRecording.with_gradients`).
-        scale: the factor of q kᵀ (head_dim ** -0.5 in every supported tower).
-    """
-
-    q: Tensor | None = None
-    k: Tensor | None = None
-    v: Tensor | None = None
-    out: Tensor | None = None
-    out_weight: Tensor | None = None
-    out_grad: Tensor | None = None
-    scale: float = 1.0
 
 
 @dataclass
@@ -185,17 +162,7 @@ class TowerRecording:
 
     def narrow(self, rows: slice | Tensor) -> TowerRecording:
         """The recording of the batch items ``rows`` (views, no copies)."""
-        layers = [
-            dataclasses.replace(
-                rec,
-                q=rec.q[rows],
-                k=rec.k[rows],
-                v=rec.v[rows],
-                out=rec.out[rows],
-                out_grad=None if rec.out_grad is None else rec.out_grad[rows],
-            )
-            for rec in self.layers
-        ]
+        layers = [rec.narrow(rows) for rec in self.layers]
         mask = self.mask
         if mask is not None and mask.shape[0] > 1:
             mask = mask[rows]
