@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from vitlens_server.models.block_record import AttentionRecord, BlockRecord
+from vitlens_server.models.block_record import AttentionRecord, BlockRecord, narrow_rows
 
 __all__ = ["AttentionRecord", "BlockRecord", "LrpRecord", "ModelPasses", "Recording"]
 
@@ -49,23 +49,11 @@ class LrpRecord:
         """The activations of the images ``rows`` of the batch (views, no copies)."""
         return dataclasses.replace(
             self,
-            layers=[_narrow_fields(layer, rows) for layer in self.layers],
-            head_in=[_narrow(t, rows) for t in self.head_in],
-            head_out=[_narrow(t, rows) for t in self.head_out],
-            pooled=_narrow(self.pooled, rows),
+            layers=[layer.narrow(rows) for layer in self.layers],
+            head_in=[narrow_rows(t, rows) for t in self.head_in],
+            head_out=[narrow_rows(t, rows) for t in self.head_out],
+            pooled=narrow_rows(self.pooled, rows),
         )
-
-
-def _narrow(tensor: Tensor | None, rows: slice) -> Tensor | None:
-    return None if tensor is None else tensor[rows]
-
-
-def _narrow_fields(record, rows: slice):
-    """A per-layer record with every (B, ...) tensor field cut to ``rows``."""
-    fields = dataclasses.fields(record)
-    return dataclasses.replace(
-        record, **{f.name: _narrow(getattr(record, f.name), rows) for f in fields}
-    )
 
 
 class ModelPasses(Protocol):
@@ -169,8 +157,8 @@ class Recording:
         return dataclasses.replace(
             self,
             layers=[layer.narrow(rows) for layer in self.layers],
-            tokens=_narrow(self.tokens, rows),
-            pixels=_narrow(self.pixels, rows),
+            tokens=narrow_rows(self.tokens, rows),
+            pixels=narrow_rows(self.pixels, rows),
             passes=None if self.passes is None else self.passes.narrow(rows),
             lrp=None if self.lrp is None else self.lrp.narrow(rows),
         )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["AttentionRecord", "BlockRecord"]
+__all__ = ["AttentionRecord", "BlockRecord", "narrow_rows"]
 
 
 @dataclass
@@ -43,14 +43,15 @@ class AttentionRecord:
     def narrow(self, rows: slice | Tensor) -> AttentionRecord:
         """The record of the batch items ``rows`` (views, no copies; ``out_weight`` is shared)."""
         return dataclasses.replace(
-            self, **{name: _rows(getattr(self, name), rows) for name in _BATCH_FIRST}
+            self, **{name: narrow_rows(getattr(self, name), rows) for name in _BATCH_FIRST}
         )
 
 
 _BATCH_FIRST = ("q", "k", "v", "out", "out_grad")  # AttentionRecord's (B, ...) fields
 
 
-def _rows(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:
+def narrow_rows(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:
+    """``tensor[rows]`` (the batch items ``rows`` of a batch-first tensor), None for None."""
     return None if tensor is None else tensor[rows]
 
 
@@ -78,3 +79,10 @@ class BlockRecord:
     fc1_in: Tensor | None = None
     fc2_in: Tensor | None = None
     mlp_branch: Tensor | None = None
+
+    def narrow(self, rows: slice | Tensor) -> BlockRecord:
+        """The record of the batch items ``rows`` (every field is batch-first; views)."""
+        fields = dataclasses.fields(self)
+        return dataclasses.replace(
+            self, **{f.name: narrow_rows(getattr(self, f.name), rows) for f in fields}
+        )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vitlens_server.models.block_record import AttentionRecord, BlockRecord
+from vitlens_server.models.block_record import AttentionRecord, BlockRecord, narrow_rows
 
 __all__ = [
     "AttentionRecord",
@@ -170,21 +170,12 @@ class TowerRecording:
             self,
             layers=layers,
             mask=mask,
-            read_rows=_rows(self.read_rows, rows),
-            inputs=_rows(self.inputs, rows),
-            input_grad=_rows(self.input_grad, rows),
-            blocks=None if self.blocks is None else [_block_rows(b, rows) for b in self.blocks],
-            head_in=_rows(self.head_in, rows),
+            read_rows=narrow_rows(self.read_rows, rows),
+            inputs=narrow_rows(self.inputs, rows),
+            input_grad=narrow_rows(self.input_grad, rows),
+            blocks=None if self.blocks is None else [b.narrow(rows) for b in self.blocks],
+            head_in=narrow_rows(self.head_in, rows),
         )
-
-
-def _rows(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:
-    return None if tensor is None else tensor[rows]
-
-
-def _block_rows(block: BlockRecord, rows: slice | Tensor) -> BlockRecord:
-    fields = dataclasses.fields(block)
-    return BlockRecord(**{f.name: _rows(getattr(block, f.name), rows) for f in fields})
 
 
 @dataclass
