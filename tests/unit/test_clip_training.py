@@ -26,7 +26,7 @@ from vitlens_server.training.clip_model import (
     resample_position_embedding,
     tokenizer,
 )
-from vitlens_server.training.clip_optim import freeze, make_optimizer
+from vitlens_server.training.clip_optim import freeze, is_trunk, lr_factor, make_optimizer
 from vitlens_server.training.clip_train import (
     ClipTrainConfig,
     contrastive_loss,
@@ -243,6 +243,20 @@ def test_each_parameter_trains_at_its_group_rate(tmp_path):
     assert rate[id(named["visual.proj"])] == 1e-3  # new, not pretrained: the full rate
     assert rate[id(named["logit_scale"])] == 7e-3
     assert rate[id(named["text_projection"])] == 1e-3
+
+
+def test_the_held_trunk_stays_as_loaded_then_warms_up(tmp_path):
+    config = _tiny_config(tmp_path, visual_hold_steps=3, full_res_steps=3, warmup_steps=2)
+    assert [lr_factor(config, s, trunk=True) for s in range(3)] == [0.0, 0.0, 0.0]
+    assert lr_factor(config, 0) == 0.5  # the rest warms up from the start
+    assert 0 < lr_factor(config, 3, trunk=True) < lr_factor(config, 4, trunk=True)
+    first = build_clip(TINY_CFG, demo_weights=None, seed=config.seed).state_dict()
+    export = tmp_path / "export"
+    train_clip(_tiny_config(tmp_path / "held", visual_hold_steps=4, export_dir=export))
+    trained = load_clip(export)[0].state_dict()
+    for name, before in first.items():  # exported in fp16: compare at that precision
+        same = torch.equal(trained[name].half(), before.half())
+        assert same is (is_trunk(name) or name == "token_embedding.weight"), name
 
 
 def test_the_command_line_sets_config_fields_by_name(monkeypatch):

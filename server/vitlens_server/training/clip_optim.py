@@ -10,7 +10,7 @@ import open_clip
 import torch
 from torch import nn
 
-__all__ = ["freeze", "lr_factor", "make_optimizer"]
+__all__ = ["freeze", "is_trunk", "lr_factor", "make_optimizer", "trunk_parameters"]
 
 
 def freeze(model: open_clip.CLIP, config: Any) -> None:
@@ -29,38 +29,62 @@ def freeze(model: open_clip.CLIP, config: Any) -> None:
         item.requires_grad_(False)
 
 
+def is_trunk(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the pretrained image trunk (its projection is new)."""
+    return name.startswith("visual.") and name != "visual.proj"
+
+
+def trunk_parameters(model: open_clip.CLIP) -> list[nn.Parameter]:
+    """The image trunk's trainable parameters (call after `freeze`). ``visual_hold_steps``
+    holds them still at first: ``requires_grad_(False)`` until then, so that autograd skips the
+    trunk's backward while the text tower learns to read the demo tower's features as they are
+    (its random early gradients would otherwise erode their shape information)."""
+    return [p for n, p in model.named_parameters() if is_trunk(n) and p.requires_grad]
+
+
 def make_optimizer(model: open_clip.CLIP, config: Any) -> torch.optim.AdamW:
     """Groups by rate and decay: the image trunk at ``visual_lr`` (its projection is new: full
     rate) but its position embedding at ``position_lr``, the temperature at ``logit_scale_lr``,
     the rest at ``lr``; no decay for 1-d tensors, embeddings and the temperature. Frozen
     parameters are left out."""
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        trunk = name.startswith("visual.") and name != "visual.proj"
+        trunk = is_trunk(name)
         lr = config.visual_lr if trunk else config.lr
         lr = config.position_lr if name == "visual.positional_embedding" else lr
         lr = config.logit_scale_lr if name == "logit_scale" else lr
         decay = param.ndim > 1 and "embedding" not in name
-        groups.setdefault((lr, decay), []).append(param)
+        groups.setdefault((trunk, lr, decay), []).append(param)
     return torch.optim.AdamW(
         [
             {
                 "params": params,
                 "weight_decay": config.weight_decay if decay else 0.0,
                 "base_lr": lr,
+                "trunk": trunk,
             }
-            for (lr, decay), params in sorted(groups.items())
+            for (trunk, lr, decay), params in sorted(groups.items())
         ],
         lr=config.lr,
     )
 
 
-def lr_factor(config: Any, step: int) -> float:
-    """Linear warmup, then cosine down to ``min_lr_fraction``."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
+def lr_factor(config: Any, step: int, trunk: bool = False) -> float:
+    """Linear warmup, then cosine down to ``min_lr_fraction``; for the image ``trunk``, 0 during
+    ``visual_hold_steps`` and a warmup of its own after them."""
+    hold = config.visual_hold_steps if trunk else 0
+    if step < hold:
+        return 0.0
+    if step - hold < config.warmup_steps:
+        warm = (step - hold + 1) / config.warmup_steps
+        return warm * _cosine(config, step) if hold else warm
+    return _cosine(config, step)
+
+
+def _cosine(config: Any, step: int) -> float:
+    """The cosine part of the schedule: 1 at the end of warmup, ``min_lr_fraction`` at the end."""
     progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
     floor = config.min_lr_fraction
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

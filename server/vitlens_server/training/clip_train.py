@@ -57,7 +57,12 @@ from vitlens_server.training.clip_model import (
     low_resolution,
     model_cfg_at,
 )
-from vitlens_server.training.clip_optim import freeze, lr_factor, make_optimizer
+from vitlens_server.training.clip_optim import (
+    freeze,
+    lr_factor,
+    make_optimizer,
+    trunk_parameters,
+)
 from vitlens_server.training.config_cli import add_config_arguments, config_from_args
 from vitlens_server.training.train import _device_name, resolve_precision
 
@@ -85,6 +90,7 @@ class ClipTrainConfig:
     position_lr: float = 1e-2  # its position embedding: the demo's is near-uniform (see docs)
     logit_scale_lr: float = 5e-3  # the log-temperature: it has far to go in a short run
     frozen_blocks: int = 0  # image blocks (and patch/position embeddings) kept as the demo's
+    visual_hold_steps: int = 0  # first steps with the image trunk still (`trunk_parameters`)
     train_token_embedding: bool = False
     min_lr_fraction: float = 0.05
     weight_decay: float = 0.1
@@ -174,6 +180,7 @@ def train_clip(
     model.to(device)
     freeze(model, config)
     optimizer = make_optimizer(model, config)
+    trunk = trunk_parameters(model)
     tokens = TokenCache(config.model_cfg)
     checkpoint = config.out / "clip.ckpt"
     step, elapsed_s, curve = 0, 0.0, []
@@ -198,7 +205,9 @@ def train_clip(
         size = config.low_res if step < config.low_res_steps else config.full_res
         images, captions, positives, targets = make_batch(config, step, size)
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(config, step)
+            group["lr"] = group["base_lr"] * lr_factor(config, step, group["trunk"])
+        for param in trunk:
+            param.requires_grad_(step >= config.visual_hold_steps)
         x = to_model_input(images, MEAN, STD, device)  # (B, 3, S, S)
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             with _at_size(model.visual, size, config.full_res):
@@ -349,6 +358,7 @@ _OPTIONS = (
     "position_lr",
     "warmup_steps",
     "frozen_blocks",
+    "visual_hold_steps",
     "train_token_embedding",
     "canonical_fraction",
     "two_object_fraction",
