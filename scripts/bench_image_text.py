@@ -1,7 +1,7 @@
 """Image-text `generic`: B images x M texts in one batched call vs. a loop over the pairs.
 
 Builds a random ViT-Tiny/16 CLIP (the demo ViT's image tower shape on 224 px, 197 tokens;
-a 6-layer text tower, context 77; larger than the shipped 112 px exemplar) — timing only, the
+a 6-layer text tower, context 77; larger than the shipped 160 px exemplar) — timing only, the
 weights do not matter — and times `explain_pairs` on the full grid against B x M single-pair
 calls, checking they agree.
 

@@ -17,7 +17,7 @@
 # 6. Image-text N x M (issue #16): `generic` on a ViT-Tiny/16 CLIP at 224 px, one batched call for
 #    IMAGES x TEXTS pairs against the per-pair loop, scripts/bench_image_text.py --device.
 # 7. Exemplar CLIP training speed on the GPU (issue #16): CLIP_STEPS steps of the shipped
-#    schedule's batches (`clip_train --device`), whose log gives images/s at 112 px; the full
+#    schedule's batches (`clip_train --device`), whose log gives images/s at 160 px; the full
 #    3,200-step schedule's time follows. Scenes are rendered on one CPU core meanwhile.
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,

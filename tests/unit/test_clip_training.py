@@ -188,15 +188,15 @@ def test_position_embedding_resampling_keeps_the_grid_and_halves_it():
     assert half.shape == (1 + 49, 8) and torch.equal(half[0], pos[0])
 
 
-def test_the_exemplar_builds_at_its_native_112_px():
+def test_the_exemplar_builds_at_its_native_160_px():
     cfg = model_cfg_at(EXEMPLAR_IMAGE_SIZE)
     model = build_clip(cfg).eval()
-    assert tuple(model.visual.grid_size) == (7, 7)
-    assert model.visual.positional_embedding.shape == (1 + 49, 192)
+    assert tuple(model.visual.grid_size) == (10, 10)
+    assert model.visual.positional_embedding.shape == (1 + 100, 192)
     with torch.no_grad():
-        assert model.encode_image(torch.randn(1, 3, 112, 112)).shape == (1, 128)
+        assert model.encode_image(torch.randn(1, 3, 160, 160)).shape == (1, 128)
     full = build_clip().visual.positional_embedding.detach()
-    expected = resample_position_embedding(full, (7, 7))
+    expected = resample_position_embedding(full, (10, 10))
     assert torch.allclose(model.visual.positional_embedding.detach(), expected)
 
 

@@ -67,9 +67,10 @@ CLIP_MODEL_CFG: dict[str, Any] = {
 }
 
 
-# The shipped exemplar's native side: 112 px (7 x 7 patches), a quarter of the 224 px compute,
-# which is what a CPU-only training budget affords (benchmarks/clip_training.md).
-EXEMPLAR_IMAGE_SIZE = 112
+# The shipped exemplar's native side: 160 px (10 x 10 patches), half the 224 px compute, which a
+# CPU-only training budget affords; at 112 px a small object's shape was no longer legible
+# (disc and hexagon confused: benchmarks/clip_training.md).
+EXEMPLAR_IMAGE_SIZE = 160
 
 
 def model_cfg_at(image_size: int, model_cfg: Mapping[str, Any] = CLIP_MODEL_CFG) -> dict[str, Any]:

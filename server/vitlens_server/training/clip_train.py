@@ -6,7 +6,7 @@ sees the same data as an uninterrupted one), a mix of one- and two-object scenes
 of its captions drawn at random. The loss is CLIP's symmetric InfoNCE with a learnable
 temperature, where every caption of the batch that is *true* of an image (``Caption.true_of``:
 "a photo of a star." for every star) is one of its positives. The image tower starts from the
-demo classifier (its position embedding resampled to the exemplar's native 112 px) and learns at
+demo classifier (its position embedding resampled to the exemplar's native 160 px) and learns at
 a lower rate. Scenes have crisp attributes (`crisp_scene_config`) unless ``crisp`` is off. An
 optional first phase of ``low_res_steps`` runs at ``low_res`` px (`low_resolution`); the default
 schedule has none. On a shared CPU, ``--threads 1`` can be far faster than 2 (see
