@@ -180,6 +180,18 @@ def test_an_unfinished_run_exports_a_resumable_state(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_stopped_while_its_trunk_is_held_resumes_as_if_uninterrupted(tmp_path):
+    whole = _tiny_config(tmp_path / "whole", visual_hold_steps=3)
+    train_clip(whole)
+    part = _tiny_config(tmp_path / "part", visual_hold_steps=3)
+    assert train_clip(part, stop_at_step=2) is None  # its checkpoint leaves the held trunk out
+    train_clip(part, resume=True)
+    a = torch.load(tmp_path / "whole" / "clip.ckpt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "clip.ckpt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "visual.conv1.weight" in a  # the trunk trained in the last step
+
+
 def test_position_embedding_resampling_keeps_the_grid_and_halves_it():
     pos = torch.randn(1 + 14 * 14, 8)
     same = resample_position_embedding(pos, (14, 14))

@@ -10,7 +10,7 @@ import open_clip
 import torch
 from torch import nn
 
-__all__ = ["freeze", "is_trunk", "lr_factor", "make_optimizer", "trunk_parameters"]
+__all__ = ["freeze", "hold_trunk", "is_trunk", "lr_factor", "make_optimizer", "trunk_parameters"]
 
 
 def freeze(model: open_clip.CLIP, config: Any) -> None:
@@ -35,11 +35,18 @@ def is_trunk(name: str) -> bool:
 
 
 def trunk_parameters(model: open_clip.CLIP) -> list[nn.Parameter]:
-    """The image trunk's trainable parameters (call after `freeze`). ``visual_hold_steps``
-    holds them still at first: ``requires_grad_(False)`` until then, so that autograd skips the
-    trunk's backward while the text tower learns to read the demo tower's features as they are
-    (its random early gradients would otherwise erode their shape information)."""
+    """The image trunk's trainable parameters (call after `freeze`), for `hold_trunk`."""
     return [p for n, p in model.named_parameters() if is_trunk(n) and p.requires_grad]
+
+
+def hold_trunk(trunk: list[nn.Parameter], config: Any, step: int) -> None:
+    """Hold the ``trunk`` parameters still before ``step`` while it is below
+    ``visual_hold_steps``: ``requires_grad_(False)``, so that autograd skips the trunk's backward
+    while the text tower learns to read the demo tower's features as they are. A checkpoint
+    written meanwhile leaves them out, as it does `freeze`'s parameters: apply the hold of
+    step 0 before loading one."""
+    for param in trunk:
+        param.requires_grad_(step >= config.visual_hold_steps)
 
 
 def make_optimizer(model: open_clip.CLIP, config: Any) -> torch.optim.AdamW:
@@ -77,14 +84,13 @@ def lr_factor(config: Any, step: int, trunk: bool = False) -> float:
     hold = config.visual_hold_steps if trunk else 0
     if step < hold:
         return 0.0
-    if step - hold < config.warmup_steps:
-        warm = (step - hold + 1) / config.warmup_steps
-        return warm * _cosine(config, step) if hold else warm
-    return _cosine(config, step)
+    warm = min(1.0, (step - hold + 1) / max(1, config.warmup_steps))
+    return warm * _cosine(config, step)
 
 
 def _cosine(config: Any, step: int) -> float:
-    """The cosine part of the schedule: 1 at the end of warmup, ``min_lr_fraction`` at the end."""
-    progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
+    """The cosine part of the schedule: 1 until the end of warmup, ``min_lr_fraction`` at the
+    end."""
+    progress = max(0, step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
     floor = config.min_lr_fraction
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -59,6 +59,7 @@ from vitlens_server.training.clip_model import (
 )
 from vitlens_server.training.clip_optim import (
     freeze,
+    hold_trunk,
     lr_factor,
     make_optimizer,
     trunk_parameters,
@@ -184,6 +185,7 @@ def train_clip(
     tokens = TokenCache(config.model_cfg)
     checkpoint = config.out / "clip.ckpt"
     step, elapsed_s, curve = 0, 0.0, []
+    hold_trunk(trunk, config, step)  # a checkpoint written during the hold has no trunk
     if resume and checkpoint.is_file():
         step, elapsed_s, curve = load_checkpoint(
             checkpoint, model, optimizer, config_key(config, _NOT_RESUME_KEYS)
@@ -206,8 +208,7 @@ def train_clip(
         images, captions, positives, targets = make_batch(config, step, size)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(config, step, group["trunk"])
-        for param in trunk:
-            param.requires_grad_(step >= config.visual_hold_steps)
+        hold_trunk(trunk, config, step)
         x = to_model_input(images, MEAN, STD, device)  # (B, 3, S, S)
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             with _at_size(model.visual, size, config.full_res):
