@@ -12,16 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from vitlens_server.data.questions import ANSWERS, KINDS, answer_index
+from vitlens_server.models.bimodal.frontend import PatchFrontEnd, patch_boxes
 from vitlens_server.training.accuracy import to_model_input
 from vitlens_server.training.clip_model import model_cfg_at
 from vitlens_server.training.vqa_data import held_out, make_batch, tokenize
 from vitlens_server.training.vqa_export import load_exported
-from vitlens_server.training.vqa_model import (
-    PatchFrontEnd,
-    build_vilt,
-    clip_visual_to_vilt,
-    patch_boxes,
-)
+from vitlens_server.training.vqa_model import build_vilt, clip_visual_to_vilt
 from vitlens_server.training.vqa_net import MEAN, STD
 from vitlens_server.training.vqa_train import VqaTrainConfig, train_vqa
 

@@ -29,8 +29,8 @@ from transformers import (
 )
 
 from vitlens_server.data.questions import ANSWERS, vocab_lines
+from vitlens_server.models.bimodal.frontend import PatchFrontEnd, load_clip_visual
 from vitlens_server.models.default import CLIP_DIR
-from vitlens_server.training.vqa_model import PatchFrontEnd, load_clip_visual
 from vitlens_server.training.vqa_net import MEAN, STD, VqaNet
 
 __all__ = ["SIDECAR", "export_vqa", "load_exported"]

@@ -12,13 +12,12 @@ import torch
 from torch import Tensor, nn
 from transformers import BertTokenizer
 
+from vitlens_server.models.bimodal.frontend import PatchFrontEnd, load_clip_visual
 from vitlens_server.training.clip_model import model_cfg_at
 from vitlens_server.training.vqa_model import (
-    PatchFrontEnd,
     build_lxmert,
     build_vilt,
     clip_visual_to_vilt,
-    load_clip_visual,
     question_tokenizer,
 )
 
