@@ -6,7 +6,7 @@ gradients of one batch; `baselines` holds §4's raw attention, rollout (Eq. 12) 
 Attribution over the same graphs; `vit` is the timm ViT classifier's graph.
 """
 
-from vitlens_server.explain.graph.baselines import attribution, raw_attention, rollout
+from vitlens_server.explain.graph.baselines import attribution, gradcam, raw_attention, rollout
 from vitlens_server.explain.graph.declare import (
     AttentionEdge,
     AttentionGraph,
@@ -33,6 +33,7 @@ __all__ = [
     "attribution",
     "bi",
     "cross",
+    "gradcam",
     "propagate",
     "raw_attention",
     "read_rows",

@@ -14,6 +14,11 @@ the graph creates (`AttentionGraph.pairs`): (x, x) per set, (q, k) per bi or cro
                     averaging (pass R^A, the LRP relevance of A, as ``attention``) with Eq. 6
                     on every self-attention layer of x; R^{qk} = the last layer q ← k averaged
                     by Eq. 13
+    gradcam         Grad-CAM on the last layer of each pair, as the seed's code adapts it to
+                    attention: R = (mean_h w_h·A_h)⁺ with w_h = the mean of ∂y/∂A_h over all
+                    its entries (one weight per head)
+
+Partial LRP is `raw_attention` of (R^A)⁺: the last layer's positive LRP relevance, head mean.
 
 A set that no layer of the kind reaches keeps R^{xx} = I; a pair no edge reaches stays 0.
 """
@@ -29,7 +34,7 @@ from vitlens_server.explain.graph.declare import AttentionEdge, AttentionGraph
 from vitlens_server.explain.graph.engine import GraphRelevance, LayerMaps
 from vitlens_server.explain.graph.rules import head_mean, identity, paired_relevance
 
-__all__ = ["attribution", "raw_attention", "rollout"]
+__all__ = ["attribution", "gradcam", "raw_attention", "rollout"]
 
 
 @torch.no_grad()
@@ -99,6 +104,24 @@ def attribution(
             found = identity(weighted.shape[0], weighted.shape[-1], weighted)
         matrices[pair] = found + weighted @ found
     return _result(graph, matrices)
+
+
+@torch.no_grad()
+def gradcam(
+    graph: AttentionGraph,
+    maps: Iterable[LayerMaps],
+    *,
+    dtype: torch.dtype | None = torch.float32,
+) -> GraphRelevance:
+    """Last map of each pair weighted per head by its mean gradient, head mean, positive part."""
+    last: dict[tuple[str, str], Tensor] = {}
+    for edge, layer in _walk(graph, maps):
+        if layer.gradient is None:
+            raise ValueError(f"{edge.describe()}: Grad-CAM needs ∂y/∂A")
+        attention, gradient = _cast(layer.attention, dtype), _cast(layer.gradient, dtype)
+        weights = gradient.mean(dim=(2, 3), keepdim=True)  # (B, h, 1, 1)
+        last[edge.queries, edge.keys] = (weights * attention).mean(dim=1).clamp(min=0)
+    return _result(graph, last)
 
 
 def _walk(
