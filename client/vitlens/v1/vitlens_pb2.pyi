@@ -20,28 +20,42 @@ class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_UNSPECIFIED: _ClassVar[Task]
     TASK_CLASSIFICATION: _ClassVar[Task]
     TASK_IMAGE_TEXT_SIMILARITY: _ClassVar[Task]
+    TASK_VISUAL_QUESTION_ANSWERING: _ClassVar[Task]
 OUTPUT_GRID_UNSPECIFIED: OutputGrid
 OUTPUT_GRID_INPUT: OutputGrid
 OUTPUT_GRID_TOKENS: OutputGrid
 TASK_UNSPECIFIED: Task
 TASK_CLASSIFICATION: Task
 TASK_IMAGE_TEXT_SIMILARITY: Task
+TASK_VISUAL_QUESTION_ANSWERING: Task
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "method", "images", "target", "options", "texts")
+    __slots__ = ("model", "method", "images", "target", "options", "texts", "questions", "regions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     target: Target
     options: ExplainOptions
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    questions: _containers.RepeatedScalarFieldContainer[str]
+    regions: _containers.RepeatedCompositeFieldContainer[Regions]
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., texts: _Optional[_Iterable[str]] = ..., questions: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[Regions, _Mapping]]] = ...) -> None: ...
+
+class Regions(_message.Message):
+    __slots__ = ("features", "boxes")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    features: _tensor_pb2.Tensor
+    boxes: _tensor_pb2.Tensor
+    def __init__(self, features: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., boxes: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("predicted", "class_index", "per_image", "top_k")
@@ -98,16 +112,30 @@ class ImageExplanation(_message.Message):
     def __init__(self, id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("target", "heatmap", "relevance", "text")
+    __slots__ = ("target", "heatmap", "relevance", "text", "region_relevance", "matrices")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     RELEVANCE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    REGION_RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    MATRICES_FIELD_NUMBER: _ClassVar[int]
     target: Prediction
     heatmap: _tensor_pb2.Tensor
     relevance: _tensor_pb2.Tensor
     text: TextRelevance
-    def __init__(self, target: _Optional[_Union[Prediction, _Mapping]] = ..., heatmap: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., relevance: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text: _Optional[_Union[TextRelevance, _Mapping]] = ...) -> None: ...
+    region_relevance: _containers.RepeatedScalarFieldContainer[float]
+    matrices: _containers.RepeatedCompositeFieldContainer[RelevanceMatrix]
+    def __init__(self, target: _Optional[_Union[Prediction, _Mapping]] = ..., heatmap: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., relevance: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text: _Optional[_Union[TextRelevance, _Mapping]] = ..., region_relevance: _Optional[_Iterable[float]] = ..., matrices: _Optional[_Iterable[_Union[RelevanceMatrix, _Mapping]]] = ...) -> None: ...
+
+class RelevanceMatrix(_message.Message):
+    __slots__ = ("queries", "keys", "matrix")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MATRIX_FIELD_NUMBER: _ClassVar[int]
+    queries: str
+    keys: str
+    matrix: _tensor_pb2.Tensor
+    def __init__(self, queries: _Optional[str] = ..., keys: _Optional[str] = ..., matrix: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class TextRelevance(_message.Message):
     __slots__ = ("text", "tokens", "relevance")
@@ -144,16 +172,20 @@ class Timing(_message.Message):
     def __init__(self, preprocess_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "images", "top_k", "prompts")
+    __slots__ = ("model", "images", "top_k", "prompts", "questions", "regions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     top_k: int
     prompts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., prompts: _Optional[_Iterable[str]] = ...) -> None: ...
+    questions: _containers.RepeatedScalarFieldContainer[str]
+    regions: _containers.RepeatedCompositeFieldContainer[Regions]
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., prompts: _Optional[_Iterable[str]] = ..., questions: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[Regions, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "results", "timing")
@@ -192,7 +224,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "input_size", "mean", "std", "patch_size", "patch_grid", "num_prefix_tokens", "num_layers", "num_heads", "labels", "methods", "weights", "device", "readout", "task", "modalities", "prompt_template")
+    __slots__ = ("name", "architecture", "input_size", "mean", "std", "patch_size", "patch_grid", "num_prefix_tokens", "num_layers", "num_heads", "labels", "methods", "weights", "device", "readout", "task", "modalities", "prompt_template", "visual_input", "region_feature_dim", "stream_architecture")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +243,9 @@ class ModelInfo(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_INPUT_FIELD_NUMBER: _ClassVar[int]
+    REGION_FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     input_size: _containers.RepeatedScalarFieldContainer[int]
@@ -229,7 +264,10 @@ class ModelInfo(_message.Message):
     task: Task
     modalities: _containers.RepeatedCompositeFieldContainer[Modality]
     prompt_template: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[_Iterable[int]] = ..., patch_grid: _Optional[_Iterable[int]] = ..., num_prefix_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., device: _Optional[str] = ..., readout: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., modalities: _Optional[_Iterable[_Union[Modality, _Mapping]]] = ..., prompt_template: _Optional[str] = ...) -> None: ...
+    visual_input: str
+    region_feature_dim: int
+    stream_architecture: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[_Iterable[int]] = ..., patch_grid: _Optional[_Iterable[int]] = ..., num_prefix_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., device: _Optional[str] = ..., readout: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., modalities: _Optional[_Iterable[_Union[Modality, _Mapping]]] = ..., prompt_template: _Optional[str] = ..., visual_input: _Optional[str] = ..., region_feature_dim: _Optional[int] = ..., stream_architecture: _Optional[str] = ...) -> None: ...
 
 class Modality(_message.Message):
     __slots__ = ("name", "num_tokens", "description")
