@@ -56,6 +56,9 @@ class BimodalInputs:
         regions: (B, R, F) detector region features (VisualBERT, LXMERT), or None.
         boxes: (B, R, 4) region boxes (x1, y1, x2, y2) normalised to [0, 1] (LXMERT needs them).
         region_mask: (B, R) 1 at real regions, 0 at padding; None: all real.
+        patch_mask: (B, L) 1 at the patch tokens the model reads, 0 at removed ones (ViLT
+            only; token perturbation, `BimodalModel.remove_tokens`), columns in the patch-slot
+            order of `BimodalTokens.image_valid`; None: every real patch is read.
     """
 
     ids: Tensor
@@ -65,6 +68,7 @@ class BimodalInputs:
     regions: Tensor | None = None
     boxes: Tensor | None = None
     region_mask: Tensor | None = None
+    patch_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 2 or self.text_mask.shape != self.ids.shape:
@@ -75,6 +79,13 @@ class BimodalInputs:
         b = self.ids.shape[0]
         if (self.pixels is None) == (self.regions is None):
             raise ValueError("give either pixels (ViLT) or region features, not both or neither")
+        if self.patch_mask is not None:
+            if self.pixels is None:
+                raise ValueError(
+                    "patch_mask is for pixel inputs; regions are removed by region_mask"
+                )
+            if self.patch_mask.dim() != 2 or self.patch_mask.shape[0] != b:
+                raise ValueError(f"patch_mask must be ({b}, L); got {tuple(self.patch_mask.shape)}")
         if self.pixels is not None:
             if self.pixels.dim() != 4 or self.pixels.shape[:2] != (b, 3):
                 raise ValueError(f"pixels must be ({b}, 3, H, W); got {tuple(self.pixels.shape)}")
@@ -247,6 +258,53 @@ class BimodalModel(ABC):
         text = text.masked_fill(~tokens.text_valid.to(text.device), 0)
         image = image.masked_fill(~tokens.image_valid.to(image.device), 0)
         return text, image
+
+    def remove_tokens(
+        self,
+        inputs: BimodalInputs,
+        *,
+        text: Tensor | None = None,
+        image: Tensor | None = None,
+    ) -> BimodalInputs:
+        """``inputs`` with tokens removed as the model's own "absent" input (seed 003 §4).
+
+        Args:
+            inputs: the batch.
+            text: (B, T) bool, True at the text positions to remove; only word tokens
+                (`BimodalTokens.text_valid`) go, CLS, SEP and padding stay as they are.
+            image: (B, M) bool, True at the image tokens to remove (columns as
+                `BimodalTokens.image_valid`); padding slots stay padding.
+
+        By default a removed token is masked the way the model masks padding: text_mask 0
+        (text), region_mask 0 (regions). Adapters that need another way override
+        `_remove_text` / `_remove_image` and say so in their docstring. The token
+        bookkeeping of the result (`tokens`) still lists the removed tokens as real.
+        """
+        if text is not None:
+            if tuple(text.shape) != tuple(inputs.ids.shape):
+                raise ValueError(f"text removal must be {tuple(inputs.ids.shape)}")
+            inputs = self._remove_text(inputs, text.to(inputs.ids.device).bool())
+        if image is not None:
+            if image.dim() != 2 or image.shape[0] != inputs.batch_size:
+                raise ValueError(f"image removal must be ({inputs.batch_size}, M)")
+            inputs = self._remove_image(inputs, image.bool())
+        return inputs
+
+    def _remove_text(self, inputs: BimodalInputs, remove: Tensor) -> BimodalInputs:
+        """Removed word tokens (``remove`` (B, T) bool) get text_mask 0."""
+        drop = remove & self._word_tokens(inputs)
+        return replace(inputs, text_mask=inputs.text_mask.masked_fill(drop, 0))
+
+    def _remove_image(self, inputs: BimodalInputs, remove: Tensor) -> BimodalInputs:
+        """Removed regions (``remove`` (B, R) bool) get region_mask 0."""
+        assert inputs.regions is not None
+        shape = tuple(inputs.regions.shape[:2])
+        if tuple(remove.shape) != shape:
+            raise ValueError(f"image removal must be {shape} (one column per region)")
+        mask = inputs.region_mask
+        if mask is None:
+            mask = inputs.text_mask.new_ones(shape, device=inputs.regions.device)
+        return replace(inputs, region_mask=mask.masked_fill(remove.to(mask.device), 0))
 
     def close(self) -> None:
         """Remove the recording hooks (the model is then exactly as the library built it)."""

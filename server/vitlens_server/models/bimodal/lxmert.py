@@ -7,6 +7,11 @@ inputs, then a self-attention layer per stream. The answer is read at the text C
 last cross layer. Only some of these maps come back with ``output_attentions``; the hooks
 capture all of them. The last cross layer's image ← text and image self-attention do not reach
 the answer: their gradients are zero.
+
+Token removal (`BimodalModel.remove_tokens`, seed 003 §4 perturbation): a removed word token
+gets text_mask 0, a removed region visual_attention_mask 0 (the masks LXMERT gives padding).
+With every region removed the text's co-attention has no real key left and spreads evenly over
+the masked regions: the model's own behaviour on an all-padding image.
 """
 
 from __future__ import annotations

@@ -11,11 +11,17 @@ zeroes the padding slots' embeddings (masked keys: no real token reads them) and
 (up to float rounding), every call gives the same tokens and maps, and the cell of every patch
 token is known. Every patch is kept: the config's ``max_image_length`` random subsampling is
 not applied.
+
+Token removal (`BimodalModel.remove_tokens`, seed 003 §4 perturbation): a removed word token
+gets text_mask 0; a removed patch token gets 0 in the (B, 1+L) image token mask
+(``BimodalInputs.patch_mask``), the mask ViLT gives padding slots: no token attends to it.
+The image CLS is never removed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -76,10 +82,18 @@ class ViltAdapter(BimodalModel):
         key = cells[..., 0] * gw + cells[..., 1] + (~patch_valid).long() * (gh * gw)
         order = key.argsort(dim=1, stable=True)  # real patches in raster order, then padding
         patch_valid = patch_valid.gather(1, order)  # (B, L)
+        read = patch_valid  # the patches the model reads: real and not removed
+        if inputs.patch_mask is not None:
+            if tuple(inputs.patch_mask.shape) != tuple(patch_valid.shape):
+                raise ValueError(
+                    f"patch_mask must be {tuple(patch_valid.shape)} (the batch's patch slots); "
+                    f"got {tuple(inputs.patch_mask.shape)}"
+                )
+            read = patch_valid & inputs.patch_mask.to(patch_valid.device).bool()
         patches = embeds[:, 1:].gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
         patches = patches.masked_fill(~patch_valid[..., None], 0)  # padding drawn at random
         image_embeds = torch.cat([embeds[:, :1], patches], dim=1)  # (B, 1+L, D)
-        image_mask = torch.cat([embeds_mask[:, :1], patch_valid.to(embeds_mask.dtype)], dim=1)
+        image_mask = torch.cat([embeds_mask[:, :1], read.to(embeds_mask.dtype)], dim=1)
         cells = cells.gather(1, order[..., None].expand(-1, -1, 2))  # (B, L, 2)
         cells = cells.masked_fill(~patch_valid[..., None], -1)
         t, num_patches = inputs.ids.shape[1], patches.shape[1]
@@ -103,6 +117,13 @@ class ViltAdapter(BimodalModel):
             "pixel_mask": image_mask,  # the (B, 1+L) token mask on this path
         }
         return kwargs, tokens
+
+    def _remove_image(self, inputs: BimodalInputs, remove: Tensor) -> BimodalInputs:
+        """Removed patch slots (``remove`` (B, L) bool) get 0 in ``patch_mask``."""
+        mask = inputs.patch_mask
+        if mask is None:
+            mask = torch.ones(remove.shape, dtype=torch.bool, device=remove.device)
+        return replace(inputs, patch_mask=mask.bool() & ~remove.to(mask.device))
 
     def _logits(self, kwargs: dict[str, Any]) -> Tensor:
         return self.module(**kwargs).logits

@@ -4,11 +4,19 @@ Joint order: text positions 0..T-1 (CLS at 0, ..., SEP, padding), then the R reg
 T..T+R-1 (no image CLS). The answer head reads neither the pooler nor CLS: it gathers position
 ``text_mask.sum(1) - 2`` (the last token before the final SEP of a right-padded question), so
 that is the readout row of each item.
+
+Token removal (`BimodalModel.remove_tokens`, seed 003 §4 perturbation): a removed region gets
+region_mask 0 (``visual_attention_mask``). A removed word token is dropped from the sequence:
+the kept tokens move left and the end is padded, as Chefer et al.'s reference code removes
+text tokens. Masking it in place would move the head's readout, which gathers at
+``text_mask.sum(1) - 2`` and so assumes one contiguous run of real tokens. The later tokens'
+position embeddings shift with the drop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -88,6 +96,15 @@ class VisualBertAdapter(BimodalModel):
             "visual_token_type_ids": torch.ones(b, r, dtype=torch.long, device=regions.device),
         }
         return kwargs, tokens
+
+    def _remove_text(self, inputs: BimodalInputs, remove: Tensor) -> BimodalInputs:
+        """Removed word tokens (``remove`` (B, T) bool) leave the sequence; the rest close up."""
+        keep = inputs.text_mask.bool() & ~(remove & self._word_tokens(inputs))  # (B, T)
+        order = (~keep).long().argsort(dim=1, stable=True)  # kept tokens first, in order
+        kept = keep.gather(1, order)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = inputs.ids.gather(1, order).masked_fill(~kept, pad)
+        return replace(inputs, ids=ids, text_mask=kept.to(inputs.text_mask.dtype))
 
     def _logits(self, kwargs: dict[str, Any]) -> Tensor:
         return self.module(**kwargs).logits
