@@ -23,14 +23,16 @@ log = logging.getLogger("vitlens.serve")
 
 
 def parse_model_spec(text: str, device: str, precision: str = "fp32") -> ModelSpec:
-    """``[NAME=]ARCH[:WEIGHTS|:random]``, ``[NAME=]SOURCE`` for an image-text (CLIP) model, or
-    the name of a model that ships with the server: ``vitlens-demo`` (the embedded classifier)
-    or ``vitlens-clip`` (the exemplar CLIP; `vitlens_server.models.default`).
+    """``[NAME=]ARCH[:WEIGHTS|:random]``, ``[NAME=]SOURCE`` for an image-text (CLIP) or a VQA
+    model, or the name of a model that ships with the server: ``vitlens-demo`` (the embedded
+    classifier), ``vitlens-clip`` (the exemplar CLIP), ``vitlens-vilt`` and ``vitlens-lxmert``
+    (the exemplar VQA models; `vitlens_server.models.default`).
 
     ``ARCH`` alone loads timm's pretrained weights from the local cache; ``:random`` builds a
     randomly initialised model (for testing); otherwise ``WEIGHTS`` is a local file. ``SOURCE``
-    is ``open_clip:DIR``, ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md);
-    without ``NAME=`` the model is named after the directory or file.
+    is ``open_clip:DIR``, ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md),
+    or ``hf-vqa:DIR`` (docs/vqa_models.md); without ``NAME=`` the model is named after the
+    directory or file.
     """
     builtin = builtin_spec(text, device, precision)
     if builtin is not None:
@@ -38,6 +40,9 @@ def parse_model_spec(text: str, device: str, precision: str = "fp32") -> ModelSp
     image_text = _image_text_spec(text, device, precision)
     if image_text is not None:
         return image_text
+    vqa = _vqa_spec(text, device, precision)
+    if vqa is not None:
+        return vqa
     name, _, rest = text.rpartition("=")
     arch, _, weights = rest.partition(":")
     if not arch:
@@ -66,6 +71,25 @@ def _image_text_spec(text: str, device: str, precision: str) -> ModelSpec | None
         name=name or source.path.stem,
         architecture=source.format,
         source=str(source),
+        device=device,
+        precision=precision,
+    )
+
+
+def _vqa_spec(text: str, device: str, precision: str) -> ModelSpec | None:
+    """The spec of ``[NAME=]hf-vqa:DIR``; None for other specs."""
+    name, sep, rest = text.partition("=")
+    if not sep:
+        name, rest = "", text
+    fmt, _, path = rest.partition(":")
+    if fmt != "hf-vqa":
+        return None
+    if not path:
+        raise ValueError(f"VQA model source {rest!r} names no directory (hf-vqa:DIR)")
+    return ModelSpec(
+        name=name or Path(path).name,
+        architecture=fmt,
+        source=rest,
         device=device,
         precision=precision,
     )

@@ -136,6 +136,31 @@ class TextRelevance:
 
 
 @dataclass(frozen=True)
+class RelevanceMatrix:
+    """R^{queries keys}, (|queries|, |keys|) float: how much each token of ``keys`` matters for
+    each token of ``queries`` (token sets ``"text"``, ``"image"``, ``"joint"``)."""
+
+    queries: str
+    keys: str
+    matrix: np.ndarray
+
+
+@dataclass(frozen=True)
+class RegionsInput:
+    """One image's detector regions for a region-based VQA model.
+
+    Attributes:
+        features: (R, F) float32 region features.
+        boxes: (R, 4) float32 (x1, y1, x2, y2) as fractions of the image's width and height.
+        where: how the request names them in error messages (``regions[2]``).
+    """
+
+    features: np.ndarray
+    boxes: np.ndarray
+    where: str = "regions"
+
+
+@dataclass(frozen=True)
 class ExplainResult:
     """Host arrays for a batch of B images with K explained classes each.
 
@@ -148,7 +173,11 @@ class ExplainResult:
             image tower's).
         compute_seconds: device time of the passes and the method.
         texts: image-text models: per image, per explanation, the text tokens' relevance
-            (B x K); None for classifiers.
+            (B x K); VQA models: the question tokens'; None for classifiers.
+        regions: VQA models on request regions: per image, (K, R_b) the relevance of its R_b
+            regions (``heatmaps`` is then (B, K, 0, 0)); None otherwise.
+        matrices: VQA models, when requested: per image, per explanation, every relevance
+            matrix (B x K x pairs); None otherwise.
     """
 
     predictions: Predictions
@@ -159,6 +188,8 @@ class ExplainResult:
     relevance: np.ndarray | None
     compute_seconds: float
     texts: tuple[tuple[TextRelevance, ...], ...] | None = None
+    regions: tuple[np.ndarray, ...] | None = None
+    matrices: tuple[tuple[tuple[RelevanceMatrix, ...], ...], ...] | None = None
 
     @staticmethod
     def concat(parts: list[ExplainResult]) -> ExplainResult:
@@ -176,6 +207,8 @@ class ExplainResult:
             else np.concatenate([p.relevance for p in parts]),
             compute_seconds=sum(p.compute_seconds for p in parts),
             texts=None if parts[0].texts is None else sum((p.texts for p in parts), ()),
+            regions=None if parts[0].regions is None else sum((p.regions for p in parts), ()),
+            matrices=None if parts[0].matrices is None else sum((p.matrices for p in parts), ()),
         )
 
     def rows(self) -> list[ExplainResult]:
@@ -190,6 +223,8 @@ class ExplainResult:
                 relevance=None if self.relevance is None else self.relevance[b : b + 1].copy(),
                 compute_seconds=self.compute_seconds,
                 texts=None if self.texts is None else (self.texts[b],),
+                regions=None if self.regions is None else (self.regions[b],),
+                matrices=None if self.matrices is None else (self.matrices[b],),
             )
             for b in range(len(self.targets))
         ]
@@ -202,6 +237,8 @@ class ExplainResult:
         arrays += [self.target_probabilities, self.target_logits]
         if self.relevance is not None:
             arrays.append(self.relevance)
+        arrays += list(self.regions or ())
+        arrays += [m.matrix for row in self.matrices or () for rank in row for m in rank]
         text_bytes = sum(
             t.relevance.nbytes + sum(len(x) for x in t.tokens) + len(t.text)
             for row in self.texts or ()

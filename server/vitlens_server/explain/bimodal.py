@@ -39,6 +39,7 @@ from vitlens_server.explain.graph import (
     raw_attention,
     rollout,
 )
+from vitlens_server.explain.passes import raise_if_interrupted
 from vitlens_server.models.bimodal import BimodalInputs, BimodalModel, BimodalTokens
 
 __all__ = [
@@ -161,10 +162,16 @@ class BimodalExplanation:
     matrices: tuple[GraphRelevance, ...] | None = None
 
 
-def resolve_targets(logits: Tensor, targets: Tensor | None, top_k: int) -> Tensor:
-    """(B, K) answers to explain: ``targets`` ((B,) or (B, K)) or the ``top_k`` most probable."""
+Targets = Tensor | Callable[[Tensor], Tensor] | None
+
+
+def resolve_targets(logits: Tensor, targets: Targets, top_k: int) -> Tensor:
+    """(B, K) answers to explain: ``targets`` ((B,) or (B, K), or a function of the (B, A)
+    logits giving them) or, for None, the ``top_k`` most probable."""
     if targets is None:
         return logits.topk(top_k, dim=1).indices
+    if callable(targets):
+        targets = targets(logits)
     targets = targets.to(logits.device).long()
     return targets[:, None] if targets.dim() == 1 else targets
 
@@ -174,17 +181,21 @@ def explain_bimodal(
     inputs: BimodalInputs,
     method: BimodalMethod,
     *,
-    targets: Tensor | None = None,
+    targets: Targets = None,
     top_k: int = 1,
     averaging: str = "gradient",
     matrices: bool = False,
+    interrupted: Callable[[], bool] | None = None,
 ) -> BimodalExplanation:
     """Explain ``inputs`` with ``method``: one forward pass, one backward pass per target rank.
 
     Args:
-        targets: (B,) or (B, K) answer indices; None: the ``top_k`` predicted answers.
+        targets: (B,) or (B, K) answer indices, or a function of the (B, A) logits giving
+            them; None: the ``top_k`` predicted answers.
         averaging: ``"gradient"`` (Eq. 5) or ``"lrp"`` (Eq. 13) head averaging for generic.
         matrices: keep every relevance matrix (`BimodalExplanation.matrices`).
+        interrupted: checked before each rank's backward pass; true: stop
+            (`explain.passes.raise_if_interrupted`).
     """
     if averaging not in ("gradient", "lrp"):
         raise ValueError(f"averaging must be 'gradient' or 'lrp', got {averaging!r}")
@@ -199,6 +210,7 @@ def explain_bimodal(
         texts, images, kept = [], [], []
         ranks = chosen.shape[1]
         for rank in range(ranks):
+            raise_if_interrupted(interrupted)
             scores = logits[rows, chosen[:, rank]]  # (B,)
             if method.gradient:
                 layers = recording.layer_maps(scores, retain_graph=rank < ranks - 1)

@@ -27,9 +27,13 @@ __all__ = [
     "DEMO_LABELS",
     "DEMO_MODEL_NAME",
     "DEMO_WEIGHTS",
+    "LXMERT_MODEL_NAME",
+    "VILT_MODEL_NAME",
+    "VQA_FILES",
     "builtin_spec",
     "clip_spec",
     "demo_spec",
+    "vqa_spec",
 ]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -99,10 +103,37 @@ def clip_spec(device: str = "cpu", directory: Path = CLIP_DIR) -> ModelSpec:
     )
 
 
+VILT_MODEL_NAME = "vitlens-vilt"
+LXMERT_MODEL_NAME = "vitlens-lxmert"
+# The exemplar VQA models' files: save_pretrained's, the question vocabulary, vitlens.json.
+VQA_FILES = ("config.json", "model.safetensors", "vocab.txt", "vitlens.json")
+
+
+def vqa_spec(name: str, device: str = "cpu", directory: Path | None = None) -> ModelSpec:
+    """Spec of an exemplar VQA model (an ``hf-vqa:DIR`` source) on ``device``.
+
+    Raises:
+        FileNotFoundError: one of `VQA_FILES` is missing; the message names it and how to
+            make it.
+    """
+    directory = directory or ASSETS / name
+    arch = name.removeprefix("vitlens-")
+    for file in VQA_FILES:
+        if not (directory / file).is_file():
+            raise FileNotFoundError(
+                f"model {name!r}: {directory / file} is missing (train and export the exemplar "
+                f"with python -m vitlens_server.training.vqa_train --arch {arch}, or serve "
+                f"another model with --model NAME=hf-vqa:DIR)"
+            )
+    return ModelSpec(name=name, architecture="hf-vqa", source=f"hf-vqa:{directory}", device=device)
+
+
 # The models servable by name alone; each builds its spec for a device.
 BUILTIN_MODELS: Mapping[str, Callable[[str], ModelSpec]] = {
     DEMO_MODEL_NAME: demo_spec,
     CLIP_MODEL_NAME: clip_spec,
+    VILT_MODEL_NAME: lambda device: vqa_spec(VILT_MODEL_NAME, device),
+    LXMERT_MODEL_NAME: lambda device: vqa_spec(LXMERT_MODEL_NAME, device),
 }
 
 

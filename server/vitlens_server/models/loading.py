@@ -88,6 +88,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     Raises:
         ModelLoadError: unknown architecture, unreadable or mismatched weights, missing cache.
     """
+    if spec.vqa:  # a visual question answering source: its own loader
+        from vitlens_server.models.vqa_serving import load_vqa
+
+        return load_vqa(spec)  # type: ignore[return-value]
     if spec.image_text:  # an image-text (CLIP) source: its own loader
         from vitlens_server.models.image_text_serving import load_image_text
 

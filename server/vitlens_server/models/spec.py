@@ -30,9 +30,10 @@ class ModelSpec:
             in float32).
         metadata: provenance shown in ``ModelInfo.weights.metadata``.
         source: an image-text (CLIP) model's local source, ``open_clip:DIR``,
-            ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md); set, the model
-            is loaded by `vitlens_server.models.image_text_serving` and ``architecture`` is the
-            source's format. None: a timm classifier.
+            ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md), loaded by
+            `vitlens_server.models.image_text_serving`; or a visual question answering model's,
+            ``hf-vqa:DIR`` (docs/vqa_models.md), loaded by `vitlens_server.models.vqa_serving`;
+            ``architecture`` is then the source's format. None: a timm classifier.
         prompt_template: how an image-text model's labels become prompts (``{}`` is the
             label); None: the model's metadata, else ``a photo of a {}.``.
     """
@@ -52,5 +53,10 @@ class ModelSpec:
 
     @property
     def image_text(self) -> bool:
-        """Whether this names an image-text (CLIP) model rather than a classifier."""
-        return self.source is not None
+        """Whether this names an image-text (CLIP) model."""
+        return self.source is not None and not self.vqa
+
+    @property
+    def vqa(self) -> bool:
+        """Whether this names a visual question answering model (an ``hf-vqa:`` source)."""
+        return self.source is not None and self.source.startswith("hf-vqa:")

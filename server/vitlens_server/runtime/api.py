@@ -20,6 +20,7 @@ from vitlens_server.domain import (
     ParamInfo,
     Predictions,
     Progress,
+    RegionsInput,
     TargetSpec,
 )
 
@@ -56,6 +57,8 @@ class ExplainQuery:
     output_dtype: Literal["float32", "float16"] = "float32"
     deadline: float | None = None
     texts: tuple[str, ...] = ()  # image-text models: explain every image against each
+    questions: tuple[str, ...] = ()  # VQA models: one per image, or one for all
+    regions: tuple[RegionsInput, ...] = ()  # VQA models on regions: one per image
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class PredictQuery:
     top_k: int = 0  # 0: the server's default
     deadline: float | None = None
     prompts: tuple[str, ...] = ()  # image-text models: classify against these
+    questions: tuple[str, ...] = ()  # VQA models: one per image, or one for all
+    regions: tuple[RegionsInput, ...] = ()  # VQA models on regions: one per image
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,8 @@ class MethodCard:
 
 @dataclass(frozen=True)
 class ModalityCard:
-    """A token set the model attends over: ``image`` (prefix + patches) or ``text``."""
+    """A token set the model attends over: ``image`` (prefix + patches, or regions), ``text``
+    or (single-stream VQA models) ``joint``."""
 
     name: str
     num_tokens: int
@@ -166,9 +172,14 @@ class ModelCard:
     weights_metadata: Mapping[str, str]
     device: str
     readout: str
-    task: Literal["classification", "image_text_similarity"] = "classification"
+    task: Literal["classification", "image_text_similarity", "visual_question_answering"] = (
+        "classification"
+    )
     modalities: tuple[ModalityCard, ...] = ()
     prompt_template: str = ""  # image-text models: how labels become prompts
+    visual_input: str = ""  # VQA models: "pixels" or "regions"
+    region_feature_dim: int = 0  # VQA models on regions: F
+    stream_architecture: str = ""  # VQA models: "single_stream" or "two_stream"
 
 
 class DataPlaneApi(Protocol):

@@ -174,8 +174,9 @@ def _load_module(cls: type, path: Path) -> torch.nn.Module:
 def _answers(path: Path, config: Any, head_size: int, model_type: str) -> tuple[str, ...]:
     """The answer of each logit: ``vitlens.json`` "answers", else config.json ``id2label``."""
     head = "num_qa_labels" if model_type == "lxmert" else "num_labels"
-    if (path / SIDECAR).is_file():
-        answers = _read_json(path, SIDECAR, what="").get("answers")
+    sidecar = _read_json(path, SIDECAR, what="") if (path / SIDECAR).is_file() else {}
+    if "answers" in sidecar:
+        answers = sidecar["answers"]
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise BimodalLoadError(f'{path / SIDECAR}: "answers" must be a list of strings')
         if len(answers) != head_size:
