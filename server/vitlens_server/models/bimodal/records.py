@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from vitlens_server.explain.graph.declare import AttentionGraph
 from vitlens_server.explain.graph.engine import LayerMaps
+
+if TYPE_CHECKING:
+    from vitlens_server.models.bimodal.lrp_taps import LrpTape
 
 __all__ = ["BimodalRecording", "BimodalTokens"]
 
@@ -85,11 +89,13 @@ class BimodalRecording:
         graph: the model's attention graph.
         captured: per edge, its map A (B, h, q, k), or None until the pass reaches it.
         tokens: the batch's token bookkeeping, set by the forward pass.
+        lrp: what LRP reads (`lrp_taps.record_lrp`); None for a plain `BimodalModel.record`.
     """
 
     graph: AttentionGraph
     captured: list[Tensor | None] = field(default_factory=list)
     tokens: BimodalTokens | None = None
+    lrp: LrpTape | None = None
 
     def __post_init__(self) -> None:
         if not self.captured:
