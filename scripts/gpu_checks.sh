@@ -19,12 +19,15 @@
 # 7. Exemplar CLIP training speed on the GPU (issue #16): CLIP_STEPS steps of the shipped
 #    schedule's batches (`clip_train --device`), whose log gives images/s at 160 px; the full
 #    3,200-step schedule's time follows. Scenes are rendered on one CPU core meanwhile.
+# 8. Exemplar VQA training speed on the GPU (issue #17): VQA_STEPS steps of the shipped schedule
+#    of each exemplar (`vqa_train --arch vilt|lxmert --device`), whose logs give questions/s.
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
-# REPEATS, TRAIN_STEPS, IMAGES, TEXTS and CLIP_STEPS override the defaults. A CPU smoke run of the script itself:
+# REPEATS, TRAIN_STEPS, IMAGES, TEXTS, CLIP_STEPS and VQA_STEPS override the defaults. A CPU smoke
+# run of the script itself:
 #   DEVICE=cpu MODEL=vitlens-demo CONCURRENCY=1,4 DURATION=3 ROOF_MAX_BATCH=4 \
 #   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 IMAGES=2 TEXTS=2 CLIP_STEPS=4 \
-#   bash scripts/gpu_checks.sh /tmp/smoke
+#   VQA_STEPS=4 bash scripts/gpu_checks.sh /tmp/smoke
 # Logs, the updated BENCHMARKS.md and a summary go to OUT_DIR; paste the figures into
 # benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e ./client -e
 # '.[dev]'`. On the device tool's H100/H200 image, which lacks some of them, carry wheels
@@ -84,4 +87,12 @@ step clip_training "$PY" -m vitlens_server.training.clip_train --device "$DEVICE
     --out "$OUT/clip-check" --export-dir "$OUT/clip-check/export"
 rm -rf "$OUT/clip-check"
 grep -h "img/s" "$OUT/clip_training.log" | tail -n 2 >>"$OUT/summary.txt"
+VQA_STEPS=${VQA_STEPS:-200}
+for arch in vilt lxmert; do
+    step "vqa_training_$arch" "$PY" -m vitlens_server.training.vqa_train --arch "$arch" \
+        --device "$DEVICE" --threads 4 --steps "$VQA_STEPS" --eval-every 0 \
+        --final-eval-count 100 --out "$OUT/vqa-check" --export-dir "$OUT/vqa-check/$arch"
+    grep -h "q/s" "$OUT/vqa_training_$arch.log" | tail -n 1 >>"$OUT/summary.txt"
+done
+rm -rf "$OUT/vqa-check"
 exit $status

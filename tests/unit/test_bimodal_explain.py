@@ -14,8 +14,6 @@ from vitlens_server.explain.graph import LayerMaps, propagate
 from vitlens_server.models.bimodal import BimodalInputs, BimodalModel, load_bimodal_model
 from vitlens_server.models.bimodal.records import BimodalRecording
 
-ATTENTION_ONLY = [name for name, m in BIMODAL_METHODS.items() if not m.lrp]
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, BimodalModel]]:
@@ -41,7 +39,7 @@ def _item(inputs: BimodalInputs, b: int) -> BimodalInputs:
 
 
 @pytest.mark.parametrize("kind", tiny.ARCHITECTURES)
-@pytest.mark.parametrize("name", ATTENTION_ONLY)
+@pytest.mark.parametrize("name", list(BIMODAL_METHODS))
 def test_each_rank_is_read_at_the_answer_token_and_padding_gets_none(
     kind: str, name: str, models: dict[str, BimodalModel]
 ) -> None:
@@ -126,6 +124,34 @@ def test_gradcam_weights_heads_by_their_mean_gradient(models: dict[str, BimodalM
     expected_image = row[:, tokens.image_positions].masked_fill(~tokens.image_valid, 0)
     torch.testing.assert_close(out.text[:, 0], expected_text)
     torch.testing.assert_close(out.image[:, 0], expected_image)
+
+
+@pytest.mark.parametrize("kind", tiny.ARCHITECTURES)
+def test_lrp_methods_read_the_lrp_relevance_of_every_map(
+    kind: str, models: dict[str, BimodalModel]
+) -> None:
+    from vitlens_server.explain.bimodal_lrp import attention_relevances
+    from vitlens_server.explain.graph import attribution
+    from vitlens_server.models.bimodal.lrp_taps import record_lrp
+
+    model = models[kind]
+    inputs = _inputs(model, kind)
+    targets = torch.tensor([1, 4])
+    out = explain_bimodal(
+        model, inputs, BIMODAL_METHODS["transformer_attribution"], targets=targets
+    )
+    with record_lrp(model) as rec:
+        logits = model(inputs)
+    grads = rec.gradients(logits[torch.arange(2), targets])
+    rel = attention_relevances(model, rec, targets)
+    layers = [LayerMaps(r, g) for r, g in zip(rel, grads, strict=True)]
+    text, image = model.readout(attribution(model.graph(rec.tokens), layers), rec.tokens)
+    torch.testing.assert_close(out.text[:, 0], text)
+    torch.testing.assert_close(out.image[:, 0], image)
+    generic = BIMODAL_METHODS["generic"]
+    plain = explain_bimodal(model, inputs, generic, targets=targets)
+    lrp = explain_bimodal(model, inputs, generic, targets=targets, averaging="lrp")
+    assert not torch.allclose(plain.image, lrp.image)  # Eq. 13 averaging differs from Eq. 5
 
 
 def test_matrices_on_request_and_target_forms() -> None:

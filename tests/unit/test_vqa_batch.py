@@ -106,13 +106,13 @@ def test_heatmaps_at_input_resolution_and_top_k(models) -> None:
 def test_request_regions_get_one_relevance_per_region(models) -> None:
     model = models["visual_bert"]
     job = VqaExplainJob(
-        torch.empty(0), QUESTIONS[:2], "generic", regions=_regions([3, 5]), relevance=True
+        _pixels(model, 2), QUESTIONS[:2], "generic", regions=_regions([3, 5]), relevance=True
     )
     (result,) = explain_vqa_jobs(model, [job])
     assert result.heatmaps.shape == (2, 1, 0, 0)
     assert [r.shape for r in result.regions] == [(1, 3), (1, 5)]
     (alone,) = explain_vqa_jobs(
-        model, [VqaExplainJob(torch.empty(0), QUESTIONS[:1], "generic", regions=_regions([3]))]
+        model, [VqaExplainJob(_pixels(model, 1), QUESTIONS[:1], "generic", regions=_regions([3]))]
     )
     np.testing.assert_allclose(alone.regions[0], result.regions[0], rtol=1e-4, atol=1e-6)
     joint = result.matrices[0][0][0]

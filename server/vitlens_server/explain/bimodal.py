@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vitlens_server.explain.bimodal_lrp import attention_relevances
 from vitlens_server.explain.graph import (
     AttentionGraph,
     GraphRelevance,
@@ -41,6 +42,7 @@ from vitlens_server.explain.graph import (
 )
 from vitlens_server.explain.passes import raise_if_interrupted
 from vitlens_server.models.bimodal import BimodalInputs, BimodalModel, BimodalTokens
+from vitlens_server.models.bimodal.lrp_taps import record_lrp
 
 __all__ = [
     "BIMODAL_METHODS",
@@ -200,7 +202,8 @@ def explain_bimodal(
     if averaging not in ("gradient", "lrp"):
         raise ValueError(f"averaging must be 'gradient' or 'lrp', got {averaging!r}")
     use_lrp = method.lrp or (method.name == "generic" and averaging == "lrp")
-    with torch.enable_grad(), model.record() as recording:
+    recorder = record_lrp(model) if use_lrp else model.record()
+    with torch.enable_grad(), recorder as recording:
         logits = model(inputs)  # (B, A)
         chosen = resolve_targets(logits.detach(), targets, top_k)  # (B, K)
         tokens = recording.tokens
@@ -238,7 +241,5 @@ def _with_lrp(
     model: BimodalModel, recording, targets: Tensor, layers: list[LayerMaps]
 ) -> list[LayerMaps]:
     """``layers`` with each map A replaced by its LRP relevance R^A (gradients kept)."""
-    from vitlens_server.explain.bimodal_lrp import attention_relevances
-
     relevances = attention_relevances(model, recording, targets)
     return [LayerMaps(r, m.gradient) for r, m in zip(relevances, layers, strict=True)]

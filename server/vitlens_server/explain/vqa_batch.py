@@ -43,9 +43,10 @@ Regions = tuple[tuple[Tensor, Tensor], ...]  # per image: features (R, F), boxes
 class VqaExplainJob:
     """Explain B (image, question) pairs.
 
-    ``pixels`` (B, 3, S, S) in [0, 1] (empty when ``regions`` carries the images), or
-    ``regions`` per image; ``questions`` one per image; ``target`` selects among the answers as
-    a classifier's target selects among classes; ``averaging`` generic's head averaging.
+    ``pixels`` (B, 3, S, S) in [0, 1], and for models on request regions ``regions`` per
+    image (which the model then reads instead); ``questions`` one per image; ``target``
+    selects among the answers as a classifier's target selects among classes; ``averaging``
+    generic's head averaging.
     """
 
     pixels: Tensor
@@ -78,7 +79,8 @@ class VqaExplainJob:
 
 @dataclass(frozen=True)
 class VqaPredictJob:
-    """Answer B (image, question) pairs; the top ``top_k`` answers of each."""
+    """Answer B (image, question) pairs (``regions`` as for `VqaExplainJob`); the top
+    ``top_k`` answers of each."""
 
     pixels: Tensor
     questions: tuple[str, ...]

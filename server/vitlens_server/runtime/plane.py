@@ -34,6 +34,7 @@ from vitlens_server.explain import METHODS, MethodSpec
 from vitlens_server.imaging import ImageDecoder
 from vitlens_server.models import LoadedModel, ModelRegistry
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
+from vitlens_server.models.vqa_serving import LoadedVqaModel
 from vitlens_server.runtime.api import (
     EvaluateQuery,
     ExplainQuery,
@@ -57,7 +58,10 @@ from vitlens_server.runtime.served import (
     Served,
     ServedClassifier,
     ServedImageText,
+    ServedVqa,
 )
+from vitlens_server.runtime.vqa import vqa_card, vqa_version
+from vitlens_server.runtime.vqa_worker import VqaWorker
 from vitlens_server.runtime.worker import ModelWorker
 
 __all__ = ["DEFAULT_METHOD", "DEFAULT_TOP_K", "DataPlane", "Observer", "cuda_memory"]
@@ -91,6 +95,8 @@ class DataPlane:
             extra = (replicas or {}).get(model.name, ())
             if isinstance(model, LoadedImageTextModel):
                 self._served[model.name] = self._serve_image_text(model, extra)
+            elif isinstance(model, LoadedVqaModel):
+                self._served[model.name] = self._serve_vqa(model, extra)
             else:
                 self._served[model.name] = self._serve_classifier(model, extra)
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, "vitlens-decode")
@@ -175,8 +181,7 @@ class DataPlane:
             decode_s = queue_s = compute_s = 0.0
             if missing:
                 pixels, decode_s = await self._decode(served, [query.images[i] for i in missing])
-                target = None if job.target is None else job.target.subset(missing)
-                job = dataclasses.replace(job, pixels=pixels, target=target)
+                job = served.for_images(job, missing, pixels)
                 computed, queue_s = await served.worker.explain(job, self._deadline(query))
                 compute_s = computed.compute_seconds
                 for i, row in zip(missing, computed.rows(), strict=True):
@@ -241,6 +246,16 @@ class DataPlane:
         return ServedImageText(
             model, worker, decoder, image_text_version(model), image_text_card(model)
         )
+
+    def _serve_vqa(self, model: LoadedVqaModel, replicas: Sequence[LoadedVqaModel]) -> Served:
+        worker = VqaWorker.configured(
+            model,
+            self._config,
+            replicas=replicas,
+            on_batch=None if self._observer is None else self._observer.on_batch,
+        )
+        decoder = ImageDecoder(model.input_size[1:], self._config.max_pixels)
+        return ServedVqa(model, worker, decoder, vqa_version(model), vqa_card(model), self._config)
 
     def _cache_keys(
         self,

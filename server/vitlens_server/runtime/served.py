@@ -5,14 +5,16 @@ Predict, and says how Evaluate scores it, so `DataPlane` never branches on the t
 
     ServedClassifier   a timm classifier: `ModelWorker`, its methods and target checks
     ServedImageText    a CLIP-style dual encoder: `ImageTextWorker`, texts or the label prompts
+    ServedVqa          a visual question answering model: `VqaWorker`, questions (and regions)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -20,19 +22,33 @@ from vitlens_server.config import ServerConfig
 from vitlens_server.domain import Predictions
 from vitlens_server.errors import InvalidArgument, about
 from vitlens_server.explain import ExplainJob, MethodSpec, get_method
+from vitlens_server.explain.bimodal import BimodalMethod
 from vitlens_server.explain.image_text_batch import ImageTextExplainJob
 from vitlens_server.explain.params import parse_params
+from vitlens_server.explain.vqa_batch import VqaExplainJob
 from vitlens_server.imaging import ImageDecoder
 from vitlens_server.models import LoadedModel
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
+from vitlens_server.models.vqa_serving import LoadedVqaModel
 from vitlens_server.runtime.api import ExplainQuery, ModelCard, PredictQuery
 from vitlens_server.runtime.evaluation import ClassifierEvaluand, Evaluand
 from vitlens_server.runtime.image_text import candidates, explain_job, refuse_texts
 from vitlens_server.runtime.image_text_evaluation import ZeroShotEvaluand
 from vitlens_server.runtime.image_text_worker import ImageTextWorker
+from vitlens_server.runtime.vqa import cache_extra, predict_job, refuse_questions
+from vitlens_server.runtime.vqa import explain_job as vqa_explain_job
+from vitlens_server.runtime.vqa_evaluation import VqaEvaluand
+from vitlens_server.runtime.vqa_worker import VqaWorker
 from vitlens_server.runtime.worker import ModelWorker
 
-__all__ = ["DEFAULT_METHOD", "Resolved", "Served", "ServedClassifier", "ServedImageText"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "Resolved",
+    "Served",
+    "ServedClassifier",
+    "ServedImageText",
+    "ServedVqa",
+]
 
 DEFAULT_METHOD = "generic"
 
@@ -44,8 +60,8 @@ class Resolved:
     """An Explain query resolved: the job (``pixels`` still empty), its method and options,
     the names its targets index (classes or texts) and what else keys its cached answers."""
 
-    job: ExplainJob | ImageTextExplainJob
-    method: MethodSpec
+    job: ExplainJob | ImageTextExplainJob | VqaExplainJob
+    method: MethodSpec | BimodalMethod
     params: object
     labels: tuple[str, ...]
     cache_extra: str
@@ -54,8 +70,8 @@ class Resolved:
 class Served(Protocol):
     """What the data plane needs of a served model."""
 
-    model: LoadedModel | LoadedImageTextModel
-    worker: ModelWorker | ImageTextWorker
+    model: LoadedModel | LoadedImageTextModel | LoadedVqaModel
+    worker: ModelWorker | ImageTextWorker | VqaWorker
     decoder: ImageDecoder
     version: str
     card: ModelCard
@@ -72,6 +88,11 @@ class Served(Protocol):
         """Refuse what Predict cannot run, before its images are decoded."""
         ...
 
+    def for_images(self, job: Any, images: list[int], pixels: torch.Tensor) -> Any:
+        """The resolved ``job`` for the request's ``images`` only (those not in the cache),
+        with their decoded ``pixels``."""
+        ...
+
     def evaluand(self, randomised: RandomisedWorker) -> Evaluand: ...
 
 
@@ -86,6 +107,7 @@ class ServedClassifier:
     def resolve(self, query: ExplainQuery, config: ServerConfig, top_k: int) -> Resolved:
         if query.texts:
             raise refuse_texts("texts", self.model.name)
+        _refuse_vqa_fields(query, self.model.name)
         with about("method"):
             method = get_method(query.method or DEFAULT_METHOD)
         options = "options.method_options"
@@ -116,6 +138,10 @@ class ServedClassifier:
     def check_predict(self, query: PredictQuery, config: ServerConfig) -> None:
         if query.prompts:
             raise refuse_texts("prompts", self.model.name)
+        _refuse_vqa_fields(query, self.model.name)
+
+    def for_images(self, job: Any, images: list[int], pixels: torch.Tensor) -> Any:
+        return _with_images(job, images, pixels)
 
     async def predict(
         self, query: PredictQuery, pixels: torch.Tensor, top_k: int, deadline: float | None
@@ -137,12 +163,17 @@ class ServedImageText:
 
     def resolve(self, query: ExplainQuery, config: ServerConfig, top_k: int) -> Resolved:
         """Explain each image against the query's texts, or zero-shot over the label prompts."""
+        _refuse_vqa_fields(query, self.model.name)
         job, method, params = explain_job(self.model, query, config, top_k=top_k)
         labels = job.texts if query.texts else self.model.labels
         return Resolved(job, method, params, labels, json.dumps([job.texts, job.target is None]))
 
     def check_predict(self, query: PredictQuery, config: ServerConfig) -> None:
+        _refuse_vqa_fields(query, self.model.name)
         candidates(self.model, query.prompts, "prompts", config)
+
+    def for_images(self, job: Any, images: list[int], pixels: torch.Tensor) -> Any:
+        return _with_images(job, images, pixels)
 
     async def predict(
         self, query: PredictQuery, pixels: torch.Tensor, top_k: int, deadline: float | None
@@ -153,3 +184,53 @@ class ServedImageText:
 
     def evaluand(self, randomised: RandomisedWorker) -> Evaluand:
         return ZeroShotEvaluand(self.model, self.worker)
+
+
+@dataclass(frozen=True)
+class ServedVqa:
+    model: LoadedVqaModel
+    worker: VqaWorker
+    decoder: ImageDecoder
+    version: str
+    card: ModelCard
+    config: ServerConfig  # Predict's question limits
+
+    def resolve(self, query: ExplainQuery, config: ServerConfig, top_k: int) -> Resolved:
+        """Explain each image's answer to its question (over both modalities)."""
+        job, method, params = vqa_explain_job(self.model, query, config, top_k=top_k)
+        return Resolved(job, method, params, self.model.labels, cache_extra(job))
+
+    def check_predict(self, query: PredictQuery, config: ServerConfig) -> None:
+        predict_job(self.model, query, config, 1)
+
+    def for_images(self, job: Any, images: list[int], pixels: torch.Tensor) -> Any:
+        regions = None if job.regions is None else tuple(job.regions[i] for i in images)
+        return dataclasses.replace(
+            job,
+            pixels=pixels,
+            questions=tuple(job.questions[i] for i in images),
+            regions=regions,
+            target=job.target.subset(images),
+        )
+
+    async def predict(
+        self, query: PredictQuery, pixels: torch.Tensor, top_k: int, deadline: float | None
+    ) -> tuple[Predictions, float, tuple[str, ...]]:
+        job = dataclasses.replace(predict_job(self.model, query, self.config, top_k), pixels=pixels)
+        predictions, queue_s = await self.worker.predict(job, deadline)
+        return predictions, queue_s, self.model.labels
+
+    def evaluand(self, randomised: RandomisedWorker) -> Evaluand:
+        return VqaEvaluand(self.model, self.worker)
+
+
+def _refuse_vqa_fields(query: ExplainQuery | PredictQuery, model: str) -> None:
+    if query.questions:
+        raise refuse_questions("questions", model)
+    if query.regions:
+        raise refuse_questions("regions", model)
+
+
+def _with_images(job: Any, images: list[int], pixels: torch.Tensor) -> Any:
+    target = None if job.target is None else job.target.subset(images)
+    return dataclasses.replace(job, pixels=pixels, target=target)

@@ -1,0 +1,140 @@
+"""The worker of a visual question answering model: the classifier worker's lanes and admission.
+
+`VqaWorker` is a `runtime.worker.LanedWorker`: requests are admitted whole against the model's
+queue bound, split into chunks of at most ``max_batch_size`` (image, question) pairs and queued
+in the device lane (every VQA method is one forward pass and at most one backward pass per
+target rank, with LRP where the method reads it). Within the lane, batches form per kind:
+Predict per input kind (pixels or request regions), Explain per (method, averaging, grid,
+relevance, K, input kind), so batch-mates share one forward pass and one backward pass per
+rank (`explain.vqa_batch`). A replica per device, one thread each; a failing batch is retried
+one request at a time (halves on out-of-memory), so a bad request never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from vitlens_server.config import ServerConfig
+from vitlens_server.domain import ExplainResult, Predictions
+from vitlens_server.explain.vqa_batch import (
+    VqaExplainJob,
+    VqaPredictJob,
+    explain_vqa_jobs,
+    predict_vqa_jobs,
+)
+from vitlens_server.models.vqa_serving import LoadedVqaModel
+from vitlens_server.runtime.batcher import BatchDone, BatchStats
+from vitlens_server.runtime.worker import Lane, LanedWorker
+
+__all__ = ["VqaWorker"]
+
+
+class VqaWorker(LanedWorker):
+    """One served VQA model; the interface `DataPlane` uses of `ModelWorker`."""
+
+    def __init__(
+        self,
+        model: LoadedVqaModel,
+        *,
+        replicas: Sequence[LoadedVqaModel] = (),
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.0,
+        max_queue_images: int = 1024,
+        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
+    ) -> None:
+        self.model = model
+        self._replicas = [model, *replicas]
+        super().__init__(
+            model.name,
+            [m.device for m in self._replicas],
+            max_batch_size=max_batch_size,
+            max_delay_s=max_delay_s,
+            max_queue_images=max_queue_images,
+            on_batch=on_batch,
+        )
+
+    @classmethod
+    def configured(
+        cls,
+        model: LoadedVqaModel,
+        config: ServerConfig,
+        *,
+        replicas: Sequence[LoadedVqaModel] = (),
+        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
+    ) -> VqaWorker:
+        """The worker with the server's batching and queue settings."""
+        return cls(
+            model,
+            replicas=replicas,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_delay_ms / 1000,
+            max_queue_images=config.max_queue_images,
+            on_batch=on_batch,
+        )
+
+    async def warm_up(self) -> None:
+        """One small Predict through the batcher (models on request regions: none)."""
+        if self.model.visual_input != "pixels":
+            return
+        _, height, width = self.model.input_size
+        job = VqaPredictJob(torch.zeros(1, 3, height, width), ("is there a square?",), 1)
+        await self.predict(job)
+
+    async def explain(
+        self,
+        job: VqaExplainJob,
+        deadline: float | None = None,
+        *,
+        wait_for_room: bool = False,
+    ) -> tuple[ExplainResult, float]:
+        """Explain a job; returns the result and the longest queue wait of its chunks."""
+        chunks = [
+            dataclasses.replace(
+                job,
+                pixels=job.pixels[rows],
+                questions=job.questions[rows],
+                regions=None if job.regions is None else job.regions[rows],
+                target=job.target.subset(range(rows.start, rows.stop)),
+            )
+            for rows in _chunks(job.size, self.max_batch_size)
+        ]
+        kind = ("explain", *job.group)
+        done = await self._submit(chunks, Lane.DEVICE, kind, deadline, wait_for_room)
+        return ExplainResult.concat([r for r, _ in done]), max(w for _, w in done)
+
+    async def predict(
+        self,
+        job: VqaPredictJob,
+        deadline: float | None = None,
+        *,
+        wait_for_room: bool = False,
+    ) -> tuple[Predictions, float]:
+        """Answer a job; the predictions and the longest queue wait of its chunks."""
+        chunks = [
+            dataclasses.replace(
+                job,
+                pixels=job.pixels[rows],
+                questions=job.questions[rows],
+                regions=None if job.regions is None else job.regions[rows],
+            )
+            for rows in _chunks(job.size, self.max_batch_size)
+        ]
+        kind = ("predict", job.regions is None)
+        done = await self._submit(chunks, Lane.DEVICE, kind, deadline, wait_for_room)
+        return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
+
+    def _run_batch(
+        self, replica: int, items: list[Any], interrupted: Callable[[], bool]
+    ) -> list[Any]:
+        model = self._replicas[replica]
+        if isinstance(items[0], VqaPredictJob):
+            return predict_vqa_jobs(model, items)
+        return explain_vqa_jobs(model, items, interrupted=interrupted)
+
+
+def _chunks(count: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
