@@ -44,8 +44,10 @@ from vitlens.results import (
     Weights,
 )
 from vitlens.tensors import TensorFormatError, numpy_to_tensor, tensor_to_numpy
+from vitlens.vqa import Answer, Regions
 
 __all__ = [
+    "Answer",
     "AsyncClient",
     "CancelledError",
     "Classification",
@@ -68,6 +70,7 @@ __all__ = [
     "PermissionDeniedError",
     "Prediction",
     "Progress",
+    "Regions",
     "Resource",
     "ResourceExhaustedError",
     "Statistic",

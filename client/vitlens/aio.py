@@ -20,6 +20,7 @@ from vitlens.client import (
     HEALTH_CHECK,
     SERVING,
     TargetSpec,
+    build_answer_request,
     build_explain_request,
     build_predict_request,
     channel_options,
@@ -30,6 +31,7 @@ from vitlens.errors import UnavailableError, from_rpc_error
 from vitlens.images import ImageInput
 from vitlens.results import Classification, ExplainResult, ModelInfo
 from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
+from vitlens.vqa import Answer, QuestionsSpec, Regions, RegionsSpec, answers_from_proto
 
 __all__ = ["AsyncClient"]
 
@@ -90,6 +92,8 @@ class AsyncClient:
         method_options: Mapping[str, Any] | None = None,
         ids: Sequence[str] | None = None,
         texts: Sequence[str] = (),
+        questions: QuestionsSpec = (),
+        regions: Sequence[RegionsSpec] | Regions | None = None,
         timeout_s: float | None = None,
     ) -> ExplainResult:
         """Classify and explain images; see `vitlens.Client.explain`."""
@@ -106,6 +110,8 @@ class AsyncClient:
             method_options=method_options,
             ids=ids,
             texts=texts,
+            questions=questions,
+            regions=regions,
         )
         return ExplainResult.from_proto(await self._call(self.stub.Explain, request, timeout_s))
 
@@ -123,6 +129,24 @@ class AsyncClient:
         request = build_predict_request(images, model=model, top_k=top_k, ids=ids, prompts=prompts)
         response = await self._call(self.stub.Predict, request, timeout_s)
         return [Classification.from_proto(c) for c in response.results]
+
+    async def answer(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        questions: QuestionsSpec,
+        *,
+        model: str = "",
+        top_k: int = 5,
+        regions: Sequence[RegionsSpec] | Regions | None = None,
+        ids: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Answer]:
+        """Ask a VQA model about images; see `vitlens.Client.answer`."""
+        request = build_answer_request(
+            images, questions, model=model, top_k=top_k, regions=regions, ids=ids
+        )
+        response = await self._call(self.stub.Predict, request, timeout_s)
+        return answers_from_proto(response, request.questions)
 
     async def _list_models(self, timeout_s: float | None = None) -> vitlens_pb2.ListModelsResponse:
         return await self._call(self.stub.ListModels, vitlens_pb2.ListModelsRequest(), timeout_s)

@@ -4,7 +4,9 @@
 (``pip install vitlens-server``); the other commands only need the SDK, plus Pillow for
 ``explain``'s PNG figures. On image-text (CLIP) models ``explain --text`` explains each image
 against each text and ``predict --prompt`` ranks prompts; their explanations also get a PNG of
-the text's tokens shaded by relevance (`vitlens.text_overlay`).
+the text's tokens shaded by relevance (`vitlens.text_overlay`). On visual question answering
+models ``explain --question`` explains the answer (one PNG: the image's relevance beside the
+question's tokens) and ``answer --question`` answers (`vitlens.cli_vqa`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import dataclasses
 import importlib
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vitlens import cli_vqa
+from vitlens.cli_files import batches, image_paths, safe_name, unique_stems
 from vitlens.client import DEFAULT_TARGET, Client
 from vitlens.errors import UnavailableError, VitlensError
 from vitlens.evaluation import Progress
@@ -43,29 +46,12 @@ def _option(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "class"
-
-
-def _unique_stems(paths: Sequence[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    stems = []
-    for p in paths:
-        n = seen[p.stem] = seen.get(p.stem, 0) + 1
-        stems.append(p.stem if n == 1 else f"{p.stem}_{n}")
-    return stems
-
-
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), max(size, 1))]
-
-
 def _name(stem: str, e: Explanation, args: argparse.Namespace) -> str:
     """The file stem of one explanation: the image's, plus the text (its index first, as two
     texts may read the same once made safe) or the class when several are explained."""
     if args.text:
-        return f"{stem}_{e.target.index}_{_safe(e.target.label)[:40].strip('._-') or 'text'}"
-    return f"{stem}_{_safe(e.target.label or str(e.target.index))}" if args.top_k else stem
+        return f"{stem}_{e.target.index}_{safe_name(e.target.label)[:40].strip('._-') or 'text'}"
+    return f"{stem}_{safe_name(e.target.label or str(e.target.index))}" if args.top_k else stem
 
 
 def _write_explanation(
@@ -114,20 +100,19 @@ def _write_explanation(
 def _cmd_explain(args: argparse.Namespace) -> int:
     from vitlens.overlay import require_pillow
 
+    if args.question or args.regions:
+        return cli_vqa.cmd_explain(args)
     if args.text and (args.target is not None or args.top_k is not None):
         raise ValueError(
             "--text explains every text; --target and --top-k choose among an image-text "
             "model's labels (zero-shot, without --text)"
         )
     require_pillow()
-    paths = [Path(p) for p in args.images]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"image file not found: {p}")
+    paths = image_paths(args.images)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    stems = _unique_stems(paths)
+    stems = unique_stems(paths)
     with Client(args.server, timeout_s=args.timeout_s) as client:
-        for chunk in _batches(list(zip(paths, stems, strict=True)), args.batch_size):
+        for chunk in batches(list(zip(paths, stems, strict=True)), args.batch_size):
             result = client.explain(
                 [str(p) for p, _ in chunk],
                 method=args.method,
@@ -155,7 +140,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     paths = list(args.images)
     with Client(args.server, timeout_s=args.timeout_s) as client:
-        for chunk in _batches(paths, args.batch_size):
+        for chunk in batches(paths, args.batch_size):
             results = client.predict(
                 chunk, model=args.model, top_k=args.top_k, prompts=args.prompt or ()
             )
@@ -170,7 +155,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _model_row(m: ModelInfo, default: str) -> list[str]:
     return [
         m.name + (" *" if m.name == default else ""),
-        "image-text" if m.image_text else "classifier",
+        "image-text" if m.image_text else "vqa" if m.vqa else "classifier",
         m.architecture,
         "x".join(str(d) for d in m.input_size),
         "x".join(str(d) for d in m.patch_grid),
@@ -318,6 +303,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "a PNG of its tokens shaded by relevance. Without it an image-text model explains "
         "its predicted label's prompt (zero-shot)",
     )
+    cli_vqa.add_explain_arguments(ex)
     ex.add_argument(
         "--option",
         action="append",
@@ -337,6 +323,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "model's labels)",
     )
     pr.set_defaults(func=_cmd_predict)
+    cli_vqa.add_answer_command(sub, [common, batch])
 
     mo = sub.add_parser("models", parents=[common], help="list the server's models")
     mo.add_argument("--json", action="store_true", help="print JSON")

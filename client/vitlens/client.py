@@ -1,37 +1,44 @@
 """Blocking client for the vitlens service.
 
 `Client` wraps one gRPC channel. Every call has a deadline (``timeout_s``) and every failure is
-raised as a typed `vitlens.errors.VitlensError`. The request builders here are shared with
-`vitlens.aio.AsyncClient`.
+raised as a typed `vitlens.errors.VitlensError`. The request builders (`vitlens.build`) are
+shared with `vitlens.aio.AsyncClient`.
 """
 
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
-from google.protobuf import struct_pb2
 
+from vitlens.build import (
+    TargetSpec,
+    build_answer_request,
+    build_explain_request,
+    build_predict_request,
+    build_target,
+)
 from vitlens.errors import UnavailableError, from_rpc_error
 from vitlens.evaluation import EvaluationResult, MetricResult, Progress, build_evaluate_request
-from vitlens.images import ImageInput, to_images
+from vitlens.images import ImageInput
 from vitlens.results import Classification, ExplainResult, ModelInfo
-from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
+from vitlens.v1 import vitlens_pb2, vitlens_pb2_grpc
+from vitlens.vqa import Answer, QuestionsSpec, Regions, RegionsSpec, answers_from_proto
 
-__all__ = ["DEFAULT_TARGET", "Client", "TargetSpec"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "Client",
+    "TargetSpec",
+    "build_explain_request",
+    "build_predict_request",
+    "build_target",
+]
 
 DEFAULT_TARGET = "localhost:50051"
 
-TargetSpec = int | Sequence[int] | None
-"""Class(es) to explain: None (the predicted class), one index for every image, or one index
-per image."""
-
-_GRIDS = {"tokens": vitlens_pb2.OUTPUT_GRID_TOKENS, "input": vitlens_pb2.OUTPUT_GRID_INPUT}
-_DTYPES = {"float32": tensor_pb2.DTYPE_FLOAT32, "float16": tensor_pb2.DTYPE_FLOAT16}
 _T = TypeVar("_T")
 
 
@@ -71,114 +78,6 @@ def channel_options(
         merged["grpc.lb_policy_name"] = "round_robin"
     merged.update(dict(options))
     return list(merged.items())
-
-
-def _index(x: Any, what: str) -> int:
-    if isinstance(x, bool):
-        raise TypeError(f"{what} must be an int, got bool")
-    try:
-        return operator.index(x)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(x).__name__}") from None
-
-
-def build_target(target: TargetSpec, top_k: int | None, num_images: int) -> vitlens_pb2.Target:
-    """The `Target` message for ``target`` / ``top_k`` (at most one of them may be set)."""
-    if target is not None and top_k is not None:
-        raise ValueError("pass either target or top_k, not both")
-    if top_k is not None:
-        k = _index(top_k, "top_k")
-        if k < 1:
-            raise ValueError(f"top_k must be at least 1, got {k}")
-        return vitlens_pb2.Target(top_k=k)
-    if target is None:
-        return vitlens_pb2.Target(predicted=True)
-    if isinstance(target, str | bytes):
-        raise TypeError("target must be an int or a sequence of ints")
-    if isinstance(target, Iterable):
-        indices = [_index(t, "target") for t in target]
-        if len(indices) != num_images:
-            raise ValueError(f"got {len(indices)} targets for {num_images} images")
-        return vitlens_pb2.Target(per_image=vitlens_pb2.ClassIndices(indices=indices))
-    return vitlens_pb2.Target(class_index=_index(target, "target"))
-
-
-def _struct(options: Mapping[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    try:
-        s.update(dict(options))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"method_options must hold JSON-like values: {e}") from None
-    return s
-
-
-def _choice(table: Mapping[str, int], value: str, what: str) -> int:
-    try:
-        return table[str(value)]
-    except KeyError:
-        raise ValueError(f"{what} must be one of {sorted(table)}, got {value!r}") from None
-
-
-def build_explain_request(
-    images: ImageInput | Iterable[ImageInput],
-    *,
-    method: str = "generic",
-    model: str = "",
-    target: TargetSpec = None,
-    top_k: int | None = None,
-    grid: str = "tokens",
-    relevance: bool = False,
-    dtype: str = "float32",
-    top_k_predictions: int = 5,
-    method_options: Mapping[str, Any] | None = None,
-    ids: Sequence[str] | None = None,
-    texts: Sequence[str] = (),
-) -> vitlens_pb2.ExplainRequest:
-    """The `ExplainRequest` for `Client.explain`'s arguments; raises before any network use."""
-    msgs = to_images(images, ids=ids)
-    options = vitlens_pb2.ExplainOptions(
-        grid=_choice(_GRIDS, grid, "grid"),
-        return_relevance=relevance,
-        output_dtype=_choice(_DTYPES, dtype, "dtype"),
-        top_k_predictions=_index(top_k_predictions, "top_k_predictions"),
-    )
-    if method_options:
-        options.method_options.CopyFrom(_struct(method_options))
-    return vitlens_pb2.ExplainRequest(
-        model=model,
-        method=method,
-        images=msgs,
-        target=build_target(target, top_k, len(msgs)),
-        options=options,
-        texts=_texts(texts, "texts"),
-    )
-
-
-def build_predict_request(
-    images: ImageInput | Iterable[ImageInput],
-    *,
-    model: str = "",
-    top_k: int = 5,
-    ids: Sequence[str] | None = None,
-    prompts: Sequence[str] = (),
-) -> vitlens_pb2.PredictRequest:
-    """The `PredictRequest` for `Client.predict`'s arguments."""
-    return vitlens_pb2.PredictRequest(
-        model=model,
-        images=to_images(images, ids=ids),
-        top_k=_index(top_k, "top_k"),
-        prompts=_texts(prompts, "prompts"),
-    )
-
-
-def _texts(texts: Sequence[str], name: str) -> list[str]:
-    """A list of strings (one string is refused: it would be split into characters)."""
-    if isinstance(texts, str):
-        raise TypeError(f"{name} takes a sequence of strings, not one string")
-    found = list(texts)
-    if not all(isinstance(t, str) for t in found):
-        raise TypeError(f"{name} must be strings")
-    return found
 
 
 class Client:
@@ -245,9 +144,12 @@ class Client:
         method_options: Mapping[str, Any] | None = None,
         ids: Sequence[str] | None = None,
         texts: Sequence[str] = (),
+        questions: QuestionsSpec = (),
+        regions: Sequence[RegionsSpec] | Regions | None = None,
         timeout_s: float | None = None,
     ) -> ExplainResult:
-        """Classify and explain one image or a batch with one method.
+        """Classify and explain one image or a batch with one method (VQA models: answer a
+        question about each image and explain the answer).
 
         Args:
             images: one image or an iterable of them (see `vitlens.images.to_image`).
@@ -266,6 +168,13 @@ class Client:
                 `Explanation` per text, in order, each with its `Explanation.text` token
                 relevance); empty: zero-shot over the model's labels through its prompt
                 template, ``target``/``top_k`` selecting among the labels.
+            questions: VQA models only: one question for every image, or one per image; the
+                explained answer is the predicted one unless ``target``/``top_k`` select
+                among `ModelInfo.labels` (the answers). Each `Explanation` then has the
+                question tokens' relevance (`Explanation.question`), ``region_relevance`` on
+                ``regions`` (``heatmap`` empty) and, with ``relevance``, `Explanation.matrices`.
+            regions: VQA models reading detector regions (`ModelInfo.visual_input`
+                "regions") only: one `vitlens.Regions` or (features, boxes) pair per image.
             timeout_s: deadline for this call; None uses the client's default.
         """
         request = build_explain_request(
@@ -281,6 +190,8 @@ class Client:
             method_options=method_options,
             ids=ids,
             texts=texts,
+            questions=questions,
+            regions=regions,
         )
         return ExplainResult.from_proto(self._call(self.stub.Explain, request, timeout_s))
 
@@ -302,6 +213,34 @@ class Client:
         request = build_predict_request(images, model=model, top_k=top_k, ids=ids, prompts=prompts)
         response = self._call(self.stub.Predict, request, timeout_s)
         return [Classification.from_proto(c) for c in response.results]
+
+    def answer(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        questions: QuestionsSpec,
+        *,
+        model: str = "",
+        top_k: int = 5,
+        regions: Sequence[RegionsSpec] | Regions | None = None,
+        ids: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Answer]:
+        """Ask a VQA model about one image or a batch; one `Answer` per image, in order.
+
+        Args:
+            images: one image or an iterable of them.
+            questions: one question for every image, or one per image.
+            model: model name; "" selects the server's default.
+            top_k: answers returned per image, most probable first.
+            regions: models reading detector regions only: one `vitlens.Regions` per image.
+            ids: one id per image, echoed in the answers.
+            timeout_s: deadline for this call; None uses the client's default.
+        """
+        request = build_answer_request(
+            images, questions, model=model, top_k=top_k, regions=regions, ids=ids
+        )
+        response = self._call(self.stub.Predict, request, timeout_s)
+        return answers_from_proto(response, request.questions)
 
     def evaluate(
         self,

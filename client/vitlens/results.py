@@ -2,18 +2,19 @@
 
 Tensors arrive as numpy arrays in the dtype the request asked for (float32 or float16). The
 arrays are owned copies; the dataclasses are frozen (fields cannot be reassigned) and those
-holding arrays compare by identity.
+holding arrays compare by identity. (The model descriptions, `ModelInfo` and its parts, live in
+`vitlens.model_info` and are importable from here too.)
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, overload
+from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 
+from vitlens.model_info import MethodInfo, MethodParameter, ModelInfo, Weights
 from vitlens.tensors import tensor_to_numpy
 from vitlens.v1 import vitlens_pb2
 
@@ -67,10 +68,11 @@ class Timing:
 
 @dataclass(frozen=True, eq=False)
 class TextRelevance:
-    """Image-text models: the relevance of one text's tokens for one image-text similarity.
+    """The relevance of one text's tokens: for one image-text similarity (image-text models),
+    or of the question's tokens for one answer (VQA models).
 
     Attributes:
-        text: the text (a request's text, or a label's prompt).
+        text: the text (a request's text, a label's prompt, or the question).
         tokens: its readable tokens, start and end tokens excluded.
         relevance: (len(tokens),) float32, one value per token.
     """
@@ -95,22 +97,41 @@ class Explanation:
             larger means more relevant.
         relevance: token x token relevance (N, N), N = prefix tokens + gh * gw, when requested
             and the method has one; else None.
-        text: image-text models: the text tokens' relevance; None for classifiers.
+        text: image-text models: the text tokens' relevance; VQA models: the question
+            tokens' (also `question`); None for classifiers.
+        region_relevance: VQA models on request regions: (R,) float32, one value per region
+            in request order (``heatmap`` is then empty, (0, 0)); else None.
+        matrices: VQA models, when ``relevance`` was requested: every relevance matrix by its
+            (queries, keys) token sets, e.g. ``matrices["text", "image"]`` (|text|, |image|);
+            empty otherwise.
     """
 
     target: Prediction
     heatmap: np.ndarray
     relevance: np.ndarray | None = None
     text: TextRelevance | None = None
+    region_relevance: np.ndarray | None = None
+    matrices: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, e: vitlens_pb2.Explanation) -> Explanation:
         return cls(
             target=Prediction.from_proto(e.target),
-            heatmap=tensor_to_numpy(e.heatmap),
+            heatmap=tensor_to_numpy(e.heatmap)
+            if e.HasField("heatmap")
+            else np.zeros((0, 0), np.float32),
             relevance=tensor_to_numpy(e.relevance) if e.HasField("relevance") else None,
             text=TextRelevance.from_proto(e.text) if e.HasField("text") else None,
+            region_relevance=np.asarray(e.region_relevance, dtype=np.float32)
+            if e.region_relevance
+            else None,
+            matrices={(m.queries, m.keys): tensor_to_numpy(m.matrix) for m in e.matrices},
         )
+
+    @property
+    def question(self) -> TextRelevance | None:
+        """VQA models: the question's tokens and their relevance for this answer (`text`)."""
+        return self.text
 
     def normalized(self) -> np.ndarray:
         """The heatmap min-max scaled to [0, 1] as float32, same shape; a constant map gives
@@ -218,167 +239,3 @@ class Classification:
         if not self.predictions:
             raise ValueError(f"image {self.id!r} has no predictions")
         return self.predictions[0]
-
-
-@dataclass(frozen=True)
-class MethodParameter:
-    """One accepted `method_options` entry; ``type`` is "float", "int", "bool" or "str"."""
-
-    name: str
-    type: str
-    default_json: str
-    description: str
-    choices: tuple[str, ...]
-
-    @classmethod
-    def from_proto(cls, p: vitlens_pb2.MethodParameter) -> MethodParameter:
-        return cls(
-            name=p.name,
-            type=p.type,
-            default_json=p.default_json,
-            description=p.description,
-            choices=tuple(p.choices),
-        )
-
-    @property
-    def default(self) -> Any:
-        """The decoded default value (None when the server sent none)."""
-        return json.loads(self.default_json) if self.default_json else None
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """An explanation method a model supports, with the passes it needs and its parameters."""
-
-    name: str
-    description: str
-    passes: tuple[str, ...]
-    class_specific: bool
-    relevance_matrix: bool
-    parameters: tuple[MethodParameter, ...]
-    modalities: tuple[str, ...] = ()
-
-    @classmethod
-    def from_proto(cls, m: vitlens_pb2.MethodInfo) -> MethodInfo:
-        return cls(
-            name=m.name,
-            description=m.description,
-            passes=tuple(m.passes),
-            class_specific=m.class_specific,
-            relevance_matrix=m.relevance_matrix,
-            parameters=tuple(MethodParameter.from_proto(p) for p in m.parameters),
-            modalities=tuple(m.modalities),
-        )
-
-
-@dataclass(frozen=True)
-class Weights:
-    """Where a model's weights came from; ``random`` means predictions are meaningless."""
-
-    source: str
-    random: bool
-    sha256: str
-    metadata: dict[str, str]
-
-    @classmethod
-    def from_proto(cls, w: vitlens_pb2.Weights) -> Weights:
-        return cls(source=w.source, random=w.random, sha256=w.sha256, metadata=dict(w.metadata))
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A served model's geometry, labels and methods.
-
-    Attributes:
-        input_size: (channels, height, width).
-        patch_size: patch (height, width) in pixels.
-        patch_grid: token grid (gh, gw).
-        num_prefix_tokens: tokens before the patch tokens; N = num_prefix_tokens + gh * gw.
-        labels: class labels; index i names class i.
-        readout: how the classifier reads the tokens: "token", "distilled", "avg" or another
-            timm pooling (then methods that read a fixed token row are not offered).
-        task: "classification" or "image_text_similarity" (a CLIP-style dual encoder).
-        modalities: the token sets, name → number of tokens ({"image": N} or, for image-text
-            models, also "text": the context length).
-        prompt_template: image-text models: how labels become prompts ("a photo of a {}.").
-    """
-
-    name: str
-    architecture: str
-    input_size: tuple[int, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    patch_size: tuple[int, ...]
-    patch_grid: tuple[int, ...]
-    num_prefix_tokens: int
-    num_layers: int
-    num_heads: int
-    labels: tuple[str, ...]
-    methods: tuple[MethodInfo, ...]
-    weights: Weights
-    device: str
-    readout: str
-    task: str = "classification"
-    modalities: dict[str, int] | None = None
-    prompt_template: str = ""
-
-    @classmethod
-    def from_proto(cls, m: vitlens_pb2.ModelInfo) -> ModelInfo:
-        return cls(
-            name=m.name,
-            architecture=m.architecture,
-            input_size=tuple(m.input_size),
-            mean=tuple(m.mean),
-            std=tuple(m.std),
-            patch_size=tuple(m.patch_size),
-            patch_grid=tuple(m.patch_grid),
-            num_prefix_tokens=m.num_prefix_tokens,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            labels=tuple(m.labels),
-            methods=tuple(MethodInfo.from_proto(x) for x in m.methods),
-            weights=Weights.from_proto(m.weights),
-            device=m.device,
-            readout=m.readout,
-            task=_TASKS.get(m.task, "unspecified"),
-            modalities={x.name: x.num_tokens for x in m.modalities},
-            prompt_template=m.prompt_template,
-        )
-
-    @property
-    def image_text(self) -> bool:
-        """Whether the model scores images against texts (Explain ``texts=``, Predict
-        ``prompts=``)."""
-        return self.task == "image_text_similarity"
-
-    @property
-    def random_weights(self) -> bool:
-        """True when the weights are random initialisation (for testing only)."""
-        return self.weights.random
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_tokens(self) -> int:
-        """N = prefix tokens + gh * gw."""
-        gh, gw = self.patch_grid if len(self.patch_grid) == 2 else (0, 0)
-        return self.num_prefix_tokens + gh * gw
-
-    def method(self, name: str) -> MethodInfo:
-        """The `MethodInfo` called ``name``; KeyError listing the available ones otherwise."""
-        for m in self.methods:
-            if m.name == name:
-                return m
-        raise KeyError(f"model {self.name!r} has no method {name!r}; has {self.method_names}")
-
-    @property
-    def method_names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.methods)
-
-
-_TASKS = {
-    vitlens_pb2.TASK_CLASSIFICATION: "classification",
-    vitlens_pb2.TASK_IMAGE_TEXT_SIMILARITY: "image_text_similarity",
-}

@@ -2,7 +2,8 @@
 
 Decoding checks only what the wire format itself can get wrong (a malformed tensor, an unknown
 enum value, a target list of the wrong length); everything about models, methods and options is
-the data plane's to judge.
+the data plane's to judge. The visual question answering fields (questions, detector regions,
+per-region relevance, relevance matrices) are converted by `rpc.convert_vqa`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vitlens_server.domain import (
     TextRelevance,
 )
 from vitlens_server.errors import InvalidArgument
+from vitlens_server.rpc import convert_vqa
 from vitlens_server.runtime.api import (
     EvaluateQuery,
     ExplainQuery,
@@ -58,8 +60,9 @@ _OUTPUT_DTYPES = {
 
 def explain_query(request: vitlens_pb2.ExplainRequest, deadline: float | None) -> ExplainQuery:
     options = request.options
+    images = _images(request.images)
     return ExplainQuery(
-        images=_images(request.images),
+        images=images,
         model=request.model,
         method=request.method,
         method_options=_options(options.method_options, "options.method_options")
@@ -72,16 +75,21 @@ def explain_query(request: vitlens_pb2.ExplainRequest, deadline: float | None) -
         output_dtype=_output_dtype(options.output_dtype),
         deadline=deadline,
         texts=tuple(request.texts),
+        questions=convert_vqa.questions(request.questions, len(images)),
+        regions=convert_vqa.regions(request.regions, len(images)),
     )
 
 
 def predict_query(request: vitlens_pb2.PredictRequest, deadline: float | None) -> PredictQuery:
+    images = _images(request.images)
     return PredictQuery(
-        images=_images(request.images),
+        images=images,
         model=request.model,
         top_k=request.top_k,
         deadline=deadline,
         prompts=tuple(request.prompts),
+        questions=convert_vqa.questions(request.questions, len(images)),
+        regions=convert_vqa.regions(request.regions, len(images)),
     )
 
 
@@ -226,7 +234,9 @@ def predict_response(reply: PredictReply) -> vitlens_pb2.PredictResponse:
 def _image_explanation(
     result: ExplainResult, image_id: str, labels: Sequence[str]
 ) -> vitlens_pb2.ImageExplanation:
-    """A B = 1 result as the message of its image."""
+    """A B = 1 result as the message of its image (on request regions: no heatmap, one
+    relevance per region)."""
+    on_regions = result.regions is not None
     explanations = [
         vitlens_pb2.Explanation(
             target=_prediction(
@@ -235,9 +245,11 @@ def _image_explanation(
                 result.target_probabilities[0, k],
                 result.target_logits[0, k],
             ),
-            heatmap=numpy_to_tensor(result.heatmaps[0, k]),
+            heatmap=None if on_regions else numpy_to_tensor(result.heatmaps[0, k]),
             relevance=None if result.relevance is None else numpy_to_tensor(result.relevance[0, k]),
             text=None if result.texts is None else _text_relevance(result.texts[0][k]),
+            region_relevance=convert_vqa.region_relevance(result, k),
+            matrices=convert_vqa.matrices(result, k),
         )
         for k in range(result.targets.shape[1])
     ]
@@ -328,12 +340,16 @@ def model_info(card: ModelCard) -> vitlens_pb2.ModelInfo:
             for m in card.modalities
         ],
         prompt_template=card.prompt_template,
+        visual_input=card.visual_input,
+        region_feature_dim=card.region_feature_dim,
+        stream_architecture=card.stream_architecture,
     )
 
 
 _TASKS = {
     "classification": vitlens_pb2.TASK_CLASSIFICATION,
     "image_text_similarity": vitlens_pb2.TASK_IMAGE_TEXT_SIMILARITY,
+    "visual_question_answering": vitlens_pb2.TASK_VISUAL_QUESTION_ANSWERING,
 }
 
 
