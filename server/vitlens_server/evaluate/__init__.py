@@ -3,6 +3,7 @@
 A request becomes an `EvaluationPlan` once (`plan_evaluation`); `run_evaluation` runs it over a
 dataset of `Sample`s through `ModelCalls` (`LocalCalls` in process). Metrics are registered
 functions (`register_metric`, the `METRICS` table), importing this package registers them.
+VQA models have their own plan, metrics and run (`vqa_plan`, `VQA_METRICS`, `vqa_run`).
 """
 
 from vitlens_server.evaluate.class_sensitivity import class_sensitivity
@@ -63,11 +64,20 @@ from vitlens_server.evaluate.segmentation import (
     segmentation_scores,
     threshold_maps,
 )
+from vitlens_server.evaluate.vqa_plan import (
+    VQA_METRICS,
+    SyntheticVqaDataset,
+    VqaPlan,
+    parse_synthetic_vqa,
+    plan_vqa_evaluation,
+)
+from vitlens_server.evaluate.vqa_run import VqaCalls, VqaLocalCalls, run_vqa_evaluation
 
 __all__ = [
     "CHEFER_STEPS",
     "METRICS",
     "SEGMENTATION_KEYS",
+    "VQA_METRICS",
     "Cancelled",
     "CausalCurve",
     "Curve",
@@ -82,7 +92,11 @@ __all__ = [
     "Sample",
     "Scores",
     "SyntheticDataset",
+    "SyntheticVqaDataset",
     "VOCFolder",
+    "VqaCalls",
+    "VqaLocalCalls",
+    "VqaPlan",
     "ZeroShotLocalCalls",
     "auc",
     "average_drop",
@@ -104,17 +118,20 @@ __all__ = [
     "otsu_masks",
     "otsu_thresholds",
     "parse_synthetic",
+    "parse_synthetic_vqa",
     "perturbation",
     "perturbation_auc",
     "perturbation_curve",
     "plan_evaluation",
     "plan_method",
+    "plan_vqa_evaluation",
     "randomised_copy",
     "register_metric",
     "removal_ranks",
     "resized",
     "resolve_allowed",
     "run_evaluation",
+    "run_vqa_evaluation",
     "sanity",
     "segmentation",
     "segmentation_scores",

@@ -80,16 +80,41 @@ class VqaExplainJob:
 @dataclass(frozen=True)
 class VqaPredictJob:
     """Answer B (image, question) pairs (``regions`` as for `VqaExplainJob`); the top
-    ``top_k`` answers of each."""
+    ``top_k`` answers of each.
+
+    ``text_keep`` (B, W) / ``image_keep`` (B, M) bool, for token perturbation (seed 003 §4):
+    False at the tokens removed as the model's own absent input (`BimodalModel.remove_tokens`).
+    Column j of ``text_keep`` is the question's j-th word token (`TextRelevance.tokens`: CLS and
+    SEP always stay); column m of ``image_keep`` its m-th image token (the patch grid in raster
+    order, or the m-th region); columns past an item's tokens are ignored. None: all are read.
+    """
 
     pixels: Tensor
     questions: tuple[str, ...]
     top_k: int
     regions: Regions | None = None
+    text_keep: Tensor | None = None
+    image_keep: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name, keep in (("text_keep", self.text_keep), ("image_keep", self.image_keep)):
+            if keep is not None and (keep.dim() != 2 or keep.shape[0] != self.size):
+                raise ValueError(f"{name} must be ({self.size}, N); got {tuple(keep.shape)}")
 
     @property
     def size(self) -> int:
         return len(self.questions)
+
+    def rows(self, rows: slice) -> VqaPredictJob:
+        """The job of pairs ``rows`` (keep masks included)."""
+        return dataclasses.replace(
+            self,
+            pixels=self.pixels[rows],
+            questions=self.questions[rows],
+            regions=None if self.regions is None else self.regions[rows],
+            text_keep=None if self.text_keep is None else self.text_keep[rows],
+            image_keep=None if self.image_keep is None else self.image_keep[rows],
+        )
 
 
 def batch_inputs(model: LoadedVqaModel, jobs: Sequence[VqaExplainJob | VqaPredictJob]):
@@ -114,16 +139,53 @@ def batch_inputs(model: LoadedVqaModel, jobs: Sequence[VqaExplainJob | VqaPredic
 
 
 def predict_vqa_jobs(model: LoadedVqaModel, jobs: Sequence[VqaPredictJob]) -> list[Predictions]:
-    """One forward pass for all the jobs' pairs."""
+    """One forward pass for all the jobs' pairs (their removed tokens taken out)."""
     results: list[Predictions | None] = [None] * len(jobs)
     for members in _groups(jobs, lambda j: j.regions is None):
+        group = [jobs[i] for i in members]
         with torch.inference_mode():
-            logits = model.adapter(batch_inputs(model, [jobs[i] for i in members])).float()
+            logits = model.adapter(_removed(model, group, batch_inputs(model, group))).float()
         first = 0
         for i in members:
             results[i] = top_k_predictions(logits[first : first + jobs[i].size], jobs[i].top_k)
             first += jobs[i].size
     return results  # type: ignore[return-value]
+
+
+def _removed(
+    model: LoadedVqaModel, jobs: Sequence[VqaPredictJob], inputs: BimodalInputs
+) -> BimodalInputs:
+    """``inputs`` without the tokens the jobs' keep masks remove (unchanged if none has one)."""
+    texts = [job.text_keep for job in jobs if job.text_keep is not None]
+    images = [job.image_keep for job in jobs if job.image_keep is not None]
+    if not texts and not images:
+        return inputs
+    tokens = model.adapter.tokens(inputs)
+    text = image = None
+    if texts:
+        width = max(keep.shape[1] for keep in texts)
+        keep = _kept(jobs, "text_keep", width).to(tokens.text_valid.device)  # (B, W) per word
+        valid = tokens.text_valid  # (B, T), the word tokens in order
+        word = valid.long().cumsum(dim=1) - 1  # (B, T): which word each position is
+        text = valid & (word < width) & ~keep.gather(1, word.clamp(0, width - 1))
+    if images:
+        valid = tokens.image_valid  # (B, M)
+        image = valid & ~_kept(jobs, "image_keep", valid.shape[1]).to(valid.device)
+    return model.adapter.remove_tokens(inputs, text=text, image=image)
+
+
+def _kept(jobs: Sequence[VqaPredictJob], name: str, width: int) -> Tensor:
+    """(ΣB, width) bool: the jobs' ``name`` masks cut or padded (True) to ``width``; all True
+    for a job without one."""
+    rows = []
+    for job in jobs:
+        keep = torch.ones(job.size, width, dtype=torch.bool)
+        given = getattr(job, name)
+        if given is not None:
+            cols = min(width, given.shape[1])
+            keep[:, :cols] = given[:, :cols].bool().cpu()
+        rows.append(keep)
+    return torch.cat(rows)
 
 
 def explain_vqa_jobs(

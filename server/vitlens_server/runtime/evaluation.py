@@ -1,20 +1,20 @@
 """Evaluate runs: plan, dataset, one thread per run, every model call batched.
 
-    stream(query, evaluand)  plan the run (methods, metrics and options parsed once; each
-                   method checked against the model by its `Evaluand`), open the dataset
-                   (inline images decoded on the decode pool), then run
-                   `evaluate.run_evaluation` on a run thread, yielding its progress as it
+    stream(query, evaluand)  the `Evaluand` prepares the run (methods, metrics and options
+                   parsed once and checked against the model, the dataset opened through
+                   `Datasets`), which then works on a run thread, yielding its progress as it
                    happens and one summary per method x metric at the end
 
-An `Evaluand` is what a run scores: a classifier (`ClassifierEvaluand`, below) or an image-text
-model classifying zero-shot over its label prompts (`runtime.image_text_evaluation`). It
-checks the plan and gives the run its `ModelCalls`, whose model calls are submitted straight
-into the model's worker on the event loop (`asyncio.run_coroutine_threadsafe`) and wait on the
-returned future, so an evaluation's passes batch with each other and with live traffic, by
-cost class; the sanity metric's weight-randomised copy is served by a worker of its own. When
-the caller goes away the run stops at its next step and the model call it is waiting for is
-withdrawn (a running batch nobody else waits for is interrupted); on shutdown the run fails
-with UNAVAILABLE.
+An `Evaluand` is what a run scores. `ImageEvaluand`s run `evaluate.run_evaluation` on image
+datasets: a classifier (`ClassifierEvaluand`, below) or an image-text model classifying
+zero-shot over its label prompts (`runtime.image_text_evaluation`); a VQA model runs
+`evaluate.vqa_run` on scenes with questions (`runtime.vqa_evaluation`). Model calls are
+submitted straight into the model's worker on the event loop (`asyncio.run_coroutine_threadsafe`)
+and wait on the returned future, so an evaluation's passes batch with each other and with live
+traffic, by cost class; the sanity metric's weight-randomised copy is served by a worker of its
+own. When the caller goes away the run stops at its next step and the model call it is waiting
+for is withdrawn (a running batch nobody else waits for is interrupted); on shutdown the run
+fails with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ import concurrent.futures
 import contextvars
 import functools
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from vitlens_server.config import ServerConfig
-from vitlens_server.domain import ExplainResult, ImageInput, MetricSummary, Progress, TargetSpec
+from vitlens_server.domain import ExplainResult, MetricSummary, Progress, TargetSpec
 from vitlens_server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -44,26 +42,52 @@ from vitlens_server.evaluate import (
     Cancelled,
     EvaluationPlan,
     ModelCalls,
-    Sample,
-    open_server_path,
-    parse_synthetic,
     plan_evaluation,
     run_evaluation,
 )
 from vitlens_server.explain import ExplainJob
-from vitlens_server.imaging import ImageDecoder, resize_pixels
 from vitlens_server.models import LoadedModel
-from vitlens_server.runtime.api import EvaluateQuery, InlineSample
+from vitlens_server.runtime.api import EvaluateQuery
+from vitlens_server.runtime.evaluation_datasets import Datasets
 from vitlens_server.runtime.worker import ModelWorker
 
-__all__ = ["ClassifierEvaluand", "Evaluand", "Evaluations", "Submit"]
+__all__ = [
+    "ClassifierEvaluand",
+    "Datasets",
+    "Evaluand",
+    "Evaluations",
+    "ImageEvaluand",
+    "Submit",
+    "Work",
+]
 
 RandomisedWorker = Callable[[LoadedModel], Awaitable[ModelWorker]]
 Submit = Callable[[Coroutine[Any, Any, Any]], Any]  # run thread: one model call, its result
 
 
+class Work(Protocol):
+    """A prepared run, called once on its run thread: one summary per method x metric."""
+
+    def __call__(
+        self, *, progress: Callable[[Progress], None], cancelled: threading.Event
+    ) -> list[MetricSummary]: ...
+
+
 class Evaluand(Protocol):
-    """What an Evaluate run scores, and how the run reaches it.
+    """What an Evaluate run scores, and how the run reaches it."""
+
+    name: str
+
+    async def prepare(self, query: EvaluateQuery, datasets: Datasets, submit: Submit) -> Work:
+        """Parse and check ``query`` against the model (domain errors, before any model call),
+        open its dataset and return the run; each model call is ``submit(coroutine)``."""
+        ...
+
+
+class ImageEvaluand:
+    """An evaluand scored by `evaluate.run_evaluation` on image datasets.
+
+    Subclasses set the attributes and give `check` and `calls`.
 
     Attributes:
         name: the model's name.
@@ -81,14 +105,36 @@ class Evaluand(Protocol):
 
     def check(self, plan: EvaluationPlan, query: EvaluateQuery) -> None:
         """Refuse a plan (or dataset) this model cannot run, before the dataset is opened."""
-        ...
+        raise NotImplementedError
 
     async def calls(self, plan: EvaluationPlan, submit: Submit) -> ModelCalls:
         """The run's `ModelCalls`; each model call is ``submit(coroutine on the loop)``."""
-        ...
+        raise NotImplementedError
+
+    async def prepare(self, query: EvaluateQuery, datasets: Datasets, submit: Submit) -> Work:
+        plan = plan_evaluation(
+            query.methods,
+            query.metrics,
+            method_options=query.method_options,
+            metric_options=query.metric_options,
+            explain_label=query.explain_label,
+        )
+        self.check(plan, query)
+        _check_fits(plan, self.max_queue_images)
+        dataset = await datasets.images(query, self)
+        calls = await self.calls(plan, submit)
+        return functools.partial(
+            run_evaluation,
+            plan,
+            dataset,
+            calls,
+            input_size=self.input_size,
+            grid=self.grid,
+            num_classes=len(self.labels),
+        )
 
 
-class ClassifierEvaluand:
+class ClassifierEvaluand(ImageEvaluand):
     """A classifier as Evaluate scores it: its worker, and a weight-randomised copy's (made by
     ``randomised`` on first use) for the sanity metric."""
 
@@ -128,9 +174,7 @@ class Evaluations:
         decode_pool: concurrent.futures.Executor,
         threads: int = 2,
     ) -> None:
-        self._config = config
-        self._roots = tuple(Path(r) for r in config.dataset_roots)
-        self._decode_pool = decode_pool
+        self.datasets = Datasets(config, decode_pool)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "vitlens-evaluate")
         self._runs: set[_RunState] = set()
 
@@ -150,30 +194,15 @@ class Evaluations:
     async def stream(
         self, query: EvaluateQuery, evaluand: Evaluand
     ) -> AsyncIterator[Progress | MetricSummary]:
-        plan = plan_evaluation(
-            query.methods,
-            query.metrics,
-            method_options=query.method_options,
-            metric_options=query.metric_options,
-            explain_label=query.explain_label,
-        )
-        evaluand.check(plan, query)
-        _check_fits(plan, evaluand.max_queue_images)
-        dataset = await self._dataset(query, evaluand)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Progress] = asyncio.Queue()
         state = _RunState()
-        calls = await evaluand.calls(plan, functools.partial(_submit, loop, state))
+        submit = functools.partial(_submit, loop, state)
+        prepared = await evaluand.prepare(query, self.datasets, submit)
 
         def work() -> list[MetricSummary]:
             try:
-                return run_evaluation(
-                    plan,
-                    dataset,
-                    calls,
-                    input_size=evaluand.input_size,
-                    grid=evaluand.grid,
-                    num_classes=len(evaluand.labels),
+                return prepared(
                     progress=lambda p: loop.call_soon_threadsafe(events.put_nowait, p),
                     cancelled=state.cancelled,
                 )
@@ -203,36 +232,6 @@ class Evaluations:
                 yield summary
         finally:
             state.stop(None)  # the caller went away, or the run is over
-
-    async def _dataset(self, query: EvaluateQuery, evaluand: Evaluand) -> Sequence[Sample]:
-        loop = asyncio.get_running_loop()
-        config = self._config
-        if query.synthetic is not None:
-            with about("dataset.synthetic"):
-                dataset: Sequence[Sample] = parse_synthetic(query.synthetic)
-        elif query.server_path is not None:
-            with about("dataset.server_path"):
-                dataset = await loop.run_in_executor(
-                    self._decode_pool,
-                    functools.partial(
-                        open_server_path,
-                        query.server_path,
-                        self._roots,
-                        evaluand.labels,
-                        max_pixels=config.max_pixels,
-                    ),
-                )
-        elif query.inline is not None:
-            _check_inline(query.inline, config.max_inline_samples, config.max_inline_bytes)
-            decoder = ImageDecoder(evaluand.input_size, config.max_pixels)
-            dataset = await loop.run_in_executor(
-                self._decode_pool, _inline, query.inline, decoder, len(evaluand.labels)
-            )
-        else:
-            raise InvalidArgument(
-                "dataset is empty: set synthetic, server_path or inline", field="dataset"
-            )
-        return _Limited(dataset, query.limit) if query.limit else dataset
 
 
 def _check_fits(plan: EvaluationPlan, queue_images: int) -> None:
@@ -311,80 +310,3 @@ class _ClassifierCalls:
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._submit(self._worker.logits(pixels, wait_for_room=True))
-
-
-class _Limited:
-    """The first ``limit`` samples of a dataset."""
-
-    def __init__(self, dataset: Sequence[Sample], limit: int) -> None:
-        self._dataset, self._count = dataset, min(limit, len(dataset))
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, index: int) -> Sample:
-        if not 0 <= index < self._count:
-            raise IndexError(index)
-        return self._dataset[index]
-
-
-def _check_inline(samples: Sequence[InlineSample], max_samples: int, max_bytes: int) -> None:
-    """The inline samples within the server's bounds, before any is decoded."""
-    field = "dataset.inline.samples"
-    if not samples:
-        raise InvalidArgument("dataset.inline has no samples", field=field)
-    if len(samples) > max_samples:
-        raise InvalidArgument(
-            f"dataset.inline has {len(samples)} samples; this server takes at most "
-            f"{max_samples} inline (a larger set can be read from a --dataset-root folder)",
-            field=field,
-        )
-    size = sum(_nbytes(s.image) + (0 if s.mask is None else s.mask.nbytes) for s in samples)
-    if size > max_bytes:
-        raise InvalidArgument(
-            f"dataset.inline carries {size:,} bytes of images and masks; this server takes at "
-            f"most {max_bytes:,} inline",
-            field=field,
-        )
-
-
-def _nbytes(image: ImageInput) -> int:
-    return image.pixels.nbytes if image.pixels is not None else len(image.encoded or b"")
-
-
-def _inline(
-    samples: Sequence[InlineSample], decoder: ImageDecoder, num_classes: int
-) -> list[Sample]:
-    """Inline samples as the runner reads them: (H, W, 3) float32 pixels at the model's input
-    size (decoded once, resized as uploads are), masks (1, h, w) bool at the image's own size."""
-    out = []
-    for i, sample in enumerate(samples):
-        where = f"dataset.inline.samples[{i}]"
-        if not 0 <= sample.label < num_classes:
-            raise InvalidArgument(
-                f"{where}.label {sample.label} is not in 0..{num_classes - 1}",
-                field=f"{where}.label",
-            )
-        raw = decoder.read(sample.image)  # (3, h, w)
-        masks = None
-        if sample.mask is not None:
-            masks = _mask(sample.mask, tuple(raw.shape[1:]), f"{where}.mask")[None]
-        image = resize_pixels(raw, decoder.size).permute(1, 2, 0).numpy()  # (H, W, 3)
-        out.append(Sample(sample.image.id or f"sample_{i}", image, (sample.label,), masks))
-    if any(s.masks is None for s in out) and any(s.masks is not None for s in out):
-        raise InvalidArgument(
-            "give a mask for every inline sample or for none", field="dataset.inline.samples"
-        )
-    return out
-
-
-def _mask(mask: np.ndarray, size: tuple[int, int], where: str) -> np.ndarray:
-    """An inline mask as (h, w) bool, nonzero on the object; it must match its image's size."""
-    if mask.ndim != 2 or tuple(mask.shape) != size:
-        raise InvalidArgument(
-            f"{where} has shape {tuple(mask.shape)[:8]}; it must be the image's (H, W) = {size}",
-            field=where,
-        )
-    if mask.dtype.kind == "f" and not np.isfinite(mask).all():
-        raise InvalidArgument(f"{where} holds NaN or infinite values", field=where)
-    return mask != 0

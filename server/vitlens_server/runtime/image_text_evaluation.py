@@ -28,14 +28,14 @@ from vitlens_server.explain.image_text import native_grid
 from vitlens_server.explain.image_text_batch import ImageTextExplainJob
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
 from vitlens_server.runtime.api import EvaluateQuery
-from vitlens_server.runtime.evaluation import Submit
+from vitlens_server.runtime.evaluation import ImageEvaluand, Submit
 from vitlens_server.runtime.image_text import check_method
 from vitlens_server.runtime.image_text_worker import ImageTextWorker
 
 __all__ = ["ZeroShotEvaluand"]
 
 
-class ZeroShotEvaluand:
+class ZeroShotEvaluand(ImageEvaluand):
     """An image-text model as Evaluate scores it: a zero-shot classifier over its prompts."""
 
     def __init__(self, served: LoadedImageTextModel, worker: ImageTextWorker) -> None:
