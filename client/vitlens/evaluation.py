@@ -152,9 +152,10 @@ def build_evaluate_request(
     explain_label: bool = False,
     limit: int = 0,
 ) -> vitlens_pb2.EvaluateRequest:
-    """``dataset``: ``synthetic:N[:seed][:two_object]`` or an absolute folder on the server."""
+    """``dataset``: ``synthetic:N[:seed][:two_object]``, ``synthetic_vqa:N[:seed]`` (VQA
+    models) or an absolute folder on the server."""
     spec = vitlens_pb2.Dataset(limit=limit)
-    if dataset.startswith("synthetic:"):
+    if dataset.startswith(("synthetic:", "synthetic_vqa:")):
         spec.synthetic = dataset
     else:
         spec.server_path = dataset

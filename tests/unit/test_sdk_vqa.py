@@ -261,3 +261,16 @@ async def test_async_client_answer_and_explain(fake) -> None:
         assert list(servicer.requests[-1].questions) == ["q1?", "q2?"]
         assert servicer.requests[-1].options.return_relevance
         assert result[1].explanations[0].matrices["text", "image"].shape == (2, 3)
+
+
+def test_evaluate_requests_name_vqa_datasets_as_synthetic() -> None:
+    from vitlens.evaluation import build_evaluate_request
+
+    request = build_evaluate_request(
+        methods=["generic"],
+        metrics=["perturbation_image"],
+        dataset="synthetic_vqa:50:3",
+        model="vitlens-vilt",
+    )
+    assert request.dataset.synthetic == "synthetic_vqa:50:3"
+    assert not request.dataset.server_path

@@ -151,3 +151,13 @@ def test_a_stopped_run_resumes_as_if_uninterrupted_and_exports_what_it_evaluated
         logits = net(to_model_input(batch.images, MEAN, STD, CPU), ids, mask)
     right = (logits.argmax(1) == batch.answers).float().mean().item()
     assert right == pytest.approx(done["metrics"]["accuracy"])
+
+
+def test_the_command_line_takes_every_option(capsys) -> None:
+    from vitlens_server.training.vqa_train import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    usage = capsys.readouterr().out
+    assert "--arch {vilt,lxmert}" in usage and "--max-minutes" in usage

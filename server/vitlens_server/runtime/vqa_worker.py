@@ -114,15 +114,7 @@ class VqaWorker(LanedWorker):
         wait_for_room: bool = False,
     ) -> tuple[Predictions, float]:
         """Answer a job; the predictions and the longest queue wait of its chunks."""
-        chunks = [
-            dataclasses.replace(
-                job,
-                pixels=job.pixels[rows],
-                questions=job.questions[rows],
-                regions=None if job.regions is None else job.regions[rows],
-            )
-            for rows in _chunks(job.size, self.max_batch_size)
-        ]
+        chunks = [job.rows(rows) for rows in _chunks(job.size, self.max_batch_size)]
         kind = ("predict", job.regions is None)
         done = await self._submit(chunks, Lane.DEVICE, kind, deadline, wait_for_room)
         return Predictions.concat([r for r, _ in done]), max(w for _, w in done)

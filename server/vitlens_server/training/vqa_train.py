@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ log = logging.getLogger("vitlens.vqa_train")
 class VqaTrainConfig:
     """Hyper-parameters of a run; steps count batches of ``batch_size`` scene-question pairs."""
 
-    arch: Literal["vilt", "lxmert"] = "vilt"
+    arch: str = "vilt"  # "vilt" or "lxmert"
     out: Path = Path("build/vqa")  # checkpoint directory
     export_dir: Path | None = None  # None: ASSETS / "vitlens-<arch>"
     seed: int = 0
