@@ -7,12 +7,17 @@
     python scripts/eval_table.py --scenes 40 --block 20 --methods oracle,random,generic
     python scripts/eval_table.py --parts single --metrics perturbation,deletion \
         --metric-option perturbation.baseline=inpaint --out benchmarks/evaluation-inpaint
+    python scripts/eval_table.py --model vitlens-vilt --block 100 --out benchmarks/evaluation-vilt
 
 Starts `vitlens serve` (the embedded demo model, or the ``--model`` spec; result cache off) on
 loopback and calls `Evaluate` through the SDK, block by block: ``synthetic:BLOCK:START``
 single-object scenes with every single-object metric, and ``synthetic:BLOCK:START:two_object``
-scenes with `class_sensitivity`. An image-text model is scored zero-shot over its label prompts
-(seed 004 Table 2's protocol; it has no ``sanity``). Blocks are the same scenes as one
+scenes with `class_sensitivity`. A visual question answering model (GetModel's task) has one
+part, ``vqa``: ``synthetic_vqa:BLOCK:START`` scenes with a question each, seed 003's token
+perturbation per modality and the question's segmentation, rows ``generic+lrp`` and the like
+for a method with fixed options, and seed 003's orderings (scripts/eval_table_vqa.py). An
+image-text model is scored zero-shot over its label prompts (seed 004 Table 2's protocol; it
+has no ``sanity``). Blocks are the same scenes as one
 ``synthetic:SCENES`` run (a scene is a function of its seed), so their results merge exactly
 (deploy/eval/merge_results.py, the pooled statistics of the sharded Kubernetes Job). Each
 finished block is written to ``OUT/shards/`` with its wall time and plan (methods, metrics,
@@ -20,12 +25,14 @@ metric options), and blocks already there are skipped: an interrupted run contin
 stopped; a block made with another plan, or with other weights (each block records the served
 weights' SHA-256), stops the run (use another ``--out``). At the end the
 merged results become ``OUT/<part>/report.md`` (tables and curve plots, `vitlens.report`) and
-``OUT/README.md`` (time, machine, options, orderings).
+``OUT/README.md`` (time, machine, options, orderings). ``--address`` evaluates a server that is
+already running (its ``--model`` is a served name) instead of starting one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -33,11 +40,20 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "client"), str(ROOT / "server"), str(ROOT / "deploy" / "eval")]
+sys.path[:0] = [str(ROOT / p) for p in ("client", "server", "deploy/eval", "scripts")]
 
+from eval_table_vqa import (  # noqa: E402
+    VQA_METHODS,
+    VQA_PARTS,
+    evaluate_calls,
+    served_method,
+    summary_table,
+    vqa_orderings,
+)
 from merge_results import merge_results  # noqa: E402
 
 import vitlens  # noqa: E402
@@ -47,7 +63,10 @@ from vitlens.report import write_report  # noqa: E402
 from vitlens_server.bench.process import ServeProcess  # noqa: E402
 
 SINGLE_METRICS = ("segmentation", "perturbation", "deletion", "insertion", "average_drop", "sanity")
-PARTS = {"single": ("", SINGLE_METRICS), "two_object": (":two_object", ("class_sensitivity",))}
+PARTS = {
+    "single": ("synthetic:{size}:{start}", SINGLE_METRICS),
+    "two_object": ("synthetic:{size}:{start}:two_object", ("class_sensitivity",)),
+}
 ALL_METHODS = (
     "oracle", "random", "raw_attention", "rollout", "attention_flow", "saliency", "cam",
     "gradcam", "agcam", "isaw", "partial_lrp", "transformer_attribution", "generic",
@@ -71,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenes", type=int, default=500, help="held-out scenes per part")
     p.add_argument("--block", type=int, default=50, help="scenes per Evaluate call")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated")
-    p.add_argument("--parts", default="single,two_object", help="single, two_object or both")
+    p.add_argument("--methods", default="", help="comma-separated (default: all of the task's)")
+    p.add_argument("--parts", default="", help="single, two_object or both (VQA: vqa)")
     p.add_argument("--metrics", default="", help="only these metrics (comma-separated)")
     p.add_argument(
         "--metric-option", action="append", default=[], type=metric_option_arg,
@@ -81,54 +100,103 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "evaluation")
     p.add_argument("--model", default="", help="serve this `vitlens serve --model` spec instead")
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument("--address", default="", help="HOST:PORT of a running server to evaluate")
     p.add_argument("--note", default="", help="a sentence about the machine, e.g. its load")
     args = p.parse_args(argv)
-    plans = _plans(args)
+    if args.address and (args.threads or "=" in args.model):
+        p.error("--address evaluates a running server: --model names a served model, no --threads")
     shards = args.out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
+    vqa = _recorded_vqa(shards)  # None: no blocks yet, the served model's task decides
+    plans = None if vqa is None else _plans(args, vqa, p)
+    if plans is not None:
+        _check_plans(plans, shards, p)
+    if plans is None or _todo(args, plans, shards):
+        with (
+            _served(args) as address,
+            vitlens.Client(address, timeout_s=30) as client,
+        ):
+            info = _model_info(client, _name(args.model))
+            if vqa is not None and vqa != info.vqa:
+                p.error(
+                    f"{shards} holds blocks of another task than {info.task}; use another --out"
+                )
+            plans = _plans(args, info.vqa, p)
+            _check_plans(plans, shards, p)
+            weights = info.weights.sha256
+            for done in shards.glob("*.json"):
+                if json.loads(done.read_text()).get("weights_sha256") != weights:
+                    p.error(f"{done} was made with other weights than {weights}; use another --out")
+            extra = {"stream_architecture": info.stream_architecture} if info.vqa else {}
+            todo = _todo(args, plans, shards)
+            for number, (part, start) in enumerate(todo, 1):
+                size = min(args.block, args.scenes - start)
+                print(f"[{number}/{len(todo)}] {part} scenes {start}..{start + size - 1}")
+                run = (part, start, size, plans[part])
+                _block(client, run, shards, _name(args.model), weights, extra)
+    _finish(args, plans, shards, argv)
+    return 0
+
+
+def _recorded_vqa(shards: Path) -> bool | None:
+    """Whether the blocks in ``shards`` are of a VQA model; None when there are none."""
+    names = {f.name.rpartition("-")[0] for f in shards.glob("*-*.json")}
+    if not names & {*PARTS, *VQA_PARTS}:
+        return None
+    return bool(names & set(VQA_PARTS))
+
+
+def _check_plans(plans: dict[str, dict], shards: Path, p: argparse.ArgumentParser) -> None:
+    """A block made with another plan stops the run."""
     for part, plan in plans.items():
         for done in shards.glob(f"{part}-*.json"):
             if json.loads(done.read_text()).get("plan") != plan:
                 p.error(f"{done} was made with another plan; pass another --out")
-    todo = [
+
+
+def _todo(args, plans: dict[str, dict], shards: Path) -> list[tuple[str, int]]:
+    """(part, first scene) of every block not yet in ``shards``."""
+    return [
         (part, start)
         for part in plans
         for start in range(0, args.scenes, args.block)
         if not (shards / f"{part}-{start:04d}.json").exists()
     ]
-    if todo:
-        flags = ["--cache-mb", "0", "--log-level", "warning"]
-        flags += ["--threads", str(args.threads)] if args.threads else []
-        flags += ["--model", args.model] if args.model else []
-        with (
-            ServeProcess.start(flags, log=args.out / "serve.log") as server,
-            vitlens.Client(server.address, timeout_s=30) as client,
-        ):
-            server.wait_serving(timeout_s=600)
-            weights = _weights_sha256(client, _name(args.model))
-            for done in shards.glob("*.json"):
-                if json.loads(done.read_text()).get("weights_sha256") != weights:
-                    p.error(f"{done} was made with other weights than {weights}; use another --out")
-            for number, (part, start) in enumerate(todo, 1):
-                size = min(args.block, args.scenes - start)
-                print(f"[{number}/{len(todo)}] {part} scenes {start}..{start + size - 1}")
-                _block(client, part, start, size, plans[part], shards, _name(args.model), weights)
-    _finish(args, plans, shards, argv)
-    return 0
 
 
-def _plans(args) -> dict[str, dict]:
+@contextlib.contextmanager
+def _served(args) -> Iterator[str]:
+    """The address of ``--address``, or of a `vitlens serve` started for the run."""
+    if args.address:
+        yield args.address
+        return
+    flags = ["--cache-mb", "0", "--log-level", "warning"]
+    flags += ["--threads", str(args.threads)] if args.threads else []
+    flags += ["--model", args.model] if args.model else []
+    with ServeProcess.start(flags, log=args.out / "serve.log") as server:
+        server.wait_serving(timeout_s=600)
+        yield server.address
+
+
+def _plans(args, vqa: bool, p: argparse.ArgumentParser) -> dict[str, dict]:
     """part → what its Evaluate calls ask for (kept in each block's record)."""
+    parts = VQA_PARTS if vqa else PARTS
     chosen = set(args.metrics.split(",")) if args.metrics else None
     options: dict[str, dict] = {}
     for metric, values in args.metric_option:
         options.setdefault(metric, {}).update(values)
+    methods = args.methods.split(",") if args.methods else list(VQA_METHODS if vqa else ALL_METHODS)
+    calls = evaluate_calls(methods)
     plans = {}
-    for part in args.parts.split(","):
-        metrics = [m for m in PARTS[part][1] if chosen is None or m in chosen]
+    for part in args.parts.split(",") if args.parts else parts:
+        if part not in parts:
+            p.error(f"--parts {part!r}: this model's parts are {', '.join(parts)}")
+        metrics = [m for m in parts[part][1] if chosen is None or m in chosen]
         if metrics:
             used = {m: o for m, o in sorted(options.items()) if m in metrics}
-            plans[part] = {"methods": args.methods.split(","), "metrics": metrics, "options": used}
+            plans[part] = {"methods": methods, "metrics": metrics, "options": used}
+            if len(calls) > 1 or calls[0][1]:
+                plans[part]["calls"] = [{"methods": m, "method_options": o} for m, o in calls]
     return plans
 
 
@@ -137,41 +205,58 @@ def _name(spec: str) -> str:
     return spec.partition("=")[0]
 
 
-def _weights_sha256(client, model: str) -> str:
-    """The SHA-256 of the served weights of ``model`` ("" for the server's default)."""
-    models = client.models()
-    info = next((m for m in models if m.name == model), models[0] if not model else None)
-    if info is None:
-        raise SystemExit(f"the server does not serve {model!r}")
-    return info.weights.sha256
+def _model_info(client, model: str) -> vitlens.ModelInfo:
+    """GetModel of ``model`` ("" for the server's default)."""
+    try:
+        return client.model(model)
+    except vitlens.NotFoundError:
+        raise SystemExit(f"the server does not serve {model!r}") from None
 
 
 def _block(
-    client, part: str, start: int, size: int, plan: dict, shards: Path, model: str, weights: str
+    client, run: tuple[str, int, int, dict], shards: Path, model: str, weights: str, extra: dict
 ) -> None:
-    dataset = f"synthetic:{size}:{start}{PARTS[part][0]}"
+    """Evaluate one block (``run``: part, first scene, scenes, plan) and write its record."""
+    part, start, size, plan = run
+    dataset = {**PARTS, **VQA_PARTS}[part][0].format(size=size, start=start)
+    calls = plan.get("calls") or [{"methods": plan["methods"], "method_options": {}}]
     began = time.monotonic()
 
     def show(progress) -> None:
         elapsed = time.monotonic() - began
         print(
-            f"\r  {progress.done}/{progress.total} image-methods  {progress.stage:<24} "
+            f"\r  {progress.done}/{progress.total} item-methods  {progress.stage:<24} "
             f"{elapsed:6.0f} s  eta {progress.eta_seconds:6.0f} s",
             end="",
             flush=True,
         )
 
-    result = client.evaluate(
-        plan["methods"], plan["metrics"], dataset=dataset, model=model,
-        metric_options=plan["options"], on_progress=show, timeout_s=24 * 3600,
-    )  # fmt: skip
+    record: dict = {}
+    for call in calls:
+        sent = [served_method(row) for row in call["methods"]]
+        result = client.evaluate(
+            sent, plan["metrics"], dataset=dataset, model=model,
+            method_options=call["method_options"] or None, metric_options=plan["options"],
+            on_progress=show, timeout_s=24 * 3600,
+        )  # fmt: skip
+        got = json.loads(result.to_json())
+        for item in got["results"]:  # reported under the row's name (generic+lrp)
+            item["method"] = call["methods"][sent.index(item["method"])]
+        if record:
+            record["results"] += got["results"]
+        else:
+            record = got
+    if len(calls) > 1:  # the plan's row order
+        record["results"].sort(key=lambda r: plan["methods"].index(r["method"]))
     seconds = time.monotonic() - began
     print(f"\r  done in {seconds:.0f} s{' ' * 60}")
-    record = json.loads(result.to_json())
     record["plan"] = plan
     record["weights_sha256"] = weights  # a resumed run refuses blocks of other weights
     record["seconds"] = round(seconds, 1)
     record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    record |= extra  # a VQA model's stream architecture, for the orderings
+    if len(calls) > 1:
+        record["calls"] = len(calls)
     path = shards / f"{part}-{start:04d}.json"
     path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
     path.with_suffix(".tmp").rename(path)  # a half-written block is never merged
@@ -179,8 +264,12 @@ def _block(
 
 def _finish(args, plans: dict[str, dict], shards: Path, argv) -> None:
     """Merge every part whose blocks are all there; write its report and the summary."""
+    default = "the server's default model" if args.address else "the demo model"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+    if args.address:
+        machine = f"the server at {args.address}, already running; client {machine}"
     lines = [
-        f"# Evaluation of every method on {_name(args.model) or 'the demo model'}",
+        f"# Evaluation of every method on {_name(args.model) or default}",
         "",
         "Produced by",
         "",
@@ -188,11 +277,11 @@ def _finish(args, plans: dict[str, dict], shards: Path, argv) -> None:
         "python scripts/eval_table.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "```",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; "
-        + (args.note or "no note given."),
+        f"Machine: {machine}; " + (args.note or "no note given."),
         "",
     ]
     merged: dict[str, EvaluationResult] = {}
+    streams = ""  # a VQA model's stream architecture, as its blocks recorded it
     for part, plan in plans.items():
         files = sorted(shards.glob(f"{part}-*.json"))
         blocks = [json.loads(f.read_text()) for f in files]
@@ -203,7 +292,9 @@ def _finish(args, plans: dict[str, dict], shards: Path, argv) -> None:
         merged[part] = result
         write_report(result, args.out / part)
         seconds = sum(b["seconds"] for b in blocks)
+        calls = sum(b.get("calls", 1) for b in blocks)
         images = _size(result.dataset)
+        unit = "question" if part in VQA_PARTS else "image"
         settings = ", ".join(
             f"`{m}.{k}={v}`" for m, o in plan["options"].items() for k, v in o.items()
         )
@@ -211,12 +302,15 @@ def _finish(args, plans: dict[str, dict], shards: Path, argv) -> None:
             f"## {part}: `{result.dataset}`, {len(plan['methods'])} methods",
             "",
             f"Metrics {', '.join(plan['metrics'])}; options: {settings or 'the defaults'}. "
-            f"Wall time {seconds / 60:.1f} min in {len(blocks)} Evaluate calls "
-            f"({images * len(plan['methods']) / seconds:.2f} image-methods/s); tables and curves "
+            f"Wall time {seconds / 60:.1f} min in {calls} Evaluate calls "
+            f"({images * len(plan['methods']) / seconds:.2f} {unit}-methods/s); tables and curves "
             f"in [{part}/report.md]({part}/report.md).",
             "",
         ]
-    lines += _orderings(merged)
+        if part in VQA_PARTS:
+            streams = blocks[0].get("stream_architecture", "")
+            lines += summary_table(result, plan["methods"])
+    lines += _orderings(merged, streams)
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'README.md'}")
 
@@ -225,9 +319,14 @@ def _size(dataset: str) -> int:
     return int(dataset.split(":")[1])
 
 
-def _orderings(merged: dict[str, EvaluationResult]) -> list[str]:
-    """The orderings issue #6 expects, each with its numbers and whether it holds."""
+def _orderings(merged: dict[str, EvaluationResult], streams: str = "") -> list[str]:
+    """The orderings issue #6 expects (a VQA model: seed 003's, `vqa_orderings` of its
+    ``streams`` architecture), each with its numbers and whether it holds."""
     lines = ["## Expected orderings", ""]
+    for part in VQA_PARTS:
+        if part in merged:
+            rows = list(dict.fromkeys(r.method for r in merged[part].results))
+            lines += vqa_orderings(merged[part], rows, streams)
 
     def stat(result, method, metric, name):
         """The merged statistic (mean, 95 % interval, n), or None where it was not run."""

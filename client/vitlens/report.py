@@ -17,6 +17,8 @@ __all__ = ["write_report"]
 BETTER = {
     "segmentation": "higher is better",
     "perturbation": "positive_auc: lower is better; negative_auc: higher is better",
+    "perturbation_image": "positive_auc: lower is better; negative_auc: higher is better",
+    "perturbation_text": "positive_auc: lower is better; negative_auc: higher is better",
     "deletion": "lower is better",
     "insertion": "higher is better",
     "average_drop": "average_drop: lower is better; average_increase: higher is better",
@@ -26,6 +28,8 @@ BETTER = {
 }
 X_LABELS = {
     "perturbation": "fraction of pixels removed",
+    "perturbation_image": "fraction of image tokens removed",
+    "perturbation_text": "fraction of question tokens removed",
     "deletion": "fraction of pixels deleted",
     "insertion": "fraction of pixels inserted",
 }
@@ -73,7 +77,8 @@ def write_report(result: EvaluationResult, out_dir: Path | str) -> Path:
                     if curve.name == curve_name:
                         axes.plot(curve.x, curve.y, marker="o", markersize=3, label=r.method)
             axes.set_xlabel(X_LABELS.get(metric, "x"))
-            axes.set_ylabel("accuracy" if metric == "perturbation" else "probability")
+            accuracy = metric.startswith("perturbation")  # VQA: perturbation_image / _text
+            axes.set_ylabel("accuracy" if accuracy else "probability")
             axes.set_title(f"{metric}: {curve_name}")
             axes.grid(alpha=0.3)
             axes.legend(fontsize=8)

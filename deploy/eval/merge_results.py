@@ -17,9 +17,9 @@ A curve is the mean over images of per-image curves, so the pooled curve is
 ``y = Σ_i w_i·y_i / Σ_i w_i`` with ``w_i`` the images of shard ``i`` behind it (the largest n of
 that method and metric's statistics in the shard; per-image metrics report n = images).
 
-When every shard ran a ``synthetic:n_i:S_i`` block, the blocks must tile one seed range without
-gap or overlap (as deploy/eval/run_shard.py makes them); the merged dataset is then named
-``synthetic:N:S``. Usage:
+When every shard ran a ``synthetic:n_i:S_i`` block (or ``synthetic_vqa:n_i:S_i``, a VQA
+model's), the blocks must tile one seed range without gap or overlap (as deploy/eval/run_shard.py
+makes them); the merged dataset is then named ``synthetic:N:S`` (``synthetic_vqa:N:S``). Usage:
 
     python merge_results.py --dir /results --expect 4 --out /results/merged.json
 """
@@ -81,25 +81,26 @@ def merge_curves(curves: Sequence[dict[str, Any]], weights: Sequence[float]) -> 
 
 
 def merge_datasets(names: Sequence[str]) -> str:
-    """The dataset of the whole run: ``synthetic:N:S[:two_object]`` when the shards' synthetic
-    blocks tile ``[S, S + N)``; otherwise the shard names joined with ``+``."""
+    """The dataset of the whole run: ``synthetic:N:S[:two_object]`` (or ``synthetic_vqa:N:S``)
+    when the shards' synthetic blocks tile ``[S, S + N)``; otherwise the shard names joined
+    with ``+``."""
     blocks = []
     for name in names:
         parts = name.split(":")
-        if parts[0] != "synthetic" or len(parts) not in (3, 4):
+        if parts[0] not in ("synthetic", "synthetic_vqa") or len(parts) not in (3, 4):
             return "+".join(names)
-        blocks.append((int(parts[2]), int(parts[1]), ":".join(parts[3:])))
+        blocks.append((int(parts[2]), int(parts[1]), ":".join([parts[0], *parts[3:]])))
     blocks.sort()
     if len({kind for _, _, kind in blocks}) != 1:
-        raise ValueError(f"shards mix one- and two-object scenes: {sorted(names)}")
+        raise ValueError(f"shards mix kinds of scenes: {sorted(names)}")
     for (start, size, _), (following, _, _) in itertools.pairwise(blocks):
         if start + size != following:
             raise ValueError(
                 f"shard datasets leave a gap or overlap at seed {start + size}: {sorted(names)}"
             )
-    start, kind = blocks[0][0], blocks[0][2]
+    start, (prefix, *kind) = blocks[0][0], blocks[0][2].split(":")
     total = sum(size for _, size, _ in blocks)
-    return f"synthetic:{total}:{start}" + (f":{kind}" if kind else "")
+    return ":".join([prefix, str(total), str(start), *kind])
 
 
 def merge_results(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
