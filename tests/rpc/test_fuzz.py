@@ -2,15 +2,18 @@
 
 Hypothesis builds mostly valid ExplainRequest / PredictRequest / EvaluateRequest messages with
 hostile mutations (`tests.rpc.fuzz`), image-text requests with hostile ``texts`` and
-``prompts`` (`tests.rpc.fuzz.texts`), and raw byte strings for every method path, and sends
-them to one server of the tiny classifier and a tiny CLIP (labels: the scene classes). The
-oracle, for every answer:
+``prompts`` (`tests.rpc.fuzz.texts`), visual question answering requests with hostile
+``questions`` and ``regions`` and ``synthetic_vqa`` evaluations (`tests.rpc.fuzz.vqa`), and raw
+byte strings for every method path, and sends them to one server of the tiny classifier, a tiny
+CLIP (labels: the scene classes), a tiny ViLT (pixels) and a tiny VisualBERT (request regions).
+The oracle, for every answer:
 
 - the status is OK, or a client error (`CLIENT_ERRORS`) with a non-empty message of at most
   `MAX_DETAILS_CHARS` characters; never INTERNAL, UNKNOWN, UNIMPLEMENTED, CANCELLED or
   UNAVAILABLE, whatever the request;
 - an OK Explain or Predict answers every image;
-- afterwards the server still reports SERVING on grpc.health.v1 and explains a fresh image.
+- afterwards the server still reports SERVING on grpc.health.v1 and explains a fresh image
+  (after a VQA example, each VQA model too).
 
 The minimal reproducers of what it has found (`FOUND`) are sent on every run as well.
 
@@ -67,13 +70,26 @@ from tests.rpc.fuzz.texts import (
     image_text_explain_requests,
     image_text_predict_requests,
 )
+from tests.rpc.fuzz.vqa import (
+    VqaLimits,
+    VqaLiveness,
+    VqaModel,
+    vqa_evaluate_calls,
+    vqa_explain_requests,
+    vqa_predict_requests,
+    write_vqa_models,
+)
+from tests.rpc.fuzz.vqa_inputs import HUGE_REGIONS, many_regions
 from tests.tiny import TINY_KWARGS, tiny_loaded
+from tests.unit import bimodal_tiny
 from tests.unit.image_text_tiny import VIT_CFG, build_open_clip_module, write_open_clip_dir
 from vitlens.v1 import tensor_pb2, vitlens_pb2, vitlens_pb2_grpc
 from vitlens_server.config import ServerConfig
+from vitlens_server.data.questions import ANSWERS
 from vitlens_server.data.shapes import CLASSES
 from vitlens_server.explain.image_text import IMAGE_TEXT_METHODS
 from vitlens_server.models import ModelRegistry, ModelSpec, load_model
+from vitlens_server.runtime.vqa import MAX_REGIONS_PER_IMAGE
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 
@@ -88,6 +104,8 @@ EXAMPLES: dict[str, dict[str, int]] = {
         "GetModel": 50,
         "raw": 400,
         "texts": 150,
+        "vqa": 150,
+        "vqa Evaluate": 40,
     },
     "long": {
         "Explain": 4000,
@@ -97,6 +115,8 @@ EXAMPLES: dict[str, dict[str, int]] = {
         "GetModel": 500,
         "raw": 5000,
         "texts": 1500,
+        "vqa": 1500,
+        "vqa Evaluate": 1500,
     },
 }
 if PROFILE not in EXAMPLES:
@@ -114,6 +134,16 @@ CLIP_CATALOG: Catalog = dataclasses.replace(
     CATALOG,
     model=CLIP.model,
     methods={name: () for name in (*IMAGE_TEXT_METHODS, "oracle")},
+)
+VQA = VqaLimits(
+    models=(
+        VqaModel("vilt", len(ANSWERS)),
+        VqaModel("vbert", len(bimodal_tiny.ANSWERS), feature_dim=bimodal_tiny.FEATURES),
+    ),
+    others=(MODEL, CLIP.model),
+    max_images=MAX_IMAGES,
+    max_chars=CLIP.max_chars,
+    max_regions=MAX_REGIONS_PER_IMAGE,
 )
 
 _GOOD_IMAGE = tensor_pb2.Image(
@@ -212,7 +242,10 @@ def fuzz_server(dataset_root: Path) -> Iterator[RunningServer]:
         json.dumps({**json.loads(config_file.read_text()), "vitlens": {"labels": list(CLASSES)}})
     )
     spec = ModelSpec(name=CLIP.model, architecture="open_clip", source=f"open_clip:{clip}")
-    registry = ModelRegistry([tiny_loaded(seed=14, num_classes=NUM_CLASSES), load_model(spec)])
+    vqa = [load_model(s) for s in write_vqa_models(dataset_root.parent, VQA)]
+    registry = ModelRegistry(
+        [tiny_loaded(seed=14, num_classes=NUM_CLASSES), load_model(spec), *vqa]
+    )
     started = time.perf_counter()
     running, stop = start_server(config, registry)
     yield running
@@ -246,6 +279,13 @@ def stub(channel: grpc.Channel) -> vitlens_pb2_grpc.VitlensServiceStub:
 @pytest.fixture(scope="module")
 def alive(channel: grpc.Channel) -> Liveness:
     liveness = Liveness(channel, MODEL)
+    liveness.check()
+    return liveness
+
+
+@pytest.fixture(scope="module")
+def vqa_alive(channel: grpc.Channel) -> VqaLiveness:
+    liveness = VqaLiveness(channel, VQA)
     liveness.check()
     return liveness
 
@@ -370,6 +410,48 @@ def test_image_text_requests_answer_ok_or_a_client_error(
     alive.check()
 
 
+@fuzz_settings("vqa")
+@given(
+    explain=vqa_explain_requests(VQA),
+    predict=vqa_predict_requests(VQA),
+    timeout_s=deadlines_s(CALL_TIMEOUT_S),
+)
+def test_vqa_requests_answer_ok_or_a_client_error(
+    explain: Shown[vitlens_pb2.ExplainRequest],
+    predict: Shown[vitlens_pb2.PredictRequest],
+    timeout_s: float,
+    stub: vitlens_pb2_grpc.VitlensServiceStub,
+    alive: Liveness,
+    vqa_alive: VqaLiveness,
+) -> None:
+    """Questions and regions on the ViLT and the VisualBERT (and on the other models)."""
+    alive.require()
+    response = call_unary("Explain (vqa)", stub.Explain, explain.message, timeout_s)
+    if response is not None:
+        assert len(response.results) == len(explain.message.images)
+    response = call_unary("Predict (vqa)", stub.Predict, predict.message, timeout_s)
+    if response is not None:
+        assert len(response.results) == len(predict.message.images)
+    alive.check()
+    vqa_alive.check()
+
+
+@fuzz_settings("vqa Evaluate")
+@given(call=vqa_evaluate_calls(VQA))
+def test_vqa_evaluate_streams_to_the_end_or_a_client_error(
+    call: tuple[Shown[vitlens_pb2.EvaluateRequest], float],
+    stub: vitlens_pb2_grpc.VitlensServiceStub,
+    alive: Liveness,
+    vqa_alive: VqaLiveness,
+) -> None:
+    """synthetic_vqa runs on the ViLT, and what cannot run on it (or elsewhere)."""
+    alive.require()
+    request, timeout_s = call
+    call_stream("Evaluate (vqa)", stub.Evaluate, request.message, timeout_s)
+    alive.check()
+    vqa_alive.check()
+
+
 # --------------------------------------------------------------------------- found before
 
 
@@ -441,6 +523,23 @@ FOUND = [
     ),
     pytest.param(
         "GetModel", vitlens_pb2.GetModelRequest(name="x" * 100_000), id="100kB-name-echoed"
+    ),
+    pytest.param(
+        "Explain",
+        vitlens_pb2.ExplainRequest(
+            model="vilt", method="x" * 1_000, images=[_GOOD_IMAGE], questions=["is there a star?"]
+        ),
+        id="vqa-1kB-method-echoed",
+    ),
+    pytest.param(
+        "Predict",
+        vitlens_pb2.PredictRequest(
+            model="vbert",
+            images=[_GOOD_IMAGE],
+            questions=["is there a star?"],
+            regions=[many_regions(HUGE_REGIONS, bimodal_tiny.FEATURES)],
+        ),
+        id="vqa-100k-regions",
     ),
 ]
 

@@ -3,7 +3,7 @@
 check_questions   ``questions``: one per image or one for all; empty, too many characters, or
                   more tokens than the model reads (refused, never truncated), by field
 check_regions     ``regions``: only for models on request regions, one per image, the
-                  model's feature width
+                  model's feature width, at most `MAX_REGIONS_PER_IMAGE` each
 check_method      a method name → its `BimodalMethod`, if the model can run it
 explain_job       an `ExplainQuery` on a VQA model → `VqaExplainJob` (pixels still empty)
 predict_job       a `PredictQuery` on a VQA model → `VqaPredictJob` (pixels still empty)
@@ -22,7 +22,7 @@ import torch
 
 from vitlens_server.config import ServerConfig
 from vitlens_server.domain import RegionsInput
-from vitlens_server.errors import InvalidArgument
+from vitlens_server.errors import InvalidArgument, clip
 from vitlens_server.explain.bimodal import BIMODAL_METHODS, BimodalMethod
 from vitlens_server.explain.params import choice, describe_params, parse_params
 from vitlens_server.explain.vqa_batch import VqaExplainJob, VqaPredictJob
@@ -36,6 +36,7 @@ from vitlens_server.runtime.api import (
 )
 
 __all__ = [
+    "MAX_REGIONS_PER_IMAGE",
     "GenericParams",
     "check_method",
     "check_questions",
@@ -46,6 +47,11 @@ __all__ = [
     "vqa_card",
     "vqa_version",
 ]
+
+
+# Attention over an image's R regions is (T + R)² per head and layer: 100,000 regions would ask
+# for 40 GB per head of the first layer. Detectors give 10-100.
+MAX_REGIONS_PER_IMAGE = 1024
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ def check_method(served: LoadedVqaModel, name: str, field: str = "method") -> Bi
     method = BIMODAL_METHODS.get(name)
     if method is None:
         raise InvalidArgument(
-            f"method {name!r} does not apply to VQA model {served.name!r}; use one of: "
+            f"method {clip(name)} does not apply to VQA model {served.name!r}; use one of: "
             f"{', '.join(BIMODAL_METHODS)}",
             field=field,
         )
@@ -148,6 +154,12 @@ def check_regions(
     width = _feature_dim(served)
     found = []
     for region in regions:
+        if region.features.shape[0] > MAX_REGIONS_PER_IMAGE:
+            raise InvalidArgument(
+                f"{region.where}.features has {region.features.shape[0]:,} regions; this server "
+                f"takes at most {MAX_REGIONS_PER_IMAGE:,} per image",
+                field=f"{region.where}.features",
+            )
         if region.features.shape[1] != width:
             raise InvalidArgument(
                 f"{region.where}.features has {region.features.shape[1]} features per region; "
