@@ -188,6 +188,15 @@ def test_out_of_memory_splits_the_batch_and_a_poisoned_request_fails_alone() -> 
     (alone,) = _isolated(always_oom, ["huge"])
     assert isinstance(alone, ResourceExhausted) and "fewer images" in str(alone)
 
+    def cpu_allocator_fails(items: list[str]) -> list[str]:  # the CPU allocator's own message
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not enough memory: "
+            "you tried to allocate 85899345920 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    (alone,) = _isolated(cpu_allocator_fails, ["huge"])
+    assert isinstance(alone, ResourceExhausted)
+
 
 def test_predict_batches_keep_each_requests_top_k(explainer: Explainer) -> None:
     jobs = [PredictJob(torch.rand(2, 3, 32, 32), 1), PredictJob(torch.rand(3, 3, 32, 32), 4)]

@@ -246,7 +246,7 @@ def vqa_card(served: LoadedVqaModel) -> ModelCard:
     patch = served.image_size // grid[0] if grid[0] else 0
     text_tokens = adapter.max_text_length
     modalities = [ModalityCard("text", text_tokens, "question tokens, [CLS] and [SEP] included")]
-    image_tokens = grid[0] * grid[1]
+    image_tokens = grid[0] * grid[1] if served.visual_input == "pixels" else MAX_REGIONS_PER_IMAGE
     image_what = "image patches" if served.visual_input == "pixels" else "detector regions"
     modalities.append(ModalityCard("image", image_tokens, image_what))
     if adapter.architecture == "single_stream":

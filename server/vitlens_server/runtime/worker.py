@@ -330,4 +330,12 @@ def _isolated(run: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[A
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    """A CUDA out-of-memory error, or the CPU allocator's failure (DefaultCPUAllocator: "not
+    enough memory ... Cannot allocate memory")."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    message = str(err).lower()
+    return any(
+        words in message
+        for words in ("out of memory", "cannot allocate memory", "can't allocate memory")
+    )
