@@ -98,6 +98,11 @@ def test_held_out_sets_cycle_the_kinds_over_one_and_two_object_scenes() -> None:
         held_out("train", 0, 2, size=64)
 
 
+def test_a_held_out_scene_without_a_question_of_its_kind_gets_the_next_kind() -> None:
+    (question,) = held_out("val", 61, 1, size=160).questions  # two objects of one colour
+    assert 61 % len(KINDS) == KINDS.index("shape") and question.kind == "colour"
+
+
 def test_question_tokens_are_whole_words_of_the_vocabulary() -> None:
     from vitlens_server.training.vqa_model import question_tokenizer
 

@@ -65,7 +65,9 @@ def make_batch(
 
 def held_out(split: str, start: int, count: int, *, size: int) -> QuestionBatch:
     """Scenes ``start .. start + count`` of held-out ``split`` ("val" or "test"): scene i has
-    two objects when i is odd and is asked a question of kind ``KINDS[i % len(KINDS)]``."""
+    two objects when i is odd and is asked a question of kind ``KINDS[i % len(KINDS)]``, or of
+    the next kind the scene has when it has none of that kind (a shape question needs a colour
+    that names one object: two objects of one colour have none)."""
     if split == "train":
         raise ValueError("held-out questions come from the 'val' or 'test' split")
     config = crisp_scene_config(size)
@@ -73,10 +75,20 @@ def held_out(split: str, start: int, count: int, *, size: int) -> QuestionBatch:
     salt = zlib.crc32(split.encode())
     for i, seed in enumerate(split_seeds(split, count, base_seed=start), start=start):
         scene = render_scene(seed, two_object=i % 2 == 1, config=config)
-        rng = np.random.default_rng([salt, i])
         scenes.append(scene)
-        questions.append(sample_question(scene, rng, kind=KINDS[i % len(KINDS)]))
+        questions.append(_question_of_kind(scene, [salt, i], i % len(KINDS)))
     return _batch(scenes, questions)
+
+
+def _question_of_kind(scene: Scene, seed: list[int], first: int) -> Question:
+    """A question of kind ``KINDS[first]``, else of the next kind in `KINDS` the scene has."""
+    for step in range(len(KINDS)):
+        kind = KINDS[(first + step) % len(KINDS)]
+        try:
+            return sample_question(scene, np.random.default_rng(seed), kind=kind)
+        except ValueError:  # the scene has no question of this kind
+            continue
+    raise ValueError(f"scene {scene.seed} has no question of any kind")
 
 
 def tokenize(
