@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from vitlens_server.config import ServerConfig
 from vitlens_server.domain import ExplainResult, Predictions
 from vitlens_server.explain import get_method
 from vitlens_server.explain.image_text_batch import (
@@ -62,25 +61,6 @@ class ImageTextWorker(LanedWorker):
             max_batch_size=max_batch_size,
             max_delay_s=max_delay_s,
             max_queue_images=max_queue_images,
-            on_batch=on_batch,
-        )
-
-    @classmethod
-    def configured(
-        cls,
-        model: LoadedImageTextModel,
-        config: ServerConfig,
-        *,
-        replicas: Sequence[LoadedImageTextModel] = (),
-        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
-    ) -> ImageTextWorker:
-        """The worker with the server's batching and queue settings."""
-        return cls(
-            model,
-            replicas=replicas,
-            max_batch_size=config.max_batch_size,
-            max_delay_s=config.max_delay_ms / 1000,
-            max_queue_images=config.max_queue_images,
             on_batch=on_batch,
         )
 

@@ -317,15 +317,8 @@ class DataPlane:
         return pixels, time.perf_counter() - started
 
     def _worker(self, model: LoadedModel, replicas: Sequence[LoadedModel] = ()) -> ModelWorker:
-        config = self._config
-        return ModelWorker(
-            model,
-            replicas=replicas,
-            max_batch_size=config.max_batch_size,
-            max_delay_s=config.max_delay_ms / 1000,
-            max_queue_images=config.max_queue_images,
-            on_batch=None if self._observer is None else self._observer.on_batch,
-        )
+        on_batch = None if self._observer is None else self._observer.on_batch
+        return ModelWorker.configured(model, self._config, replicas=replicas, on_batch=on_batch)
 
     async def _randomised_worker(self, model: LoadedModel) -> ModelWorker:
         """The worker of ``model``'s weight-randomised copy (the ``sanity`` metric), made on

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from vitlens_server.config import ServerConfig
 from vitlens_server.domain import ExplainResult, Predictions
 from vitlens_server.explain.vqa_batch import (
     VqaExplainJob,
@@ -54,25 +53,6 @@ class VqaWorker(LanedWorker):
             max_batch_size=max_batch_size,
             max_delay_s=max_delay_s,
             max_queue_images=max_queue_images,
-            on_batch=on_batch,
-        )
-
-    @classmethod
-    def configured(
-        cls,
-        model: LoadedVqaModel,
-        config: ServerConfig,
-        *,
-        replicas: Sequence[LoadedVqaModel] = (),
-        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
-    ) -> VqaWorker:
-        """The worker with the server's batching and queue settings."""
-        return cls(
-            model,
-            replicas=replicas,
-            max_batch_size=config.max_batch_size,
-            max_delay_s=config.max_delay_ms / 1000,
-            max_queue_images=config.max_queue_images,
             on_batch=on_batch,
         )
 

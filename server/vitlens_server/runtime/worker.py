@@ -28,10 +28,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 
+from vitlens_server.config import ServerConfig
 from vitlens_server.domain import ExplainResult, Predictions, TargetSpec
 from vitlens_server.errors import InvalidArgument, ResourceExhausted
 from vitlens_server.explain import Cost, Explainer, ExplainJob, Interrupted, get_method
@@ -102,6 +103,26 @@ class LanedWorker:
                 on_batch=None if on_batch is None else lambda s: on_batch(name, s),
                 on_leave=self._left_queue,
             )
+
+    @classmethod
+    def configured(
+        cls,
+        model: Any,
+        config: ServerConfig,
+        *,
+        replicas: Sequence[Any] = (),
+        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
+    ) -> Self:
+        """The worker of ``model`` (and its ``replicas``) with the server's batching and queue
+        settings; for subclasses built as ``cls(model, replicas=..., max_batch_size=...)``."""
+        return cls(
+            model,
+            replicas=replicas,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_delay_ms / 1000,
+            max_queue_images=config.max_queue_images,
+            on_batch=on_batch,
+        )
 
     @property
     def queued_images(self) -> int:
