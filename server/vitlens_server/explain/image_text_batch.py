@@ -28,6 +28,7 @@ __all__ = [
     "ImageTextPredictJob",
     "TextCache",
     "explain_jobs",
+    "group_indices",
     "predict_jobs",
 ]
 
@@ -101,7 +102,7 @@ def predict_jobs(cache: TextCache, jobs: Sequence[ImageTextPredictJob]) -> list[
     """Jobs sharing texts take one image forward; the texts' embeddings come from ``cache``."""
     model = cache.model
     results: list[Predictions | None] = [None] * len(jobs)
-    for members in _groups(jobs, lambda j: j.texts):
+    for members in group_indices(jobs, lambda j: j.texts):
         pixels = torch.cat([jobs[i].pixels for i in members]).to(model.device)
         with torch.inference_mode():
             images = model.encode_images(model.preprocess.normalise(pixels))  # (B, D)
@@ -122,7 +123,7 @@ def explain_jobs(
 ) -> list[ExplainResult]:
     """Every job's `ExplainResult` (B x K explanations, each with its text relevance)."""
     results: list[ExplainResult | None] = [None] * len(jobs)
-    for members in _groups(jobs, lambda j: j.group):
+    for members in group_indices(jobs, lambda j: j.group):
         done = _explain_group(cache, [jobs[i] for i in members], interrupted)
         for i, result in zip(members, done, strict=True):
             results[i] = result
@@ -224,7 +225,7 @@ def _result(
     )
 
 
-def _groups(jobs: Sequence, key: Callable) -> list[list[int]]:
+def group_indices(jobs: Sequence, key: Callable) -> list[list[int]]:
     """Indices of the jobs, grouped by ``key`` in order of first appearance."""
     groups: dict[object, list[int]] = {}
     for i, job in enumerate(jobs):

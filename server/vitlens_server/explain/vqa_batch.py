@@ -31,6 +31,7 @@ from vitlens_server.domain import (
 )
 from vitlens_server.explain.bimodal import BIMODAL_METHODS, BimodalExplanation, explain_bimodal
 from vitlens_server.explain.engine import resize_maps, top_k_predictions
+from vitlens_server.explain.image_text_batch import group_indices
 from vitlens_server.models.bimodal import BimodalInputs, BimodalTokens
 from vitlens_server.models.vqa_serving import LoadedVqaModel
 
@@ -141,7 +142,7 @@ def batch_inputs(model: LoadedVqaModel, jobs: Sequence[VqaExplainJob | VqaPredic
 def predict_vqa_jobs(model: LoadedVqaModel, jobs: Sequence[VqaPredictJob]) -> list[Predictions]:
     """One forward pass for all the jobs' pairs (their removed tokens taken out)."""
     results: list[Predictions | None] = [None] * len(jobs)
-    for members in _groups(jobs, lambda j: j.regions is None):
+    for members in group_indices(jobs, lambda j: j.regions is None):
         group = [jobs[i] for i in members]
         with torch.inference_mode():
             logits = model.adapter(_removed(model, group, batch_inputs(model, group))).float()
@@ -196,7 +197,7 @@ def explain_vqa_jobs(
 ) -> list[ExplainResult]:
     """Every job's `ExplainResult` (B x K explanations)."""
     results: list[ExplainResult | None] = [None] * len(jobs)
-    for members in _groups(jobs, lambda j: j.group):
+    for members in group_indices(jobs, lambda j: j.group):
         group = [jobs[i] for i in members]
         for i, result in zip(members, _explain_group(model, group, interrupted), strict=True):
             results[i] = result
@@ -341,10 +342,3 @@ def _own_positions(tokens: BimodalTokens, inputs: BimodalInputs, item: int) -> d
     own[text], own[image] = True, True
     others[tokens.text_positions], others[tokens.image_positions] = False, False
     return {tokens.text_set: torch.nonzero(own | others).flatten()}  # + an image CLS
-
-
-def _groups(jobs: Sequence, key: Callable) -> list[list[int]]:
-    groups: dict[object, list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault(key(job), []).append(i)
-    return list(groups.values())

@@ -322,6 +322,15 @@ class BimodalModel(ABC):
             )
         self._check_visual(inputs)
 
+    @staticmethod
+    def _region_mask(inputs: BimodalInputs) -> Tensor:
+        """(B, R) the regions' mask: the given one, or all real."""
+        assert inputs.regions is not None
+        if inputs.region_mask is not None:
+            return inputs.region_mask
+        b, r = inputs.regions.shape[:2]
+        return torch.ones(b, r, dtype=inputs.text_mask.dtype, device=inputs.regions.device)
+
     def _word_tokens(self, inputs: BimodalInputs) -> Tensor:
         """(B, T) bool: real tokens other than CLS, SEP and padding."""
         special = torch.isin(inputs.ids, self._special_ids.to(inputs.ids.device))

@@ -70,9 +70,7 @@ class LxmertAdapter(BimodalModel):
         regions = inputs.regions
         assert regions is not None
         b, r = regions.shape[:2]
-        region_mask = inputs.region_mask
-        if region_mask is None:
-            region_mask = torch.ones(b, r, dtype=inputs.text_mask.dtype, device=regions.device)
+        region_mask = self._region_mask(inputs)
         t = inputs.ids.shape[1]
         device = inputs.ids.device
         tokens = BimodalTokens(
