@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitlens_server.data.questions import ANSWERS, KINDS, answer_index
+from vitlens_server.data.questions import ANSWERS, KINDS, answer_index, question_mask
 from vitlens_server.models.bimodal.frontend import PatchFrontEnd, patch_boxes
 from vitlens_server.training.accuracy import to_model_input
 from vitlens_server.training.clip_model import model_cfg_at
-from vitlens_server.training.vqa_data import held_out, make_batch, tokenize
+from vitlens_server.training.vqa_data import held_out, make_batch, patch_targets, tokenize
 from vitlens_server.training.vqa_export import load_exported
 from vitlens_server.training.vqa_model import build_vilt, clip_visual_to_vilt
-from vitlens_server.training.vqa_net import MEAN, STD
+from vitlens_server.training.vqa_net import MEAN, STD, build_net
 from vitlens_server.training.vqa_train import VqaTrainConfig, train_vqa
 
 CPU = torch.device("cpu")
@@ -112,6 +112,38 @@ def test_question_tokens_are_whole_words_of_the_vocabulary() -> None:
     assert ids.shape == mask.shape and (ids[mask.bool()] != tokenizer.unk_token_id).all()
     words = tokenizer.convert_ids_to_tokens(ids[0][mask[0].bool()].tolist())
     assert words[1:-1] == batch.questions[0].text.replace("?", " ?").split()
+
+
+def test_grounding_targets_are_the_asked_objects_share_of_each_patch() -> None:
+    batch = held_out("val", 0, 10, size=160)
+    targets = patch_targets(batch, 16)  # (B, 100)
+    assert targets.shape == (10, 100)
+    for i, (scene, question) in enumerate(zip(batch.scenes, batch.questions, strict=True)):
+        mask = question_mask(scene, question)  # (160, 160)
+        assert targets[i].sum().item() == pytest.approx(mask.sum() / 256, rel=1e-5)
+        if not question.about:  # a "no" or a "zero": no patch is about anything
+            assert targets[i].max() == 0
+            continue
+        row, col = np.argwhere(mask)[0] // 16  # a patch holding the object's first pixel
+        assert targets[i, row * 10 + col] > 0
+
+
+@pytest.mark.parametrize("arch", ["vilt", "lxmert"])
+def test_grounding_scores_come_with_the_answer_in_raster_order(arch) -> None:
+    net = build_net(arch, clip=False).eval()
+    batch = held_out("val", 0, 3, size=160)
+    pixels = to_model_input(batch.images, MEAN, STD, CPU)
+    ids, mask = tokenize(net.tokenizer, batch.questions, CPU)
+    with torch.no_grad():
+        torch.manual_seed(1)  # ViLT's patch embedding draws its token order at random
+        logits, scores = net.grounded(pixels, ids, mask)
+        torch.manual_seed(2)
+        _, again = net.grounded(pixels, ids, mask)
+        plain = net(pixels, ids, mask)
+    assert scores.shape == (3, 100)
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, again, atol=1e-5, rtol=1e-5)
+    assert scores.std(dim=1).min() > 0  # one score per patch, not one broadcast value
 
 
 @pytest.mark.parametrize("arch", ["vilt", "lxmert"])

@@ -21,9 +21,15 @@ from transformers import BertTokenizer
 
 from vitlens_server.data import Scene, render_scene, split_seeds
 from vitlens_server.data.captions import crisp_scene_config
-from vitlens_server.data.questions import KINDS, Question, answer_index, sample_question
+from vitlens_server.data.questions import (
+    KINDS,
+    Question,
+    answer_index,
+    question_mask,
+    sample_question,
+)
 
-__all__ = ["QuestionBatch", "held_out", "make_batch", "tokenize"]
+__all__ = ["QuestionBatch", "held_out", "make_batch", "patch_targets", "tokenize"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +103,15 @@ def tokenize(
     """Token ids and attention mask, (B, T) each, padded to the longest question."""
     encoded = tokenizer([q.text for q in questions], padding=True, return_tensors="pt")
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def patch_targets(batch: QuestionBatch, patch: int) -> Tensor:
+    """The grounding target of every ``patch`` x ``patch`` px cell, (B, n) float in [0, 1] in
+    raster order: the fraction of its pixels inside `question_mask` (the objects the question
+    is about; none for a "no" or a "zero")."""
+    masks = np.stack(
+        [question_mask(s, q) for s, q in zip(batch.scenes, batch.questions, strict=True)]
+    )  # (B, H, W)
+    b, h, w = masks.shape
+    cells = masks.reshape(b, h // patch, patch, w // patch, patch).mean(axis=(2, 4))
+    return torch.from_numpy(cells.reshape(b, -1).astype(np.float32))

@@ -3,6 +3,11 @@
 `VqaNet` wraps a Hugging Face model (``.model``) with what training needs: its question
 tokenizer, which parameters are the pretrained trunk (`VqaNet.is_trunk`) and, for LXMERT, the
 frozen patch front-end (``.frontend``) that turns pixels into region features and boxes.
+
+Training also reads the final image-token states (`VqaNet.grounded`): a linear ``grounding``
+head scores each patch token for "belongs to what the question is about", an auxiliary loss in
+the spirit of ViLT's word-patch alignment and LXMERT's object-level pre-training objectives
+(`vqa_train`). The head is training-only; the export holds the Hugging Face model alone.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class VqaNet(nn.Module):
         self.frontend = frontend
         self.tokenizer = tokenizer
         self.trunk = trunk
+        self.grounding = nn.Linear(_width(model), 1)
 
     def is_trunk(self, name: str) -> bool:
         return name.removeprefix("model.") in self.trunk
@@ -66,6 +72,36 @@ class VqaNet(nn.Module):
         )
         return out.question_answering_score
 
+    def grounded(self, pixels: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Answer logits (B, A) and the ``grounding`` head's score of every patch token in
+        raster order (B, n), from one forward pass. The logits equal `forward`'s."""
+        if self.frontend is None:
+            logits, patches = self._vilt_states(pixels, ids, mask)
+        else:
+            with torch.no_grad():
+                features, boxes = self.frontend(pixels)  # (B, n, D), (B, n, 4)
+            out = self.model.lxmert(
+                input_ids=ids, attention_mask=mask, visual_feats=features, visual_pos=boxes
+            )
+            logits = self.model.answer_head(out.pooled_output)
+            patches = out.vision_output  # (B, n, D), the regions' order: raster
+        return logits, self.grounding(patches).squeeze(-1)
+
+    def _vilt_states(self, pixels: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """ViLT's logits and final patch-token states, sorted into raster order (its own patch
+        embedding draws a random order; full images have no padding slots)."""
+        vilt = self.model.vilt
+        pixel_mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.long)
+        embeds, embeds_mask, (cells, (_, gw)) = vilt.embeddings.visual_embed(
+            pixels, pixel_mask.to(pixels.device), max_image_length=-1
+        )  # (B, 1+n, D), (B, 1+n), ((B, n, 2), grid)
+        order = (cells[..., 0] * gw + cells[..., 1]).argsort(dim=1)  # (B, n)
+        out = vilt(input_ids=ids, attention_mask=mask, image_embeds=embeds, pixel_mask=embeds_mask)
+        t = ids.shape[1]
+        patches = out.last_hidden_state[:, t + 1 :]  # (B, n, D), drawn order
+        patches = patches.gather(1, order[..., None].expand(-1, -1, patches.shape[-1]))
+        return self.model.classifier(out.pooler_output), patches
+
     def train(self, mode: bool = True) -> VqaNet:
         super().train(mode)
         if self.frontend is not None:
@@ -78,6 +114,10 @@ class VqaNet(nn.Module):
         for tensor in self.model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half().float())
+
+
+def _width(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
 
 
 def build_net(arch: str, *, seed: int = 0, clip: bool = True) -> VqaNet:

@@ -5,9 +5,12 @@ schedule). Each step renders fresh scenes with one question each (`vqa_data.make
 loss is cross-entropy over the closed answer vocabulary. ViLT's encoder starts as the exemplar
 CLIP's image tower and learns at ``trunk_lr``; LXMERT learns from scratch on the frozen tower's
 patch tokens (`vqa_model`). Runs checkpoint every few minutes and resume with ``--resume``;
-the export is a Hugging Face directory (``config.json``, ``model.safetensors`` in float16,
-``vocab.txt``) with a ``vitlens.json`` of answers, front-end and training record
-(`vqa_export`).
+an auxiliary grounding loss (weight ``grounding_weight``) asks the final patch tokens which of
+them belong to the objects the question is about (`VqaNet.grounded`, `vqa_data.patch_targets`):
+without it neither model learnt, in 1,500 steps, to match a question's words to an object
+(benchmarks/vqa_training.md, runs 1). The export is a Hugging Face directory (``config.json``,
+``model.safetensors`` in float16, ``vocab.txt``) with a ``vitlens.json`` of answers, front-end
+and training record (`vqa_export`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from vitlens_server.training.clip_checkpoint import config_key, load_checkpoint,
 from vitlens_server.training.clip_optim import lr_factor
 from vitlens_server.training.config_cli import add_config_arguments, config_from_args
 from vitlens_server.training.train import _device_name
-from vitlens_server.training.vqa_data import make_batch, tokenize
+from vitlens_server.training.vqa_data import make_batch, patch_targets, tokenize
 from vitlens_server.training.vqa_eval import evaluate_vqa
 from vitlens_server.training.vqa_export import export_vqa
 from vitlens_server.training.vqa_net import MEAN, STD, VqaNet, build_net
@@ -39,6 +42,8 @@ from vitlens_server.training.vqa_net import MEAN, STD, VqaNet, build_net
 __all__ = ["VqaTrainConfig", "main", "train_vqa"]
 
 log = logging.getLogger("vitlens.vqa_train")
+
+PATCH = 16  # the CLIP tower's patch: one grounding target per 16 x 16 px cell
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class VqaTrainConfig:
     warmup_steps: int = 100
     min_lr_fraction: float = 0.05
     two_object_fraction: float = 0.5
+    grounding_weight: float = 1.0  # the auxiliary patch-grounding loss (0: answers only)
     eval_every: int = 250  # steps between quick evaluations on the "val" split (0: none)
     eval_count: int = 200
     final_eval_count: int = 1000
@@ -124,7 +130,7 @@ def train_vqa(
     started = time.perf_counter() - elapsed_s
     deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     last_save = window_start = time.perf_counter()
-    window_loss, window_hits, window_steps = 0.0, 0, 0
+    window_loss, window_grounding, window_hits, window_steps = 0.0, 0.0, 0, 0
     net.train()
     while step < config.steps:
         batch = make_batch(
@@ -138,31 +144,40 @@ def train_vqa(
             group["lr"] = group["base_lr"] * lr_factor(config, step)
         pixels = to_model_input(batch.images, MEAN, STD, device)  # (B, 3, S, S)
         ids, mask = tokenize(net.tokenizer, batch.questions, device)  # (B, T)
-        logits = net(pixels, ids, mask)  # (B, A)
         answers = batch.answers.to(device)
-        loss = F.cross_entropy(logits, answers)
+        if config.grounding_weight:
+            logits, scores = net.grounded(pixels, ids, mask)  # (B, A), (B, n)
+            targets = patch_targets(batch, PATCH).to(device)  # (B, n)
+            grounding = F.binary_cross_entropy_with_logits(scores, targets)
+        else:
+            logits, grounding = net(pixels, ids, mask), torch.zeros((), device=device)
+        loss = F.cross_entropy(logits, answers) + config.grounding_weight * grounding
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         step += 1
         window_loss += loss.item()
+        window_grounding += grounding.item()
         window_hits += int((logits.argmax(1) == answers).sum())
         window_steps += 1
         if step % 20 == 0 or step == config.steps:
             now = time.perf_counter()
             rate = window_steps * config.batch_size / (now - window_start)
             log.info(
-                "step %d/%d  loss %.3f  train acc %.3f  lr %.1e  %.0f q/s  eta %.1f min",
+                "step %d/%d  loss %.3f (grounding %.3f)  train acc %.3f  lr %.1e  %.0f q/s  "
+                "eta %.1f min",
                 step,
                 config.steps,
                 window_loss / window_steps,
+                window_grounding / window_steps,
                 window_hits / (window_steps * config.batch_size),
                 optimizer.param_groups[0]["lr"],
                 rate,
                 (config.steps - step) * config.batch_size / rate / 60,
             )
-            window_loss, window_hits, window_steps, window_start = 0.0, 0, 0, now
+            window_loss, window_grounding, window_hits, window_steps = 0.0, 0.0, 0, 0
+            window_start = now
         if config.eval_every and step % config.eval_every == 0 and step < config.steps:
             metrics = evaluate_vqa(net, "val", config.eval_count, size=config.image_size)
             minutes = (time.perf_counter() - started) / 60
@@ -223,6 +238,7 @@ _OPTIONS = (
     "weight_decay",
     "warmup_steps",
     "two_object_fraction",
+    "grounding_weight",
     "eval_every",
     "eval_count",
     "final_eval_count",
