@@ -75,10 +75,15 @@ def sharpen(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def build_open_clip_module(model_cfg: dict[str, Any], seed: int = 0) -> nn.Module:
-    """The open_clip model of ``model_cfg`` with sharpened random weights (vitlens' builder)."""
+    """The open_clip model of ``model_cfg`` with sharpened random weights (vitlens' builder),
+    the same for the same ``seed`` in every run (open_clip draws some 1-d parameters, such as
+    the class embedding, from the global generator: seeded here too)."""
     from vitlens_server.models.image_text.open_clip_model import build_open_clip
 
-    return sharpen(build_open_clip(model_cfg), seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = build_open_clip(model_cfg)
+    return sharpen(module, seed)
 
 
 def write_open_clip_dir(
