@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers import BertTokenizer
 
 from vitlens_server.models.bimodal.frontend import PatchFrontEnd, load_clip_visual
+from vitlens_server.models.bimodal.vilt import raster_order
 from vitlens_server.training.clip_model import model_cfg_at
 from vitlens_server.training.vqa_model import (
     build_lxmert,
@@ -57,7 +58,7 @@ class VqaNet(nn.Module):
         self.frontend = frontend
         self.tokenizer = tokenizer
         self.trunk = trunk
-        self.grounding = nn.Linear(_width(model), 1)
+        self.grounding = nn.Linear(int(model.config.hidden_size), 1)
 
     def is_trunk(self, name: str) -> bool:
         return name.removeprefix("model.") in self.trunk
@@ -92,10 +93,10 @@ class VqaNet(nn.Module):
         embedding draws a random order; full images have no padding slots)."""
         vilt = self.model.vilt
         pixel_mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.long)
-        embeds, embeds_mask, (cells, (_, gw)) = vilt.embeddings.visual_embed(
+        embeds, embeds_mask, (cells, (gh, gw)) = vilt.embeddings.visual_embed(
             pixels, pixel_mask.to(pixels.device), max_image_length=-1
         )  # (B, 1+n, D), (B, 1+n), ((B, n, 2), grid)
-        order = (cells[..., 0] * gw + cells[..., 1]).argsort(dim=1)  # (B, n)
+        order = raster_order(cells, embeds_mask[:, 1:].bool(), (int(gh), int(gw)))  # (B, n)
         out = vilt(input_ids=ids, attention_mask=mask, image_embeds=embeds, pixel_mask=embeds_mask)
         t = ids.shape[1]
         patches = out.last_hidden_state[:, t + 1 :]  # (B, n, D), drawn order
@@ -114,10 +115,6 @@ class VqaNet(nn.Module):
         for tensor in self.model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half().float())
-
-
-def _width(model: nn.Module) -> int:
-    return int(model.config.hidden_size)
 
 
 def build_net(arch: str, *, seed: int = 0, clip: bool = True) -> VqaNet:

@@ -31,9 +31,18 @@ from vitlens_server.models.bimodal.base import BimodalInputs, BimodalModel
 from vitlens_server.models.bimodal.graphs import JOINT, single_stream_graph
 from vitlens_server.models.bimodal.records import BimodalTokens
 
-__all__ = ["ViltAdapter"]
+__all__ = ["ViltAdapter", "raster_order"]
 
 DROPOUT_PATH = "vilt.encoder.layer.{}.attention.attention.dropout"
+
+
+def raster_order(cells: Tensor, valid: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The (B, L) permutation that sorts ViLT's drawn patch slots into raster order, real
+    patches first, then the padding slots: ``cells`` (B, L, 2) (row, column) as
+    ``visual_embed`` returns them, ``valid`` (B, L) bool, ``grid`` (rows, columns)."""
+    rows, cols = grid
+    key = cells[..., 0] * cols + cells[..., 1] + (~valid).long() * (rows * cols)
+    return key.argsort(dim=1, stable=True)
 
 
 class ViltAdapter(BimodalModel):
@@ -79,8 +88,7 @@ class ViltAdapter(BimodalModel):
             pixels, mask.to(pixels.device), max_image_length=-1
         )  # (B, 1+L, D), (B, 1+L), ((B, L, 2), grid)
         patch_valid = embeds_mask[:, 1:].bool()  # (B, L)
-        key = cells[..., 0] * gw + cells[..., 1] + (~patch_valid).long() * (gh * gw)
-        order = key.argsort(dim=1, stable=True)  # real patches in raster order, then padding
+        order = raster_order(cells, patch_valid, (int(gh), int(gw)))  # (B, L)
         patch_valid = patch_valid.gather(1, order)  # (B, L)
         read = patch_valid  # the patches the model reads: real and not removed
         if inputs.patch_mask is not None:
