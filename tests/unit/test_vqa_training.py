@@ -116,7 +116,7 @@ def test_question_tokens_are_whole_words_of_the_vocabulary() -> None:
 
 def test_grounding_targets_are_the_asked_objects_share_of_each_patch() -> None:
     batch = held_out("val", 0, 10, size=160)
-    targets = patch_targets(batch, 16)  # (B, 100)
+    targets = patch_targets(batch, 100)  # (B, 100): 16 px patches
     assert targets.shape == (10, 100)
     for i, (scene, question) in enumerate(zip(batch.scenes, batch.questions, strict=True)):
         mask = question_mask(scene, question)  # (160, 160)
@@ -126,6 +126,8 @@ def test_grounding_targets_are_the_asked_objects_share_of_each_patch() -> None:
             continue
         row, col = np.argwhere(mask)[0] // 16  # a patch holding the object's first pixel
         assert targets[i, row * 10 + col] > 0
+    with pytest.raises(ValueError, match="square grid"):
+        patch_targets(batch, 99)
 
 
 @pytest.mark.parametrize("arch", ["vilt", "lxmert"])

@@ -10,6 +10,7 @@ kind is asked of both scene types.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,13 +106,16 @@ def tokenize(
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
-def patch_targets(batch: QuestionBatch, patch: int) -> Tensor:
-    """The grounding target of every ``patch`` x ``patch`` px cell, (B, n) float in [0, 1] in
-    raster order: the fraction of its pixels inside `question_mask` (the objects the question
-    is about; none for a "no" or a "zero")."""
+def patch_targets(batch: QuestionBatch, cells: int) -> Tensor:
+    """The grounding target of each of ``cells`` square patches tiling the images (a side of
+    sqrt(cells) patches), (B, cells) float in [0, 1] in raster order: the fraction of its pixels
+    inside `question_mask` (the objects the question is about; none for a "no" or a "zero")."""
     masks = np.stack(
         [question_mask(s, q) for s, q in zip(batch.scenes, batch.questions, strict=True)]
     )  # (B, H, W)
     b, h, w = masks.shape
-    cells = masks.reshape(b, h // patch, patch, w // patch, patch).mean(axis=(2, 4))
-    return torch.from_numpy(cells.reshape(b, -1).astype(np.float32))
+    side = math.isqrt(cells)
+    if side * side != cells or h % side or w % side:
+        raise ValueError(f"{cells} patches do not tile {h} x {w} px images as a square grid")
+    cells_px = masks.reshape(b, side, h // side, side, w // side).mean(axis=(2, 4))
+    return torch.from_numpy(cells_px.reshape(b, -1).astype(np.float32))

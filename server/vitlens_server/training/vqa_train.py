@@ -43,8 +43,6 @@ __all__ = ["VqaTrainConfig", "main", "train_vqa"]
 
 log = logging.getLogger("vitlens.vqa_train")
 
-PATCH = 16  # the CLIP tower's patch: one grounding target per 16 x 16 px cell
-
 
 @dataclass(frozen=True)
 class VqaTrainConfig:
@@ -147,7 +145,7 @@ def train_vqa(
         answers = batch.answers.to(device)
         if config.grounding_weight:
             logits, scores = net.grounded(pixels, ids, mask)  # (B, A), (B, n)
-            targets = patch_targets(batch, PATCH).to(device)  # (B, n)
+            targets = patch_targets(batch, scores.shape[1]).to(device)  # (B, n)
             grounding = F.binary_cross_entropy_with_logits(scores, targets)
         else:
             logits, grounding = net(pixels, ids, mask), torch.zeros((), device=device)
