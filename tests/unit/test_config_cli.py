@@ -1,4 +1,5 @@
-"""Options generated from a config dataclass: names, types, defaults, booleans, unknown types."""
+"""Options generated from a config dataclass: names, types, defaults, booleans, unknown types;
+the run options every trainer shares."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
-from vitlens_server.training.config_cli import add_config_arguments, config_from_args
+from vitlens_server.training.config_cli import (
+    add_config_arguments,
+    add_run_arguments,
+    config_from_args,
+    start_run,
+)
 
 
 @dataclass(frozen=True)
@@ -58,3 +65,21 @@ def test_booleans_take_a_no_form_and_choices_are_enforced():
 def test_a_field_of_an_unsupported_type_is_refused_by_name():
     with pytest.raises(TypeError, match=r"_Config\.shape"):
         add_config_arguments(argparse.ArgumentParser(), _Config, ["shape"])
+
+
+def test_run_options_record_the_command_and_set_the_threads():
+    parser = argparse.ArgumentParser(prog="python -m trainer")
+    add_config_arguments(parser, _Config, _FIELDS)
+    add_run_arguments(parser, "<out>/x.ckpt")
+    argv = ["--steps", "5", "--threads", "1", "--max-minutes", "1.5", "--resume"]
+    before = torch.get_num_threads()
+    try:
+        run = start_run(parser, parser.parse_args(argv), argv)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert run.command == "python -m trainer --steps 5 --threads 1 --max-minutes 1.5 --resume"
+    assert run.resume and run.max_seconds == 90.0
+    idle = start_run(parser, parser.parse_args(["--threads", str(before)]), [])
+    assert not idle.resume and idle.max_seconds is None and idle.command == "python -m trainer"
+    assert "<out>/x.ckpt" in parser.format_help()

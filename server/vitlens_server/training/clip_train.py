@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,7 +63,12 @@ from vitlens_server.training.clip_optim import (
     make_optimizer,
     trunk_parameters,
 )
-from vitlens_server.training.config_cli import add_config_arguments, config_from_args
+from vitlens_server.training.config_cli import (
+    add_config_arguments,
+    add_run_arguments,
+    config_from_args,
+    start_run,
+)
 from vitlens_server.training.train import _device_name, resolve_precision
 
 __all__ = ["ClipTrainConfig", "contrastive_loss", "main", "make_batch", "train_clip"]
@@ -389,24 +393,21 @@ def main(argv: list[str] | None = None) -> int:
         },
         choices={"precision": ("auto", "fp32", "bf16")},
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/clip.ckpt")
-    parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this long")
+    add_run_arguments(parser, "<out>/clip.ckpt")
     parser.add_argument(
         "--export-now",
         action="store_true",
         help="with --resume: evaluate and export the checkpoint as it is",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
+    run = start_run(parser, args, argv)
     config = config_from_args(ClipTrainConfig, args, _OPTIONS)
-    command = "python -m vitlens_server.training.clip_train " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
-    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
     metadata = train_clip(
-        config, command, resume=args.resume, max_seconds=max_seconds, export_now=args.export_now
+        config,
+        run.command,
+        resume=run.resume,
+        max_seconds=run.max_seconds,
+        export_now=args.export_now,
     )
     if metadata is not None:
         print(json.dumps(metadata["metrics"], indent=2))

@@ -1,15 +1,28 @@
 """Command-line options generated from a training config dataclass, so that a trainer's flags,
-their types and their defaults are the config's fields and cannot drift from them."""
+their types and their defaults are the config's fields and cannot drift from them; and the
+options every resumable trainer shares (`add_run_arguments`, `start_run`)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import shlex
+import sys
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["add_config_arguments", "config_from_args"]
+import torch
+
+__all__ = [
+    "RunArguments",
+    "add_config_arguments",
+    "add_run_arguments",
+    "config_from_args",
+    "start_run",
+]
 
 Config = TypeVar("Config")
 
@@ -49,6 +62,36 @@ def config_from_args(
 ) -> Config:
     """``config_type`` with the named fields taken from parsed ``args``, the rest defaulted."""
     return config_type(**{name: getattr(args, name) for name in fields})
+
+
+@dataclass(frozen=True)
+class RunArguments:
+    """How a trainer was asked to run: ``command`` as its metadata records it, ``resume``
+    from its checkpoint, and stop (checkpointed) after ``max_seconds`` (None: never)."""
+
+    command: str
+    resume: bool
+    max_seconds: float | None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, checkpoint: str) -> None:
+    """``--threads``, ``--resume`` (from ``checkpoint``, as the help names it) and
+    ``--max-minutes``."""
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--resume", action="store_true", help=f"continue from {checkpoint}")
+    parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this long")
+
+
+def start_run(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None
+) -> RunArguments:
+    """Log to stderr with times, use ``--threads`` torch threads, and record the command line
+    (``parser.prog`` and ``argv``, or the process's own arguments)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
+    return RunArguments(command, args.resume, max_seconds)
 
 
 def _base_type(hint: Any) -> Any:

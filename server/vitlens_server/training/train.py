@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import platform
-import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -34,7 +33,12 @@ from vitlens_server.data import SceneConfig, render_scene, split_seeds
 from vitlens_server.data.shapes import CLASSES
 from vitlens_server.models.default import DEMO_ARCHITECTURE, DEMO_KWARGS, DEMO_WEIGHTS
 from vitlens_server.training.accuracy import scene_accuracy, to_model_input
-from vitlens_server.training.config_cli import add_config_arguments, config_from_args
+from vitlens_server.training.config_cli import (
+    add_config_arguments,
+    add_run_arguments,
+    config_from_args,
+    start_run,
+)
 from vitlens_server.training.export import export_weights
 
 __all__ = ["TrainConfig", "main", "train"]
@@ -315,18 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         choices={"precision": ("auto", "fp32", "bf16")},
     )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from <out>.ckpt if it exists"
-    )
-    parser.add_argument(
-        "--max-minutes", type=float, help="checkpoint and stop after this long (resume later)"
-    )
+    add_run_arguments(parser, "<out>.ckpt")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run = start_run(parser, args, argv)
     config = config_from_args(TrainConfig, args, _OPTIONS)
-    command = "vitlens train-demo " + shlex.join(sys.argv[1:] if argv is None else argv)
-    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
-    metadata = train(config, command, resume=args.resume, max_seconds=max_seconds)
+    metadata = train(config, run.command, resume=run.resume, max_seconds=run.max_seconds)
     if metadata is None:
         return 0
     print(f"top-1 {metadata['top1']:.2%}  two-object top-2 {metadata['two_object_top2_both']:.2%}")

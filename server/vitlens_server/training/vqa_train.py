@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,12 @@ from vitlens_server.models.default import ASSETS
 from vitlens_server.training.accuracy import to_model_input
 from vitlens_server.training.clip_checkpoint import config_key, load_checkpoint, save_checkpoint
 from vitlens_server.training.clip_optim import lr_factor
-from vitlens_server.training.config_cli import add_config_arguments, config_from_args
+from vitlens_server.training.config_cli import (
+    add_config_arguments,
+    add_run_arguments,
+    config_from_args,
+    start_run,
+)
 from vitlens_server.training.train import _device_name
 from vitlens_server.training.vqa_data import make_batch, patch_targets, tokenize
 from vitlens_server.training.vqa_eval import evaluate_vqa
@@ -259,18 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         choices={"arch": ("vilt", "lxmert")},
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/<arch>.ckpt")
-    parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this long")
+    add_run_arguments(parser, "<out>/<arch>.ckpt")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
+    run = start_run(parser, args, argv)
     config = config_from_args(VqaTrainConfig, args, _OPTIONS)
-    command = "python -m vitlens_server.training.vqa_train " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
-    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
-    metadata = train_vqa(config, command, resume=args.resume, max_seconds=max_seconds)
+    metadata = train_vqa(config, run.command, resume=run.resume, max_seconds=run.max_seconds)
     if metadata is not None:
         print(json.dumps(metadata["metrics"], indent=2))
     return 0
