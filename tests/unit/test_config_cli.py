@@ -80,6 +80,7 @@ def test_run_options_record_the_command_and_set_the_threads():
         torch.set_num_threads(before)
     assert run.command == "python -m trainer --steps 5 --threads 1 --max-minutes 1.5 --resume"
     assert run.resume and run.max_seconds == 90.0
-    idle = start_run(parser, parser.parse_args(["--threads", str(before)]), [])
+    idle = start_run(parser, parser.parse_args([]), [])  # no --threads: torch's own, untouched
+    assert torch.get_num_threads() == before
     assert not idle.resume and idle.max_seconds is None and idle.command == "python -m trainer"
     assert "<out>/x.ckpt" in parser.format_help()

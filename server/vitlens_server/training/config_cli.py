@@ -77,7 +77,7 @@ class RunArguments:
 def add_run_arguments(parser: argparse.ArgumentParser, checkpoint: str) -> None:
     """``--threads``, ``--resume`` (from ``checkpoint``, as the help names it) and
     ``--max-minutes``."""
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--resume", action="store_true", help=f"continue from {checkpoint}")
     parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this long")
 
@@ -85,10 +85,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, checkpoint: str) -> None:
 def start_run(
     parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None
 ) -> RunArguments:
-    """Log to stderr with times, use ``--threads`` torch threads, and record the command line
-    (``parser.prog`` and ``argv``, or the process's own arguments)."""
+    """Log to stderr with times, use ``--threads`` torch threads if given, and record the
+    command line (``parser.prog`` and ``argv``, or the process's own arguments)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
     max_seconds = None if args.max_minutes is None else args.max_minutes * 60
     return RunArguments(command, args.resume, max_seconds)
