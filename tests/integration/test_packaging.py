@@ -27,7 +27,7 @@ pytest.importorskip("setuptools", reason="dev extra: setuptools builds the wheel
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from vitlens_server.models.default import CLIP_FILES
+from vitlens_server.models.default import CLIP_FILES, VQA_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_ONLY = {"torch", "torchvision", "timm", "safetensors", "numba", "prometheus-client"}
@@ -172,10 +172,12 @@ def test_server_wheel_has_the_server_and_the_weights_and_not_the_sdk(server: Bui
     assert "vitlens_server/assets/vitlens-demo.safetensors" in server.names
     # the exemplar CLIP (`--model vitlens-clip`): every file of its folder, and the ones
     # `vitlens_server.models.default.clip_spec` requires
-    clip = ROOT / "server/vitlens_server/assets/vitlens-clip"
-    shipped = {f"vitlens_server/assets/vitlens-clip/{p.name}" for p in clip.iterdir()}
-    required = {f"vitlens_server/assets/vitlens-clip/{name}" for name in CLIP_FILES}
-    assert required <= shipped <= server.names, sorted((shipped | required) - server.names)
+    # and the exemplar VQA models' (`vqa_spec` requires `VQA_FILES`)
+    for folder, files in (("vitlens-clip", CLIP_FILES), ("vitlens-lxmert", VQA_FILES)):
+        found = (ROOT / "server/vitlens_server/assets" / folder).iterdir()
+        shipped = {f"vitlens_server/assets/{folder}/{p.name}" for p in found}
+        required = {f"vitlens_server/assets/{folder}/{name}" for name in files}
+        assert required <= shipped <= server.names, sorted((shipped | required) - server.names)
     # no console script: `vitlens` is the SDK's, two distributions must not both install it
     assert "console_scripts" not in server.dist_info("entry_points.txt")
 
