@@ -73,11 +73,17 @@ def test_the_grid_in_one_call_equals_one_pair_at_a_time(models, kind, method) ->
     batched = _explain(model, pixels, texts, grid, method)
     for (b, m), found in zip(grid, batched, strict=True):
         (alone,) = _explain(model, pixels[b : b + 1], [texts[m]], [(0, 0)], method)
-        # LRP's divisions amplify the rounding of batched matmuls (~1e-4 relative)
-        rtol = 2e-3 if method in ("transformer_attribution", "token_reflection") else 1e-4
-        atol = 1e-4 if method == "token_reflection" else 1e-6
-        torch.testing.assert_close(found.heatmap, alone.heatmap, rtol=rtol, atol=atol)
-        torch.testing.assert_close(found.text, alone.text, rtol=rtol, atol=1e-6)
+        if method in ("transformer_attribution", "token_reflection"):
+            # LRP computes in float32 and its divisions amplify the rounding of batched
+            # matmuls into small elements, by amounts that differ between CPUs (4e-3 of one
+            # text-token element on one): compared at the scale of each result instead,
+            # within 1e-3 of its largest value (measured: at most 8e-5 of it)
+            for got, want in ((found.heatmap, alone.heatmap), (found.text, alone.text)):
+                atol = 1e-3 * want.abs().max().item()
+                torch.testing.assert_close(got, want, rtol=0.0, atol=atol)
+        else:
+            torch.testing.assert_close(found.heatmap, alone.heatmap, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(found.text, alone.text, rtol=1e-4, atol=1e-6)
         assert torch.isfinite(found.heatmap).all() and torch.isfinite(found.text).all()
 
 
