@@ -4,8 +4,6 @@ held-out generated questions as its training measured (benchmarks/vqa_training.m
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 import vitlens
@@ -16,7 +14,6 @@ from vitlens_server.models import ModelRegistry, load_model
 from vitlens_server.models import default as builtin
 from vitlens_server.training.vqa_data import held_out
 
-ASSETS = Path(builtin.__file__).resolve().parents[1] / "assets"
 QUESTIONS = 40  # held-out test questions asked over gRPC; the export measured 1,000
 
 
@@ -28,7 +25,7 @@ def test_the_shipped_exemplar_answers_held_out_questions_over_grpc(
     name: str, stream: str, visual_input: str, floor: float
 ) -> None:
     spec = builtin.builtin_spec(name, "cpu")
-    assert spec is not None and spec.source == f"hf-vqa:{ASSETS / name}"
+    assert spec is not None and spec.source == f"hf-vqa:{builtin.ASSETS / name}"
     running, stop = start_server(ServerConfig(port=0), ModelRegistry([load_model(spec)]))
     try:
         with vitlens.Client(running.address, timeout_s=120) as client:

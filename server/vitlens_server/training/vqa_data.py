@@ -117,5 +117,5 @@ def patch_targets(batch: QuestionBatch, cells: int) -> Tensor:
     side = math.isqrt(cells)
     if side * side != cells or h % side or w % side:
         raise ValueError(f"{cells} patches do not tile {h} x {w} px images as a square grid")
-    cells_px = masks.reshape(b, side, h // side, side, w // side).mean(axis=(2, 4))
-    return torch.from_numpy(cells_px.reshape(b, -1).astype(np.float32))
+    shares = masks.reshape(b, side, h // side, side, w // side).mean(axis=(2, 4))
+    return torch.from_numpy(shares.reshape(b, -1).astype(np.float32))
