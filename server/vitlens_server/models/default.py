@@ -8,6 +8,10 @@ it falls back to seeded random weights, and the server says so in its log and in
 ``vitlens-clip``, the exemplar image-text (CLIP) model trained on the same scenes, ships as an
 open_clip hub directory in ``assets/vitlens-clip/``; it is served only when named (the default
 list stays ``vitlens-demo``, so start-up is not slower). A missing file is an error naming it.
+
+The exemplar VQA models (``vitlens-visualbert``, single stream; ``vitlens-lxmert``, two stream;
+``vitlens-vilt`` once one reaches its accuracy target) are Hugging Face directories in
+``assets/vitlens-<arch>/`` (`VQA_FILES`), served when named, as the CLIP is.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "DEMO_WEIGHTS",
     "LXMERT_MODEL_NAME",
     "VILT_MODEL_NAME",
+    "VISUALBERT_MODEL_NAME",
     "VQA_FILES",
     "builtin_spec",
     "clip_spec",
@@ -104,6 +109,7 @@ def clip_spec(device: str = "cpu", directory: Path = CLIP_DIR) -> ModelSpec:
 
 
 VILT_MODEL_NAME = "vitlens-vilt"
+VISUALBERT_MODEL_NAME = "vitlens-visualbert"
 LXMERT_MODEL_NAME = "vitlens-lxmert"
 # The exemplar VQA models' files: save_pretrained's, the question vocabulary, vitlens.json.
 VQA_FILES = ("config.json", "model.safetensors", "vocab.txt", "vitlens.json")
@@ -133,6 +139,7 @@ BUILTIN_MODELS: Mapping[str, Callable[[str], ModelSpec]] = {
     DEMO_MODEL_NAME: demo_spec,
     CLIP_MODEL_NAME: clip_spec,
     VILT_MODEL_NAME: lambda device: vqa_spec(VILT_MODEL_NAME, device),
+    VISUALBERT_MODEL_NAME: lambda device: vqa_spec(VISUALBERT_MODEL_NAME, device),
     LXMERT_MODEL_NAME: lambda device: vqa_spec(LXMERT_MODEL_NAME, device),
 }
 

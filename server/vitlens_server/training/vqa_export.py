@@ -9,8 +9,9 @@ per line, [PAD] first) and ``vitlens.json``::
      "frontend": {"kind": "vit_patch_tokens", "model": "vitlens-clip", "blocks": 5},
      "metadata": {how it was trained, its held-out accuracy}}
 
-``frontend`` (LXMERT only) declares where region features come from: the patch tokens after
-``blocks`` blocks of the shipped exemplar CLIP's image tower, one region per patch.
+``frontend`` (the region models, VisualBERT and LXMERT) declares where region features come
+from: the patch tokens after ``blocks`` blocks of the shipped exemplar CLIP's image tower, one
+region per patch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import (
     BertTokenizer,
     LxmertForQuestionAnswering,
     ViltForQuestionAnswering,
+    VisualBertForQuestionAnswering,
 )
 
 from vitlens_server.data.questions import ANSWERS, vocab_lines
@@ -36,7 +38,12 @@ from vitlens_server.training.vqa_net import MEAN, STD, VqaNet
 __all__ = ["SIDECAR", "export_vqa", "load_exported"]
 
 SIDECAR = "vitlens.json"
-_CLASSES = {"vilt": ViltForQuestionAnswering, "lxmert": LxmertForQuestionAnswering}
+# config.json's model_type → the exemplar's architecture name (`vqa_net.ARCHS`) and class.
+_CLASSES = {
+    "vilt": ("vilt", ViltForQuestionAnswering),
+    "visual_bert": ("visualbert", VisualBertForQuestionAnswering),
+    "lxmert": ("lxmert", LxmertForQuestionAnswering),
+}
 
 
 def export_vqa(net: VqaNet, directory: Path, metadata: dict[str, Any]) -> None:
@@ -67,12 +74,11 @@ def load_exported(directory: str | Path) -> tuple[VqaNet, int]:
     """An exported exemplar as a `VqaNet` (float32, eval mode) and its image side in px."""
     directory = Path(directory)
     sidecar = json.loads((directory / SIDECAR).read_text())
-    arch = AutoConfig.from_pretrained(directory).model_type
-    if arch not in _CLASSES:
-        raise ValueError(f"{directory}/config.json: model_type {arch!r} is not an exemplar")
-    model = _CLASSES[arch].from_pretrained(
-        directory, dtype=torch.float32, attn_implementation="eager"
-    )
+    model_type = AutoConfig.from_pretrained(directory).model_type
+    if model_type not in _CLASSES:
+        raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not an exemplar")
+    arch, model_class = _CLASSES[model_type]
+    model = model_class.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
     tokenizer = BertTokenizer(vocab=str(directory / "vocab.txt"), do_lower_case=True)
     frontend = None
     if "frontend" in sidecar:

@@ -1,6 +1,6 @@
-"""The exemplar VQA models: small Hugging Face ViLT and LXMERT on the exemplar CLIP's image tower.
+"""The exemplar VQA models: small Hugging Face ViLT, VisualBERT and LXMERT on the CLIP image tower.
 
-Both read 160 px scenes through the image tower of the shipped exemplar CLIP (open_clip
+All read 160 px scenes through the image tower of the shipped exemplar CLIP (open_clip
 `VisionTransformer`: width 192, 3 heads, 6 blocks, patch 16, so 10 x 10 patches), which already
 tells shapes, colours, sizes and positions apart (benchmarks/clip_training.md):
 
@@ -9,6 +9,10 @@ tells shapes, colours, sizes and positions apart (benchmarks/clip_training.md):
   norm are copied into `ViltForQuestionAnswering` (`clip_visual_to_vilt`, a key mapping; its
   image side then computes exactly the tower's tokens); the text embeddings, pooler and answer
   head start random. Text and patches then attend to each other in every layer.
+- **single stream on regions, VisualBERT** (`build_visual_bert`): one stream over the question
+  and the same frozen patch regions as LXMERT's below, all its weights random and learning at
+  one rate (ViLT, whose joint attention starts as the tower's, learnt to read the image but not
+  to match a question's words to an object: benchmarks/vqa_training.md).
 - **two stream, LXMERT** (`build_lxmert`): `LxmertForQuestionAnswering` with random weights on
   *region* features, as LXMERT reads Faster R-CNN boxes. Its visual front-end is the frozen CLIP
   tower (`PatchFrontEnd`): each patch is one region, its feature the tower's token after the
@@ -30,6 +34,8 @@ from transformers import (
     LxmertForQuestionAnswering,
     ViltConfig,
     ViltForQuestionAnswering,
+    VisualBertConfig,
+    VisualBertForQuestionAnswering,
 )
 
 from vitlens_server.data.questions import ANSWERS, vocab_lines
@@ -38,6 +44,7 @@ __all__ = [
     "MAX_QUESTION_TOKENS",
     "build_lxmert",
     "build_vilt",
+    "build_visual_bert",
     "clip_visual_to_vilt",
     "question_tokenizer",
 ]
@@ -126,6 +133,27 @@ def clip_visual_to_vilt(visual: nn.Module) -> dict[str, Tensor]:
     out["vilt.layernorm.weight"] = visual.ln_post.weight.detach().clone()
     out["vilt.layernorm.bias"] = visual.ln_post.bias.detach().clone()
     return out
+
+
+def build_visual_bert(feature_dim: int = 192, *, seed: int = 0) -> VisualBertForQuestionAnswering:
+    """A VisualBERT for the exemplar: 6 layers of width 192, 3 heads, from random weights, on
+    ``feature_dim`` region features (VisualBERT reads no boxes: where a patch lies is in its
+    feature, the tower's position embedding carried through its blocks)."""
+    torch.manual_seed(seed)
+    config = VisualBertConfig(
+        vocab_size=len(vocab_lines()),
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        intermediate_size=768,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=MAX_QUESTION_TOKENS,
+        visual_embedding_dim=feature_dim,
+        num_labels=len(ANSWERS),
+        **_labels(),
+    )
+    return VisualBertForQuestionAnswering(config)
 
 
 def build_lxmert(feature_dim: int = 192, *, seed: int = 0) -> LxmertForQuestionAnswering:

@@ -1,8 +1,9 @@
 """One interface over both exemplar VQA models: pixels and a question in, answer logits out.
 
 `VqaNet` wraps a Hugging Face model (``.model``) with what training needs: its question
-tokenizer, which parameters are the pretrained trunk (`VqaNet.is_trunk`) and, for LXMERT, the
-frozen patch front-end (``.frontend``) that turns pixels into region features and boxes.
+tokenizer, which parameters are the pretrained trunk (`VqaNet.is_trunk`) and, for the region
+models (VisualBERT, LXMERT), the frozen patch front-end (``.frontend``) that turns pixels into
+region features and boxes.
 
 Training also reads the final image-token states (`VqaNet.grounded`): a linear ``grounding``
 head scores each patch token for "belongs to what the question is about", an auxiliary loss in
@@ -16,6 +17,7 @@ import open_clip
 import torch
 from torch import Tensor, nn
 from transformers import BertTokenizer
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from vitlens_server.models.bimodal.frontend import PatchFrontEnd, load_clip_visual
 from vitlens_server.models.bimodal.vilt import raster_order
@@ -23,11 +25,12 @@ from vitlens_server.training.clip_model import model_cfg_at
 from vitlens_server.training.vqa_model import (
     build_lxmert,
     build_vilt,
+    build_visual_bert,
     clip_visual_to_vilt,
     question_tokenizer,
 )
 
-__all__ = ["MEAN", "STD", "VqaNet", "build_net"]
+__all__ = ["ARCHS", "MEAN", "STD", "VqaNet", "build_net"]
 
 MEAN = STD = (0.5, 0.5, 0.5)  # the exemplar CLIP's normalisation
 
@@ -37,9 +40,9 @@ class VqaNet(nn.Module):
     answer logits (B, A).
 
     Attributes:
-        arch: ``"vilt"`` or ``"lxmert"``.
+        arch: ``"vilt"``, ``"visualbert"`` or ``"lxmert"``.
         model: the Hugging Face model.
-        frontend: LXMERT's frozen `PatchFrontEnd`; None for ViLT (it reads pixels itself).
+        frontend: the region models' frozen `PatchFrontEnd`; None for ViLT (it reads pixels).
         tokenizer: the question tokenizer.
         trunk: names of the parameters initialised from the CLIP tower (ViLT's encoder).
     """
@@ -68,6 +71,8 @@ class VqaNet(nn.Module):
             return self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         with torch.no_grad():
             features, boxes = self.frontend(pixels)  # (B, n, D), (B, n, 4)
+        if self.arch == "visualbert":
+            return self._visual_bert(ids, mask, features).logits
         out = self.model(
             input_ids=ids, attention_mask=mask, visual_feats=features, visual_pos=boxes
         )
@@ -81,12 +86,31 @@ class VqaNet(nn.Module):
         else:
             with torch.no_grad():
                 features, boxes = self.frontend(pixels)  # (B, n, D), (B, n, 4)
+            if self.arch == "visualbert":
+                out = self._visual_bert(ids, mask, features, states=True)
+                patches = out.hidden_states[-1][:, ids.shape[1] :]  # (B, n, D), raster order
+                return out.logits, self.grounding(patches).squeeze(-1)
             out = self.model.lxmert(
                 input_ids=ids, attention_mask=mask, visual_feats=features, visual_pos=boxes
             )
             logits = self.model.answer_head(out.pooled_output)
             patches = out.vision_output  # (B, n, D), the regions' order: raster
         return logits, self.grounding(patches).squeeze(-1)
+
+    def _visual_bert(
+        self, ids: Tensor, mask: Tensor, features: Tensor, states: bool = False
+    ) -> SequenceClassifierOutput:
+        """VisualBERT's output on region ``features`` (B, n, D), called as its adapter calls it
+        (`models.bimodal.visual_bert`): every region attended to, visual token type 1."""
+        b, n = features.shape[:2]
+        return self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            visual_embeds=features,
+            visual_attention_mask=mask.new_ones(b, n),
+            visual_token_type_ids=torch.ones(b, n, dtype=torch.long, device=features.device),
+            output_hidden_states=states,
+        )
 
     def _vilt_states(self, pixels: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """ViLT's logits and final patch-token states, sorted into raster order (its own patch
@@ -128,9 +152,15 @@ def build_net(arch: str, *, seed: int = 0, clip: bool = True) -> VqaNet:
         trunk = frozenset(clip_visual_to_vilt(visual))
         trunk -= {"vilt.embeddings.token_type_embeddings.weight"}  # new: modality embeddings
         return VqaNet(arch, build_vilt(visual, seed=seed), tokenizer, trunk=trunk)
-    if arch == "lxmert":
+    if arch in REGION_BUILDERS:
         if visual is None:
             visual = open_clip.CLIP(**model_cfg_at(160)).visual
         frontend = PatchFrontEnd(visual)
-        return VqaNet(arch, build_lxmert(frontend.feature_dim, seed=seed), tokenizer, frontend)
-    raise ValueError(f"unknown VQA architecture {arch!r}; use vilt or lxmert")
+        model = REGION_BUILDERS[arch](frontend.feature_dim, seed=seed)
+        return VqaNet(arch, model, tokenizer, frontend)
+    raise ValueError(f"unknown VQA architecture {arch!r}; use vilt, visualbert or lxmert")
+
+
+# The exemplars on the patch front-end's regions, by architecture name.
+REGION_BUILDERS = {"visualbert": build_visual_bert, "lxmert": build_lxmert}
+ARCHS = ("vilt", *REGION_BUILDERS)

@@ -1,16 +1,16 @@
-"""Train an exemplar VQA model (ViLT or LXMERT) on generated scenes and questions, and export it.
+"""Train an exemplar VQA model (ViLT, VisualBERT or LXMERT) on generated scenes and questions.
 
 ``python -m vitlens_server.training.vqa_train --arch vilt --out build/vilt`` (``--help`` for the
 schedule). Each step renders fresh scenes with one question each (`vqa_data.make_batch`); the
 loss is cross-entropy over the closed answer vocabulary. ViLT's encoder starts as the exemplar
-CLIP's image tower and learns at ``trunk_lr``; LXMERT learns from scratch on the frozen tower's
-patch tokens (`vqa_model`). Runs checkpoint every few minutes and resume with ``--resume``;
-an auxiliary grounding loss (weight ``grounding_weight``) asks the final patch tokens which of
-them belong to the objects the question is about (`VqaNet.grounded`, `vqa_data.patch_targets`):
-without it neither model learnt, in 1,500 steps, to match a question's words to an object
-(benchmarks/vqa_training.md, runs 1). The export is a Hugging Face directory (``config.json``,
-``model.safetensors`` in float16, ``vocab.txt``) with a ``vitlens.json`` of answers, front-end
-and training record (`vqa_export`).
+CLIP's image tower and learns at ``trunk_lr``; VisualBERT and LXMERT learn from scratch on the
+frozen tower's patch tokens (`vqa_model`). Runs checkpoint every few minutes and resume with
+``--resume``; an auxiliary grounding loss (weight ``grounding_weight``) asks the final patch
+tokens which of them belong to the objects the question is about (`VqaNet.grounded`,
+`vqa_data.patch_targets`): without it neither ViLT nor LXMERT learnt, in 1,500 steps, to match
+a question's words to an object (benchmarks/vqa_training.md, runs 1). The export is a Hugging
+Face directory (``config.json``, ``model.safetensors`` in float16, ``vocab.txt``) with a
+``vitlens.json`` of answers, front-end and training record (`vqa_export`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from vitlens_server.training.train import _device_name
 from vitlens_server.training.vqa_data import make_batch, patch_targets, tokenize
 from vitlens_server.training.vqa_eval import evaluate_vqa
 from vitlens_server.training.vqa_export import export_vqa
-from vitlens_server.training.vqa_net import MEAN, STD, VqaNet, build_net
+from vitlens_server.training.vqa_net import ARCHS, MEAN, STD, VqaNet, build_net
 
 __all__ = ["VqaTrainConfig", "main", "train_vqa"]
 
@@ -52,14 +52,14 @@ log = logging.getLogger("vitlens.vqa_train")
 class VqaTrainConfig:
     """Hyper-parameters of a run; steps count batches of ``batch_size`` scene-question pairs."""
 
-    arch: str = "vilt"  # "vilt" or "lxmert"
+    arch: str = "vilt"  # "vilt", "visualbert" or "lxmert"
     out: Path = Path("build/vqa")  # checkpoint directory
     export_dir: Path | None = None  # None: ASSETS / "vitlens-<arch>"
     seed: int = 0
     image_size: int = 160
     steps: int = 2500
     batch_size: int = 64
-    lr: float = 5e-4  # new parts: text embeddings, heads, LXMERT entirely
+    lr: float = 5e-4  # new parts: text embeddings, heads, VisualBERT and LXMERT entirely
     trunk_lr: float = 1e-4  # ViLT's encoder, initialised from the CLIP tower
     weight_decay: float = 0.01
     warmup_steps: int = 100
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             "export_dir": "where the model is exported (default: the shipped asset directory)",
             "device": '"cpu" or a CUDA device ("cuda", "cuda:1")',
         },
-        choices={"arch": ("vilt", "lxmert")},
+        choices={"arch": ARCHS},
     )
     add_run_arguments(parser, "<out>/<arch>.ckpt")
     args = parser.parse_args(argv)
