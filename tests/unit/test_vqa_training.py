@@ -192,6 +192,45 @@ def test_a_stopped_run_resumes_as_if_uninterrupted_and_exports_what_it_evaluated
     assert right == pytest.approx(done["metrics"]["accuracy"])
 
 
+def test_a_continuation_starts_from_the_earlier_weights_on_the_scenes_after_them(
+    tmp_path, monkeypatch
+) -> None:
+    from vitlens_server.training import vqa_train
+
+    first = VqaTrainConfig(
+        arch="visualbert",
+        steps=2,
+        batch_size=2,
+        warmup_steps=1,
+        eval_every=0,
+        final_eval_count=2,
+        out=tmp_path / "a",
+        export_dir=tmp_path / "a-out",
+    )
+    train_vqa(first)
+    checkpoint = tmp_path / "a" / "visualbert.ckpt"
+    unchanged = dataclasses.replace(
+        first, init_from=checkpoint, steps=0, out=tmp_path / "b", export_dir=tmp_path / "b-out"
+    )
+    record = train_vqa(unchanged)
+    assert record is not None and record["earlier_run"]["step"] == 2
+    a = load_file(tmp_path / "a-out" / "model.safetensors")
+    b = load_file(tmp_path / "b-out" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    steps: list[int] = []
+
+    def recording(step: int, **kwargs):
+        steps.append(step)
+        return make_batch(step, **kwargs)
+
+    monkeypatch.setattr(vqa_train, "make_batch", recording)
+    train_vqa(
+        dataclasses.replace(unchanged, steps=2, out=tmp_path / "c", export_dir=tmp_path / "c-out")
+    )
+    assert steps == [2, 3]  # the scenes after the earlier run's, not its own again
+
+
 def test_the_command_line_takes_every_option(capsys) -> None:
     from vitlens_server.training.vqa_train import main
 

@@ -5,8 +5,9 @@ schedule). Each step renders fresh scenes with one question each (`vqa_data.make
 loss is cross-entropy over the closed answer vocabulary. ViLT's encoder starts as the exemplar
 CLIP's image tower and learns at ``trunk_lr``; VisualBERT and LXMERT learn from scratch on the
 frozen tower's patch tokens (`vqa_model`). Runs checkpoint every few minutes and resume with
-``--resume``; an auxiliary grounding loss (weight ``grounding_weight``) asks the final patch
-tokens which of them belong to the objects the question is about (`VqaNet.grounded`,
+``--resume``; ``--init-from CKPT`` starts a new schedule from an earlier run's weights, on the
+scenes after its last step. An auxiliary grounding loss (weight ``grounding_weight``) asks the
+final patch tokens which of them belong to the objects the question is about (`VqaNet.grounded`,
 `vqa_data.patch_targets`): without it neither ViLT nor LXMERT learnt, in 1,500 steps, to match
 a question's words to an object (benchmarks/vqa_training.md, runs 1). The export is a Hugging
 Face directory (``config.json``, ``model.safetensors`` in float16, ``vocab.txt``) with a
@@ -56,6 +57,7 @@ class VqaTrainConfig:
     out: Path = Path("build/vqa")  # checkpoint directory
     export_dir: Path | None = None  # None: ASSETS / "vitlens-<arch>"
     seed: int = 0
+    init_from: Path | None = None  # an earlier run's checkpoint: its weights, a fresh schedule
     image_size: int = 160
     steps: int = 2500
     batch_size: int = 64
@@ -122,6 +124,7 @@ def train_vqa(
     if resume and checkpoint.is_file():
         step, elapsed_s, curve = load_checkpoint(checkpoint, net, optimizer, key)
         log.info("resumed from %s at step %d", checkpoint, step)
+    earlier = _earlier_run(config.init_from, net, load_weights=step == 0)
     log.info(
         "training %s on %s from step %d of %d",
         config.arch,
@@ -136,7 +139,7 @@ def train_vqa(
     net.train()
     while step < config.steps:
         batch = make_batch(
-            step,
+            earlier["step"] + step,  # a continuation trains on the scenes after its start's
             batch_size=config.batch_size,
             size=config.image_size,
             two_object_fraction=config.two_object_fraction,
@@ -205,6 +208,7 @@ def train_vqa(
         "training_command": command,
         "config": json.loads(key),
         "train_seconds": round(train_seconds, 1),
+        "earlier_run": earlier,  # what --init-from started from (step 0: nothing)
         "device": _device_name(device),
         "torch": torch.__version__,
         "metrics": metrics,
@@ -213,6 +217,25 @@ def train_vqa(
     export_vqa(net, config.export_path, metadata)
     log.info("exported to %s", config.export_path)
     return metadata
+
+
+def _earlier_run(path: Path | None, net: VqaNet, *, load_weights: bool) -> dict[str, Any]:
+    """The run ``--init-from`` continues: its step and training time, and (``load_weights``)
+    its model weights copied into ``net``; ``{"step": 0, ...}`` when there is none."""
+    if path is None:
+        return {"checkpoint": None, "step": 0, "train_seconds": 0.0}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if load_weights:
+        frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
+        missing, unexpected = net.load_state_dict(state["model"], strict=False)
+        if unexpected or not set(missing) <= frozen:
+            raise SystemExit(f"{path} does not fit: missing {missing}, extra {unexpected}")
+        log.info("starting from %s (step %d)", path, state["step"])
+    return {
+        "checkpoint": str(path),
+        "step": int(state["step"]),
+        "train_seconds": round(float(state["elapsed_s"]), 1),
+    }
 
 
 # Fields that a resumed run may change: where it writes, how it evaluates and reports.
@@ -233,6 +256,7 @@ _OPTIONS = (
     "out",
     "export_dir",
     "seed",
+    "init_from",
     "steps",
     "batch_size",
     "lr",
@@ -258,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         _OPTIONS,
         help={
             "out": "checkpoint directory",
+            "init_from": "an earlier run's checkpoint to start from (weights only)",
             "export_dir": "where the model is exported (default: the shipped asset directory)",
             "device": '"cpu" or a CUDA device ("cuda", "cuda:1")',
         },
