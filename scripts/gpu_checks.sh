@@ -20,7 +20,7 @@
 #    schedule's batches (`clip_train --device`), whose log gives images/s at 160 px; the full
 #    3,200-step schedule's time follows. Scenes are rendered on one CPU core meanwhile.
 # 8. Exemplar VQA training speed on the GPU (issue #17): VQA_STEPS steps of the shipped schedule
-#    of each exemplar (`vqa_train --arch vilt|lxmert --device`), whose logs give questions/s.
+#    of each exemplar (`vqa_train --arch visualbert|lxmert --device`), whose logs give questions/s.
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
 # REPEATS, TRAIN_STEPS, IMAGES, TEXTS, CLIP_STEPS and VQA_STEPS override the defaults. A CPU smoke
@@ -88,7 +88,7 @@ step clip_training "$PY" -m vitlens_server.training.clip_train --device "$DEVICE
 rm -rf "$OUT/clip-check"
 grep -h "img/s" "$OUT/clip_training.log" | tail -n 2 >>"$OUT/summary.txt"
 VQA_STEPS=${VQA_STEPS:-200}
-for arch in vilt lxmert; do
+for arch in visualbert lxmert; do
     step "vqa_training_$arch" "$PY" -m vitlens_server.training.vqa_train --arch "$arch" \
         --device "$DEVICE" --threads 4 --steps "$VQA_STEPS" --eval-every 0 \
         --final-eval-count 100 --out "$OUT/vqa-check" --export-dir "$OUT/vqa-check/$arch"

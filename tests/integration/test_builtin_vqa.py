@@ -1,6 +1,7 @@
 """The exemplar VQA models that ship with the server, servable by name (``--model
-vitlens-lxmert``): the shipped folder loads, serves as a VQA model over real gRPC, and answers
-held-out generated questions as its training measured (benchmarks/vqa_training.md)."""
+vitlens-visualbert``, ``--model vitlens-lxmert``): each shipped folder loads, serves as a VQA
+model over real gRPC, and answers held-out generated questions as its training measured
+(benchmarks/vqa_training.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ QUESTIONS = 40  # held-out test questions asked over gRPC; the export measured 1
 
 @pytest.mark.parametrize(
     ("name", "stream", "visual_input", "floor"),
-    [("vitlens-lxmert", "two_stream", "pixels", 0.85)],  # 92.7 % on 1,000 held-out questions
+    [
+        ("vitlens-visualbert", "single_stream", "pixels", 0.85),  # VISUALBERT_PCT % on 1,000
+        ("vitlens-lxmert", "two_stream", "pixels", 0.85),  # 92.7 % on 1,000 held-out questions
+    ],
 )
 def test_the_shipped_exemplar_answers_held_out_questions_over_grpc(
     name: str, stream: str, visual_input: str, floor: float

@@ -173,7 +173,12 @@ def test_server_wheel_has_the_server_and_the_weights_and_not_the_sdk(server: Bui
     # the exemplar CLIP (`--model vitlens-clip`): every file of its folder, and the ones
     # `vitlens_server.models.default.clip_spec` requires
     # and the exemplar VQA models' (`vqa_spec` requires `VQA_FILES`)
-    for folder, files in (("vitlens-clip", CLIP_FILES), ("vitlens-lxmert", VQA_FILES)):
+    shipped_folders = (
+        ("vitlens-clip", CLIP_FILES),
+        ("vitlens-visualbert", VQA_FILES),
+        ("vitlens-lxmert", VQA_FILES),
+    )
+    for folder, files in shipped_folders:
         found = (ROOT / "server/vitlens_server/assets" / folder).iterdir()
         shipped = {f"vitlens_server/assets/{folder}/{p.name}" for p in found}
         required = {f"vitlens_server/assets/{folder}/{name}" for name in files}
