@@ -7,7 +7,8 @@
     python scripts/eval_table.py --scenes 40 --block 20 --methods oracle,random,generic
     python scripts/eval_table.py --parts single --metrics perturbation,deletion \
         --metric-option perturbation.baseline=inpaint --out benchmarks/evaluation-inpaint
-    python scripts/eval_table.py --model vitlens-vilt --block 100 --out benchmarks/evaluation-vilt
+    python scripts/eval_table.py --model vitlens-visualbert --block 100 \
+        --out benchmarks/evaluation-visualbert
 
 Starts `vitlens serve` (the embedded demo model, or the ``--model`` spec; result cache off) on
 loopback and calls `Evaluate` through the SDK, block by block: ``synthetic:BLOCK:START``

@@ -25,9 +25,9 @@ log = logging.getLogger("vitlens.serve")
 def parse_model_spec(text: str, device: str, precision: str = "fp32") -> ModelSpec:
     """``[NAME=]ARCH[:WEIGHTS|:random]``, ``[NAME=]SOURCE`` for an image-text (CLIP) or a VQA
     model, or the name of a model that ships with the server: ``vitlens-demo`` (the embedded
-    classifier), ``vitlens-clip`` (the exemplar CLIP), ``vitlens-visualbert``, ``vitlens-lxmert``
-    and ``vitlens-vilt`` (the exemplar VQA models, when trained and exported;
-    `vitlens_server.models.default`).
+    classifier), ``vitlens-clip`` (the exemplar CLIP), ``vitlens-visualbert`` and
+    ``vitlens-lxmert`` (the exemplar VQA models), or ``vitlens-vilt`` once one is trained and
+    exported (`vitlens_server.models.default`).
 
     ``ARCH`` alone loads timm's pretrained weights from the local cache; ``:random`` builds a
     randomly initialised model (for testing); otherwise ``WEIGHTS`` is a local file. ``SOURCE``

@@ -2,7 +2,7 @@
 
 A tiny random ViLT over the generated questions' words, answering `questions.ANSWERS` (64 px,
 4 x 4 patches), is served in process; the script evaluates it through ``--address``, block by
-block and resumably, as it evaluates vitlens-vilt and vitlens-lxmert.
+block and resumably, as it evaluates vitlens-visualbert and vitlens-lxmert.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ it falls back to seeded random weights, and the server says so in its log and in
 open_clip hub directory in ``assets/vitlens-clip/``; it is served only when named (the default
 list stays ``vitlens-demo``, so start-up is not slower). A missing file is an error naming it.
 
-The exemplar VQA models (``vitlens-visualbert``, single stream; ``vitlens-lxmert``, two stream;
-``vitlens-vilt`` once one reaches its accuracy target) are Hugging Face directories in
-``assets/vitlens-<arch>/`` (`VQA_FILES`), served when named, as the CLIP is.
+The exemplar VQA models (``vitlens-visualbert``, single stream; ``vitlens-lxmert``, two stream)
+are Hugging Face directories in ``assets/vitlens-<arch>/`` (`VQA_FILES`), served when named, as
+the CLIP is. No ViLT exemplar ships (none reached the accuracy target); ``vitlens-vilt`` serves
+one that ``vqa_train --arch vilt`` exported there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Held-out answer accuracy of an exemplar VQA model, overall and per question kind.
 
-``python -m vitlens_server.training.vqa_eval server/vitlens_server/assets/vitlens-vilt`` evaluates
-an exported model on the "test" questions (`vqa_data.held_out`).
+``python -m vitlens_server.training.vqa_eval server/vitlens_server/assets/vitlens-visualbert``
+evaluates an exported model on the "test" questions (`vqa_data.held_out`).
 """
 
 from __future__ import annotations
