@@ -64,6 +64,21 @@ def _labels() -> dict[str, dict]:
     return {"id2label": id2label, "label2id": {a: i for i, a in id2label.items()}}
 
 
+def _region_trunk() -> dict[str, object]:
+    """What the region exemplars share: the question vocabulary, width 192, 3 heads, no dropout,
+    the closed answer vocabulary's labels."""
+    return {
+        "vocab_size": len(vocab_lines()),
+        "hidden_size": 192,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "max_position_embeddings": MAX_QUESTION_TOKENS,
+        **_labels(),
+    }
+
+
 def build_vilt(visual: nn.Module | None = None, *, seed: int = 0) -> ViltForQuestionAnswering:
     """A ViLT for the exemplar (6 layers of width 192), its encoder the CLIP tower's ``visual``
     (`clip_visual_to_vilt`; None: random, for tests)."""
@@ -141,17 +156,10 @@ def build_visual_bert(feature_dim: int = 192, *, seed: int = 0) -> VisualBertFor
     feature, the tower's position embedding carried through its blocks)."""
     torch.manual_seed(seed)
     config = VisualBertConfig(
-        vocab_size=len(vocab_lines()),
-        hidden_size=192,
         num_hidden_layers=6,
-        num_attention_heads=3,
-        intermediate_size=768,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=MAX_QUESTION_TOKENS,
         visual_embedding_dim=feature_dim,
         num_labels=len(ANSWERS),
-        **_labels(),
+        **_region_trunk(),
     )
     return VisualBertForQuestionAnswering(config)
 
@@ -161,21 +169,14 @@ def build_lxmert(feature_dim: int = 192, *, seed: int = 0) -> LxmertForQuestionA
     on ``feature_dim`` region features with (x1, y1, x2, y2) boxes."""
     torch.manual_seed(seed)
     config = LxmertConfig(
-        vocab_size=len(vocab_lines()),
-        hidden_size=192,
-        num_attention_heads=3,
-        intermediate_size=768,
         l_layers=3,
         r_layers=2,
         x_layers=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=MAX_QUESTION_TOKENS,
         visual_feat_dim=feature_dim,
         visual_pos_dim=4,
         num_qa_labels=len(ANSWERS),
         num_object_labels=1,
         num_attr_labels=1,
-        **_labels(),
+        **_region_trunk(),
     )
     return LxmertForQuestionAnswering(config)
