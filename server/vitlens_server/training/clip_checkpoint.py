@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["config_key", "load_checkpoint", "save_checkpoint"]
+__all__ = ["config_key", "load_checkpoint", "load_weights", "save_checkpoint"]
 
 
 def config_key(config: Any, ignore: Iterable[str]) -> str:
@@ -51,6 +51,15 @@ def save_checkpoint(
     os.replace(partial, path)
 
 
+def load_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Copy checkpoint ``state``'s model weights (read from ``path``) into ``model``; only its
+    frozen parameters, which `save_checkpoint` leaves out, may be missing."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or not set(missing) <= frozen:
+        raise SystemExit(f"{path} does not fit the model: missing {missing}, extra {unexpected}")
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, key: str
 ) -> tuple[int, float, list[dict[str, Any]]]:
@@ -58,10 +67,7 @@ def load_checkpoint(
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != key:
         raise SystemExit(f"{path} was written with other hyper-parameters ({state['config']})")
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if unexpected or not set(missing) <= frozen:
-        raise SystemExit(f"{path} does not fit the model: missing {missing}, extra {unexpected}")
+    load_weights(model, state, path)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(state["step"]), float(state["elapsed_s"]), list(state["curve"])

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 
 from vitlens_server.models.default import ASSETS
 from vitlens_server.training.accuracy import to_model_input
-from vitlens_server.training.clip_checkpoint import config_key, load_checkpoint, save_checkpoint
+from vitlens_server.training.clip_checkpoint import (
+    config_key,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from vitlens_server.training.clip_optim import lr_factor
 from vitlens_server.training.config_cli import (
     add_config_arguments,
@@ -124,7 +129,7 @@ def train_vqa(
     if resume and checkpoint.is_file():
         step, elapsed_s, curve = load_checkpoint(checkpoint, net, optimizer, key)
         log.info("resumed from %s at step %d", checkpoint, step)
-    earlier = _earlier_run(config.init_from, net, load_weights=step == 0)
+    earlier = _earlier_run(config.init_from, net, weights=step == 0)
     log.info(
         "training %s on %s from step %d of %d",
         config.arch,
@@ -219,17 +224,14 @@ def train_vqa(
     return metadata
 
 
-def _earlier_run(path: Path | None, net: VqaNet, *, load_weights: bool) -> dict[str, Any]:
-    """The run ``--init-from`` continues: its step and training time, and (``load_weights``)
-    its model weights copied into ``net``; ``{"step": 0, ...}`` when there is none."""
+def _earlier_run(path: Path | None, net: VqaNet, *, weights: bool) -> dict[str, Any]:
+    """The run ``--init-from`` continues: its step and training time, and (``weights``) its
+    model weights copied into ``net``; ``{"step": 0, ...}`` when there is none."""
     if path is None:
         return {"checkpoint": None, "step": 0, "train_seconds": 0.0}
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if load_weights:
-        frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
-        missing, unexpected = net.load_state_dict(state["model"], strict=False)
-        if unexpected or not set(missing) <= frozen:
-            raise SystemExit(f"{path} does not fit: missing {missing}, extra {unexpected}")
+    if weights:
+        load_weights(net, state, path)
         log.info("starting from %s (step %d)", path, state["step"])
     return {
         "checkpoint": str(path),
