@@ -1,9 +1,9 @@
 """Seeded synthetic scenes with exact object masks: vitlens' ground truth for explanations.
 
-A scene is a textured, cluttered background with one object (or two of different classes) of the
-eight `CLASSES` painted on top. Everything is drawn from ``np.random.default_rng(seed)`` in a fixed
-order, so a seed names one scene: the same seed gives byte-identical images and masks in any
-process.
+A scene is a textured, cluttered background with one object (or up to `MAX_OBJECTS` of different
+classes) of the eight `CLASSES` painted on top. Everything is drawn from
+``np.random.default_rng(seed)`` in a fixed order, so a seed names one scene: the same seed gives
+byte-identical images and masks in any process.
 
 The background carries no information about the class, by construction: it is drawn *before*
 the class, from the same distribution for every class (low-frequency colour noise, a gradient or
@@ -14,8 +14,10 @@ class and differs in luminance from the background under them by at least
 `SceneConfig.min_contrast`; a brightness shading (flat, gradient or stripes) textures them inside
 their mask only.
 
-Two-object scenes place the objects with disjoint bounding circles (retrying positions), so their
-masks do not overlap; ``labels[0]`` is the main object.
+Scenes of several objects place them with disjoint bounding circles (retrying positions), so
+their masks do not overlap; ``labels[0]`` is the main object. Two objects are the explanation
+tests' scenes; three and four (``count=``) are detection scenes, drawn smaller
+(`SceneConfig.group_radius`).
 
 ``SceneConfig(crisp=...)`` (off by default; `vitlens_server.data.crisp`) draws colours from a
 palette, and single objects' sizes and positions from separated values instead: scenes whose
@@ -37,6 +39,7 @@ from vitlens_server.data.shapes import CLASSES, SceneObject, object_patch
 
 __all__ = [
     "CLASSES",
+    "MAX_OBJECTS",
     "SPLIT_OFFSETS",
     "SPLIT_STRIDE",
     "Scene",
@@ -53,7 +56,8 @@ SPLIT_OFFSETS = {"train": 0, "val": SPLIT_STRIDE, "test": 2 * SPLIT_STRIDE}
 
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights
 _COLOUR_TRIES = 16  # candidate colours per object; the first with enough contrast is used
-_PAIR_TRIES = 64  # candidate position pairs for two-object scenes before a corner fallback
+_PAIR_TRIES = 64  # candidate placements for several objects before a corner/quadrant fallback
+MAX_OBJECTS = 4  # the most objects a scene holds
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,9 @@ class SceneConfig:
         radius: range of an object's bounding radius in single-object scenes; at 224 px,
             0.12-0.30 is 27-67 px, so an object covers about 3 to 60 patches of 16 x 16.
         pair_radius: the same for two-object scenes, smaller so that both fit side by side.
-        pair_gap: least gap between the two objects' bounding circles.
+        pair_gap: least gap between the two objects' bounding circles (and between any two of
+            three or four).
+        group_radius: the radius range of objects in scenes of three or four objects.
         noise_cells: range of the low-frequency colour-noise grid, cells per side.
         noise_std: spread of the grid's colours around the scene's base colour (0-255 units).
         pattern_amplitude: range of the strength of the background's gradient or stripes.
@@ -83,6 +89,7 @@ class SceneConfig:
     radius: tuple[float, float] = (0.12, 0.30)
     pair_radius: tuple[float, float] = (0.11, 0.20)
     pair_gap: float = 0.02
+    group_radius: tuple[float, float] = (0.08, 0.15)
     noise_cells: tuple[int, int] = (2, 6)
     noise_std: float = 50.0
     pattern_amplitude: tuple[float, float] = (8.0, 32.0)
@@ -95,13 +102,15 @@ class SceneConfig:
     def __post_init__(self) -> None:
         if self.size < 32:
             raise ValueError(f"size must be at least 32 pixels, got {self.size}")
-        for name in ("radius", "pair_radius"):
+        for name in ("radius", "pair_radius", "group_radius"):
             low, high = getattr(self, name)
             if not 0 < low <= high < 0.5:
                 raise ValueError(f"{name} must satisfy 0 < low <= high < 0.5, got {(low, high)}")
         high = self.pair_radius[1]
         if (2 * high + self.pair_gap) > math.sqrt(2) * (1 - 2 * high):
             raise ValueError("pair_radius and pair_gap leave no room for two objects")
+        if 2 * self.group_radius[1] + self.pair_gap > 0.5:
+            raise ValueError("group_radius and pair_gap leave no room for four objects")
         if not 2 <= self.noise_cells[0] <= self.noise_cells[1]:
             raise ValueError(f"noise_cells must satisfy 2 <= low <= high, got {self.noise_cells}")
         if not 0 <= self.clutter[0] <= self.clutter[1]:
@@ -155,20 +164,28 @@ def render_scene(
     two_object: bool = False,
     labels: Sequence[int] | None = None,
     config: SceneConfig = SceneConfig(),
+    count: int | None = None,
 ) -> Scene:
     """Render scene ``seed``: deterministic, the same bytes in every process.
 
     Args:
         seed: the scene's seed (see `split_seeds` for held-out ranges).
-        two_object: paint two objects of different classes instead of one.
-        labels: force the classes (one, or two different ones) instead of drawing them; the
+        two_object: paint two objects of different classes instead of one (``count=2``).
+        labels: force the classes (``count`` different ones) instead of drawing them; the
             seed's background, sizes, positions and rotations stay the same, so this swaps the
             class of an otherwise identical scene.
         config: drawing parameters.
+        count: the number of objects, 1 to `MAX_OBJECTS`, of different classes; None: one, or
+            two with ``two_object``. Scenes of one or two objects are the same bytes either way.
     """
     rng = np.random.default_rng(seed)
     image = draw_background(rng, config)  # (H, W, 3) uint8, drawn before anything about the class
-    count = 2 if two_object else 1
+    if count is None:
+        count = 2 if two_object else 1
+    elif two_object and count != 2:
+        raise ValueError(f"two_object asks for 2 objects, count for {count}")
+    if not 1 <= count <= MAX_OBJECTS:
+        raise ValueError(f"scenes hold 1 to {MAX_OBJECTS} objects, not {count}")
     drawn = tuple(int(i) for i in rng.permutation(len(CLASSES))[:count])
     labels = drawn if labels is None else _check_labels(labels, count)
     size = config.size
@@ -254,22 +271,26 @@ def _check_labels(labels: Sequence[int], count: int) -> tuple[int, ...]:
 def _place(rng: np.random.Generator, config: SceneConfig, count: int) -> list[tuple[float, ...]]:
     """``count`` (cx, cy, radius) in pixels, objects inside the image, bounding circles apart."""
     size = config.size
-    low, high = config.radius if count == 1 else config.pair_radius
+    low, high = (config.radius, config.pair_radius, config.group_radius)[min(count, 3) - 1]
     radii = rng.uniform(low, high, count) * size
     attempts = rng.random((_PAIR_TRIES if count > 1 else 1, count, 2))  # (T, K, xy) in [0, 1)
-    centres = radii[None, :, None] + attempts * (size - 2 * radii)[None, :, None]
-    if count == 2:
-        distance = np.hypot(*(centres[:, 0] - centres[:, 1]).T)  # (T,)
-        apart = np.flatnonzero(distance >= radii.sum() + config.pair_gap * size)
+    centres = radii[None, :, None] + attempts * (size - 2 * radii)[None, :, None]  # (T, K, 2)
+    if count > 1:
+        gaps = centres[:, :, None] - centres[:, None, :]  # (T, K, K, 2)
+        reach = radii[:, None] + radii[None, :] + config.pair_gap * size  # (K, K)
+        close = np.hypot(gaps[..., 0], gaps[..., 1]) < reach  # (T, K, K)
+        close[:, np.arange(count), np.arange(count)] = False
+        apart = np.flatnonzero(~close.any(axis=(1, 2)))
         if apart.size:
             centres = centres[apart[:1]]
-        else:  # opposite corners of a random diagonal: always far enough (see SceneConfig)
+        elif count == 2:  # opposite corners of a random diagonal: always far enough
             corner = np.array([[radii[0], radii[0]], [size - radii[1], size - radii[1]]])
             if attempts[0, 0, 0] < 0.5:
                 corner[:, 0] = size - corner[:, 0]
             centres = corner[None]
-    elif count != 1:
-        raise ValueError(f"scenes hold one or two objects, not {count}")
+        else:  # one object per quadrant, centred in it: always far enough (see SceneConfig)
+            quadrants = np.argsort(attempts[0, :, 0])[:count]  # a random quadrant per object
+            centres = ((np.stack([quadrants % 2, quadrants // 2], axis=1) + 0.5) * size / 2)[None]
     return [(float(x), float(y), float(r)) for (x, y), r in zip(centres[0], radii, strict=True)]
 
 
