@@ -21,6 +21,7 @@ class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_CLASSIFICATION: _ClassVar[Task]
     TASK_IMAGE_TEXT_SIMILARITY: _ClassVar[Task]
     TASK_VISUAL_QUESTION_ANSWERING: _ClassVar[Task]
+    TASK_OBJECT_DETECTION: _ClassVar[Task]
 OUTPUT_GRID_UNSPECIFIED: OutputGrid
 OUTPUT_GRID_INPUT: OutputGrid
 OUTPUT_GRID_TOKENS: OutputGrid
@@ -28,9 +29,10 @@ TASK_UNSPECIFIED: Task
 TASK_CLASSIFICATION: Task
 TASK_IMAGE_TEXT_SIMILARITY: Task
 TASK_VISUAL_QUESTION_ANSWERING: Task
+TASK_OBJECT_DETECTION: Task
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "method", "images", "target", "options", "texts", "questions", "regions")
+    __slots__ = ("model", "method", "images", "target", "options", "texts", "questions", "regions", "detection")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +41,7 @@ class ExplainRequest(_message.Message):
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
@@ -47,7 +50,18 @@ class ExplainRequest(_message.Message):
     texts: _containers.RepeatedScalarFieldContainer[str]
     questions: _containers.RepeatedScalarFieldContainer[str]
     regions: _containers.RepeatedCompositeFieldContainer[Regions]
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., texts: _Optional[_Iterable[str]] = ..., questions: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[Regions, _Mapping]]] = ...) -> None: ...
+    detection: DetectionOptions
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., texts: _Optional[_Iterable[str]] = ..., questions: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[Regions, _Mapping]]] = ..., detection: _Optional[_Union[DetectionOptions, _Mapping]] = ...) -> None: ...
+
+class DetectionOptions(_message.Message):
+    __slots__ = ("threshold", "max_detections", "queries")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    max_detections: int
+    queries: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., queries: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Regions(_message.Message):
     __slots__ = ("features", "boxes")
@@ -102,14 +116,16 @@ class ExplainResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ImageExplanation, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class ImageExplanation(_message.Message):
-    __slots__ = ("id", "predictions", "explanations")
+    __slots__ = ("id", "predictions", "explanations", "detections")
     ID_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
-    def __init__(self, id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ...) -> None: ...
+    detections: _containers.RepeatedCompositeFieldContainer[Detection]
+    def __init__(self, id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("target", "heatmap", "relevance", "text", "region_relevance", "matrices")
@@ -126,6 +142,32 @@ class Explanation(_message.Message):
     region_relevance: _containers.RepeatedScalarFieldContainer[float]
     matrices: _containers.RepeatedCompositeFieldContainer[RelevanceMatrix]
     def __init__(self, target: _Optional[_Union[Prediction, _Mapping]] = ..., heatmap: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., relevance: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text: _Optional[_Union[TextRelevance, _Mapping]] = ..., region_relevance: _Optional[_Iterable[float]] = ..., matrices: _Optional[_Iterable[_Union[RelevanceMatrix, _Mapping]]] = ...) -> None: ...
+
+class Detection(_message.Message):
+    __slots__ = ("query", "prediction", "box", "heatmap", "query_relevance")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_FIELD_NUMBER: _ClassVar[int]
+    QUERY_RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    query: int
+    prediction: Prediction
+    box: Box
+    heatmap: _tensor_pb2.Tensor
+    query_relevance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, query: _Optional[int] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., heatmap: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., query_relevance: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
 
 class RelevanceMatrix(_message.Message):
     __slots__ = ("queries", "keys", "matrix")
@@ -172,20 +214,22 @@ class Timing(_message.Message):
     def __init__(self, preprocess_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "images", "top_k", "prompts", "questions", "regions")
+    __slots__ = ("model", "images", "top_k", "prompts", "questions", "regions", "detection_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     top_k: int
     prompts: _containers.RepeatedScalarFieldContainer[str]
     questions: _containers.RepeatedScalarFieldContainer[str]
     regions: _containers.RepeatedCompositeFieldContainer[Regions]
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., prompts: _Optional[_Iterable[str]] = ..., questions: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[Regions, _Mapping]]] = ...) -> None: ...
+    detection_threshold: float
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., prompts: _Optional[_Iterable[str]] = ..., questions: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[Regions, _Mapping]]] = ..., detection_threshold: _Optional[float] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "results", "timing")
@@ -198,12 +242,14 @@ class PredictResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class Classification(_message.Message):
-    __slots__ = ("id", "predictions")
+    __slots__ = ("id", "predictions", "detections")
     ID_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
-    def __init__(self, id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+    detections: _containers.RepeatedCompositeFieldContainer[Detection]
+    def __init__(self, id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
