@@ -32,8 +32,8 @@ def parse_model_spec(text: str, device: str, precision: str = "fp32") -> ModelSp
     ``ARCH`` alone loads timm's pretrained weights from the local cache; ``:random`` builds a
     randomly initialised model (for testing); otherwise ``WEIGHTS`` is a local file. ``SOURCE``
     is ``open_clip:DIR``, ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md),
-    or ``hf-vqa:DIR`` (docs/vqa_models.md); without ``NAME=`` the model is named after the
-    directory or file.
+    ``hf-vqa:DIR`` (docs/vqa_models.md) or ``hf-detr:DIR`` (docs/detection_models.md); without
+    ``NAME=`` the model is named after the directory or file.
     """
     builtin = builtin_spec(text, device, precision)
     if builtin is not None:
@@ -78,15 +78,16 @@ def _image_text_spec(text: str, device: str, precision: str) -> ModelSpec | None
 
 
 def _vqa_spec(text: str, device: str, precision: str) -> ModelSpec | None:
-    """The spec of ``[NAME=]hf-vqa:DIR``; None for other specs."""
+    """The spec of ``[NAME=]hf-vqa:DIR`` or ``[NAME=]hf-detr:DIR``; None for other specs."""
     name, sep, rest = text.partition("=")
     if not sep:
         name, rest = "", text
     fmt, _, path = rest.partition(":")
-    if fmt != "hf-vqa":
+    if fmt not in ("hf-vqa", "hf-detr"):
         return None
     if not path:
-        raise ValueError(f"VQA model source {rest!r} names no directory (hf-vqa:DIR)")
+        kind = "VQA model" if fmt == "hf-vqa" else "detector"
+        raise ValueError(f"{kind} source {rest!r} names no directory ({fmt}:DIR)")
     return ModelSpec(
         name=name or Path(path).name,
         architecture=fmt,

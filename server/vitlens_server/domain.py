@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from vitlens_server.domain_detection import Detections
 from vitlens_server.errors import InvalidArgument
 
 __all__ = [
@@ -97,26 +98,37 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Top-k classes per image: ``indices``, ``probabilities``, ``logits`` all (B, k)."""
+    """Top-k classes per image: ``indices``, ``probabilities``, ``logits`` all (B, k).
+
+    Detectors: k = 0, and ``detections`` holds each image's `Detections` (without heatmaps).
+    """
 
     indices: np.ndarray
     probabilities: np.ndarray
     logits: np.ndarray
+    detections: tuple[Detections, ...] | None = None
 
     @staticmethod
     def concat(parts: list[Predictions]) -> Predictions:
         """Join per-chunk predictions along the batch axis."""
+        detections = None
+        if parts[0].detections is not None:
+            detections = sum((p.detections or () for p in parts), ())
         return Predictions(
             indices=np.concatenate([p.indices for p in parts]),
             probabilities=np.concatenate([p.probabilities for p in parts]),
             logits=np.concatenate([p.logits for p in parts]),
+            detections=detections,
         )
 
     def row(self, b: int) -> Predictions:
         """Image ``b``'s predictions as a B = 1 copy."""
         rows = slice(b, b + 1)
         return Predictions(
-            self.indices[rows].copy(), self.probabilities[rows].copy(), self.logits[rows].copy()
+            self.indices[rows].copy(),
+            self.probabilities[rows].copy(),
+            self.logits[rows].copy(),
+            None if self.detections is None else (self.detections[b],),
         )
 
 

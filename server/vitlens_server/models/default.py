@@ -13,6 +13,10 @@ The exemplar VQA models (``vitlens-visualbert``, single stream; ``vitlens-lxmert
 are Hugging Face directories in ``assets/vitlens-<arch>/`` (`VQA_FILES`), served when named, as
 the CLIP is. No ViLT exemplar ships (none reached the accuracy target); ``vitlens-vilt`` serves
 one that ``vqa_train --arch vilt`` exported there.
+
+The exemplar detector, ``vitlens-detr`` (a small DETR on the demo ViT's trunk, trained on scenes
+of one to four objects), is a Hugging Face directory in ``assets/vitlens-detr/`` (`DETR_FILES`),
+served when named.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ __all__ = [
     "DEMO_LABELS",
     "DEMO_MODEL_NAME",
     "DEMO_WEIGHTS",
+    "DETR_FILES",
+    "DETR_MODEL_NAME",
     "LXMERT_MODEL_NAME",
     "VILT_MODEL_NAME",
     "VISUALBERT_MODEL_NAME",
@@ -39,6 +45,7 @@ __all__ = [
     "builtin_spec",
     "clip_spec",
     "demo_spec",
+    "detr_spec",
     "vqa_spec",
 ]
 
@@ -135,6 +142,31 @@ def vqa_spec(name: str, device: str = "cpu", directory: Path | None = None) -> M
     return ModelSpec(name=name, architecture="hf-vqa", source=f"hf-vqa:{directory}", device=device)
 
 
+DETR_MODEL_NAME = "vitlens-detr"
+# The exemplar detector's files: save_pretrained's, the image processor's, vitlens.json.
+DETR_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "vitlens.json")
+
+
+def detr_spec(device: str = "cpu", directory: Path | None = None) -> ModelSpec:
+    """Spec of the exemplar detector (an ``hf-detr:DIR`` source) on ``device``.
+
+    Raises:
+        FileNotFoundError: one of `DETR_FILES` is missing; the message names it and how to
+            make it.
+    """
+    directory = directory or ASSETS / DETR_MODEL_NAME
+    for file in DETR_FILES:
+        if not (directory / file).is_file():
+            raise FileNotFoundError(
+                f"model {DETR_MODEL_NAME!r}: {directory / file} is missing (train and export the "
+                "exemplar with python -m vitlens_server.training.detr_train, or serve another "
+                "detector with --model NAME=hf-detr:DIR)"
+            )
+    return ModelSpec(
+        name=DETR_MODEL_NAME, architecture="hf-detr", source=f"hf-detr:{directory}", device=device
+    )
+
+
 # The models servable by name alone; each builds its spec for a device.
 BUILTIN_MODELS: Mapping[str, Callable[[str], ModelSpec]] = {
     DEMO_MODEL_NAME: demo_spec,
@@ -142,6 +174,7 @@ BUILTIN_MODELS: Mapping[str, Callable[[str], ModelSpec]] = {
     VILT_MODEL_NAME: lambda device: vqa_spec(VILT_MODEL_NAME, device),
     VISUALBERT_MODEL_NAME: lambda device: vqa_spec(VISUALBERT_MODEL_NAME, device),
     LXMERT_MODEL_NAME: lambda device: vqa_spec(LXMERT_MODEL_NAME, device),
+    DETR_MODEL_NAME: detr_spec,
 }
 
 

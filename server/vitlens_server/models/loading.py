@@ -88,6 +88,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     Raises:
         ModelLoadError: unknown architecture, unreadable or mismatched weights, missing cache.
     """
+    if spec.detection:  # an object detector: its own loader
+        from vitlens_server.models.detection_serving import load_detector
+
+        return load_detector(spec)  # type: ignore[return-value]
     if spec.vqa:  # a visual question answering source: its own loader
         from vitlens_server.models.vqa_serving import load_vqa
 

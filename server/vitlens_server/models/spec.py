@@ -33,7 +33,9 @@ class ModelSpec:
             ``open_clip:ARCH:FILE`` or ``hf-clip:DIR`` (docs/image_text_models.md), loaded by
             `vitlens_server.models.image_text_serving`; or a visual question answering model's,
             ``hf-vqa:DIR`` (docs/vqa_models.md), loaded by `vitlens_server.models.vqa_serving`;
-            ``architecture`` is then the source's format. None: a timm classifier.
+            or an object detector's, ``hf-detr:DIR`` (docs/detection_models.md), loaded by
+            `vitlens_server.models.detection_serving`; ``architecture`` is then the source's
+            format. None: a timm classifier.
         prompt_template: how an image-text model's labels become prompts (``{}`` is the
             label); None: the model's metadata, else ``a photo of a {}.``.
     """
@@ -54,9 +56,14 @@ class ModelSpec:
     @property
     def image_text(self) -> bool:
         """Whether this names an image-text (CLIP) model."""
-        return self.source is not None and not self.vqa
+        return self.source is not None and not self.vqa and not self.detection
 
     @property
     def vqa(self) -> bool:
         """Whether this names a visual question answering model (an ``hf-vqa:`` source)."""
         return self.source is not None and self.source.startswith("hf-vqa:")
+
+    @property
+    def detection(self) -> bool:
+        """Whether this names an object detector (an ``hf-detr:`` source)."""
+        return self.source is not None and self.source.startswith("hf-detr:")

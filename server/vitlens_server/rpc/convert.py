@@ -25,8 +25,9 @@ from vitlens_server.domain import (
     TargetSpec,
     TextRelevance,
 )
+from vitlens_server.domain_detection import DetectionResult
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.rpc import convert_vqa
+from vitlens_server.rpc import convert_detection, convert_vqa
 from vitlens_server.runtime.api import (
     EvaluateQuery,
     ExplainQuery,
@@ -77,6 +78,7 @@ def explain_query(request: vitlens_pb2.ExplainRequest, deadline: float | None) -
         texts=tuple(request.texts),
         questions=convert_vqa.questions(request.questions, len(images)),
         regions=convert_vqa.regions(request.regions, len(images)),
+        detection=convert_detection.detection_query(request),
     )
 
 
@@ -90,6 +92,7 @@ def predict_query(request: vitlens_pb2.PredictRequest, deadline: float | None) -
         prompts=tuple(request.prompts),
         questions=convert_vqa.questions(request.questions, len(images)),
         regions=convert_vqa.regions(request.regions, len(images)),
+        detection_threshold=convert_detection.threshold(request),
     )
 
 
@@ -211,7 +214,9 @@ def explain_response(reply: ExplainReply) -> vitlens_pb2.ExplainResponse:
         model=reply.model,
         method=reply.method,
         results=[
-            _image_explanation(result, image_id, reply.labels)
+            convert_detection.image_detections(result, image_id, reply.labels)
+            if isinstance(result, DetectionResult)
+            else _image_explanation(result, image_id, reply.labels)
             for result, image_id in zip(reply.results, reply.ids, strict=True)
         ],
         timing=_timing(reply.timing),
@@ -223,7 +228,11 @@ def predict_response(reply: PredictReply) -> vitlens_pb2.PredictResponse:
         model=reply.model,
         results=[
             vitlens_pb2.Classification(
-                id=image_id, predictions=_predictions(reply.predictions, row, reply.labels)
+                id=image_id,
+                predictions=_predictions(reply.predictions, row, reply.labels),
+                detections=None
+                if reply.predictions.detections is None
+                else convert_detection.detections(reply.predictions.detections[row], reply.labels),
             )
             for row, image_id in enumerate(reply.ids)
         ],
@@ -350,6 +359,7 @@ _TASKS = {
     "classification": vitlens_pb2.TASK_CLASSIFICATION,
     "image_text_similarity": vitlens_pb2.TASK_IMAGE_TEXT_SIMILARITY,
     "visual_question_answering": vitlens_pb2.TASK_VISUAL_QUESTION_ANSWERING,
+    "object_detection": vitlens_pb2.TASK_OBJECT_DETECTION,
 }
 
 

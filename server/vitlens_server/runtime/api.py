@@ -23,6 +23,7 @@ from vitlens_server.domain import (
     RegionsInput,
     TargetSpec,
 )
+from vitlens_server.domain_detection import DetectionQuery, DetectionResult
 
 __all__ = [
     "DataPlaneApi",
@@ -59,6 +60,7 @@ class ExplainQuery:
     texts: tuple[str, ...] = ()  # image-text models: explain every image against each
     questions: tuple[str, ...] = ()  # VQA models: one per image, or one for all
     regions: tuple[RegionsInput, ...] = ()  # VQA models on regions: one per image
+    detection: DetectionQuery | None = None  # detectors: which detections (None: the default)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class PredictQuery:
     prompts: tuple[str, ...] = ()  # image-text models: classify against these
     questions: tuple[str, ...] = ()  # VQA models: one per image, or one for all
     regions: tuple[RegionsInput, ...] = ()  # VQA models on regions: one per image
+    detection_threshold: float | None = None  # detectors: None for the default
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class ExplainReply:
     method: str
     labels: tuple[str, ...]  # the model's class names
     ids: tuple[str, ...]
-    results: tuple[ExplainResult, ...]
+    results: tuple[ExplainResult | DetectionResult, ...]
     timing: Timing
 
 
@@ -172,9 +175,9 @@ class ModelCard:
     weights_metadata: Mapping[str, str]
     device: str
     readout: str
-    task: Literal["classification", "image_text_similarity", "visual_question_answering"] = (
-        "classification"
-    )
+    task: Literal[
+        "classification", "image_text_similarity", "visual_question_answering", "object_detection"
+    ] = "classification"
     modalities: tuple[ModalityCard, ...] = ()
     prompt_template: str = ""  # image-text models: how labels become prompts
     visual_input: str = ""  # VQA models: "pixels" or "regions"

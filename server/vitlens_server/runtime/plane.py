@@ -33,6 +33,7 @@ from vitlens_server.evaluate import randomised_copy
 from vitlens_server.explain import METHODS, MethodSpec
 from vitlens_server.imaging import ImageDecoder
 from vitlens_server.models import LoadedModel, ModelRegistry
+from vitlens_server.models.detection_serving import LoadedDetector
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
 from vitlens_server.models.vqa_serving import LoadedVqaModel
 from vitlens_server.runtime.api import (
@@ -47,6 +48,8 @@ from vitlens_server.runtime.api import (
 from vitlens_server.runtime.batcher import BatchStats
 from vitlens_server.runtime.cache import ResultCache, cache_key
 from vitlens_server.runtime.cards import model_card, model_version
+from vitlens_server.runtime.detection import detection_card, detection_version
+from vitlens_server.runtime.detection_worker import DetectionWorker
 from vitlens_server.runtime.evaluation import Evaluations
 from vitlens_server.runtime.image_text import (
     image_text_card,
@@ -57,6 +60,7 @@ from vitlens_server.runtime.served import (
     DEFAULT_METHOD,
     Served,
     ServedClassifier,
+    ServedDetector,
     ServedImageText,
     ServedVqa,
 )
@@ -97,6 +101,8 @@ class DataPlane:
                 self._served[model.name] = self._serve_image_text(model, extra)
             elif isinstance(model, LoadedVqaModel):
                 self._served[model.name] = self._serve_vqa(model, extra)
+            elif isinstance(model, LoadedDetector):
+                self._served[model.name] = self._serve_detector(model, extra)
             else:
                 self._served[model.name] = self._serve_classifier(model, extra)
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, "vitlens-decode")
@@ -256,6 +262,17 @@ class DataPlane:
         )
         decoder = ImageDecoder(model.input_size[1:], self._config.max_pixels)
         return ServedVqa(model, worker, decoder, vqa_version(model), vqa_card(model), self._config)
+
+    def _serve_detector(self, model: LoadedDetector, replicas: Sequence[LoadedDetector]) -> Served:
+        worker = DetectionWorker.configured(
+            model,
+            self._config,
+            replicas=replicas,
+            on_batch=None if self._observer is None else self._observer.on_batch,
+        )
+        decoder = ImageDecoder(model.input_size[1:], self._config.max_pixels)
+        card = detection_card(model)
+        return ServedDetector(model, worker, decoder, detection_version(model), card)
 
     def _cache_keys(
         self,

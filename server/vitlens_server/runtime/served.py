@@ -6,6 +6,7 @@ Predict, and says how Evaluate scores it, so `DataPlane` never branches on the t
     ServedClassifier   a timm classifier: `ModelWorker`, its methods and target checks
     ServedImageText    a CLIP-style dual encoder: `ImageTextWorker`, texts or the label prompts
     ServedVqa          a visual question answering model: `VqaWorker`, questions (and regions)
+    ServedDetector     an object detector (DETR): `DetectionWorker`, detections and their maps
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ from vitlens_server.domain import Predictions
 from vitlens_server.errors import InvalidArgument, about
 from vitlens_server.explain import ExplainJob, MethodSpec, get_method
 from vitlens_server.explain.bimodal import BimodalMethod
+from vitlens_server.explain.detection import DETECTION_METHODS
+from vitlens_server.explain.detection_batch import DetectionExplainJob
 from vitlens_server.explain.image_text_batch import ImageTextExplainJob
 from vitlens_server.explain.params import parse_params
 from vitlens_server.explain.vqa_batch import VqaExplainJob
 from vitlens_server.imaging import ImageDecoder
 from vitlens_server.models import LoadedModel
+from vitlens_server.models.detection_serving import LoadedDetector
 from vitlens_server.models.image_text_serving import LoadedImageTextModel
 from vitlens_server.models.vqa_serving import LoadedVqaModel
+from vitlens_server.runtime import detection
 from vitlens_server.runtime.api import ExplainQuery, ModelCard, PredictQuery
+from vitlens_server.runtime.detection_evaluation import DetectionEvaluand
+from vitlens_server.runtime.detection_worker import DetectionWorker
 from vitlens_server.runtime.evaluation import ClassifierEvaluand, Evaluand
 from vitlens_server.runtime.image_text import candidates, explain_job, refuse_texts
 from vitlens_server.runtime.image_text_evaluation import ZeroShotEvaluand
@@ -46,6 +53,7 @@ __all__ = [
     "Resolved",
     "Served",
     "ServedClassifier",
+    "ServedDetector",
     "ServedImageText",
     "ServedVqa",
 ]
@@ -60,7 +68,7 @@ class Resolved:
     """An Explain query resolved: the job (``pixels`` still empty), its method and options,
     the names its targets index (classes or texts) and what else keys its cached answers."""
 
-    job: ExplainJob | ImageTextExplainJob | VqaExplainJob
+    job: ExplainJob | ImageTextExplainJob | VqaExplainJob | DetectionExplainJob
     method: MethodSpec | BimodalMethod
     params: object
     labels: tuple[str, ...]
@@ -70,8 +78,8 @@ class Resolved:
 class Served(Protocol):
     """What the data plane needs of a served model."""
 
-    model: LoadedModel | LoadedImageTextModel | LoadedVqaModel
-    worker: ModelWorker | ImageTextWorker | VqaWorker
+    model: LoadedModel | LoadedImageTextModel | LoadedVqaModel | LoadedDetector
+    worker: ModelWorker | ImageTextWorker | VqaWorker | DetectionWorker
     decoder: ImageDecoder
     version: str
     card: ModelCard
@@ -197,10 +205,12 @@ class ServedVqa:
 
     def resolve(self, query: ExplainQuery, config: ServerConfig, top_k: int) -> Resolved:
         """Explain each image's answer to its question (over both modalities)."""
+        _refuse_detection_fields(query, self.model.name)
         job, method, params = vqa_explain_job(self.model, query, config, top_k=top_k)
         return Resolved(job, method, params, self.model.labels, cache_extra(job))
 
     def check_predict(self, query: PredictQuery, config: ServerConfig) -> None:
+        _refuse_detection_fields(query, self.model.name)
         predict_job(self.model, query, config, 1)
 
     def for_images(self, job: Any, images: list[int], pixels: torch.Tensor) -> Any:
@@ -224,11 +234,61 @@ class ServedVqa:
         return VqaEvaluand(self.model, self.worker)
 
 
+@dataclass(frozen=True)
+class ServedDetector:
+    model: LoadedDetector
+    worker: DetectionWorker
+    decoder: ImageDecoder
+    version: str
+    card: ModelCard
+
+    def resolve(self, query: ExplainQuery, config: ServerConfig, top_k: int) -> Resolved:
+        """Explain each image's detections (per ``query.detection``)."""
+        job = detection.explain_job(self.model, query)
+        choice = dataclasses.asdict(job.choice)
+        return Resolved(
+            job, DETECTION_METHODS[job.method], _NoParams(), self.model.labels, json.dumps(choice)
+        )
+
+    def check_predict(self, query: PredictQuery, config: ServerConfig) -> None:
+        detection.predict_job(self.model, query)
+
+    def for_images(self, job: Any, images: list[int], pixels: torch.Tensor) -> Any:
+        return dataclasses.replace(job, pixels=pixels)
+
+    async def predict(
+        self, query: PredictQuery, pixels: torch.Tensor, top_k: int, deadline: float | None
+    ) -> tuple[Predictions, float, tuple[str, ...]]:
+        job = dataclasses.replace(detection.predict_job(self.model, query), pixels=pixels)
+        predictions, queue_s = await self.worker.predict(job, deadline)
+        return predictions, queue_s, self.model.labels
+
+    def evaluand(self, randomised: RandomisedWorker) -> Evaluand:
+        return DetectionEvaluand(self.model, self.worker)
+
+
+@dataclass(frozen=True)
+class _NoParams:
+    """Detection methods take no options (what the cache key records of them)."""
+
+
 def _refuse_vqa_fields(query: ExplainQuery | PredictQuery, model: str) -> None:
     if query.questions:
         raise refuse_questions("questions", model)
     if query.regions:
         raise refuse_questions("regions", model)
+    _refuse_detection_fields(query, model)
+
+
+def _refuse_detection_fields(query: ExplainQuery | PredictQuery, model: str) -> None:
+    """A model that is not a detector given detection options."""
+    field = "detection" if isinstance(query, ExplainQuery) else "detection_threshold"
+    if getattr(query, field) is not None:
+        raise InvalidArgument(
+            f"{field} is for object detection models (ModelInfo.task TASK_OBJECT_DETECTION); "
+            f"model {model!r} is not one: unset {field}",
+            field=field,
+        )
 
 
 def _with_images(job: Any, images: list[int], pixels: torch.Tensor) -> Any:

@@ -1,0 +1,103 @@
+"""The worker of an object detector: the classifier worker's lanes and admission.
+
+`DetectionWorker` is a `runtime.worker.LanedWorker`: requests are admitted whole against the
+model's queue bound, split into chunks of at most ``max_batch_size`` images and queued in the
+device lane. Within the lane, batches form per kind: Predict, and Explain per (method, grid), so
+batch-mates share one forward pass and one vectorised backward pass over every detection rank
+(`explain.detection_batch`). A replica per device, one thread each; a failing batch is retried
+one request at a time (halves on out-of-memory), so a bad request never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from vitlens_server.domain import Predictions
+from vitlens_server.domain_detection import DetectionResult
+from vitlens_server.explain.detection_batch import (
+    DetectionExplainJob,
+    DetectionPredictJob,
+    explain_detection_jobs,
+    predict_detection_jobs,
+)
+from vitlens_server.models.detection_serving import LoadedDetector
+from vitlens_server.runtime.batcher import BatchDone, BatchStats
+from vitlens_server.runtime.worker import Lane, LanedWorker
+
+__all__ = ["DetectionWorker"]
+
+
+class DetectionWorker(LanedWorker):
+    """One served detector; the interface `DataPlane` uses of `ModelWorker`."""
+
+    def __init__(
+        self,
+        model: LoadedDetector,
+        *,
+        replicas: Sequence[LoadedDetector] = (),
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.0,
+        max_queue_images: int = 1024,
+        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
+    ) -> None:
+        self.model = model
+        self._replicas = [model, *replicas]
+        super().__init__(
+            model.name,
+            [m.device for m in self._replicas],
+            max_batch_size=max_batch_size,
+            max_delay_s=max_delay_s,
+            max_queue_images=max_queue_images,
+            on_batch=on_batch,
+        )
+
+    async def warm_up(self) -> None:
+        """One small Predict through the batcher."""
+        await self.predict(DetectionPredictJob(torch.zeros(1, *self.model.input_size)))
+
+    async def explain(
+        self,
+        job: DetectionExplainJob,
+        deadline: float | None = None,
+        *,
+        wait_for_room: bool = False,
+    ) -> tuple[DetectionResult, float]:
+        """Explain a job; returns the result and the longest queue wait of its chunks."""
+        chunks = [
+            dataclasses.replace(job, pixels=job.pixels[rows])
+            for rows in _chunks(job.size, self.max_batch_size)
+        ]
+        kind = ("explain", *job.group)
+        done = await self._submit(chunks, Lane.DEVICE, kind, deadline, wait_for_room)
+        return DetectionResult.concat([r for r, _ in done]), max(w for _, w in done)
+
+    async def predict(
+        self,
+        job: DetectionPredictJob,
+        deadline: float | None = None,
+        *,
+        wait_for_room: bool = False,
+    ) -> tuple[Predictions, float]:
+        """Detect a job's objects; the predictions and the longest queue wait of its chunks."""
+        chunks = [
+            dataclasses.replace(job, pixels=job.pixels[rows])
+            for rows in _chunks(job.size, self.max_batch_size)
+        ]
+        done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline, wait_for_room)
+        return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
+
+    def _run_batch(
+        self, replica: int, items: list[Any], interrupted: Callable[[], bool]
+    ) -> list[Any]:
+        model = self._replicas[replica]
+        if isinstance(items[0], DetectionPredictJob):
+            return predict_detection_jobs(model, items)
+        return explain_detection_jobs(model, items, interrupted=interrupted)
+
+
+def _chunks(count: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
