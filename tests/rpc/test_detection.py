@@ -148,25 +148,31 @@ def test_threshold_selects_what_predict_detects(stub) -> None:
 
 def test_input_grid_upsamples_each_map(stub) -> None:
     request = vitlens_pb2.ExplainRequest(
-        model="detr", images=to_images(images(1)), detection=vitlens_pb2.DetectionOptions(queries=[1]),
+        model="detr",
+        images=to_images(images(1)),
+        detection=vitlens_pb2.DetectionOptions(queries=[1]),
         options=vitlens_pb2.ExplainOptions(grid=vitlens_pb2.OUTPUT_GRID_INPUT),
-    )  # fmt: skip
+    )
     found = stub.Explain(request).results[0].detections[0]
     assert tensor_to_numpy(found.heatmap).shape == (SIDE, SIDE)
 
 
 def test_requests_a_detector_cannot_serve_are_refused(stub) -> None:
     picture = to_images(images(1))
+    options = vitlens_pb2.DetectionOptions
     bad = [
         (dict(target=vitlens_pb2.Target(class_index=0)), "target"),
-        (dict(detection=vitlens_pb2.DetectionOptions(queries=[NUM_QUERIES])), "detection.queries[0]"),
-        (dict(detection=vitlens_pb2.DetectionOptions(queries=[1, 1])), "detection.queries"),
-        (dict(detection=vitlens_pb2.DetectionOptions(threshold=1.5)), "detection.threshold"),
+        (dict(detection=options(queries=[NUM_QUERIES])), "detection.queries[0]"),
+        (dict(detection=options(queries=[1, 1])), "detection.queries"),
+        (dict(detection=options(threshold=1.5)), "detection.threshold"),
         (dict(method="token_reflection"), "method"),
         (dict(questions=["is there a cat?"]), "questions"),
         (dict(texts=["a cat"]), "texts"),
-        (dict(options=vitlens_pb2.ExplainOptions(return_relevance=True)), "options.return_relevance"),
-    ]  # fmt: skip
+        (
+            dict(options=vitlens_pb2.ExplainOptions(return_relevance=True)),
+            "options.return_relevance",
+        ),
+    ]
     for fields, where in bad:
         request = vitlens_pb2.ExplainRequest(model="detr", images=picture, **fields)
         assert _code(lambda r=request: stub.Explain(r)) == ("INVALID_ARGUMENT", where), fields

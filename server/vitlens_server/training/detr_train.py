@@ -53,11 +53,13 @@ class DetrTrainConfig:
     out: Path = Path("build/detr")  # checkpoint directory
     export_dir: Path | None = None  # None: ASSETS / "vitlens-detr"
     seed: int = 0
-    steps: int = 15000
+    steps: int = 20000
     batch_size: int = 16
     num_queries: int = 8
+    trunk_blocks: int = 3  # of the demo ViT's 6
+    decoder_layers: int = 3
     lr: float = 2e-4  # DETR's encoder, decoder, queries and heads
-    trunk_lr: float = 5e-5  # the backbone, from the demo ViT
+    trunk_lr: float = 1e-4  # the backbone, from the demo ViT
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     min_lr_fraction: float = 0.05
@@ -111,7 +113,12 @@ def train_detr(
     ``stop_at_step``/``max_seconds`` stopped the run first (its checkpoint in ``config.out``:
     rerun with ``resume`` to continue)."""
     device = torch.device(config.device)
-    model = build_detr(seed=config.seed, num_queries=config.num_queries).to(device)
+    model = build_detr(
+        seed=config.seed,
+        trunk_blocks=config.trunk_blocks,
+        num_queries=config.num_queries,
+        decoder_layers=config.decoder_layers,
+    ).to(device)
     optimizer = make_optimizer(model, config)
     checkpoint = config.out / "detr.ckpt"
     key = config_key(config, _NOT_RESUME_KEYS)
@@ -220,6 +227,8 @@ _OPTIONS = (
     "steps",
     "batch_size",
     "num_queries",
+    "trunk_blocks",
+    "decoder_layers",
     "lr",
     "trunk_lr",
     "weight_decay",
