@@ -11,6 +11,7 @@ The SDK needs grpcio, protobuf and numpy only; it never imports torch or PIL.
 
 from vitlens.aio import AsyncClient
 from vitlens.client import Client
+from vitlens.detection import Box, Detection
 from vitlens.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -49,11 +50,13 @@ from vitlens.vqa import Answer, Regions
 __all__ = [
     "Answer",
     "AsyncClient",
+    "Box",
     "CancelledError",
     "Classification",
     "Client",
     "Curve",
     "DeadlineExceededError",
+    "Detection",
     "EvaluationResult",
     "ExplainResult",
     "Explanation",

@@ -94,6 +94,9 @@ class AsyncClient:
         texts: Sequence[str] = (),
         questions: QuestionsSpec = (),
         regions: Sequence[RegionsSpec] | Regions | None = None,
+        detection_threshold: float | None = None,
+        max_detections: int = 0,
+        queries: Sequence[int] | None = None,
         timeout_s: float | None = None,
     ) -> ExplainResult:
         """Classify and explain images; see `vitlens.Client.explain`."""
@@ -112,6 +115,9 @@ class AsyncClient:
             texts=texts,
             questions=questions,
             regions=regions,
+            detection_threshold=detection_threshold,
+            max_detections=max_detections,
+            queries=queries,
         )
         return ExplainResult.from_proto(await self._call(self.stub.Explain, request, timeout_s))
 
@@ -123,10 +129,18 @@ class AsyncClient:
         top_k: int = 5,
         ids: Sequence[str] | None = None,
         prompts: Sequence[str] = (),
+        detection_threshold: float | None = None,
         timeout_s: float | None = None,
     ) -> list[Classification]:
         """Classify images; see `vitlens.Client.predict`."""
-        request = build_predict_request(images, model=model, top_k=top_k, ids=ids, prompts=prompts)
+        request = build_predict_request(
+            images,
+            model=model,
+            top_k=top_k,
+            ids=ids,
+            prompts=prompts,
+            detection_threshold=detection_threshold,
+        )
         response = await self._call(self.stub.Predict, request, timeout_s)
         return [Classification.from_proto(c) for c in response.results]
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+from vitlens.detection import build_detection_options, check_threshold
 from vitlens.images import ImageInput, to_images
 from vitlens.v1 import tensor_pb2, vitlens_pb2
 from vitlens.vqa import QuestionsSpec, Regions, RegionsSpec, build_questions, build_regions
@@ -91,9 +92,23 @@ def build_explain_request(
     texts: Sequence[str] = (),
     questions: QuestionsSpec = (),
     regions: Sequence[RegionsSpec] | Regions | None = None,
+    detection_threshold: float | None = None,
+    max_detections: int = 0,
+    queries: Sequence[int] | None = None,
 ) -> vitlens_pb2.ExplainRequest:
-    """The `ExplainRequest` for `Client.explain`'s arguments; raises before any network use."""
+    """The `ExplainRequest` for `Client.explain`'s arguments; raises before any network use.
+
+    ``detection`` is set only when a detection argument differs from its default
+    (`vitlens.detection.build_detection_options`); ``target`` is then left unset, as detection
+    models require, and ``target``/``top_k`` are refused.
+    """
     msgs = to_images(images, ids=ids)
+    detection = build_detection_options(detection_threshold, max_detections, queries)
+    if detection is not None and (target is not None or top_k is not None):
+        raise ValueError(
+            "target and top_k choose classes to explain; detection models explain detections "
+            "(detection_threshold, max_detections, queries)"
+        )
     options = vitlens_pb2.ExplainOptions(
         grid=_choice(_GRIDS, grid, "grid"),
         return_relevance=relevance,
@@ -102,16 +117,20 @@ def build_explain_request(
     )
     if method_options:
         options.method_options.CopyFrom(_struct(method_options))
-    return vitlens_pb2.ExplainRequest(
+    request = vitlens_pb2.ExplainRequest(
         model=model,
         method=method,
         images=msgs,
-        target=build_target(target, top_k, len(msgs)),
         options=options,
         texts=_texts(texts, "texts"),
         questions=build_questions(questions, len(msgs)),
         regions=build_regions(regions, len(msgs)),
     )
+    if detection is None:
+        request.target.CopyFrom(build_target(target, top_k, len(msgs)))
+    else:
+        request.detection.CopyFrom(detection)
+    return request
 
 
 def build_predict_request(
@@ -123,10 +142,12 @@ def build_predict_request(
     prompts: Sequence[str] = (),
     questions: QuestionsSpec = (),
     regions: Sequence[RegionsSpec] | Regions | None = None,
+    detection_threshold: float | None = None,
 ) -> vitlens_pb2.PredictRequest:
-    """The `PredictRequest` for `Client.predict`'s (and `Client.answer`'s) arguments."""
+    """The `PredictRequest` for `Client.predict`'s (and `Client.answer`'s) arguments;
+    ``detection_threshold`` is set only when given (in [0, 1))."""
     msgs = to_images(images, ids=ids)
-    return vitlens_pb2.PredictRequest(
+    request = vitlens_pb2.PredictRequest(
         model=model,
         images=msgs,
         top_k=_index(top_k, "top_k"),
@@ -134,6 +155,9 @@ def build_predict_request(
         questions=build_questions(questions, len(msgs)),
         regions=build_regions(regions, len(msgs)),
     )
+    if detection_threshold is not None:
+        request.detection_threshold = check_threshold(detection_threshold)
+    return request
 
 
 def build_answer_request(

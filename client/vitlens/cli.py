@@ -6,7 +6,10 @@
 against each text and ``predict --prompt`` ranks prompts; their explanations also get a PNG of
 the text's tokens shaded by relevance (`vitlens.text_overlay`). On visual question answering
 models ``explain --question`` explains the answer (one PNG: the image's relevance beside the
-question's tokens) and ``answer --question`` answers (`vitlens.cli_vqa`).
+question's tokens) and ``answer --question`` answers (`vitlens.cli_vqa`). On object detection
+models ``explain`` explains the detections (``--threshold``, ``--max-detections``,
+``--queries``): a PNG of the boxes, a sheet of each detection's heatmap
+(`vitlens.cli_detection`); ``predict`` lists the detections.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vitlens import cli_vqa
+from vitlens import cli_detection, cli_vqa
 from vitlens.cli_files import batches, image_paths, safe_name, unique_stems
 from vitlens.client import DEFAULT_TARGET, Client
 from vitlens.errors import UnavailableError, VitlensError
@@ -107,6 +110,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             "--text explains every text; --target and --top-k choose among an image-text "
             "model's labels (zero-shot, without --text)"
         )
+    if cli_detection.is_detection(args):
+        return cli_detection.cmd_explain(args)
     require_pillow()
     paths = image_paths(args.images)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -149,13 +154,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 for rank, p in enumerate(c.predictions, 1):
                     what = f"prompt {p.index}" if args.prompt else f"class {p.index}"
                     print(f"  {rank:>2}. {p.probability:7.2%}  {p.label}  ({what})")
+                for rank, d in enumerate(c.detections, 1):  # object detection models
+                    print(f"  {cli_detection.describe(d, rank)}")
     return 0
+
+
+_TASK_COLUMN = {
+    "image_text_similarity": "image-text",
+    "visual_question_answering": "vqa",
+    "object_detection": "detector",
+}
 
 
 def _model_row(m: ModelInfo, default: str) -> list[str]:
     return [
         m.name + (" *" if m.name == default else ""),
-        "image-text" if m.image_text else "vqa" if m.vqa else "classifier",
+        _TASK_COLUMN.get(m.task, "classifier"),
         m.architecture,
         "x".join(str(d) for d in m.input_size),
         "x".join(str(d) for d in m.patch_grid),
@@ -304,6 +318,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "its predicted label's prompt (zero-shot)",
     )
     cli_vqa.add_explain_arguments(ex)
+    cli_detection.add_explain_arguments(ex)
     ex.add_argument(
         "--option",
         action="append",

@@ -146,10 +146,14 @@ class Client:
         texts: Sequence[str] = (),
         questions: QuestionsSpec = (),
         regions: Sequence[RegionsSpec] | Regions | None = None,
+        detection_threshold: float | None = None,
+        max_detections: int = 0,
+        queries: Sequence[int] | None = None,
         timeout_s: float | None = None,
     ) -> ExplainResult:
         """Classify and explain one image or a batch with one method (VQA models: answer a
-        question about each image and explain the answer).
+        question about each image and explain the answer; object detection models: detect and
+        explain each detection, in `ImageExplanation.detections`).
 
         Args:
             images: one image or an iterable of them (see `vitlens.images.to_image`).
@@ -175,6 +179,14 @@ class Client:
                 ``regions`` (``heatmap`` empty) and, with ``relevance``, `Explanation.matrices`.
             regions: VQA models reading detector regions (`ModelInfo.visual_input`
                 "regions") only: one `vitlens.Regions` or (features, boxes) pair per image.
+            detection_threshold: object detection models only: explain the detections whose
+                class probability exceeds this, in [0, 1) (None or 0: the server's 0.5).
+            max_detections: object detection models only: at most this many detections per
+                image, most probable first (0: all).
+            queries: object detection models only: explain these object queries of every
+                image instead, whatever their probability (exclusive with
+                ``detection_threshold``). Any detection argument leaves ``target``/``top_k``
+                unusable; without any, a detector explains every detection above 0.5.
             timeout_s: deadline for this call; None uses the client's default.
         """
         request = build_explain_request(
@@ -192,6 +204,9 @@ class Client:
             texts=texts,
             questions=questions,
             regions=regions,
+            detection_threshold=detection_threshold,
+            max_detections=max_detections,
+            queries=queries,
         )
         return ExplainResult.from_proto(self._call(self.stub.Explain, request, timeout_s))
 
@@ -203,14 +218,24 @@ class Client:
         top_k: int = 5,
         ids: Sequence[str] | None = None,
         prompts: Sequence[str] = (),
+        detection_threshold: float | None = None,
         timeout_s: float | None = None,
     ) -> list[Classification]:
         """Classify one image or a batch; one `Classification` per image, in order.
 
         ``prompts`` (image-text models only): classify zero-shot against these texts
         (`Prediction.index` into them, label = the prompt); empty: the model's labels.
+        ``detection_threshold`` (object detection models only): the least class probability of
+        a detection (`Classification.detections`), in [0, 1); None or 0: the server's 0.5.
         """
-        request = build_predict_request(images, model=model, top_k=top_k, ids=ids, prompts=prompts)
+        request = build_predict_request(
+            images,
+            model=model,
+            top_k=top_k,
+            ids=ids,
+            prompts=prompts,
+            detection_threshold=detection_threshold,
+        )
         response = self._call(self.stub.Predict, request, timeout_s)
         return [Classification.from_proto(c) for c in response.results]
 

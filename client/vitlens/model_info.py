@@ -1,5 +1,6 @@
 """What GetModel and ListModels say about a served model: geometry, labels, methods, weights,
-task (classification, image-text similarity, visual question answering) and token sets."""
+task (classification, image-text similarity, visual question answering, object detection)
+and token sets."""
 
 from __future__ import annotations
 
@@ -89,11 +90,13 @@ class ModelInfo:
         labels: class labels; index i names class i.
         readout: how the classifier reads the tokens: "token", "distilled", "avg" or another
             timm pooling (then methods that read a fixed token row are not offered).
-        task: "classification", "image_text_similarity" (a CLIP-style dual encoder) or
-            "visual_question_answering" (labels are then the answers).
+        task: "classification", "image_text_similarity" (a CLIP-style dual encoder),
+            "visual_question_answering" (labels are then the answers) or "object_detection"
+            (a DETR-style detector; labels are the object classes).
         modalities: the token sets, name → number of tokens ({"image": N} or, for image-text
             and VQA models, also "text": the context length; single-stream VQA models also
-            "joint").
+            "joint"; detectors "image", the encoder's tokens, and "queries", the decoder's
+            object queries).
         prompt_template: image-text models: how labels become prompts ("a photo of a {}.").
         visual_input: VQA models: "pixels" (the model reads the image) or "regions" (explain
             and answer take one `vitlens.Regions` per image); "" for other tasks.
@@ -162,6 +165,12 @@ class ModelInfo:
         return self.task == "visual_question_answering"
 
     @property
+    def object_detection(self) -> bool:
+        """Whether the model detects objects (`Classification.detections`, Explain
+        ``detection_threshold=`` / ``queries=``, `ImageExplanation.detections`)."""
+        return self.task == "object_detection"
+
+    @property
     def random_weights(self) -> bool:
         """True when the weights are random initialisation (for testing only)."""
         return self.weights.random
@@ -192,4 +201,5 @@ _TASKS = {
     vitlens_pb2.TASK_CLASSIFICATION: "classification",
     vitlens_pb2.TASK_IMAGE_TEXT_SIMILARITY: "image_text_similarity",
     vitlens_pb2.TASK_VISUAL_QUESTION_ANSWERING: "visual_question_answering",
+    vitlens_pb2.TASK_OBJECT_DETECTION: "object_detection",
 }

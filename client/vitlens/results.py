@@ -8,15 +8,18 @@ holding arrays compare by identity. (The model descriptions, `ModelInfo` and its
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
 from vitlens.model_info import MethodInfo, MethodParameter, ModelInfo, Weights
 from vitlens.tensors import tensor_to_numpy
 from vitlens.v1 import vitlens_pb2
+
+if TYPE_CHECKING:  # vitlens.detection imports Prediction from here
+    from vitlens.detection import Detection
 
 __all__ = [
     "Classification",
@@ -30,7 +33,27 @@ __all__ = [
     "TextRelevance",
     "Timing",
     "Weights",
+    "normalized_heatmap",
 ]
+
+
+def normalized_heatmap(heatmap: np.ndarray) -> np.ndarray:
+    """``heatmap`` min-max scaled to [0, 1] as float32, same shape; a constant (or empty) map
+    gives zeros, NaN gives 0."""
+    h = np.array(heatmap, dtype=np.float32)  # a copy
+    if h.size == 0:
+        return h
+    lo, hi = float(np.nanmin(h)), float(np.nanmax(h))
+    span = hi - lo
+    if not np.isfinite(span) or span <= 0.0:
+        return np.zeros_like(h)
+    return np.nan_to_num((h - lo) / span, nan=0.0)
+
+
+def _detections(messages: Iterable[vitlens_pb2.Detection]) -> tuple[Detection, ...]:
+    from vitlens.detection import Detection  # imported here: it imports this module
+
+    return tuple(Detection.from_proto(d) for d in messages)
 
 
 @dataclass(frozen=True)
@@ -136,14 +159,7 @@ class Explanation:
     def normalized(self) -> np.ndarray:
         """The heatmap min-max scaled to [0, 1] as float32, same shape; a constant map gives
         zeros."""
-        h = self.heatmap.astype(np.float32)
-        if h.size == 0:
-            return h
-        lo, hi = float(np.nanmin(h)), float(np.nanmax(h))
-        span = hi - lo
-        if not np.isfinite(span) or span <= 0.0:
-            return np.zeros_like(h)
-        return np.nan_to_num((h - lo) / span, nan=0.0)
+        return normalized_heatmap(self.heatmap)
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,12 +169,16 @@ class ImageExplanation:
     Attributes:
         id: the request image's id.
         predictions: most probable classes, descending.
-        explanations: one per explained class (one unless top-k targets were asked for).
+        explanations: one per explained class (one unless top-k targets were asked for);
+            empty for object detection models.
+        detections: object detection models: the explained detections, most probable first,
+            each with its heatmap (`vitlens.Detection`); empty for other models.
     """
 
     id: str
     predictions: tuple[Prediction, ...]
     explanations: tuple[Explanation, ...]
+    detections: tuple[Detection, ...] = ()
 
     @classmethod
     def from_proto(cls, r: vitlens_pb2.ImageExplanation) -> ImageExplanation:
@@ -166,6 +186,7 @@ class ImageExplanation:
             id=r.id,
             predictions=tuple(Prediction.from_proto(p) for p in r.predictions),
             explanations=tuple(Explanation.from_proto(e) for e in r.explanations),
+            detections=_detections(r.detections),
         )
 
     @property
@@ -179,7 +200,8 @@ class ImageExplanation:
     def heatmap(self) -> np.ndarray:
         """The first explanation's raw heatmap, (gh, gw) or (H, W)."""
         if not self.explanations:
-            raise ValueError(f"image {self.id!r} has no explanations")
+            detections = " (a detector's: see .detections)" if self.detections else ""
+            raise ValueError(f"image {self.id!r} has no explanations{detections}")
         return self.explanations[0].heatmap
 
 
@@ -224,14 +246,26 @@ class ExplainResult(Sequence[ImageExplanation]):
 
 @dataclass(frozen=True)
 class Classification:
-    """Predictions for one request image, most probable first."""
+    """Predictions for one request image, most probable first.
+
+    Attributes:
+        id: the request image's id.
+        predictions: most probable classes, descending; empty for object detection models.
+        detections: object detection models: every detection above the request's
+            ``detection_threshold``, most probable first, without heatmaps; else empty.
+    """
 
     id: str
     predictions: tuple[Prediction, ...]
+    detections: tuple[Detection, ...] = ()
 
     @classmethod
     def from_proto(cls, c: vitlens_pb2.Classification) -> Classification:
-        return cls(id=c.id, predictions=tuple(Prediction.from_proto(p) for p in c.predictions))
+        return cls(
+            id=c.id,
+            predictions=tuple(Prediction.from_proto(p) for p in c.predictions),
+            detections=_detections(c.detections),
+        )
 
     @property
     def top(self) -> Prediction:
