@@ -2,10 +2,10 @@
 
 When the model (``--model``, or the server's default) is a detector (ModelInfo task
 "object_detection"), ``vitlens explain IMAGE`` explains its detections: ``--threshold`` (the
-least class probability, default the server's 0.5), ``--max-detections`` (most probable
-first) or ``--queries`` (these object queries, whatever their probability). Per image it
-prints each detection (label, probability, box) and writes ``STEM_detections.png`` (every box
-over the detections' heatmaps, `vitlens.detection_overlay.draw_detections`),
+least class probability, default the server's 0.5; 0 keeps every query), ``--max-detections``
+(most probable first) or ``--queries`` (these object queries, whatever their probability). Per
+image it prints each detection (label, probability, box) and writes ``STEM_detections.png``
+(every box over the detections' heatmaps, `vitlens.detection_overlay.draw_detections`),
 ``STEM_sheet.png`` (one panel per detection with its heatmap, `detection_sheet`) and
 ``STEM.json`` (the detections, their boxes and heatmap ranges).
 """
@@ -53,7 +53,7 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="P",
         help="object detection models: explain the detections whose class probability "
-        "exceeds P, in [0, 1) (default, or 0: the server's 0.5)",
+        "exceeds P, in [0, 1) (default: the server's 0.5; 0: every query)",
     )
     parser.add_argument(
         "--max-detections",

@@ -131,7 +131,7 @@ class Detection:
 
 
 def check_threshold(value: float, what: str = "detection_threshold") -> float:
-    """``value`` as a float in [0, 1); the server reads 0 as its default, 0.5.
+    """``value`` as a float in [0, 1); 0 keeps every query (unset: the server's 0.5).
 
     Raises:
         TypeError: not a real number (a bool included).
@@ -168,7 +168,8 @@ def build_detection_options(
     server then explains every detection above 0.5).
 
     Args:
-        threshold: the least probability of a detection, in [0, 1) (0: the server's 0.5).
+        threshold: the least probability of a detection, in [0, 1) (0: every query; None: the
+            server's 0.5).
         max_detections: at most this many detections per image, most probable first (0: all).
         queries: explain these object queries of every image instead, whatever their
             probability; at least one, each at least 0 and none twice (the server checks the

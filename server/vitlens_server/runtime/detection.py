@@ -98,7 +98,7 @@ def _choice(served: LoadedDetector, options: DetectionQuery | None) -> Detection
 
 
 def _threshold(value: float | None, field: str) -> float:
-    if value is None or value == 0:
+    if value is None:
         return DEFAULT_THRESHOLD
     if not 0 <= value < 1:  # NaN fails too
         raise InvalidArgument(f"{field} is {value}; give a probability in [0, 1)", field=field)
