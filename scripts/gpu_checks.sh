@@ -21,13 +21,16 @@
 #    3,200-step schedule's time follows. Scenes are rendered on one CPU core meanwhile.
 # 8. Exemplar VQA training speed on the GPU (issue #17): VQA_STEPS steps of the shipped schedule
 #    of each exemplar (`vqa_train --arch visualbert|lxmert --device`), whose logs give questions/s.
+# 9. DETR (issue #18): DETR_STEPS steps of the exemplar detector's schedule (`detr_train
+#    --device`, whose log gives images/s), and scripts/bench_detr.py: K detections per image
+#    explained by one vectorised backward pass, by K passes and by B·K separate calls.
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
-# REPEATS, TRAIN_STEPS, IMAGES, TEXTS, CLIP_STEPS and VQA_STEPS override the defaults. A CPU smoke
+# REPEATS, TRAIN_STEPS, IMAGES, TEXTS, CLIP_STEPS, VQA_STEPS and DETR_STEPS override the defaults. A CPU smoke
 # run of the script itself:
 #   DEVICE=cpu MODEL=vitlens-demo CONCURRENCY=1,4 DURATION=3 ROOF_MAX_BATCH=4 \
 #   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 IMAGES=2 TEXTS=2 CLIP_STEPS=4 \
-#   VQA_STEPS=4 bash scripts/gpu_checks.sh /tmp/smoke
+#   VQA_STEPS=4 DETR_STEPS=4 bash scripts/gpu_checks.sh /tmp/smoke
 # Logs, the updated BENCHMARKS.md and a summary go to OUT_DIR; paste the figures into
 # benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e ./client -e
 # '.[dev]'`. On the device tool's H100/H200 image, which lacks some of them, carry wheels
@@ -95,4 +98,11 @@ for arch in visualbert lxmert; do
     grep -h "q/s" "$OUT/vqa_training_$arch.log" | tail -n 1 >>"$OUT/summary.txt"
 done
 rm -rf "$OUT/vqa-check"
+DETR_STEPS=${DETR_STEPS:-300}
+step detr_training "$PY" -m vitlens_server.training.detr_train --device "$DEVICE" --threads 4 \
+    --steps "$DETR_STEPS" --eval-every 0 --final-eval-count 64 --out "$OUT/detr-check" \
+    --export-dir "$OUT/detr-check/export"
+rm -rf "$OUT/detr-check"
+grep -h "img/s" "$OUT/detr_training.log" | tail -n 1 >>"$OUT/summary.txt"
+step detr_explain "$PY" scripts/bench_detr.py --device "$DEVICE" --batch 8 --detections 1 4 8
 exit $status
