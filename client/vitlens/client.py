@@ -284,8 +284,9 @@ class Client:
         """Score explanation methods with quality metrics on a dataset (server-side).
 
         ``dataset`` is ``synthetic:N[:seed][:two_object]``, ``synthetic_vqa:N[:seed]`` (VQA
-        models) or an absolute folder on the server
-        (VOC or ImageFolder layout, under a root its operator allowed). Progress events go to
+        models), ``synthetic_detection:N[:seed]`` (detectors) or an absolute folder on the
+        server (VOC or ImageFolder layout; COCO for detectors; under a root its operator
+        allowed). Progress events go to
         ``on_progress`` as they arrive; interrupting (Ctrl-C) cancels the server's run. The
         default deadline is the client's; long runs may need ``timeout_s``.
         """

@@ -153,9 +153,10 @@ def build_evaluate_request(
     limit: int = 0,
 ) -> vitlens_pb2.EvaluateRequest:
     """``dataset``: ``synthetic:N[:seed][:two_object]``, ``synthetic_vqa:N[:seed]`` (VQA
-    models) or an absolute folder on the server."""
+    models), ``synthetic_detection:N[:seed]`` (detectors) or an absolute folder on the
+    server."""
     spec = vitlens_pb2.Dataset(limit=limit)
-    if dataset.startswith(("synthetic:", "synthetic_vqa:")):
+    if dataset.startswith(("synthetic:", "synthetic_vqa:", "synthetic_detection:")):
         spec.synthetic = dataset
     else:
         spec.server_path = dataset

@@ -25,6 +25,8 @@ from vitlens.images import to_images
 from vitlens.tensors import tensor_to_numpy
 from vitlens.v1 import vitlens_pb2
 from vitlens_server.config import ServerConfig
+from vitlens_server.data import CLASSES, SceneConfig, split_seeds
+from vitlens_server.data.coco import export_coco
 from vitlens_server.explain.detection import DETECTION_METHODS, explain_detections
 from vitlens_server.models import ModelRegistry, ModelSpec, load_model
 
@@ -188,3 +190,82 @@ def test_other_models_refuse_detection_options(stub) -> None:
     assert _code(lambda: stub.Explain(request)) == ("INVALID_ARGUMENT", "detection")
     predict = vitlens_pb2.PredictRequest(images=picture, detection_threshold=0.5)
     assert _code(lambda: stub.Predict(predict)) == ("INVALID_ARGUMENT", "detection_threshold")
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> tuple[RunningServer, Path]:
+    """A server with a tiny DETR over the scenes' classes, and a COCO export of the first six
+    held-out detection scenes at its 96 px input, under the allowed dataset root."""
+    root = Path(tmp_path_factory.mktemp("scored"))
+    path = save_tiny_detr(
+        root / "detr8", seed=4, id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)},
+    )  # fmt: skip
+    (path / "preprocessor_config.json").write_text(
+        json.dumps({"size": {"height": SIDE, "width": SIDE}})
+    )
+    export_coco(root / "data" / "coco", split_seeds("test", 6), config=SceneConfig(size=SIDE))
+    config = ServerConfig(port=0, max_batch_size=4, dataset_roots=(root / "data",))
+    spec = ModelSpec(name="detr8", architecture="hf-detr", source=f"hf-detr:{path}")
+    running, stop = start_server(config, ModelRegistry([load_model(spec)]))
+    yield running, root / "data" / "coco"
+    stop()
+
+
+def test_evaluate_scores_detection_segmentation_alike_on_scenes_and_their_coco_export(scored):
+    running, coco = scored
+    progress = []
+    options = {"detection_segmentation": {"resamples": 3}}
+    metrics = ["detection_segmentation", "detection"]
+    with vitlens.Client(running.address, timeout_s=300) as client:
+        runs = [
+            client.evaluate(
+                ["generic", "random"],
+                metrics,
+                dataset=dataset,
+                model="detr8",
+                metric_options=options,
+                on_progress=progress.append,
+            )
+            for dataset in ("synthetic_detection:6", str(coco))
+        ]
+    for run in runs:
+        assert {(r.method, r.metric) for r in run.results} == {
+            ("generic", "detection_segmentation"),
+            ("random", "detection_segmentation"),
+            ("detector", "detection"),
+        }
+        segmentation = run.get("generic", "detection_segmentation")
+        names = {v.name for v in segmentation.values}
+        assert {"ap", "ap20", "ap50", "ar", "ap_medium", "ar_large"} <= names
+        assert segmentation.value("ap").n == 6
+        assert all(0 <= v.mean <= 1 or np.isnan(v.mean) for v in segmentation.values)
+    synthetic, exported = runs
+    for a, b in zip(synthetic.results, exported.results, strict=True):
+        for value in a.values:
+            other = b.value(value.name).mean
+            assert value.mean == pytest.approx(other, nan_ok=True), (a.method, value.name)
+    assert progress and progress[-1].done == progress[-1].total
+
+
+def test_evaluate_refuses_what_a_detector_cannot_score(scored, served):
+    running, _ = scored
+    bad = [
+        dict(methods=["token_reflection"], metrics=["detection_segmentation"]),
+        dict(methods=["generic"], metrics=["perturbation"]),
+        dict(methods=["generic"], metrics=["detection"], dataset="synthetic:4"),
+    ]
+    with vitlens.Client(running.address, timeout_s=60) as client:
+        for kwargs in bad:
+            with pytest.raises(vitlens.VitlensError) as info:
+                client.evaluate(model="detr8", **{"dataset": "synthetic_detection:2", **kwargs})
+            assert info.value.code.name == "INVALID_ARGUMENT", kwargs
+    with vitlens.Client(served.address, timeout_s=60) as client:  # cat/dog/kite: not the scenes'
+        with pytest.raises(vitlens.VitlensError) as info:
+            client.evaluate(
+                ["generic"],
+                ["detection_segmentation"],
+                dataset="synthetic_detection:2",
+                model="detr",
+            )
+        assert info.value.code.name == "FAILED_PRECONDITION"

@@ -34,9 +34,10 @@ def detection_count(seed: int) -> int:
     return int(np.random.default_rng((seed, _COUNT_STREAM)).integers(1, MAX_OBJECTS + 1))
 
 
-def detection_scene(seed: int, *, config: SceneConfig = _DEFAULT) -> Scene:
-    """Detection scene ``seed``: `render_scene` with `detection_count` objects."""
-    return render_scene(seed, count=detection_count(seed), config=config)
+def detection_scene(seed: int, *, config: SceneConfig = _DEFAULT, most: int = MAX_OBJECTS) -> Scene:
+    """Detection scene ``seed``: `render_scene` with `detection_count` objects, at most
+    ``most`` (a training curriculum's cap; the held-out scenes are never capped)."""
+    return render_scene(seed, count=min(detection_count(seed), most), config=config)
 
 
 def scene_boxes(scene: Scene) -> np.ndarray:
@@ -82,9 +83,12 @@ class DetectionBatch:
         ]
 
 
-def detection_batch(seeds: Sequence[int], *, config: SceneConfig = _DEFAULT) -> DetectionBatch:
-    """The detection scenes of ``seeds``, with their labels and boxes."""
-    scenes = tuple(detection_scene(seed, config=config) for seed in seeds)
+def detection_batch(
+    seeds: Sequence[int], *, config: SceneConfig = _DEFAULT, most: int = MAX_OBJECTS
+) -> DetectionBatch:
+    """The detection scenes of ``seeds`` (at most ``most`` objects each), with their labels and
+    boxes."""
+    scenes = tuple(detection_scene(seed, config=config, most=most) for seed in seeds)
     return DetectionBatch(
         images=np.stack([scene.image for scene in scenes]),
         labels=tuple(np.asarray(scene.labels, dtype=np.int64) for scene in scenes),

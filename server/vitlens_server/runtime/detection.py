@@ -33,7 +33,7 @@ from vitlens_server.runtime.api import (
     PredictQuery,
 )
 
-__all__ = ["detection_card", "detection_version", "explain_job", "predict_job"]
+__all__ = ["detection_card", "detection_version", "encoder_grid", "explain_job", "predict_job"]
 
 
 def explain_job(served: LoadedDetector, query: ExplainQuery) -> DetectionExplainJob:
@@ -131,7 +131,7 @@ def detection_card(served: LoadedDetector) -> ModelCard:
         for m in DETECTION_METHODS.values()
     )
     _, height, width = served.input_size
-    grid = _grid(served)
+    grid = encoder_grid(served)
     patch = (height // grid[0], width // grid[1]) if all(grid) else (0, 0)
     modalities = (
         ModalityCard("image", grid[0] * grid[1], "the encoder's feature-map tokens, row-major"),
@@ -172,7 +172,7 @@ class _NoOptions:
     """Detection methods take no options."""
 
 
-def _grid(served: LoadedDetector) -> tuple[int, int]:
+def encoder_grid(served: LoadedDetector) -> tuple[int, int]:
     """The encoder's token grid for the model's input size, from one small forward pass."""
     _, height, width = served.input_size
     with torch.inference_mode():

@@ -5,6 +5,9 @@
                         (opened on the decode pool), or ``inline`` samples (decoded there)
     Datasets.questions  scenes with a generated question each for VQA models:
                         ``synthetic_vqa:N[:seed]`` (`evaluate.vqa_plan`)
+    Datasets.detections images with every object's mask for detectors:
+                        ``synthetic_detection:N[:seed]`` scenes, or a COCO instances folder
+                        under an allowed root (`evaluate.detection_datasets`)
 
 Each refuses the other's kinds by field, saying which kind the model takes.
 """
@@ -24,6 +27,8 @@ from vitlens_server.config import ServerConfig
 from vitlens_server.domain import ImageInput
 from vitlens_server.errors import InvalidArgument, about, clip
 from vitlens_server.evaluate import Sample, open_server_path, parse_synthetic
+from vitlens_server.evaluate.detection_datasets import open_coco_folder, synthetic_detections
+from vitlens_server.evaluate.detection_run import DetectionSample
 from vitlens_server.evaluate.vqa_plan import (
     SYNTHETIC_VQA,
     SyntheticVqaDataset,
@@ -106,6 +111,31 @@ class Datasets:
                 field="dataset.synthetic",
             )
         return parse_synthetic_vqa(query.synthetic, size).limited(query.limit)
+
+    async def detections(
+        self, query: EvaluateQuery, model: str, labels: Sequence[str], size: tuple[int, int]
+    ) -> Sequence[DetectionSample]:
+        """Images with per-object masks: ``synthetic_detection:N[:seed]`` or a COCO folder."""
+        if query.inline is not None:
+            raise InvalidArgument(
+                f"detector {model!r} is scored on every object of an image, and inline samples "
+                "carry one mask each: use dataset.synthetic synthetic_detection:N[:seed] or a "
+                "COCO folder in dataset.server_path",
+                field="dataset.inline",
+            )
+        if query.synthetic is not None:
+            found = synthetic_detections(query.synthetic, model, labels, size)
+        elif query.server_path is not None:
+            loop = asyncio.get_running_loop()
+            opened = functools.partial(
+                open_coco_folder, query.server_path, self._roots, labels,
+                max_pixels=self._config.max_pixels,
+            )  # fmt: skip
+            with about("dataset.server_path"):
+                found = await loop.run_in_executor(self._decode_pool, opened)
+        else:
+            raise _no_dataset()
+        return _Limited(found, query.limit) if query.limit else found
 
 
 def _no_dataset() -> InvalidArgument:

@@ -264,7 +264,7 @@ class ServedDetector:
         return predictions, queue_s, self.model.labels
 
     def evaluand(self, randomised: RandomisedWorker) -> Evaluand:
-        return DetectionEvaluand(self.model, self.worker)
+        return DetectionEvaluand(self.model, self.worker, self.card.patch_grid)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 from transformers import DetrForObjectDetection
 
 from vitlens_server.data import split_seeds
-from vitlens_server.data.detection import detection_batch
+from vitlens_server.data.detection import MAX_OBJECTS, detection_batch
 from vitlens_server.models.default import ASSETS
 from vitlens_server.training.accuracy import to_model_input
 from vitlens_server.training.clip_checkpoint import config_key, load_checkpoint, save_checkpoint
@@ -53,13 +53,16 @@ class DetrTrainConfig:
     out: Path = Path("build/detr")  # checkpoint directory
     export_dir: Path | None = None  # None: ASSETS / "vitlens-detr"
     seed: int = 0
-    steps: int = 20000
+    steps: int = 30000
     batch_size: int = 16
     num_queries: int = 8
-    trunk_blocks: int = 3  # of the demo ViT's 6
+    trunk_blocks: int = 6  # of the demo ViT's 6
     decoder_layers: int = 3
+    freeze_trunk: bool = True  # the demo trunk's features as they are (no backward through it)
+    single_object_steps: int = 2000  # curriculum: scenes of one object only, then
+    pair_steps: int = 2000  # of at most two, then of one to four
     lr: float = 2e-4  # DETR's encoder, decoder, queries and heads
-    trunk_lr: float = 1e-4  # the backbone, from the demo ViT
+    trunk_lr: float = 5e-5  # the backbone, from the demo ViT (unless frozen)
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     min_lr_fraction: float = 0.05
@@ -119,6 +122,8 @@ def train_detr(
         num_queries=config.num_queries,
         decoder_layers=config.decoder_layers,
     ).to(device)
+    if config.freeze_trunk:
+        model.model.backbone.requires_grad_(False)
     optimizer = make_optimizer(model, config)
     checkpoint = config.out / "detr.ckpt"
     key = config_key(config, _NOT_RESUME_KEYS)
@@ -137,7 +142,10 @@ def train_detr(
     window_steps = 0
     model.train()
     while step < config.steps:
-        batch = detection_batch(seeds[step * config.batch_size : (step + 1) * config.batch_size])
+        batch = detection_batch(
+            seeds[step * config.batch_size : (step + 1) * config.batch_size],
+            most=_most_objects(config, step),
+        )
         targets = [
             {key: torch.from_numpy(value).to(device) for key, value in target.items()}
             for target in batch.targets()
@@ -205,6 +213,13 @@ def train_detr(
     return metadata
 
 
+def _most_objects(config: DetrTrainConfig, step: int) -> int:
+    """The curriculum: one object per scene, then at most two, then one to four."""
+    if step < config.single_object_steps:
+        return 1
+    return 2 if step < config.single_object_steps + config.pair_steps else MAX_OBJECTS
+
+
 # The loss terms logged (of the last decoder layer; the auxiliary layers' are in the loss).
 _LOGGED = ("loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
 
@@ -229,6 +244,9 @@ _OPTIONS = (
     "num_queries",
     "trunk_blocks",
     "decoder_layers",
+    "freeze_trunk",
+    "single_object_steps",
+    "pair_steps",
     "lr",
     "trunk_lr",
     "weight_decay",
