@@ -101,7 +101,7 @@ def _as_json(result) -> list[dict]:
 def _cell(row, name: str) -> str:
     value = row.value(name)
     if value.mean != value.mean:
-        return "–"
+        return "n/a"
     return f"{100 * value.mean:.1f} ± {100 * value.std:.1f}"
 
 
@@ -116,7 +116,7 @@ def _report(args, info, methods, rows, seconds: float, command: str) -> str:
         "> 0.5 explained, its map upsampled, min-max scaled and thresholded by Otsu, the masks "
         "scored as COCO instance segmentations (pycocotools, IoU thresholds 0.20 to 0.95 in "
         "steps of 0.05; areas as fractions of the image, `evaluate/detection_segmentation.py`). "
-        f"Values ×100, ± the bootstrap std over scenes ({args.resamples} draws).",
+        f"Values x 100, ± the bootstrap std over scenes ({args.resamples} draws).",
         "",
         f"Detector: box AP {100 * box.value('map').mean:.1f}, AP50 "
         f"{100 * box.value('map50').mean:.1f}, AR {100 * box.value('mar100').mean:.1f} (COCO "
@@ -128,7 +128,7 @@ def _report(args, info, methods, rows, seconds: float, command: str) -> str:
     for method in methods:
         cells = " | ".join(_cell(segmentation[method], c) for c in COLUMNS)
         lines.append(f"| {method} | {cells} |")
-    lines += ["", "## Seed 003's ordering", ""] + _orderings(segmentation)
+    lines += ["", "## Seed 003's ordering", "", *_orderings(segmentation)]
     lines += [
         "",
         "## Run",
