@@ -85,6 +85,12 @@ def _reference(detector, picture: np.ndarray, query: int, method: str):
     return out.heatmaps(0)[0].numpy(), out.query_relevance[0][0].numpy()
 
 
+def _options(values: dict) -> vitlens_pb2.ExplainOptions:
+    options = vitlens_pb2.ExplainOptions()
+    options.method_options.update(values)
+    return options
+
+
 def _code(call) -> tuple[str, str]:
     """The status code and first field violation of a raw stub call that must fail."""
     with pytest.raises(grpc.RpcError) as info:
@@ -104,7 +110,7 @@ def test_get_model_reports_a_detector(stub) -> None:
     assert info.weights.metadata["note"] == "tiny, random"
 
 
-@pytest.mark.parametrize("method", ["generic", "rollout", "gradcam"])
+@pytest.mark.parametrize("method", ["generic", "rollout", "gradcam", "transformer_attribution"])
 def test_every_detection_of_every_image_equals_it_explained_alone(stub, detector, method):
     pictures = images(3)
     queries = [4, 0, 2]

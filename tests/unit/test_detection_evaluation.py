@@ -51,7 +51,9 @@ class TruthCalls:
             heatmaps=maps,
         )  # fmt: skip
 
-    def explain(self, pixels: torch.Tensor, method: str) -> list[Detections]:
+    def explain(
+        self, pixels: torch.Tensor, method: str, averaging: str = "gradient"
+    ) -> list[Detections]:
         out = []
         for sample in self._samples(pixels):
             masks = torch.from_numpy(sample.masks).float()[:, None]  # (K, 1, H, W)
@@ -118,6 +120,12 @@ def test_plans_refuse_what_detectors_cannot_run():
         plan_detection_evaluation(["generic"], ["perturbation"], {}, {})
     with pytest.raises(InvalidArgument, match="take no options"):
         plan_detection_evaluation(["generic"], [], {}, {"generic": {"x": 1}})
+    with pytest.raises(InvalidArgument, match="gradient or lrp"):
+        plan_detection_evaluation(["generic"], [], {}, {"generic": {"averaging": "mean"}})
+    assert (
+        plan_detection_evaluation(["generic"], [], {}, {"generic": {"averaging": "lrp"}}).averaging
+        == "lrp"
+    )
     with pytest.raises(InvalidArgument, match="unknown option"):
         plan_detection_evaluation(
             ["generic"], ["detection_segmentation"], {"detection_segmentation": {"k": 1}}, {}

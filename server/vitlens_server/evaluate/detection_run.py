@@ -118,6 +118,7 @@ class DetectionPlan:
     resamples: int = 20
     iou_low: float = 0.2
     chunk_size: int = 16
+    averaging: str = "gradient"  # generic's head averaging (method_options generic.averaging)
 
 
 def plan_detection_evaluation(
@@ -149,11 +150,19 @@ def plan_detection_evaluation(
                 f"{', '.join(DETECTION_METRICS)}",
                 field=f"metrics[{i}]",
             )
-    for name in method_options:
-        raise InvalidArgument(
-            f"method_options[{clip(name)}]: detection methods take no options",
-            field=f"method_options[{name}]",
-        )
+    averaging = "gradient"
+    for name, options in method_options.items():
+        where = f"method_options[{name}]"
+        if name != "generic" or set(options) - {"averaging"}:
+            raise InvalidArgument(
+                f"{where}: detection methods take no options but generic's averaging",
+                field=where,
+            )
+        averaging = options.get("averaging", averaging)
+        if averaging not in ("gradient", "lrp"):
+            raise InvalidArgument(
+                f"{where}.averaging must be gradient or lrp", field=f"{where}.averaging"
+            )
     found: dict[str, Any] = {}
     for metric, options in metric_options.items():
         if metric not in metrics:
@@ -177,13 +186,13 @@ def plan_detection_evaluation(
         raise InvalidArgument("resamples must be in [0, 1000]", field="metric_options.resamples")
     if not 0.05 <= iou_low <= 0.95:
         raise InvalidArgument("iou_low must be in [0.05, 0.95]", field="metric_options.iou_low")
-    return DetectionPlan(tuple(methods), tuple(metrics), resamples, iou_low, chunk_size)
+    return DetectionPlan(tuple(methods), tuple(metrics), resamples, iou_low, chunk_size, averaging)
 
 
 class DetectionCalls(Protocol):
     """How a run reaches the model (its worker)."""
 
-    def explain(self, pixels: Tensor, method: str) -> list[Detections]:
+    def explain(self, pixels: Tensor, method: str, averaging: str = "gradient") -> list[Detections]:
         """Each image's detections with probability > 0.5 and their maps (n, gh, gw)."""
         ...
 
@@ -222,7 +231,7 @@ def run_detection_evaluation(
             if method == DETECTOR:
                 boxes += calls.detect(pixels)
             else:
-                detections = _explained(calls, pixels, method, grid, first)
+                detections = _explained(calls, pixels, method, grid, first, plan.averaging)
                 found[method] += [_masked(d, input_size) for d in detections]
             done += len(samples)
             rate = done / max(time.monotonic() - started, 1e-9)
@@ -238,10 +247,15 @@ def run_detection_evaluation(
 
 
 def _explained(
-    calls: DetectionCalls, pixels: Tensor, method: str, grid: tuple[int, int], first: int
+    calls: DetectionCalls,
+    pixels: Tensor,
+    method: str,
+    grid: tuple[int, int],
+    first: int,
+    averaging: str,
 ) -> list[Detections]:
     if method != RANDOM:
-        return calls.explain(pixels, method)
+        return calls.explain(pixels, method, averaging if method == "generic" else "gradient")
     generator = torch.Generator().manual_seed(first)  # the same noise for the same images
     found = calls.explain(pixels, "raw_attention")  # the detections; their maps replaced
     return [

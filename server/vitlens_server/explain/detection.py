@@ -17,6 +17,16 @@ times both). The method then turns each rank's maps into relevance matrices over
     rollout          rollout of the encoder and of the decoder self-attention, Eq. 12 with the
                      last cross-attention map: R^{qi} = (R^{qq})ᵀ·Ā·R^{ii}
     gradcam          the last cross-attention map weighted per head by its mean gradient, ReLU
+    partial_lrp      the last cross-attention map's LRP relevance (R^A)⁺, head mean, row j
+    transformer_attribution
+                     Eq. 13 averaging, mean_h((∇A ⊙ R^A)⁺), with Eq. 6 on the encoder's and the
+                     decoder's self-attention; the last cross-attention map averaged the same way
+                     (seed 003's baseline, `graph.attribution`)
+    generic, averaging=lrp
+                     the rules above with Eq. 13's averaging (seed 003 §3.3)
+
+R^A, each map's LRP relevance from the detection's one-hot class logit, comes from
+`explain.detection_lrp` (one walk per rank serves every image).
 
 A detection's query relevance is row j of R^{queries queries}: how much each query's state
 mattered to it. Methods without gradients compute one set of matrices for all ranks.
@@ -25,15 +35,19 @@ mattered to it. Methods without gradients compute one set of matrices for all ra
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from vitlens_server.explain.bimodal import BimodalMethod
+from vitlens_server.explain.detection_lrp import detr_attention_relevances, record_detr_lrp
 from vitlens_server.explain.graph import (
+    AttentionGraph,
     GraphRelevance,
     LayerMaps,
+    attribution,
     gradcam,
     propagate,
     raw_attention,
@@ -49,6 +63,11 @@ __all__ = [
     "explain_detections",
     "select_detections",
 ]
+
+
+def _partial_lrp(graph: AttentionGraph, maps: Sequence[LayerMaps]) -> GraphRelevance:
+    return raw_attention(graph, [LayerMaps(m.attention.clamp(min=0)) for m in maps])
+
 
 DETECTION_METHODS: dict[str, BimodalMethod] = {
     m.name: m
@@ -89,6 +108,25 @@ DETECTION_METHODS: dict[str, BimodalMethod] = {
             lrp=False,
             class_specific=True,
             combine=gradcam,
+        ),
+        BimodalMethod(
+            "partial_lrp",
+            "partial LRP (Voita et al. 2019, a baseline of seed 003): the last cross-attention "
+            "map's LRP relevance, positive part, head mean",
+            gradient=False,
+            lrp=True,
+            class_specific=True,
+            combine=_partial_lrp,
+        ),
+        BimodalMethod(
+            "transformer_attribution",
+            "Transformer Attribution (Chefer, Gur & Wolf, CVPR 2021) as seed 003 runs it on "
+            "DETR: mean_h((dy/dA * R^A)+) accumulated over self-attention, the last "
+            "cross-attention map averaged the same way",
+            gradient=True,
+            lrp=True,
+            class_specific=True,
+            combine=attribution,
         ),
     )
 }
@@ -143,6 +181,7 @@ def explain_detections(
     method: BimodalMethod,
     *,
     select: Selection | None = None,
+    averaging: str = "gradient",
     batched: bool = True,
     interrupted: Callable[[], bool] | None = None,
 ) -> DetectionExplanation:
@@ -151,10 +190,14 @@ def explain_detections(
     Args:
         select: per image the query indices to explain, (n_b,) each, or a function of the
             (B, Q, C + 1) logits giving them; None: `select_detections` at 0.5.
+        averaging: ``generic``'s head averaging, ``"gradient"`` (Eq. 5) or ``"lrp"`` (Eq. 13).
         batched: one vectorised backward pass for every rank (else one pass per rank).
         interrupted: checked before the backward pass(es) and each rank's relevance.
     """
-    with torch.enable_grad():
+    if averaging not in ("gradient", "lrp"):
+        raise ValueError(f"averaging must be 'gradient' or 'lrp', got {averaging!r}")
+    use_lrp = method.lrp or (method.name == "generic" and averaging == "lrp")
+    with torch.enable_grad(), record_detr_lrp(detector) if use_lrp else nullcontext() as tape:
         run = detector.run(pixels, with_grad=method.gradient)
         chosen = _chosen(run.logits, select)
         rank_queries, valid = _padded(chosen, run.logits.device)  # (B, R) each
@@ -164,14 +207,21 @@ def explain_detections(
     graph = detector.graph()
     ranks = rank_queries.shape[1]
     images, queries = [], []
-    shared = None if method.gradient else method.combine(graph, _layers(run, None))
+    shared = None
+    if not method.gradient and not use_lrp:
+        shared = method.combine(graph, _layers(run, None))
     for rank in range(ranks):
         raise_if_interrupted(interrupted)
-        relevance = (
-            shared
-            if shared is not None
-            else method.combine(graph, _layers(run, [g[rank] for g in grads or ()]))
-        )
+        if shared is not None:
+            relevance = shared
+        else:
+            layers = _layers(run, None if grads is None else [g[rank] for g in grads])
+            if use_lrp:
+                found = detr_attention_relevances(
+                    detector, tape, run.maps, rank_queries[:, rank], classes[:, rank]
+                )
+                layers = [LayerMaps(r, m.gradient) for r, m in zip(found, layers, strict=True)]
+            relevance = method.combine(graph, layers)
         rows = rank_queries[:, rank]
         images.append(relevance.read(DETECTION, rows=rows)["image"])  # (B, N)
         queries.append(_query_rows(relevance, rows))  # (B, Q)

@@ -2,10 +2,10 @@
 
 A job is one request (or a chunk of one): its images, how its detections are chosen (a
 probability threshold and a cap, or fixed queries) and the output options. Jobs of a batch with
-equal `DetectionExplainJob.group` (method and grid) run as one `explain_detections` call: the
-selection is per image, so jobs with different thresholds still share the passes. Each image's
-detections come back as `Detections` with boxes, classes, heatmaps (on the encoder's token grid,
-or upsampled to the input) and query relevance.
+equal `DetectionExplainJob.group` (method, averaging, grid) run as one `explain_detections`
+call: the selection is per image, so jobs with different thresholds still share the passes.
+Each image's detections come back as `Detections` with boxes, classes, heatmaps (on the
+encoder's token grid, or upsampled to the input) and query relevance.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class DetectionExplainJob:
     pixels: Tensor
     method: str
     choice: DetectionChoice = DetectionChoice()
+    averaging: str = "gradient"  # generic's head averaging: "gradient" or "lrp"
     grid: Literal["tokens", "input"] = "tokens"
     output_dtype: Literal["float32", "float16"] = "float32"
 
@@ -78,7 +79,7 @@ class DetectionExplainJob:
     @property
     def group(self) -> tuple:
         """Jobs with equal groups run as one explanation."""
-        return (self.method, self.grid)
+        return (self.method, self.averaging, self.grid)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def _explain_group(
         pixels,
         DETECTION_METHODS[jobs[0].method],
         select=select,
+        averaging=jobs[0].averaging,
         interrupted=interrupted,
     )
     seconds = time.perf_counter() - started

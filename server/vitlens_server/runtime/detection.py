@@ -1,8 +1,9 @@
 """The data plane's detection side: options checked, jobs resolved, the card and the version.
 
 explain_job     an `ExplainQuery` on a detector → `DetectionExplainJob` (pixels still empty):
-                the method, the detection options (threshold in [0, 1), a cap, or queries
-                below Q), no target, texts, questions or regions
+                the method and its options (generic's ``averaging``), the detection options
+                (threshold in [0, 1), a cap, or queries below Q), no target, texts, questions
+                or regions
 predict_job     a `PredictQuery` on a detector → `DetectionPredictJob`
 detection_card  GetModel's answer: task, modalities (image tokens, queries), labels, methods
 """
@@ -10,7 +11,6 @@ detection_card  GetModel's answer: task, modalities (image tokens, queries), lab
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +23,7 @@ from vitlens_server.explain.detection_batch import (
     DetectionExplainJob,
     DetectionPredictJob,
 )
-from vitlens_server.explain.params import describe_params
+from vitlens_server.explain.params import NoParams, describe_params, parse_params
 from vitlens_server.models.detection_serving import LoadedDetector
 from vitlens_server.runtime.api import (
     ExplainQuery,
@@ -32,12 +32,21 @@ from vitlens_server.runtime.api import (
     ModelCard,
     PredictQuery,
 )
+from vitlens_server.runtime.vqa import GenericParams
 
-__all__ = ["detection_card", "detection_version", "encoder_grid", "explain_job", "predict_job"]
+__all__ = [
+    "detection_card",
+    "detection_version",
+    "encoder_grid",
+    "explain_job",
+    "method_params",
+    "predict_job",
+]
 
 
-def explain_job(served: LoadedDetector, query: ExplainQuery) -> DetectionExplainJob:
-    """The query as a checked job, its images still to be decoded (``pixels`` empty)."""
+def explain_job(served: LoadedDetector, query: ExplainQuery) -> tuple[DetectionExplainJob, object]:
+    """The query as a checked job (its images still to be decoded: ``pixels`` empty) and the
+    method's parsed options."""
     _refuse_other_inputs(served, query.texts, "texts", query.questions, query.regions)
     if query.target.kind != "predicted":
         raise InvalidArgument(
@@ -58,18 +67,23 @@ def explain_job(served: LoadedDetector, query: ExplainQuery) -> DetectionExplain
             f"{', '.join(DETECTION_METHODS)}",
             field="method",
         )
-    if query.method_options:
-        raise InvalidArgument(
-            f"method {name!r} on a detector takes no options; unset options.method_options",
-            field="options.method_options",
-        )
-    return DetectionExplainJob(
+    params = parse_params(
+        method_params(name), query.method_options, method=name, field="options.method_options"
+    )
+    job = DetectionExplainJob(
         pixels=torch.empty(0),
         method=name,
         choice=_choice(served, query.detection),
+        averaging=getattr(params, "averaging", "gradient"),
         grid=query.grid,
         output_dtype=query.output_dtype,
     )
+    return job, params
+
+
+def method_params(name: str) -> type:
+    """A detection method's options: generic's head averaging; none for the others."""
+    return GenericParams if name == "generic" else NoParams
 
 
 def predict_job(served: LoadedDetector, query: PredictQuery) -> DetectionPredictJob:
@@ -125,7 +139,7 @@ def detection_card(served: LoadedDetector) -> ModelCard:
             passes=("forward", "backward") if m.gradient else ("forward",),
             class_specific=m.class_specific,
             relevance_matrix=False,
-            parameters=tuple(describe_params(_NoOptions)),
+            parameters=tuple(describe_params(method_params(m.name))),
             modalities=("image", "queries"),
         )
         for m in DETECTION_METHODS.values()
@@ -165,11 +179,6 @@ def detection_card(served: LoadedDetector) -> ModelCard:
 def detection_version(served: LoadedDetector) -> str:
     """What answers are keyed by: the weights and the labels."""
     return json.dumps([served.weights.source, served.weights.sha256, list(served.labels)])
-
-
-@dataclass(frozen=True)
-class _NoOptions:
-    """Detection methods take no options."""
 
 
 def encoder_grid(served: LoadedDetector) -> tuple[int, int]:

@@ -70,8 +70,8 @@ class _WorkerCalls:
     def __init__(self, worker: DetectionWorker, submit: Submit) -> None:
         self._worker, self._submit = worker, submit
 
-    def explain(self, pixels: Tensor, method: str) -> list[Detections]:
-        job = DetectionExplainJob(pixels, method, DetectionChoice())
+    def explain(self, pixels: Tensor, method: str, averaging: str = "gradient") -> list[Detections]:
+        job = DetectionExplainJob(pixels, method, DetectionChoice(), averaging=averaging)
         result, _ = self._submit(self._worker.explain(job, wait_for_room=True))
         return list(result.detections)
 

@@ -244,11 +244,9 @@ class ServedDetector:
 
     def resolve(self, query: ExplainQuery, config: ServerConfig, top_k: int) -> Resolved:
         """Explain each image's detections (per ``query.detection``)."""
-        job = detection.explain_job(self.model, query)
-        choice = dataclasses.asdict(job.choice)
-        return Resolved(
-            job, DETECTION_METHODS[job.method], _NoParams(), self.model.labels, json.dumps(choice)
-        )
+        job, params = detection.explain_job(self.model, query)
+        choice = json.dumps(dataclasses.asdict(job.choice))
+        return Resolved(job, DETECTION_METHODS[job.method], params, self.model.labels, choice)
 
     def check_predict(self, query: PredictQuery, config: ServerConfig) -> None:
         detection.predict_job(self.model, query)
@@ -265,11 +263,6 @@ class ServedDetector:
 
     def evaluand(self, randomised: RandomisedWorker) -> Evaluand:
         return DetectionEvaluand(self.model, self.worker, self.card.patch_grid)
-
-
-@dataclass(frozen=True)
-class _NoParams:
-    """Detection methods take no options (what the cache key records of them)."""
 
 
 def _refuse_vqa_fields(query: ExplainQuery | PredictQuery, model: str) -> None:
