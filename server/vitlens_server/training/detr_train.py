@@ -39,6 +39,7 @@ from vitlens_server.training.config_cli import (
 from vitlens_server.training.detr_eval import detection_map
 from vitlens_server.training.detr_export import export_detr
 from vitlens_server.training.detr_model import MEAN, STD, build_detr
+from vitlens_server.training.detr_prior import attention_prior_loss, matched_pairs
 from vitlens_server.training.train import _device_name
 
 __all__ = ["DetrTrainConfig", "main", "train_detr"]
@@ -53,7 +54,7 @@ class DetrTrainConfig:
     out: Path = Path("build/detr")  # checkpoint directory
     export_dir: Path | None = None  # None: ASSETS / "vitlens-detr"
     seed: int = 0
-    steps: int = 30000
+    steps: int = 24000
     batch_size: int = 16
     num_queries: int = 8
     trunk_blocks: int = 6  # of the demo ViT's 6
@@ -61,6 +62,7 @@ class DetrTrainConfig:
     freeze_trunk: bool = True  # the demo trunk's features as they are (no backward through it)
     single_object_steps: int = 2000  # curriculum: scenes of one object only, then
     pair_steps: int = 2000  # of at most two, then of one to four
+    attention_prior: float = 1.0  # weight of `detr_prior`'s first-layer attention loss
     lr: float = 2e-4  # DETR's encoder, decoder, queries and heads
     trunk_lr: float = 5e-5  # the backbone, from the demo ViT (unless frozen)
     weight_decay: float = 1e-4
@@ -154,14 +156,24 @@ def train_detr(
             group["lr"] = group["base_lr"] * lr_factor(config, step)
         pixels = to_model_input(batch.images, MEAN, STD, device)  # (B, 3, S, S)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            out = model(pixel_values=pixels, labels=targets)
+            out = model(
+                pixel_values=pixels, labels=targets, output_attentions=config.attention_prior > 0
+            )
+        loss = out.loss
+        if config.attention_prior:
+            pairs = matched_pairs(out.logits, out.pred_boxes, targets)
+            prior = attention_prior_loss(
+                out.cross_attentions[0], pairs, batch.boxes, pixels.shape[-1]
+            )
+            loss = loss + config.attention_prior * prior
+            out.loss_dict["attention_prior"] = prior
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)  # DETR's clipping
         optimizer.step()
         step += 1
         for name in _LOGGED:
-            value = out.loss if name == "loss" else out.loss_dict[name]
+            value = loss if name == "loss" else out.loss_dict.get(name, torch.zeros(()))
             window[name] = window.get(name, 0.0) + float(value.detach())
         window_steps += 1
         if step % 50 == 0 or step == config.steps:
@@ -221,7 +233,7 @@ def _most_objects(config: DetrTrainConfig, step: int) -> int:
 
 
 # The loss terms logged (of the last decoder layer; the auxiliary layers' are in the loss).
-_LOGGED = ("loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
+_LOGGED = ("loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "attention_prior")
 
 # Fields that a resumed run may change: where it writes, how it evaluates and reports.
 _NOT_RESUME_KEYS = (
@@ -247,6 +259,7 @@ _OPTIONS = (
     "freeze_trunk",
     "single_object_steps",
     "pair_steps",
+    "attention_prior",
     "lr",
     "trunk_lr",
     "weight_decay",
