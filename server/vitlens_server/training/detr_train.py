@@ -54,9 +54,10 @@ class DetrTrainConfig:
     out: Path = Path("build/detr")  # checkpoint directory
     export_dir: Path | None = None  # None: ASSETS / "vitlens-detr"
     seed: int = 0
-    steps: int = 24000
+    steps: int = 20000
     batch_size: int = 16
-    num_queries: int = 8
+    num_queries: int = 9  # a 3 x 3 grid of anchors (`anchors`)
+    anchors: bool = True  # queries start anchored on a grid (`detr_model.init_anchor_queries`)
     trunk_blocks: int = 6  # of the demo ViT's 6
     decoder_layers: int = 3
     freeze_trunk: bool = True  # the demo trunk's features as they are (no backward through it)
@@ -121,6 +122,7 @@ def train_detr(
     model = build_detr(
         seed=config.seed,
         trunk_blocks=config.trunk_blocks,
+        anchors=config.anchors,
         num_queries=config.num_queries,
         decoder_layers=config.decoder_layers,
     ).to(device)
@@ -254,6 +256,7 @@ _OPTIONS = (
     "steps",
     "batch_size",
     "num_queries",
+    "anchors",
     "trunk_blocks",
     "decoder_layers",
     "freeze_trunk",
