@@ -93,8 +93,8 @@ def init_anchor_queries(model: DetrForObjectDetection, sharpness: float = 4.0) -
     permutation that gives each head as many y as x dimensions (biases 0), so that at the start
     q·k is mostly sharpness² times the dot product of the anchor's and the token's position
     embeddings: each query attends around its anchor (70 to 82 % of its attention within 3
-    cells of it at sharpness 4 on the 14 x 14 grid, on position alone; 15 % if uniform). Initialisation
-    only: the model is a stock DETR, every weight trained as usual.
+    cells of it at sharpness 4 on the 14 x 14 grid, on position alone; 15 % if uniform).
+    Initialisation only: the model is a stock DETR, every weight trained as usual.
     """
     config = model.config
     side = math.isqrt(config.num_queries)
