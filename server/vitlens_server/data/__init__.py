@@ -2,6 +2,7 @@
 
 from vitlens_server.data.scenes import (
     CLASSES,
+    MAX_OBJECTS,
     SPLIT_OFFSETS,
     SPLIT_STRIDE,
     Scene,
@@ -15,6 +16,7 @@ from vitlens_server.data.shapes import SceneObject, render_object_mask
 
 __all__ = [
     "CLASSES",
+    "MAX_OBJECTS",
     "SPLIT_OFFSETS",
     "SPLIT_STRIDE",
     "Scene",
