@@ -9,7 +9,9 @@ explained once for each of its classes: class-specific methods should move to th
 writes per image and method an overlay PNG, and the CLI's PNG + JSON output. Then explains one
 scene with the CLIP against its object's prompt, a wrong object's prompt and its caption: per
 text a heatmap overlay and a PNG of the text's tokens shaded by relevance (`clip/`, and the CLI's
-`cli_clip/`), with the image-text similarity logits printed.
+`cli_clip/`), with the image-text similarity logits printed. Last, the exemplar detector
+`vitlens-detr` finds the objects of three scenes of several objects: per scene a sheet with
+every box, then each detection's own heatmap (`detr/`, and the CLI's `cli_detr/`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 import vitlens
 from vitlens import cli
+from vitlens.detection_overlay import detection_sheet
 from vitlens.overlay import render_explanation
 from vitlens.text_overlay import render_text_relevance, text_caption
 from vitlens_server.bench.process import ServeProcess
 from vitlens_server.data import CLASSES, Scene, render_scene, split_seeds
 from vitlens_server.data.captions import canonical_caption
+from vitlens_server.data.detection import detection_scene
 
 METHODS = ("raw_attention", "rollout", "generic")
-MODELS = ("vitlens-demo", "vitlens-clip")  # the first is the default model
+MODELS = ("vitlens-demo", "vitlens-clip", "vitlens-detr")  # the first is the default model
 
 
 def scene_png(scene: Scene) -> bytes:
@@ -63,8 +67,10 @@ def main() -> int:
         server.wait_serving(timeout_s=120)
         run(client, out, server.address)
         run_clip(client, out, server.address)
-    print(f"\nwrote {out}/summary.png, per-method overlays and {out}/clip/ (overlay + token PNG "
-          f"per text); server log: {out}/server.log")  # fmt: skip
+        run_detr(client, out, server.address)
+    print(f"\nwrote {out}/summary.png, per-method overlays, {out}/clip/ (overlay + token PNG "
+          f"per text) and {out}/detr/ (boxes, per-detection heatmaps); server log: "
+          f"{out}/server.log")  # fmt: skip
     return 0
 
 
@@ -149,6 +155,33 @@ def run_clip(client: vitlens.Client, out: Path, address: str) -> None:
     print("\nthe CLI on the same scene and texts:")
     argv = ["explain", str(path), "--server", address, "--model", info.name]
     cli.main([*argv, "--out", str(out / "cli_clip"), *(a for t in texts for a in ("--text", t))])
+
+
+def run_detr(client: vitlens.Client, out: Path, address: str) -> None:
+    """The exemplar detector on three held-out scenes of several objects: every detection's
+    box and heatmap (`generic`: seed 003's encoder-decoder rules)."""
+    info = client.model(MODELS[2])
+    print(f"\ndetector {info.name}: {info.architecture}, token grid {info.patch_grid}, "
+          f"{info.weights.metadata.get('metrics', '')}")  # fmt: skip
+    scenes = [detection_scene(seed) for seed in split_seeds("test", 3)]
+    paths = []
+    for i, scene in enumerate(scenes):
+        paths.append(out / "inputs" / f"detr_scene{i}.png")
+        paths[-1].write_bytes(scene_png(scene))
+    started = time.perf_counter()
+    result = client.explain(paths, model=info.name)
+    elapsed = time.perf_counter() - started
+    print(f"  {sum(len(r.detections) for r in result)} detections of {len(paths)} scenes explained "
+          f"in one call, {elapsed * 1000:.0f} ms")  # fmt: skip
+    (out / "detr").mkdir(exist_ok=True)
+    for path, scene, explained in zip(paths, scenes, result, strict=True):
+        truth = ", ".join(CLASSES[label] for label in scene.labels)
+        found = ", ".join(f"{d.label} {d.probability:.0%}" for d in explained.detections)
+        print(f"    {path.name}: truth {truth}; found {found}")
+        detection_sheet(path, explained.detections).save(out / "detr" / f"{path.stem}.png")
+    print("\nthe CLI on the first scene:")
+    argv = ["explain", str(paths[0]), "--server", address, "--model", info.name]
+    cli.main([*argv, "--out", str(out / "cli_detr")])
 
 
 def _sheet(rows: list[list[Image.Image]], header: list[str]) -> Image.Image:

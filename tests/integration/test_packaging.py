@@ -27,7 +27,7 @@ pytest.importorskip("setuptools", reason="dev extra: setuptools builds the wheel
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from vitlens_server.models.default import CLIP_FILES, VQA_FILES
+from vitlens_server.models.default import SHIPPED_FOLDERS
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_ONLY = {"torch", "torchvision", "timm", "safetensors", "numba", "prometheus-client"}
@@ -170,15 +170,12 @@ def test_server_wheel_has_the_server_and_the_weights_and_not_the_sdk(server: Bui
         if asset.suffix in {".safetensors", ".json"}:
             assert f"vitlens_server/assets/{asset.name}" in server.names
     assert "vitlens_server/assets/vitlens-demo.safetensors" in server.names
-    # the exemplar CLIP (`--model vitlens-clip`): every file of its folder, and the ones
-    # `vitlens_server.models.default.clip_spec` requires
-    # and the exemplar VQA models' (`vqa_spec` requires `VQA_FILES`)
-    shipped_folders = (
-        ("vitlens-clip", CLIP_FILES),
-        ("vitlens-visualbert", VQA_FILES),
-        ("vitlens-lxmert", VQA_FILES),
-    )
-    for folder, files in shipped_folders:
+    # every shipped model folder (the exemplar CLIP, VQA models and detector): each file of it,
+    # and the ones its spec requires; and no folder in assets/ that the list forgets
+    assets = ROOT / "server/vitlens_server/assets"
+    folders = {p.name for p in assets.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert folders == set(SHIPPED_FOLDERS), folders ^ set(SHIPPED_FOLDERS)
+    for folder, files in SHIPPED_FOLDERS.items():
         found = (ROOT / "server/vitlens_server/assets" / folder).iterdir()
         shipped = {f"vitlens_server/assets/{folder}/{p.name}" for p in found}
         required = {f"vitlens_server/assets/{folder}/{name}" for name in files}

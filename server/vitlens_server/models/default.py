@@ -39,6 +39,7 @@ __all__ = [
     "DETR_FILES",
     "DETR_MODEL_NAME",
     "LXMERT_MODEL_NAME",
+    "SHIPPED_FOLDERS",
     "VILT_MODEL_NAME",
     "VISUALBERT_MODEL_NAME",
     "VQA_FILES",
@@ -166,6 +167,15 @@ def detr_spec(device: str = "cpu", directory: Path | None = None) -> ModelSpec:
         name=DETR_MODEL_NAME, architecture="hf-detr", source=f"hf-detr:{directory}", device=device
     )
 
+
+# The model folders that ship in assets/, with the files each must hold (the packaging test
+# checks every folder there is listed and wheels carry them).
+SHIPPED_FOLDERS: Mapping[str, tuple[str, ...]] = {
+    CLIP_MODEL_NAME: CLIP_FILES,
+    VISUALBERT_MODEL_NAME: VQA_FILES,
+    LXMERT_MODEL_NAME: VQA_FILES,
+    DETR_MODEL_NAME: DETR_FILES,
+}
 
 # The models servable by name alone; each builds its spec for a device.
 BUILTIN_MODELS: Mapping[str, Callable[[str], ModelSpec]] = {
