@@ -77,7 +77,7 @@ def main() -> None:
         queries = torch.arange(k)
         select = [queries] * args.batch
 
-        def batched(flag: bool = True, select: list = select) -> None:
+        def batched(flag: bool, select: list = select) -> None:
             explain_detections(detector, pixels, method, select=select, batched=flag)
             sync()
 
@@ -91,7 +91,7 @@ def main() -> None:
 
         count = args.batch * k
         for name, call in (
-            ("batched", batched),
+            ("batched", lambda: batched(True)),
             ("per rank", lambda: batched(False)),
             ("per detection", one_by_one),
         ):

@@ -147,7 +147,7 @@ def test_batched_detections_equal_each_detection_alone(detector, name):
     pixels = tiny_pixels(2, seed=1)
     select = [torch.tensor([4, 0, 2]), torch.tensor([1])]
     method = DETECTION_METHODS[name]
-    together = explain_detections(detector, pixels, method, select=select)
+    together = explain_detections(detector, pixels, method, select=select, batched=True)
     looped = explain_detections(detector, pixels, method, select=select, batched=False)
     for b, queries in enumerate(select):
         for rank, query in enumerate(queries.tolist()):

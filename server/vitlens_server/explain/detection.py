@@ -6,9 +6,13 @@ image b are its queries whose most probable object class has probability above a
 is explained for its class logit y_br = logits[b, q_br, c_br], as seed 003's DETR code does.
 Images do not interact, so the r-th detections of all images share one gradient: the sum over b
 of y_br. The ranks' gradients come from one vectorised backward pass
-(``torch.autograd.grad(..., is_grads_batched=True)``, R one-hot rows over the (B, R) targets),
-or, with ``batched=False``, from R ordinary backward passes (the reference; `scripts/bench_detr.py`
-times both). The method then turns each rank's maps into relevance matrices over `detr_graph`:
+(``torch.autograd.grad(..., is_grads_batched=True)``, R one-hot rows over the (B, R) targets) or
+from R ordinary backward passes through the same graph; both serve a whole batch, and both beat
+one call per detection 4.4× at 8 detections per image on the 2-core CPU, where the R passes are
+3-7 % faster than the vectorised one (`scripts/bench_detr.py`, benchmarks/detr_explain.md). So
+the default is the R passes on CPU and the vectorised pass on CUDA, where one pass instead of R
+saves kernel launches (not yet measured: no GPU was lent; `scripts/gpu_checks.sh` times both).
+The method then turns each rank's maps into relevance matrices over `detr_graph`:
 
     generic          Eq. 6 on the encoder, Eq. 6-7 on decoder self-attention, Eq. 10 on
                      cross-attention (`explain.graph.propagate`); detection j's map is row j of
@@ -182,7 +186,7 @@ def explain_detections(
     *,
     select: Selection | None = None,
     averaging: str = "gradient",
-    batched: bool = True,
+    batched: bool | None = None,
     interrupted: Callable[[], bool] | None = None,
 ) -> DetectionExplanation:
     """Explain the detections of B normalised images (B, 3, H, W) with ``method``.
@@ -191,7 +195,8 @@ def explain_detections(
         select: per image the query indices to explain, (n_b,) each, or a function of the
             (B, Q, C + 1) logits giving them; None: `select_detections` at 0.5.
         averaging: ``generic``'s head averaging, ``"gradient"`` (Eq. 5) or ``"lrp"`` (Eq. 13).
-        batched: one vectorised backward pass for every rank (else one pass per rank).
+        batched: one vectorised backward pass for every rank, or (False) one pass per rank;
+            None: vectorised on CUDA, per rank elsewhere (module docstring).
         interrupted: checked before the backward pass(es) and each rank's relevance.
     """
     if averaging not in ("gradient", "lrp"):
@@ -203,7 +208,10 @@ def explain_detections(
         rank_queries, valid = _padded(chosen, run.logits.device)  # (B, R) each
         classes = run.logits.detach()[..., :-1].argmax(-1).gather(1, rank_queries)  # (B, R)
         raise_if_interrupted(interrupted)
-        grads = _gradients(run, rank_queries, classes, valid, batched) if method.gradient else None
+        vectorised = pixels.is_cuda if batched is None else batched
+        grads = (
+            _gradients(run, rank_queries, classes, valid, vectorised) if method.gradient else None
+        )
     graph = detector.graph()
     ranks = rank_queries.shape[1]
     images, queries = [], []
