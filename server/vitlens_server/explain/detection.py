@@ -8,7 +8,7 @@ Images do not interact, so the r-th detections of all images share one gradient:
 of y_br. The ranks' gradients come from one vectorised backward pass
 (``torch.autograd.grad(..., is_grads_batched=True)``, R one-hot rows over the (B, R) targets) or
 from R ordinary backward passes through the same graph; both serve a whole batch, and both beat
-one call per detection 4.4× at 8 detections per image on the 2-core CPU, where the R passes are
+one call per detection 4.4x at 8 detections per image on the 2-core CPU, where the R passes are
 3-7 % faster than the vectorised one (`scripts/bench_detr.py`, benchmarks/detr_explain.md). So
 the default is the R passes on CPU and the vectorised pass on CUDA, where one pass instead of R
 saves kernel launches (not yet measured: no GPU was lent; `scripts/gpu_checks.sh` times both).
