@@ -22,7 +22,6 @@ interval its normal approximation; ``n`` counts the images. Model calls go throu
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,13 +33,14 @@ import torch
 from torch import Tensor
 
 from vitlens_server.data.detection import detection_scene
-from vitlens_server.data.scenes import SPLIT_STRIDE, SceneConfig, split_seeds
+from vitlens_server.data.scenes import SceneConfig, split_seeds
 from vitlens_server.domain import MetricSummary, Progress, Summary
 from vitlens_server.domain_detection import Detections
 from vitlens_server.errors import InvalidArgument, clip
 from vitlens_server.evaluate.detection_boxes import coco_boxes
 from vitlens_server.evaluate.detection_segmentation import coco_mask_scores, detection_masks
 from vitlens_server.evaluate.runner import Cancelled
+from vitlens_server.evaluate.vqa_plan import count_and_seed
 from vitlens_server.explain.detection import DETECTION_METHODS
 from vitlens_server.imaging import resize_pixels
 
@@ -61,7 +61,6 @@ RANDOM = "random"
 DETECTOR = "detector"  # the method name the box metric is reported under
 DETECTION_METRICS = ("detection_segmentation", "detection")
 _FORM = f"dataset.synthetic must be {SYNTHETIC_DETECTION}:N[:seed] (held-out detection scenes)"
-_DIGITS = re.compile(r"[0-9]{1,8}")
 _OPTIONS = {"resamples": int, "iou_low": float}
 
 
@@ -94,17 +93,7 @@ class SyntheticDetectionDataset:
 
 def parse_synthetic_detection(text: str, size: int) -> SyntheticDetectionDataset:
     """``synthetic_detection:N[:seed]`` at ``size`` px; anything else is INVALID_ARGUMENT."""
-    prefix, _, rest = text.partition(":")
-    parts = rest.split(":")
-    if prefix != SYNTHETIC_DETECTION or not 1 <= len(parts) <= 2:
-        raise InvalidArgument(f"{_FORM}; got {clip(text)}", field="dataset.synthetic")
-    if not all(_DIGITS.fullmatch(part) for part in parts):
-        raise InvalidArgument(f"{_FORM}; got {clip(text)}", field="dataset.synthetic")
-    count, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-    if count < 1 or count + seed > SPLIT_STRIDE:
-        raise InvalidArgument(
-            f"{_FORM}; got N = {count:,}, seed = {seed:,}", field="dataset.synthetic"
-        )
+    count, seed = count_and_seed(text, SYNTHETIC_DETECTION, _FORM)
     return SyntheticDetectionDataset(count, seed, size=size)
 
 

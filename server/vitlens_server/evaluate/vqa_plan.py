@@ -211,18 +211,24 @@ class SyntheticVqaDataset:
 
 def parse_synthetic_vqa(text: str, size: int) -> SyntheticVqaDataset:
     """``synthetic_vqa:N[:seed]`` at ``size`` px; anything else is INVALID_ARGUMENT."""
-    prefix, _, rest = text.partition(":")
+    return SyntheticVqaDataset(*count_and_seed(text, SYNTHETIC_VQA, _FORM), size=size)
+
+
+def count_and_seed(text: str, prefix: str, form: str) -> tuple[int, int]:
+    """(N, seed) of ``PREFIX:N[:seed]``, held-out seeds in range; else INVALID_ARGUMENT on
+    ``dataset.synthetic`` saying ``form``."""
+    head, _, rest = text.partition(":")
     parts = rest.split(":")
-    if prefix != SYNTHETIC_VQA or not 1 <= len(parts) <= 2:
-        raise InvalidArgument(f"{_FORM}; got {clip(text)}", field="dataset.synthetic")
+    if head != prefix or not 1 <= len(parts) <= 2:
+        raise InvalidArgument(f"{form}; got {clip(text)}", field="dataset.synthetic")
     if not all(_DIGITS.fullmatch(part) for part in parts):
-        raise InvalidArgument(f"{_FORM}; got {clip(text)}", field="dataset.synthetic")
+        raise InvalidArgument(f"{form}; got {clip(text)}", field="dataset.synthetic")
     count, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
     if count < 1 or count + seed > SPLIT_STRIDE:
         raise InvalidArgument(
-            f"{_FORM}; got N = {count:,}, seed = {seed:,}", field="dataset.synthetic"
+            f"{form}; got N = {count:,}, seed = {seed:,}", field="dataset.synthetic"
         )
-    return SyntheticVqaDataset(count, seed, size=size)
+    return count, seed
 
 
 def answer_indices(labels: Sequence[str], model: str) -> Tensor:

@@ -36,6 +36,7 @@ from vitlens_server.explain.graph import (
     LayerMaps,
     attribution,
     gradcam,
+    partial_lrp,
     propagate,
     raw_attention,
     rollout,
@@ -76,10 +77,6 @@ class BimodalMethod:
     combine: GraphMethod
 
 
-def _partial_lrp(graph: AttentionGraph, maps: Sequence[LayerMaps]) -> GraphRelevance:
-    return raw_attention(graph, [LayerMaps(m.attention.clamp(min=0)) for m in maps])
-
-
 BIMODAL_METHODS: dict[str, BimodalMethod] = {
     m.name: m
     for m in (
@@ -118,7 +115,7 @@ BIMODAL_METHODS: dict[str, BimodalMethod] = {
             gradient=False,
             lrp=True,
             class_specific=True,
-            combine=_partial_lrp,
+            combine=partial_lrp,
         ),
         BimodalMethod(
             "transformer_attribution",

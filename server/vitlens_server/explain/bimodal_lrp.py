@@ -62,8 +62,10 @@ from torch import Tensor
 
 from vitlens_server.explain.relevance import (
     linear_relevance,
+    merge_heads,
     product_relevance,
     residual_relevance,
+    split_heads,
 )
 from vitlens_server.models.bimodal.base import BimodalModel
 from vitlens_server.models.bimodal.lrp_taps import (
@@ -237,14 +239,20 @@ class _Walk:
             self.input(att.norm or att.query, call), self.output(att.dense, call), relevance
         )
         mixed = linear_relevance(self.input(att.dense, call), self.weight(att.dense), branch)
-        q, k, v = (_split(self.output(p, call), heads) for p in (att.query, att.key, att.value))
-        rel_attn, rel_v = product_relevance(attn, v, _split(mixed, heads))  # softmax: passed
+        q, k, v = (
+            split_heads(self.output(p, call), heads) for p in (att.query, att.key, att.value)
+        )
+        rel_attn, rel_v = product_relevance(attn, v, split_heads(mixed, heads))  # softmax: passed
         scale = 1 / math.sqrt(q.shape[-1])
         rel_q, rel_k_t = product_relevance(q, k.transpose(-2, -1), rel_attn, scale)
-        query = linear_relevance(self.input(att.query, call), self.weight(att.query), _merge(rel_q))
+        query = linear_relevance(
+            self.input(att.query, call), self.weight(att.query), merge_heads(rel_q)
+        )
         kv = linear_relevance(
-            self.input(att.key, call), self.weight(att.key), _merge(rel_k_t.transpose(-2, -1))
-        ) + linear_relevance(self.input(att.value, call), self.weight(att.value), _merge(rel_v))
+            self.input(att.key, call), self.weight(att.key), merge_heads(rel_k_t.transpose(-2, -1))
+        ) + linear_relevance(
+            self.input(att.value, call), self.weight(att.value), merge_heads(rel_v)
+        )
         self._found[index] = rel_attn
         self._keep(f"{att.label}[{call}]", out=relevance, skip=skip, query=query, kv=kv)
         return skip + query, kv
@@ -259,15 +267,3 @@ class _Walk:
     def _keep(self, key: str, **relevances: Tensor) -> None:
         if self._trace is not None:
             self._trace.update({f"{key}:{where}": rel for where, rel in relevances.items()})
-
-
-def _split(t: Tensor, heads: int) -> Tensor:
-    """(B, N, h·d) → (B, h, N, d)."""
-    b, n, _ = t.shape
-    return t.reshape(b, n, heads, -1).transpose(1, 2)
-
-
-def _merge(t: Tensor) -> Tensor:
-    """(B, h, N, d) → (B, N, h·d)."""
-    b, _, n, _ = t.shape
-    return t.transpose(1, 2).reshape(b, n, -1)

@@ -48,11 +48,11 @@ from torch import Tensor
 from vitlens_server.explain.bimodal import BimodalMethod
 from vitlens_server.explain.detection_lrp import detr_attention_relevances, record_detr_lrp
 from vitlens_server.explain.graph import (
-    AttentionGraph,
     GraphRelevance,
     LayerMaps,
     attribution,
     gradcam,
+    partial_lrp,
     propagate,
     raw_attention,
     read_rows,
@@ -67,10 +67,6 @@ __all__ = [
     "explain_detections",
     "select_detections",
 ]
-
-
-def _partial_lrp(graph: AttentionGraph, maps: Sequence[LayerMaps]) -> GraphRelevance:
-    return raw_attention(graph, [LayerMaps(m.attention.clamp(min=0)) for m in maps])
 
 
 DETECTION_METHODS: dict[str, BimodalMethod] = {
@@ -120,7 +116,7 @@ DETECTION_METHODS: dict[str, BimodalMethod] = {
             gradient=False,
             lrp=True,
             class_specific=True,
-            combine=_partial_lrp,
+            combine=partial_lrp,
         ),
         BimodalMethod(
             "transformer_attribution",

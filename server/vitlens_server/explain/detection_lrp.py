@@ -40,8 +40,10 @@ from torch import Tensor, nn
 
 from vitlens_server.explain.relevance import (
     linear_relevance,
+    merge_heads,
     product_relevance,
     residual_relevance,
+    split_heads,
 )
 from vitlens_server.models.detection.detr import DetrDetector
 
@@ -183,18 +185,20 @@ class _Walk:
         mixed = linear_relevance(
             self.linear_in(f"{path}.o_proj"), self.weight(f"{path}.o_proj"), branch
         )
-        q, k, v = (_split(self.linear_out(f"{path}.{p}_proj"), heads) for p in "qkv")
-        rel_attn, rel_v = product_relevance(attn, v, _split(mixed, heads))  # softmax: passed
+        q, k, v = (split_heads(self.linear_out(f"{path}.{p}_proj"), heads) for p in "qkv")
+        rel_attn, rel_v = product_relevance(attn, v, split_heads(mixed, heads))  # softmax: passed
         scale = self.module.get_submodule(path).scaling
         rel_q, rel_k_t = product_relevance(q, k.transpose(-2, -1), rel_attn, scale)
         self.found[path] = rel_attn
-        query = self.through(f"{path}.q_proj", _merge(rel_q), x, inputs["position_embeddings"])
+        query = self.through(f"{path}.q_proj", merge_heads(rel_q), x, inputs["position_embeddings"])
         keys_in = inputs["key_value_states"] if cross else x
         key_pos = inputs["encoder_position_embeddings" if cross else "position_embeddings"]
         keys_in = keys_in.to(self.device, self.dtype)
-        key = self.through(f"{path}.k_proj", _merge(rel_k_t.transpose(-2, -1)), keys_in, key_pos)
+        key = self.through(
+            f"{path}.k_proj", merge_heads(rel_k_t.transpose(-2, -1)), keys_in, key_pos
+        )
         value = linear_relevance(
-            self.linear_in(f"{path}.v_proj"), self.weight(f"{path}.v_proj"), _merge(rel_v)
+            self.linear_in(f"{path}.v_proj"), self.weight(f"{path}.v_proj"), merge_heads(rel_v)
         )
         self.keep(path, out=rel, skip=skip, query=query, kv=key + value)
         return skip + query, key + value
@@ -211,15 +215,3 @@ class _Walk:
     def keep(self, key: str, **relevances: Tensor) -> None:
         if self.trace is not None:
             self.trace.update({f"{key}:{where}": r for where, r in relevances.items()})
-
-
-def _split(t: Tensor, heads: int) -> Tensor:
-    """(B, N, h·d) → (B, h, N, d)."""
-    b, n, _ = t.shape
-    return t.reshape(b, n, heads, -1).transpose(1, 2)
-
-
-def _merge(t: Tensor) -> Tensor:
-    """(B, h, N, d) → (B, N, h·d)."""
-    b, _, n, _ = t.shape
-    return t.transpose(1, 2).reshape(b, n, -1)

@@ -52,10 +52,12 @@ __all__ = [
     "block_relevance",
     "linear_relevance",
     "mean_relevance",
+    "merge_heads",
     "output_relevance",
     "product_relevance",
     "residual_relevance",
     "safe_divide",
+    "split_heads",
 ]
 
 EPS = 1e-9
@@ -94,6 +96,18 @@ def product_relevance(
     rel_a = scaled * (ratio @ b.transpose(-2, -1))
     rel_b = b * (scaled.transpose(-2, -1) @ ratio)
     return rel_a / 2, rel_b / 2
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, h·d) → (B, h, N, d): a Linear's output as attention heads."""
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    """(B, h, N, d) → (B, N, h·d), the inverse of `split_heads`."""
+    b, _, n, _ = t.shape
+    return t.transpose(1, 2).reshape(b, n, -1)
 
 
 def residual_relevance(x: Tensor, branch: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:

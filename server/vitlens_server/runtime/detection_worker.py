@@ -11,7 +11,7 @@ one request at a time (halves on out-of-memory), so a bad request never fails it
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,35 +25,15 @@ from vitlens_server.explain.detection_batch import (
     predict_detection_jobs,
 )
 from vitlens_server.models.detection_serving import LoadedDetector
-from vitlens_server.runtime.batcher import BatchDone, BatchStats
-from vitlens_server.runtime.worker import Lane, LanedWorker
+from vitlens_server.runtime.worker import Lane, ReplicaWorker, row_chunks
 
 __all__ = ["DetectionWorker"]
 
 
-class DetectionWorker(LanedWorker):
+class DetectionWorker(ReplicaWorker):
     """One served detector; the interface `DataPlane` uses of `ModelWorker`."""
 
-    def __init__(
-        self,
-        model: LoadedDetector,
-        *,
-        replicas: Sequence[LoadedDetector] = (),
-        max_batch_size: int = 32,
-        max_delay_s: float = 0.0,
-        max_queue_images: int = 1024,
-        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
-    ) -> None:
-        self.model = model
-        self._replicas = [model, *replicas]
-        super().__init__(
-            model.name,
-            [m.device for m in self._replicas],
-            max_batch_size=max_batch_size,
-            max_delay_s=max_delay_s,
-            max_queue_images=max_queue_images,
-            on_batch=on_batch,
-        )
+    model: LoadedDetector
 
     async def warm_up(self) -> None:
         """One small Predict through the batcher."""
@@ -69,7 +49,7 @@ class DetectionWorker(LanedWorker):
         """Explain a job; returns the result and the longest queue wait of its chunks."""
         chunks = [
             dataclasses.replace(job, pixels=job.pixels[rows])
-            for rows in _chunks(job.size, self.max_batch_size)
+            for rows in row_chunks(job.size, self.max_batch_size)
         ]
         kind = ("explain", *job.group)
         done = await self._submit(chunks, Lane.DEVICE, kind, deadline, wait_for_room)
@@ -85,7 +65,7 @@ class DetectionWorker(LanedWorker):
         """Detect a job's objects; the predictions and the longest queue wait of its chunks."""
         chunks = [
             dataclasses.replace(job, pixels=job.pixels[rows])
-            for rows in _chunks(job.size, self.max_batch_size)
+            for rows in row_chunks(job.size, self.max_batch_size)
         ]
         done = await self._submit(chunks, Lane.DEVICE, ("predict",), deadline, wait_for_room)
         return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
@@ -97,7 +77,3 @@ class DetectionWorker(LanedWorker):
         if isinstance(items[0], DetectionPredictJob):
             return predict_detection_jobs(model, items)
         return explain_detection_jobs(model, items, interrupted=interrupted)
-
-
-def _chunks(count: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]

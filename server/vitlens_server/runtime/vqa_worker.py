@@ -13,7 +13,7 @@ one request at a time (halves on out-of-memory), so a bad request never fails it
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,35 +26,15 @@ from vitlens_server.explain.vqa_batch import (
     predict_vqa_jobs,
 )
 from vitlens_server.models.vqa_serving import LoadedVqaModel
-from vitlens_server.runtime.batcher import BatchDone, BatchStats
-from vitlens_server.runtime.worker import Lane, LanedWorker
+from vitlens_server.runtime.worker import Lane, ReplicaWorker, row_chunks
 
 __all__ = ["VqaWorker"]
 
 
-class VqaWorker(LanedWorker):
+class VqaWorker(ReplicaWorker):
     """One served VQA model; the interface `DataPlane` uses of `ModelWorker`."""
 
-    def __init__(
-        self,
-        model: LoadedVqaModel,
-        *,
-        replicas: Sequence[LoadedVqaModel] = (),
-        max_batch_size: int = 32,
-        max_delay_s: float = 0.0,
-        max_queue_images: int = 1024,
-        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
-    ) -> None:
-        self.model = model
-        self._replicas = [model, *replicas]
-        super().__init__(
-            model.name,
-            [m.device for m in self._replicas],
-            max_batch_size=max_batch_size,
-            max_delay_s=max_delay_s,
-            max_queue_images=max_queue_images,
-            on_batch=on_batch,
-        )
+    model: LoadedVqaModel
 
     async def warm_up(self) -> None:
         """One small Predict through the batcher (models on request regions: none)."""
@@ -80,7 +60,7 @@ class VqaWorker(LanedWorker):
                 regions=None if job.regions is None else job.regions[rows],
                 target=job.target.subset(range(rows.start, rows.stop)),
             )
-            for rows in _chunks(job.size, self.max_batch_size)
+            for rows in row_chunks(job.size, self.max_batch_size)
         ]
         kind = ("explain", *job.group)
         done = await self._submit(chunks, Lane.DEVICE, kind, deadline, wait_for_room)
@@ -94,7 +74,7 @@ class VqaWorker(LanedWorker):
         wait_for_room: bool = False,
     ) -> tuple[Predictions, float]:
         """Answer a job; the predictions and the longest queue wait of its chunks."""
-        chunks = [job.rows(rows) for rows in _chunks(job.size, self.max_batch_size)]
+        chunks = [job.rows(rows) for rows in row_chunks(job.size, self.max_batch_size)]
         kind = ("predict", job.regions is None)
         done = await self._submit(chunks, Lane.DEVICE, kind, deadline, wait_for_room)
         return Predictions.concat([r for r, _ in done]), max(w for _, w in done)
@@ -106,7 +86,3 @@ class VqaWorker(LanedWorker):
         if isinstance(items[0], VqaPredictJob):
             return predict_vqa_jobs(model, items)
         return explain_vqa_jobs(model, items, interrupted=interrupted)
-
-
-def _chunks(count: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]

@@ -41,7 +41,15 @@ from vitlens_server.explain.params import parse_params
 from vitlens_server.models import LoadedModel
 from vitlens_server.runtime.batcher import BatchDone, Batcher, BatchStats
 
-__all__ = ["LANES", "Lane", "LanedWorker", "ModelWorker", "PredictJob"]
+__all__ = [
+    "LANES",
+    "Lane",
+    "LanedWorker",
+    "ModelWorker",
+    "PredictJob",
+    "ReplicaWorker",
+    "row_chunks",
+]
 
 log = logging.getLogger("vitlens.worker")
 
@@ -219,6 +227,37 @@ class LanedWorker:
     def _run(self, replica: int, items: list[Any], interrupted: Callable[[], bool]) -> list[Any]:
         """`_run_batch` on its lane's thread, isolated: a failing item never fails the rest."""
         return _isolated(lambda batch: self._run_batch(replica, batch, interrupted), items)
+
+
+class ReplicaWorker(LanedWorker):
+    """A `LanedWorker` over a loaded model and its replicas, one per device (``model.name``,
+    ``model.device``): ``self.model`` and ``self._replicas``, replica i on thread i."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        replicas: Sequence[Any] = (),
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.0,
+        max_queue_images: int = 1024,
+        on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
+    ) -> None:
+        self.model = model
+        self._replicas = [model, *replicas]
+        super().__init__(
+            model.name,
+            [m.device for m in self._replicas],
+            max_batch_size=max_batch_size,
+            max_delay_s=max_delay_s,
+            max_queue_images=max_queue_images,
+            on_batch=on_batch,
+        )
+
+
+def row_chunks(count: int, size: int) -> list[slice]:
+    """``count`` rows as slices of at most ``size``."""
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 class ModelWorker(LanedWorker):

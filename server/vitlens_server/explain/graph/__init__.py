@@ -6,7 +6,13 @@ gradients of one batch; `baselines` holds §4's raw attention, rollout (Eq. 12) 
 Attribution over the same graphs; `vit` is the timm ViT classifier's graph.
 """
 
-from vitlens_server.explain.graph.baselines import attribution, gradcam, raw_attention, rollout
+from vitlens_server.explain.graph.baselines import (
+    attribution,
+    gradcam,
+    partial_lrp,
+    raw_attention,
+    rollout,
+)
 from vitlens_server.explain.graph.declare import (
     AttentionEdge,
     AttentionGraph,
@@ -34,6 +40,7 @@ __all__ = [
     "bi",
     "cross",
     "gradcam",
+    "partial_lrp",
     "propagate",
     "raw_attention",
     "read_rows",

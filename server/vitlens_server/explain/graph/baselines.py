@@ -18,7 +18,8 @@ the graph creates (`AttentionGraph.pairs`): (x, x) per set, (q, k) per bi or cro
                     attention: R = (mean_h w_h·A_h)⁺ with w_h = the mean of ∂y/∂A_h over all
                     its entries (one weight per head)
 
-Partial LRP is `raw_attention` of (R^A)⁺: the last layer's positive LRP relevance, head mean.
+    partial_lrp     `raw_attention` of (R^A)⁺ (pass R^A as ``attention``): the last layer's
+                    positive LRP relevance, head mean
 
 A set that no layer of the kind reaches keeps R^{xx} = I; a pair no edge reaches stays 0.
 """
@@ -34,7 +35,7 @@ from vitlens_server.explain.graph.declare import AttentionEdge, AttentionGraph
 from vitlens_server.explain.graph.engine import GraphRelevance, LayerMaps
 from vitlens_server.explain.graph.rules import head_mean, identity, paired_relevance
 
-__all__ = ["attribution", "gradcam", "raw_attention", "rollout"]
+__all__ = ["attribution", "gradcam", "partial_lrp", "raw_attention", "rollout"]
 
 
 @torch.no_grad()
@@ -49,6 +50,16 @@ def raw_attention(
     for edge, layer in _walk(graph, maps):
         last[edge.queries, edge.keys] = _cast(layer.attention, dtype).mean(dim=1)
     return _result(graph, last)
+
+
+def partial_lrp(
+    graph: AttentionGraph,
+    maps: Iterable[LayerMaps],
+    *,
+    dtype: torch.dtype | None = torch.float32,
+) -> GraphRelevance:
+    """`raw_attention` of the positive part of R^A, given as each map's ``attention``."""
+    return raw_attention(graph, (LayerMaps(m.attention.clamp(min=0)) for m in maps), dtype=dtype)
 
 
 @torch.no_grad()
