@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitlens_server.data import SceneConfig, split_seeds
+from vitlens_server.data import CLASSES, SceneConfig, split_seeds
 from vitlens_server.data.coco import COCODataset, export_coco
 from vitlens_server.domain_detection import Detections
 from vitlens_server.errors import InvalidArgument
-from vitlens_server.evaluate.detection_datasets import COCOFolder
+from vitlens_server.evaluate.detection_datasets import COCOFolder, open_coco_folder
 from vitlens_server.evaluate.detection_run import (
     DetectionPlan,
     SyntheticDetectionDataset,
@@ -111,6 +111,20 @@ def test_scenes_and_their_coco_export_score_the_same(scenes, tmp_path):
     for key, values in a.items():
         for name, value in values.items():
             assert value.mean == pytest.approx(b[key][name].mean, nan_ok=True), (key, name)
+
+
+def test_a_folder_in_cocos_own_layout_opens_like_the_export(tmp_path):
+    export_coco(tmp_path / "ours", split_seeds("test", 3), config=SceneConfig(size=SIDE))
+    theirs = tmp_path / "coco"
+    (theirs / "annotations").mkdir(parents=True)
+    (tmp_path / "ours" / "annotations.json").rename(
+        theirs / "annotations" / "instances_val2017.json"
+    )
+    (tmp_path / "ours" / "images").rename(theirs / "val2017")
+    folder = open_coco_folder(str(theirs), (tmp_path,), CLASSES, max_pixels=10**7)
+    assert len(folder) == 3 and folder[0].masks.shape[1:] == (SIDE, SIDE)
+    with pytest.raises(InvalidArgument, match="not a COCO folder"):
+        open_coco_folder(str(tmp_path / "ours"), (tmp_path,), CLASSES, max_pixels=10**7)
 
 
 def test_plans_refuse_what_detectors_cannot_run():

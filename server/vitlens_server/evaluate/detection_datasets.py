@@ -3,8 +3,9 @@
     synthetic_detections   ``synthetic_detection:N[:seed]``: held-out scenes of 1 to 4 objects
                            at the model's input size (square models; others get 224 px scenes,
                            resized like any image), classes matched to the model's by name
-    open_coco_folder       a COCO instances folder (``annotations.json`` + ``images/``, the
-                           layout `data.coco.export_coco` writes) under an allowed root, read
+    open_coco_folder       a COCO instances folder under an allowed root — ``annotations.json``
+                           + ``images/`` (the layout `data.coco.export_coco` writes), or COCO's
+                           own ``annotations/instances_<split>.json`` + ``<split>/`` — read
                            through the same checks as VOC folders: every file resolved inside
                            the allowed roots before it is opened, malformed files refused by
                            name; categories matched to the model's labels by name
@@ -98,18 +99,34 @@ def open_coco_folder(
             f"dataset.server_path {clip(path)} does not exist on the server; give a folder under "
             f"{_allowed(roots)}"
         ) from None
-    if not is_dir or not (root / ANNOTATIONS).is_file():
+    layout = _layout(root) if is_dir else None
+    if layout is None:
         raise InvalidArgument(
             f"dataset.server_path {clip(path)} is not a COCO folder for detectors: it needs "
             f"{ANNOTATIONS} (COCO instances with segmentations) and the images it names under "
-            f"{IMAGES}/"
+            f"{IMAGES}/, or COCO's annotations/instances_<split>.json and <split>/"
         )
     files = _Files(root, roots)
+    annotations, images = layout
     try:
-        coco = COCODataset(root, max_pixels=max_pixels, opener=files.open)
+        coco = COCODataset(
+            root, annotations=annotations, images=images, max_pixels=max_pixels, opener=files.open
+        )
     except BadFile as err:
         raise _invalid(err) from None
     return COCOFolder(coco, _model_index(coco.categories, labels, "", f"{clip(path)}"))
+
+
+def _layout(root: Path) -> tuple[str, str] | None:
+    """(annotations JSON, images folder), relative to ``root``, of the layouts above; None if
+    neither is there (several ``instances_*.json``: ambiguous, None too)."""
+    if (root / ANNOTATIONS).is_file():
+        return ANNOTATIONS, IMAGES
+    found = sorted((root / "annotations").glob("instances_*.json"))
+    if len(found) != 1:
+        return None
+    split = found[0].stem.removeprefix("instances_")
+    return f"annotations/{found[0].name}", split
 
 
 def _model_index(names: Sequence[str], labels: Sequence[str], model: str, what: str) -> np.ndarray:
