@@ -33,7 +33,7 @@ from vitlens.text_overlay import render_text_relevance, text_caption
 from vitlens_server.bench.process import ServeProcess
 from vitlens_server.data import CLASSES, Scene, render_scene, split_seeds
 from vitlens_server.data.captions import canonical_caption
-from vitlens_server.data.detection import detection_scene
+from vitlens_server.data.detection import detection_count, detection_scene
 
 METHODS = ("raw_attention", "rollout", "generic")
 MODELS = ("vitlens-demo", "vitlens-clip", "vitlens-detr")  # the first is the default model
@@ -163,7 +163,8 @@ def run_detr(client: vitlens.Client, out: Path, address: str) -> None:
     info = client.model(MODELS[2])
     print(f"\ndetector {info.name}: {info.architecture}, token grid {info.patch_grid}, "
           f"{info.weights.metadata.get('metrics', '')}")  # fmt: skip
-    scenes = [detection_scene(seed) for seed in split_seeds("test", 3)]
+    seeds = [s for s in split_seeds("test", 40) if detection_count(s) >= 3][:3]
+    scenes = [detection_scene(seed) for seed in seeds]
     paths = []
     for i, scene in enumerate(scenes):
         paths.append(out / "inputs" / f"detr_scene{i}.png")
