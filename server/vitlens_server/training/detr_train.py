@@ -40,6 +40,7 @@ from vitlens_server.training.detr_eval import detection_map
 from vitlens_server.training.detr_export import export_detr
 from vitlens_server.training.detr_model import MEAN, STD, build_detr
 from vitlens_server.training.detr_prior import attention_prior_loss, matched_pairs
+from vitlens_server.training.optim import trunk_adamw
 from vitlens_server.training.train import _device_name
 
 __all__ = ["DetrTrainConfig", "main", "train_detr"]
@@ -88,22 +89,8 @@ class DetrTrainConfig:
 def make_optimizer(model: DetrForObjectDetection, config: DetrTrainConfig) -> torch.optim.AdamW:
     """AdamW groups: the backbone at ``trunk_lr``, the rest at ``lr``; no decay for 1-d tensors
     and embeddings."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            trunk = name.startswith("model.backbone.")
-            decay = param.ndim > 1 and "embed" not in name and "cls_token" not in name
-            groups.setdefault((trunk, decay), []).append(param)
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "weight_decay": config.weight_decay if decay else 0.0,
-                "base_lr": config.trunk_lr if trunk else config.lr,
-            }
-            for (trunk, decay), params in sorted(groups.items())
-        ],
-        lr=config.lr,
+    return trunk_adamw(
+        model, config, lambda name: name.startswith("model.backbone."), ("embed", "cls_token")
     )
 
 

@@ -43,6 +43,7 @@ from vitlens_server.training.config_cli import (
     config_from_args,
     start_run,
 )
+from vitlens_server.training.optim import trunk_adamw
 from vitlens_server.training.train import _device_name
 from vitlens_server.training.vqa_data import make_batch, patch_targets, tokenize
 from vitlens_server.training.vqa_eval import evaluate_vqa
@@ -91,22 +92,7 @@ class VqaTrainConfig:
 def make_optimizer(net: VqaNet, config: VqaTrainConfig) -> torch.optim.AdamW:
     """AdamW groups: the pretrained trunk at ``trunk_lr``, the rest at ``lr``; no decay for
     1-d tensors and embeddings. Frozen parameters (LXMERT's front-end) are left out."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in net.named_parameters():
-        if param.requires_grad:
-            decay = param.ndim > 1 and "embedding" not in name and "cls_token" not in name
-            groups.setdefault((net.is_trunk(name), decay), []).append(param)
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "weight_decay": config.weight_decay if decay else 0.0,
-                "base_lr": config.trunk_lr if trunk else config.lr,
-            }
-            for (trunk, decay), params in sorted(groups.items())
-        ],
-        lr=config.lr,
-    )
+    return trunk_adamw(net, config, net.is_trunk, ("embedding", "cls_token"))
 
 
 def train_vqa(
