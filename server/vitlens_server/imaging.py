@@ -22,7 +22,7 @@ from vitlens_server.config import DEFAULT_MAX_PIXELS
 from vitlens_server.domain import ImageInput
 from vitlens_server.errors import InvalidArgument, about, clip
 
-__all__ = ["ImageDecoder", "resize_pixels"]
+__all__ = ["ImageDecoder", "normalise_pixels", "resize_pixels"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,15 @@ class ImageDecoder:
                     "lie in [0, 1] (send uint8 for 0..255)"
                 )
         return pixels.permute(2, 0, 1).expand(3, -1, -1)
+
+
+def normalise_pixels(
+    pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [0, 1] → (pixels − mean) / std per channel, in their dtype."""
+    mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device)
+    std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device)
+    return (pixels - mean_t[:, None, None]) / std_t[:, None, None]
 
 
 def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

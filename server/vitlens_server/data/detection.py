@@ -21,6 +21,7 @@ __all__ = [
     "detection_batch",
     "detection_count",
     "detection_scene",
+    "mask_boxes",
     "scene_boxes",
     "to_centre_size",
 ]
@@ -41,10 +42,16 @@ def detection_scene(seed: int, *, config: SceneConfig = _DEFAULT, most: int = MA
 
 
 def scene_boxes(scene: Scene) -> np.ndarray:
-    """(K, 4) float32 boxes (x1, y1, x2, y2) in pixels, one per object: the pixel edges of
-    its visible mask (x2, y2 exclusive), so a one-pixel object is 1 x 1."""
-    boxes = np.zeros((len(scene.labels), 4), dtype=np.float32)
-    for index, mask in enumerate(scene.masks):
+    """(K, 4) float32 boxes (x1, y1, x2, y2) in pixels, one per object: `mask_boxes` of its
+    visible masks."""
+    return mask_boxes(scene.masks)
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """(K, H, W) bool masks → (K, 4) float32 boxes (x1, y1, x2, y2): the pixel edges of each
+    mask (x2, y2 exclusive), so a one-pixel object is 1 x 1."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for index, mask in enumerate(masks):
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         if rows.size:  # a fully hidden object keeps a zero box; disjoint placements never hide
             boxes[index] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vitlens_server.data.detection import detection_scene
+from vitlens_server.data.detection import detection_scene, mask_boxes
 from vitlens_server.data.scenes import SceneConfig, split_seeds
 from vitlens_server.domain import MetricSummary, Progress, Summary
 from vitlens_server.domain_detection import Detections
@@ -274,7 +274,7 @@ def _box_scores(truth, boxes: list[Detections], size: tuple[int, int]) -> dict[s
     """COCO box metrics of every query's detection (DETR's own evaluation), no bootstrap."""
     height, width = size
     scale = np.array([width, height, width, height], np.float32)
-    truths = [(labels, _mask_boxes(masks)) for labels, masks in truth]
+    truths = [(labels, mask_boxes(masks)) for labels, masks in truth]
     found = [(d.probabilities, d.labels, d.boxes * scale) for d in boxes]
     return _bootstrapped(lambda _rows: coco_boxes(truths, found, size), len(truth), 0)
 
@@ -292,16 +292,6 @@ def _bootstrapped(
         values = values[~np.isnan(values)]
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         out[key] = Summary(float(value), std, 1.96 * std, count)
-    return out
-
-
-def _mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """(K, 4) pixel boxes (x1, y1, x2, y2, exclusive) of (K, H, W) masks."""
-    out = np.zeros((len(masks), 4), dtype=np.float32)
-    for k, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        if rows.size:
-            out[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
     return out
 
 

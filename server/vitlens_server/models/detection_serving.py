@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vitlens_server.imaging import normalise_pixels
 from vitlens_server.models.detection import (
     DetrDetector,
     DetrLoadError,
@@ -22,9 +23,8 @@ from vitlens_server.models.detection import (
     load_detr,
     preprocessing,
 )
-from vitlens_server.models.loading import WeightsInfo
+from vitlens_server.models.loading import WeightsInfo, file_sha256
 from vitlens_server.models.spec import ModelSpec
-from vitlens_server.models.vqa_serving import _sha256
 
 __all__ = ["HF_DETR", "LoadedDetector", "detector_directory", "load_detector"]
 
@@ -75,9 +75,7 @@ class LoadedDetector:
     def normalise(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) pixels in [0, 1] → the model's normalised input on its device."""
         pixels = pixels.to(self.adapter.device)
-        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device)
-        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device)
-        return (pixels - mean[:, None, None]) / std[:, None, None]
+        return normalise_pixels(pixels, self.mean, self.std)
 
 
 def detector_directory(spec: ModelSpec) -> Path:
@@ -99,7 +97,7 @@ def load_detector(spec: ModelSpec) -> LoadedDetector:
     weights = WeightsInfo(
         source=str(spec.source),
         random=False,
-        sha256=_sha256(directory / "model.safetensors"),
+        sha256=file_sha256(directory / "model.safetensors"),  # load_detr checked it is there
         metadata={**_metadata(directory), **spec.metadata},
     )
     return LoadedDetector(spec, adapter, preprocessing(directory), weights)

@@ -13,7 +13,6 @@ were trained, their scores) is reported by GetModel as the weights' metadata.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ from vitlens_server.models.image_text import (
     load_image_text_model,
     parse_image_text_source,
 )
-from vitlens_server.models.loading import WeightsInfo
+from vitlens_server.models.loading import WeightsInfo, file_sha256
 from vitlens_server.models.spec import ModelSpec
 
 __all__ = [
@@ -163,14 +162,9 @@ def _weights_info(source: ImageTextSource, metadata: Mapping[str, str]) -> Weigh
         path: Path | None = source.path
     else:
         path = next((source.path / n for n in _WEIGHT_FILES if (source.path / n).is_file()), None)
-    digest = hashlib.sha256()
-    if path is not None:
-        with path.open("rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
     return WeightsInfo(
         source=str(source),
         random=False,
-        sha256=digest.hexdigest() if path is not None else "",
+        sha256=file_sha256(path) if path is not None else "",
         metadata=dict(metadata),
     )

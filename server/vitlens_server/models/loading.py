@@ -24,7 +24,7 @@ from torch import nn
 
 from vitlens_server.models.spec import ModelSpec
 
-__all__ = ["LoadedModel", "ModelGeometry", "ModelLoadError", "load_model"]
+__all__ = ["LoadedModel", "ModelGeometry", "ModelLoadError", "file_sha256", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,12 @@ def _load_weights(spec: ModelSpec, module: nn.Module, sidecar: Mapping[str, Any]
     if spec.pretrained:
         path = cached_pretrained_file(module)
         _load_state_dict(module, read_state_dict(path), path, spec)
-        return WeightsInfo("timm-cache", random=False, sha256=_sha256(path), metadata=metadata)
+        return WeightsInfo("timm-cache", random=False, sha256=file_sha256(path), metadata=metadata)
     if spec.weights is None:
         return WeightsInfo("random", random=True, metadata=metadata)
     _load_state_dict(module, read_state_dict(spec.weights), spec.weights, spec)
     return WeightsInfo(
-        spec.weights.name, random=False, sha256=_sha256(spec.weights), metadata=metadata
+        spec.weights.name, random=False, sha256=file_sha256(spec.weights), metadata=metadata
     )
 
 
@@ -176,7 +176,8 @@ def _load_state_dict(
         )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a weights file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):

@@ -18,7 +18,6 @@ the pixels — a frozen ViT's patch tokens, one region per patch (`models.bimoda
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -28,11 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitlens_server.imaging import normalise_pixels
 from vitlens_server.models.bimodal import BimodalInputs, BimodalLoadError, BimodalModel
 from vitlens_server.models.bimodal.frontend import PatchFrontEnd, load_clip_visual
 from vitlens_server.models.bimodal.loading import load_bimodal_model
 from vitlens_server.models.default import CLIP_DIR, CLIP_MODEL_NAME
-from vitlens_server.models.loading import WeightsInfo
+from vitlens_server.models.loading import WeightsInfo, file_sha256
 from vitlens_server.models.spec import ModelSpec
 
 __all__ = ["HF_VQA", "SIDECAR", "LoadedVqaModel", "load_vqa", "vqa_directory"]
@@ -104,9 +104,7 @@ class LoadedVqaModel:
 
     def normalise(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) pixels in [0, 1] → the model's normalised input."""
-        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device)
-        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device)
-        return (pixels - mean[:, None, None]) / std[:, None, None]
+        return normalise_pixels(pixels, self.mean, self.std)
 
     def inputs(
         self,
@@ -211,10 +209,5 @@ def _sidecar(directory: Path) -> dict[str, Any]:
 
 
 def _sha256(path: Path) -> str:
-    if not path.is_file():
-        return ""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """`file_sha256`, or "" when there is no such file."""
+    return file_sha256(path) if path.is_file() else ""

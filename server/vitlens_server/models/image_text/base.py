@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitlens_server.imaging import normalise_pixels
 from vitlens_server.models.image_text.hooks import TowerHooks
 from vitlens_server.models.image_text.records import ImageTextRecording, TowerGraph
 from vitlens_server.models.image_text.tokenizer import BpeTokenizer, TokenizedTexts
@@ -50,9 +51,7 @@ class Preprocess:
 
     def normalise(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) pixels in [0, 1] → the tower's normalised input."""
-        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device)
-        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device)
-        return (pixels - mean[:, None, None]) / std[:, None, None]
+        return normalise_pixels(pixels, self.mean, self.std)
 
 
 class ImageTextModel(ABC):
