@@ -29,7 +29,7 @@ from vitlens_server.explain.detection import (
     select_detections,
 )
 from vitlens_server.explain.engine import resize_maps
-from vitlens_server.explain.image_text_batch import group_indices
+from vitlens_server.explain.image_text_batch import by_group
 from vitlens_server.models.detection_serving import LoadedDetector
 
 __all__ = [
@@ -122,12 +122,7 @@ def explain_detection_jobs(
     interrupted: Callable[[], bool] | None = None,
 ) -> list[DetectionResult]:
     """Every job's `DetectionResult`."""
-    results: list[DetectionResult | None] = [None] * len(jobs)
-    for members in group_indices(jobs, lambda j: j.group):
-        group = [jobs[i] for i in members]
-        for i, result in zip(members, _explain_group(model, group, interrupted), strict=True):
-            results[i] = result
-    return results  # type: ignore[return-value]
+    return by_group(jobs, lambda j: j.group, lambda g: _explain_group(model, g, interrupted))
 
 
 def _explain_group(

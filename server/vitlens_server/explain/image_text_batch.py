@@ -27,6 +27,7 @@ __all__ = [
     "ImageTextExplainJob",
     "ImageTextPredictJob",
     "TextCache",
+    "by_group",
     "explain_jobs",
     "group_indices",
     "predict_jobs",
@@ -122,12 +123,7 @@ def explain_jobs(
     interrupted: Callable[[], bool] | None = None,
 ) -> list[ExplainResult]:
     """Every job's `ExplainResult` (B x K explanations, each with its text relevance)."""
-    results: list[ExplainResult | None] = [None] * len(jobs)
-    for members in group_indices(jobs, lambda j: j.group):
-        done = _explain_group(cache, [jobs[i] for i in members], interrupted)
-        for i, result in zip(members, done, strict=True):
-            results[i] = result
-    return results  # type: ignore[return-value]
+    return by_group(jobs, lambda j: j.group, lambda g: _explain_group(cache, g, interrupted))
 
 
 def _explain_group(
@@ -223,6 +219,16 @@ def _result(
         compute_seconds=seconds,
         texts=tuple(text_rows),
     )
+
+
+def by_group(jobs: Sequence, key: Callable, run: Callable[[list], Sequence]) -> list:
+    """``run(group)`` for each group of jobs with equal ``key`` (one result per job of the
+    group, in its order); every job's result, in the jobs' order."""
+    results: list = [None] * len(jobs)
+    for members in group_indices(jobs, key):
+        for i, result in zip(members, run([jobs[i] for i in members]), strict=True):
+            results[i] = result
+    return results
 
 
 def group_indices(jobs: Sequence, key: Callable) -> list[list[int]]:

@@ -31,7 +31,7 @@ from vitlens_server.domain import (
 )
 from vitlens_server.explain.bimodal import BIMODAL_METHODS, BimodalExplanation, explain_bimodal
 from vitlens_server.explain.engine import resize_maps, top_k_predictions
-from vitlens_server.explain.image_text_batch import group_indices
+from vitlens_server.explain.image_text_batch import by_group, group_indices
 from vitlens_server.models.bimodal import BimodalInputs, BimodalTokens
 from vitlens_server.models.vqa_serving import LoadedVqaModel
 
@@ -196,12 +196,7 @@ def explain_vqa_jobs(
     interrupted: Callable[[], bool] | None = None,
 ) -> list[ExplainResult]:
     """Every job's `ExplainResult` (B x K explanations)."""
-    results: list[ExplainResult | None] = [None] * len(jobs)
-    for members in group_indices(jobs, lambda j: j.group):
-        group = [jobs[i] for i in members]
-        for i, result in zip(members, _explain_group(model, group, interrupted), strict=True):
-            results[i] = result
-    return results  # type: ignore[return-value]
+    return by_group(jobs, lambda j: j.group, lambda g: _explain_group(model, g, interrupted))
 
 
 def _explain_group(
