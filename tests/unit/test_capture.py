@@ -36,6 +36,62 @@ def test_attention_and_gradients_match_unfused_timm() -> None:
         torch.testing.assert_close(scores.softmax(-1), ref_maps[layer])
 
 
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_are_on_the_model_only_while_a_recording_is_active() -> None:
+    """Passes outside a recording (Predict, the re-runs of IG and token reflection) run the bare
+    model; the LRP hooks join only recordings that ask for them; nested users of two threads
+    keep them attached until the last one ends."""
+    model = tiny_vit()
+    hooks = AttentionHooks(model)
+    assert _hook_count(model) == 0 and not hooks.attached
+    with hooks.record():
+        attention_only = _hook_count(model)
+        assert attention_only == 4 * len(model.blocks) + 1 and hooks.attached
+    assert _hook_count(model) == 0
+    with hooks.record(lrp=True):
+        assert _hook_count(model) > attention_only
+    assert _hook_count(model) == 0
+    entered, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with hooks.record():
+            entered.set()
+            leave.wait(timeout=30)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert entered.wait(timeout=30)
+        with hooks.record(lrp=True):
+            pass
+        assert _hook_count(model) == attention_only  # the other thread still records
+    finally:
+        leave.set()
+        thread.join()
+    assert _hook_count(model) == 0
+    hooks.close()
+
+
+def test_explainer_predict_runs_the_bare_model() -> None:
+    """Predict and the logits of a loaded model's `Explainer` go through no hook at all."""
+    loaded = tiny_loaded()
+    explainer = Explainer(loaded)
+    try:
+        calls = []
+        spy = loaded.module.blocks[0].attn.qkv.register_forward_hook(
+            lambda module, _i, _o: calls.append(len(module._forward_hooks))
+        )
+        explainer.predict(torch.rand(2, 3, 32, 32), top_k=1)
+        spy.remove()
+        assert calls == [1]  # the spy alone
+        assert _hook_count(loaded.module) == 0
+    finally:
+        explainer.close()
+
+
 def test_hooks_are_inert_outside_a_recording_and_removed_on_close() -> None:
     model = tiny_vit()
     before = copy.deepcopy(model.state_dict())
@@ -44,7 +100,9 @@ def test_hooks_are_inert_outside_a_recording_and_removed_on_close() -> None:
         model(torch.randn(1, 3, 32, 32))  # not recording: nothing kept
     with hooks.record() as rec, torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
+        copied = copy.deepcopy(model)  # a recording model deep-copies
     assert rec.layers[0].q is not None and rec.layers[0].q.shape == (2, 3, 17, 8)
+    assert _hook_count(copied) > 0
     with hooks.record() as idle:
         pass
     assert all(layer.q is None for layer in idle.layers)

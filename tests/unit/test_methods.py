@@ -197,11 +197,12 @@ def test_cam_scores_patch_tokens_with_the_classifier_row(case) -> None:
         np.testing.assert_allclose(out.heatmap[b].numpy(), np.reshape(ref, GRID), rtol=1e-9)
 
 
-def _saliency_case(mode: str, **options):
-    """A float64 tiny model explained with saliency through the engine, plus a plain reference."""
+def _saliency_case(mode: str, max_pass_rows: int = 64, **options):
+    """A float64 tiny model explained with saliency through the engine, plus a plain reference;
+    ``max_pass_rows`` bounds the images of each of the engine's further passes."""
     model = tiny_loaded(seed=6)
     model.module.double()
-    explainer = Explainer(model)
+    explainer = Explainer(model, max_pass_rows=max_pass_rows)
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     classes = (3, 1)
     spec = get_method("saliency")
@@ -229,18 +230,22 @@ def test_saliency_is_the_channel_max_of_the_absolute_input_gradient() -> None:
         np.testing.assert_allclose(maps[b], ref, rtol=1e-4, atol=1e-9)
 
 
-def test_smoothgrad_averages_gradients_of_noisy_copies() -> None:
-    x, maps, logit = _saliency_case("smoothgrad", samples=4, noise=0.2, seed=7)
+# 1: a copy of the batch (2 images) per pass, over the bound; 5: two copies a pass and a
+# remainder; 64: every sample / step of the batch in one or two passes
+@pytest.mark.parametrize("max_pass_rows", [1, 5, 64])
+def test_smoothgrad_averages_gradients_of_noisy_copies(max_pass_rows: int) -> None:
+    x, maps, logit = _saliency_case("smoothgrad", max_pass_rows, samples=5, noise=0.2, seed=7)
     generator = torch.Generator().manual_seed(7)
-    noises = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for _ in range(4)]
+    noises = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for _ in range(5)]
     for b in range(2):
-        mean = sum(_gradient(logit, x[b] + 0.2 * n[b], b) for n in noises) / 4
+        mean = sum(_gradient(logit, x[b] + 0.2 * n[b], b) for n in noises) / 5
         np.testing.assert_allclose(maps[b], np.max(np.abs(mean), axis=0), rtol=1e-4, atol=1e-9)
 
 
-def test_integrated_gradients_riemann_sum_and_completeness() -> None:
-    steps = 256  # completeness holds as the Riemann sum converges
-    x, maps, logit = _saliency_case("integrated_gradients", steps=steps)
+@pytest.mark.parametrize("max_pass_rows", [5, 64])
+def test_integrated_gradients_riemann_sum_and_completeness(max_pass_rows: int) -> None:
+    steps = 255  # completeness holds as the Riemann sum converges; odd: a remainder pass
+    x, maps, logit = _saliency_case("integrated_gradients", max_pass_rows, steps=steps)
     for b in range(2):
         grads = sum(_gradient(logit, x[b] * k / steps, b) for k in range(1, steps + 1))
         attribution = x[b].numpy() * grads / steps

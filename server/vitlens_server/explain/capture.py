@@ -1,10 +1,13 @@
 """Capture of attention scores, attention maps and their gradients from stock timm ViTs.
 
-Hooks go on each block's attention submodules once per loaded model (`AttentionHooks`) and do
-nothing unless a `Recording` is active, so classification keeps timm's fused attention
-(`F.scaled_dot_product_attention`) and explanation does too: instead of switching the model to
-its unfused path, the hooks record q and k (after `q_norm`/`k_norm`), v (from `qkv`) and the
-attention output O = A·V (the input of `attn.norm`), and the maps are rebuilt from them:
+`AttentionHooks` is made once per loaded model, but its hooks are on the model only while a
+`Recording` is active (`AttentionHooks.record`): a pass outside every recording — Predict, or
+the further passes Integrated Gradients, SmoothGrad and token reflection run — goes through the
+bare model, exactly timm's fused forward (benchmarks/methods.md measures Predict against it).
+Explanation keeps timm's fused attention (`F.scaled_dot_product_attention`) too: instead of
+switching the model to its unfused path, the hooks record q and k (after `q_norm`/`k_norm`), v
+(from `qkv`) and the attention output O = A·V (the input of `attn.norm`), and the maps are
+rebuilt from them:
 
     S_l  = scale · q kᵀ                      (B, H, N, N)  pre-softmax scores
     A_l  = softmax(S_l)                      (B, H, N, N)  attention
@@ -14,22 +17,27 @@ The last line is the exact gradient w.r.t. the post-softmax attention, as an unf
 hook on `attn` would report it. One backward pass, `torch.autograd.grad` w.r.t. the recorded O_l
 of all layers, serves the whole batch and never touches parameter `.grad`.
 
-With ``record(lrp=True)`` further hooks (installed with the others, inert otherwise) keep what
-layer-wise relevance propagation (`vitlens_server.explain.relevance`) reads: every block's input,
-the inputs of its Linear layers and its two residual branches, and the classifier's
-inputs/outputs (`LrpRecord`). They only keep references to tensors the forward pass computes
-anyway.
+With ``record(lrp=True)`` further hooks (on the model only while such a recording is active)
+keep what layer-wise relevance propagation (`vitlens_server.explain.relevance`) reads: every
+block's input, the inputs of its Linear layers and its two residual branches, and the
+classifier's inputs/outputs (`LrpRecord`). They only keep references to tensors the forward
+pass computes anyway.
 
 The active recording is per thread: two threads may each record their own passes through the
-same model at the same time, and a thread that is not recording leaves no trace in the other's.
+same model at the same time, and a thread that is not recording leaves no trace in the other's
+(while another thread records, its passes run the hooks, which find no recording of theirs and
+keep nothing). The hooks are attached when the first recording starts and removed when the last
+one ends, under a lock; each group (attention, LRP) counts its own recordings.
 `vitlens_server.explain.recording` runs the forward (and backward) passes under the hooks.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from timm.layers import Attention, LayerScale, Mlp
@@ -53,13 +61,51 @@ class UnsupportedModel(TypeError):
     """The model's attention modules are not of a layout the hooks understand."""
 
 
+@dataclass
+class _HookGroup:
+    """Hooks attached to their modules while at least one recording uses them.
+
+    ``hooks``: (module, "forward" or "pre", hook) triples; `acquire` attaches them on the first
+    use, `release` removes them after the last; the caller holds the owner's lock.
+    """
+
+    hooks: list[tuple[nn.Module, Literal["forward", "pre"], Callable]] = field(default_factory=list)
+    users: int = 0
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def add(self, module: nn.Module, kind: Literal["forward", "pre"], hook: Callable) -> None:
+        self.hooks.append((module, kind, hook))
+
+    def acquire(self) -> None:
+        if self.users == 0:
+            self.handles = [
+                module.register_forward_hook(hook)
+                if kind == "forward"
+                else module.register_forward_pre_hook(hook)
+                for module, kind, hook in self.hooks
+            ]
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.remove()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.users = 0
+
+
 class AttentionHooks:
     """Recording hooks on every attention module of a timm VisionTransformer.
 
-    Install once per loaded model; the hooks are inert outside `record()`. Each thread may have
-    one recording active at a time, and a hook fills only the recording of the thread running
-    the pass. `close()` removes every hook, leaving the model exactly as it was. Every hook is a
-    closure (copied as is), so a hooked model can still be deep-copied.
+    Make once per loaded model; the hooks are on the model only during `record()`, so passes
+    outside every recording run the bare model. Each thread may have one recording active at a
+    time, and a hook fills only the recording of the thread running the pass. `close()` removes
+    every hook, leaving the model exactly as it was. Every hook is a closure (copied as is), so a
+    model can be deep-copied even while it records.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -71,15 +117,15 @@ class AttentionHooks:
         self._readout = _readout_weights(model)
         self._dtype = next(model.parameters()).dtype
         self._local = threading.local()  # .recording: this thread's active `Recording`
-        self._handles: list[RemovableHandle] = []
+        self._lock = threading.Lock()  # guards both groups' attach/remove
+        self._attention = _HookGroup()
         for index, attn in enumerate(self._attns):
-            self._handles += [
-                attn.qkv.register_forward_hook(self._on_qkv(index, attn)),
-                attn.q_norm.register_forward_hook(self._on_tensor(index, "q")),
-                attn.k_norm.register_forward_hook(self._on_tensor(index, "k")),
-                attn.norm.register_forward_pre_hook(self._on_out(index)),
-            ]
-        self._handles.append(model.norm.register_forward_hook(self._on_tokens()))
+            self._attention.add(attn.qkv, "forward", self._on_qkv(index, attn))
+            self._attention.add(attn.q_norm, "forward", self._on_tensor(index, "q"))
+            self._attention.add(attn.k_norm, "forward", self._on_tensor(index, "k"))
+            self._attention.add(attn.norm, "pre", self._on_out(index))
+        self._attention.add(model.norm, "forward", self._on_tokens())
+        self._lrp = _HookGroup()
         self.lrp_problem = _lrp_problem(model)
         if self.lrp_problem is None:
             self._add_lrp_hooks(model)
@@ -97,7 +143,10 @@ class AttentionHooks:
         pixels: Tensor | None = None,
         passes: ModelPasses | None = None,
     ) -> Iterator[Recording]:
-        """Activate the hooks, for this thread, for the passes it runs inside the ``with`` block.
+        """Record, for this thread, the passes it runs inside the ``with`` block.
+
+        The hooks are attached on entry (unless another thread's recording has them attached
+        already) and removed on exit after the last recording ends.
 
         ``lrp``: also keep the activations layer-wise relevance propagation reads
         (`Recording.lrp`); raises `UnsupportedModel` where the model's layout has no LRP rules.
@@ -119,11 +168,23 @@ class AttentionHooks:
             passes=passes,
             lrp=self._new_lrp_record() if lrp else None,
         )
+        groups = [self._attention, self._lrp] if lrp else [self._attention]
+        with self._lock:
+            for group in groups:
+                group.acquire()
         self._local.recording = recording
         try:
             yield recording
         finally:
             self._local.recording = None
+            with self._lock:
+                for group in groups:
+                    group.release()
+
+    @property
+    def attached(self) -> bool:
+        """Whether any hook is on the model now (a recording is active in some thread)."""
+        return bool(self._attention.handles or self._lrp.handles)
 
     @property
     def _active(self) -> Recording | None:
@@ -131,10 +192,10 @@ class AttentionHooks:
         return getattr(self._local, "recording", None)
 
     def close(self) -> None:
-        """Remove all hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove all hooks, even those of recordings still active."""
+        with self._lock:
+            self._attention.remove()
+            self._lrp.remove()
 
     def _keep(self, tensor: Tensor) -> Tensor:
         """A captured activation in the weights' dtype: under bf16 autocast the methods still
@@ -177,20 +238,19 @@ class AttentionHooks:
 
     def _add_lrp_hooks(self, model: nn.Module) -> None:
         """Hooks keeping `LrpRecord` tensors; they return None, so outputs are unchanged."""
+        lrp = self._lrp
         for index, block in enumerate(model.blocks):
-            self._handles += [
-                block.register_forward_pre_hook(self._lrp_input(index, "x")),
-                block.attn.qkv.register_forward_pre_hook(self._lrp_input(index, "qkv_in")),
-                block.attn.proj.register_forward_pre_hook(self._lrp_input(index, "proj_in")),
-                block.ls1.register_forward_hook(self._lrp_output(index, "attn_branch")),
-                block.mlp.fc1.register_forward_pre_hook(self._lrp_input(index, "fc1_in")),
-                block.mlp.fc2.register_forward_pre_hook(self._lrp_input(index, "fc2_in")),
-                block.ls2.register_forward_hook(self._lrp_output(index, "mlp_branch")),
-            ]
+            lrp.add(block, "pre", self._lrp_input(index, "x"))
+            lrp.add(block.attn.qkv, "pre", self._lrp_input(index, "qkv_in"))
+            lrp.add(block.attn.proj, "pre", self._lrp_input(index, "proj_in"))
+            lrp.add(block.ls1, "forward", self._lrp_output(index, "attn_branch"))
+            lrp.add(block.mlp.fc1, "pre", self._lrp_input(index, "fc1_in"))
+            lrp.add(block.mlp.fc2, "pre", self._lrp_input(index, "fc2_in"))
+            lrp.add(block.ls2, "forward", self._lrp_output(index, "mlp_branch"))
         for index, head in enumerate(_heads(model)):
-            self._handles.append(head.register_forward_hook(self._lrp_head(index)))
+            lrp.add(head, "forward", self._lrp_head(index))
         if readout_kind(model) == "avg":
-            self._handles.append(model.fc_norm.register_forward_pre_hook(self._lrp_pooled()))
+            lrp.add(model.fc_norm, "pre", self._lrp_pooled())
 
     def _new_lrp_record(self) -> LrpRecord:
         model = self._model

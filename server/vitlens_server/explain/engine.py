@@ -48,8 +48,11 @@ def resize_maps(heatmaps: Tensor, size: tuple[int, int]) -> Tensor:
 class Explainer:
     """Classifies and explains batches with one loaded model."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, *, max_pass_rows: int = 64) -> None:
+        """``max_pass_rows``: images per further model pass of a method (the memory bound of
+        the SmoothGrad samples / IG steps run together, `ExtraPasses.max_rows`)."""
         self.model = model
+        self.max_pass_rows = max_pass_rows
         self.hooks = AttentionHooks(model.module)
         self._dtype = next(model.module.parameters()).dtype
         shape = (1, -1, 1, 1)
@@ -161,7 +164,14 @@ class Explainer:
         """Model passes for the methods that run their own (`Pass.EXTRA`) on (B, C, H, W)
         ``pixels`` in [0, 1]."""
         pixels = pixels.to(self.model.device, self._dtype)
-        return ExtraPasses(self.model.module, self.normalize, self.autocast, pixels, interrupted)
+        return ExtraPasses(
+            self.model.module,
+            self.normalize,
+            self.autocast,
+            pixels,
+            interrupted,
+            max_rows=self.max_pass_rows,
+        )
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast around model passes when the model's precision is ``bf16``."""

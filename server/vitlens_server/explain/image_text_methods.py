@@ -25,7 +25,7 @@ mean of ∇A over the row's columns — count only the keys the EOT token can se
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -43,7 +43,7 @@ from vitlens_server.explain.methods.gradient import agcam, gradcam
 from vitlens_server.explain.methods.reflection import ReflectionParams, combine_maps, reflect
 from vitlens_server.explain.methods.saliency import SaliencyParams, saliency
 from vitlens_server.explain.params import NoParams
-from vitlens_server.explain.passes import raise_if_interrupted
+from vitlens_server.explain.passes import raise_if_interrupted, summed_gradients
 from vitlens_server.explain.records import ModelPasses
 from vitlens_server.models.image_text import ImageTextModel, TowerRecording
 
@@ -179,12 +179,14 @@ class PairPasses:
         text_embeds: (M, D) unit text embeddings, detached.
         pixels: (n, 3, H, W) the explained images in [0, 1].
         interrupted: asked before every pass.
+        max_rows: images per pass of `summed_input_gradients` (at least one copy of the batch).
     """
 
     model: ImageTextModel
     text_embeds: Tensor
     pixels: Tensor
     interrupted: Callable[[], bool] | None = None
+    max_rows: int = 64
 
     def narrow(self, rows: slice) -> PairPasses:
         return dataclasses.replace(self, pixels=self.pixels[rows])
@@ -204,6 +206,10 @@ class PairPasses:
             (grad,) = torch.autograd.grad(chosen.sum(), pixels)
         return grad
 
+    def summed_input_gradients(self, copies: Iterable[Tensor], targets: Tensor) -> Tensor:
+        """Σ over ``copies`` (each (n, 3, H, W)) of ∂y/∂x at the copy (`summed_gradients`)."""
+        return summed_gradients(self.input_gradients, copies, targets, self.max_rows)
+
     def _logits(self, pixels: Tensor) -> Tensor:
         model = self.model
         images = model.encode_images(model.preprocess.normalise(pixels))  # (n, D)
@@ -220,8 +226,9 @@ def saliency_maps(
     interrupted: Callable[[], bool] | None,
 ) -> Tensor:
     """Saliency's (n, H, W) image maps for one image round: n distinct images (pixels (n, 3,
-    H, W) in [0, 1], their recording ``images``) and the (n,) texts they are paired with; one
-    backward of the round per SmoothGrad sample / IG step (`methods.saliency.attribution`)."""
+    H, W) in [0, 1], their recording ``images``) and the (n,) texts they are paired with; the
+    round's SmoothGrad samples / IG steps go through the tower several to a pass
+    (`methods.saliency.attribution`)."""
     passes = PairPasses(model, text_embeds.detach(), pixels, interrupted)
     return saliency(TowerView(images, passes), targets, params).heatmap  # type: ignore[arg-type]
 

@@ -10,7 +10,7 @@ return new recordings that share the captured tensors.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,6 +71,10 @@ class ModelPasses(Protocol):
 
     def input_gradients(self, pixels: Tensor, targets: Tensor) -> Tensor:
         """∂y_t/∂pixels, (n, C, H, W), of (n, C, H, W) pixels for (n,) targets."""
+        ...
+
+    def summed_input_gradients(self, copies: Iterable[Tensor], targets: Tensor) -> Tensor:
+        """Σ over ``copies`` (each (B, C, H, W)) of ∂y_t/∂x at the copy, for (B,) targets."""
         ...
 
     def narrow(self, rows: slice) -> ModelPasses:

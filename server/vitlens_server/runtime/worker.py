@@ -275,8 +275,12 @@ class ModelWorker(LanedWorker):
         on_batch: Callable[[str, BatchStats], BatchDone | None] | None = None,
     ) -> None:
         self.model = model
-        self.explainer = Explainer(model)
-        self._replicas = [self.explainer, *(Explainer(m) for m in replicas)]
+        # a method's further passes (IG steps, SmoothGrad samples) are bounded as batches are
+        self.explainer = Explainer(model, max_pass_rows=max_batch_size)
+        self._replicas = [
+            self.explainer,
+            *(Explainer(m, max_pass_rows=max_batch_size) for m in replicas),
+        ]
         super().__init__(
             model.name,
             [e.model.device for e in self._replicas],

@@ -53,21 +53,23 @@ def saliency(rec: Recording, targets: Tensor, params: SaliencyParams) -> MethodO
 
 def attribution(rec: Recording, targets: Tensor, params: SaliencyParams) -> Tensor:
     """(B, C, H, W): the pixel gradient, its SmoothGrad mean, or the IG attribution, for
-    ``targets`` (B,), each through one `ModelPasses.input_gradients` per step."""
+    ``targets`` (B,). The SmoothGrad samples and IG steps of the whole batch go through the
+    model as large batches (`ModelPasses.summed_input_gradients`), not one pass each.
+
+    SmoothGrad's noise is drawn sample by sample, one (B, C, H, W) draw each from the seeded
+    generator, so a map does not depend on how the samples are grouped into passes.
+    """
     passes = rec.model_passes()
     pixels = passes.pixels  # (B, C, H, W) in [0, 1]
     if params.mode == "smoothgrad":
         generator = torch.Generator(device=pixels.device).manual_seed(params.seed)
-        grads = torch.zeros_like(pixels)
-        for _ in range(params.samples):  # one backward per noisy copy of the whole batch
-            noise = torch.randn(
-                pixels.shape, generator=generator, device=pixels.device, dtype=pixels.dtype
-            )
-            grads += passes.input_gradients(pixels + params.noise * noise, targets)
-        return grads / params.samples
+        draw = dict(generator=generator, device=pixels.device, dtype=pixels.dtype)
+        noisy = (
+            pixels + params.noise * torch.randn(pixels.shape, **draw) for _ in range(params.samples)
+        )
+        return passes.summed_input_gradients(noisy, targets) / params.samples
     if params.mode == "integrated_gradients":
-        grads = torch.zeros_like(pixels)
-        for step in range(1, params.steps + 1):  # right Riemann sum from the black baseline
-            grads += passes.input_gradients(pixels * (step / params.steps), targets)
-        return pixels * grads / params.steps
+        # right Riemann sum from the black baseline: x·k/S for k = 1 … S
+        scaled = (pixels * (step / params.steps) for step in range(1, params.steps + 1))
+        return pixels * passes.summed_input_gradients(scaled, targets) / params.steps
     return passes.input_gradients(pixels, targets)
