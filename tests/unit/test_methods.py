@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import tiny_loaded, tiny_vit, unfused_attention_and_grads
+from tests.tiny import TINY_ARCH, tiny_loaded, tiny_vit, unfused_attention_and_grads
 from vitlens_server.explain import (
     METHODS,
     Cost,
@@ -130,6 +130,29 @@ def test_rollout_matches_the_loop_reference(case, options) -> None:
         )
         np.testing.assert_allclose(out.relevance[b].numpy(), ref, rtol=1e-8, atol=1e-12)
         np.testing.assert_allclose(out.heatmap[b].numpy(), _cls_map(ref), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["rollout", "transformer_attribution"])
+def test_maps_without_relevance_are_the_readout_row_of_the_full_product(name: str) -> None:
+    """When the caller reads no relevance the readout row is formed alone, from the left: the
+    same map (to float64 rounding) and no matrix. Explain requests with and without
+    return_relevance give the same maps; DeiT's distilled readout (two rows) included."""
+    for arch in (TINY_ARCH, "deit_tiny_distilled_patch16_224"):
+        model = tiny_loaded(seed=3, arch=arch)
+        model.module.double()
+        explainer = Explainer(model)
+        x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+        spec = get_method(name)
+        params = parse_params(spec.params, {}, method=name)
+        results = [
+            explainer.explain(ExplainJob(x, spec, params, TargetSpec("top_k", k=2), relevance=r))
+            for r in (True, False)
+        ]
+        full, row_only = results
+        assert full.relevance is not None and row_only.relevance is None
+        assert full.heatmaps.std() > 0
+        np.testing.assert_allclose(row_only.heatmaps, full.heatmaps, rtol=1e-9, atol=1e-12)
+        explainer.close()
 
 
 def test_rollout_rows_sum_to_one(case) -> None:

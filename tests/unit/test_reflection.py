@@ -59,6 +59,7 @@ class LogitsPasses:
 
     pixels: torch.Tensor
     logits: Forwards
+    max_rows: int = 1 << 20  # no bound: the chunks are ReflectionParams.batch_size
 
     def input_gradients(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise AssertionError("token_reflection takes no input gradients")

@@ -9,6 +9,7 @@ that job alone. `Interrupted` always propagates: it stops the whole batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from collections.abc import Callable, Sequence
@@ -191,6 +192,8 @@ def _call(
     """``job``'s method on its rows for ``targets`` (B,); its failure is returned, not raised."""
     raise_if_interrupted(interrupted)
     try:
+        if not job.relevance:
+            rec = dataclasses.replace(rec, relevance_wanted=False)
         return job.method.fn(rec, targets, job.params)
     except Interrupted:
         raise

@@ -259,6 +259,6 @@ def reflection_maps(
         passes.logits,
         grid=tuple(graph.grid),
         num_prefix_tokens=graph.num_prefix_tokens,
-        batch_size=params.batch_size,
+        batch_size=min(params.batch_size, passes.max_rows),
     )  # (P, gh, gw)
     return combine_maps(logits, row.to(logits.dtype), params.combine)

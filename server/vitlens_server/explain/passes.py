@@ -62,7 +62,7 @@ class ExtraPasses:
         bf16 autocast: token reflection reads logit differences between masked images that
         bfloat16 rounding erases (benchmarks/precision.md measured ρ 0.18 against fp32 maps)."""
         raise_if_interrupted(self.interrupted)
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.module(self.normalize(pixels)).float()
 
     def input_gradients(self, pixels: Tensor, targets: Tensor) -> Tensor:

@@ -61,9 +61,11 @@ class ModelPasses(Protocol):
 
     Attributes:
         pixels: (B, C, H, W) the explained images in [0, 1] on the model's device.
+        max_rows: the most images one pass should take (the memory bound).
     """
 
     pixels: Tensor
+    max_rows: int
 
     def logits(self, pixels: Tensor) -> Tensor:
         """(n, C, H, W) pixels in [0, 1] → (n, classes) float32 logits."""
@@ -99,6 +101,9 @@ class Recording:
         pixels: (B, C, H, W) float32 explained images in [0, 1], as requested (not normalised).
         passes: further model passes, for methods that declare `Pass.EXTRA`.
         lrp: activations for layer-wise relevance propagation, when recorded with ``lrp=True``.
+        relevance_wanted: whether the caller reads the method's (B, N, N) relevance; when
+            False, methods whose map is one row of a product of N x N matrices compute that row
+            alone (vector-matrix products, O(L·N²) instead of O(L·N³)) and return none.
     """
 
     layers: list[AttentionRecord]
@@ -111,6 +116,7 @@ class Recording:
     pixels: Tensor | None = None
     passes: ModelPasses | None = None
     lrp: LrpRecord | None = None
+    relevance_wanted: bool = True
 
     @property
     def num_layers(self) -> int:
@@ -151,6 +157,16 @@ class Recording:
             raise RuntimeError("this model has no fixed readout row (checked before queueing)")
         weights = self.readout.to(matrix.dtype)
         return torch.einsum("n,...nm->...m", weights, matrix)[..., self.num_prefix_tokens :]
+
+    def readout_weights(self, batch: int, dtype: torch.dtype) -> Tensor:
+        """(B, 1, N) the readout's row weights, the left end of a row-only product."""
+        if self.readout is None:
+            raise RuntimeError("this model has no fixed readout row (checked before queueing)")
+        return self.readout.to(dtype).expand(batch, 1, -1)
+
+    def row_map(self, row: Tensor) -> Tensor:
+        """(B, 1, N) readout row of a relevance matrix → its (B, gh, gw) map over the patches."""
+        return row[:, 0, self.num_prefix_tokens :].reshape(row.shape[0], *self.grid)
 
     def readout_map(self, matrix: Tensor) -> Tensor:
         """`readout_rows` of a (B, N, N) matrix as a (B, gh, gw) map."""

@@ -22,6 +22,7 @@ from vitlens_server.models.loading import READOUTS
 __all__ = [
     "METHODS",
     "Cost",
+    "ExtraCount",
     "MaskMethodFn",
     "MethodFn",
     "MethodOutput",
@@ -64,6 +65,18 @@ class MethodOutput:
     relevance: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class ExtraCount:
+    """The further model passes (`Pass.EXTRA`) a method runs per explained image and class:
+    ``forwards`` plain forwards, ``gradients`` forward+backward passes to the input."""
+
+    forwards: int = 0
+    gradients: int = 0
+
+
+ExtraFn = Callable[[Any, int], ExtraCount]
+"""``extra(params, tokens)``: a method's `ExtraCount` for its options and gh·gw patch tokens."""
+
 MethodFn = Callable[[Recording, Tensor, Any], MethodOutput]
 """``fn(recording, targets, params)``: ``targets`` (B,) the explained class of each image."""
 
@@ -87,6 +100,13 @@ class MethodSpec:
     description: str
     needs_mask: bool = False  # needs a ground-truth mask: Evaluate only, refused by Explain
     host_bound: bool = False  # its work is CPU-bound on the host, whatever its passes
+    extra: ExtraFn | None = None  # how many further passes `Pass.EXTRA` means (benchmarks)
+
+    def extra_count(self, params: object, tokens: int) -> ExtraCount:
+        """The further passes one explanation runs with ``params`` (none without Pass.EXTRA)."""
+        if self.extra is None:
+            return ExtraCount()
+        return self.extra(params, tokens)
 
     @property
     def cost(self) -> Cost:
@@ -147,8 +167,12 @@ def register_method(
     params: type = NoParams,
     needs_mask: bool = False,
     host_bound: bool = False,
+    extra: ExtraFn | None = None,
 ) -> Callable[[_Fn], _Fn]:
-    """Decorator adding a method function to `METHODS`; ``host_bound`` marks CPU-bound work."""
+    """Decorator adding a method function to `METHODS`; ``host_bound`` marks CPU-bound work;
+    ``extra`` counts the passes `Pass.EXTRA` stands for (required with it)."""
+    if (Pass.EXTRA in passes) != (extra is not None):
+        raise ValueError(f"method {name!r}: Pass.EXTRA and an extra count go together")
 
     def add(fn: _Fn) -> _Fn:
         METHODS.add(
@@ -163,6 +187,7 @@ def register_method(
                 description=description,
                 needs_mask=needs_mask,
                 host_bound=host_bound,
+                extra=extra,
             )
         )
         return fn

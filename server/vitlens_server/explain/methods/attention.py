@@ -68,9 +68,22 @@ class RolloutParams:
     "identity-augmented, row-normalised attention over the blocks.",
 )
 def rollout(rec: Recording, _targets: Tensor, params: RolloutParams) -> MethodOutput:
-    """R = Ã_L ··· Ã_s with Ã_l = norm_rows(fuse_h(A_l) + I); map = R[0, P:]."""
+    """R = Ã_L ··· Ã_s with Ã_l = norm_rows(fuse_h(A_l) + I); map = R[0, P:].
+
+    Without ``rec.relevance_wanted`` only the readout row is formed, from the left:
+    r = ((w Ã_L) Ã_{L−1}) ··· Ã_s, (B, 1, N) — the same map, no N x N product.
+    """
+    layers = range(params.start_layer, rec.num_layers)
+    if not rec.relevance_wanted:
+        row: Tensor | None = None
+        for layer in reversed(layers):
+            augmented = augmented_attention(rec, layer, params)
+            if row is None:
+                row = rec.readout_weights(augmented.shape[0], augmented.dtype)
+            row = row @ augmented
+        return MethodOutput(rec.row_map(row))
     result: Tensor | None = None
-    for layer in range(params.start_layer, rec.num_layers):
+    for layer in layers:
         augmented = augmented_attention(rec, layer, params)
         result = augmented if result is None else augmented @ result
     return MethodOutput(rec.readout_map(result), result)

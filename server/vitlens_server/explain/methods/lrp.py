@@ -64,5 +64,21 @@ def transformer_attribution_relevance(rec: Recording, targets: Tensor) -> Tensor
 )
 def transformer_attribution(rec: Recording, targets: Tensor, _params: NoParams) -> MethodOutput:
     """map = R[0, P:] of `transformer_attribution_relevance`; relevance = R, (B, N, N)."""
+    if not rec.relevance_wanted:
+        return MethodOutput(rec.row_map(_readout_row(rec, targets)))
     relevance = transformer_attribution_relevance(rec, targets)
     return MethodOutput(rec.readout_map(relevance), relevance)
+
+
+@torch.no_grad()
+def _readout_row(rec: Recording, targets: Tensor) -> Tensor:
+    """The readout row of `transformer_attribution_relevance` alone, (B, 1, N): R = Π_l
+    (I + Ā_l) from the last block down, so r = w (I + Ā_L) ··· (I + Ā_1) from the left."""
+    weighted = [
+        (rec.attention_grad(layer) * rel_attn).clamp(min=0).mean(dim=1)  # (B, N, N)
+        for layer, rel_attn in enumerate(attention_relevances(rec, targets))
+    ]
+    row = rec.readout_weights(weighted[0].shape[0], weighted[0].dtype)
+    for step in reversed(weighted):
+        row = row + row @ step
+    return row

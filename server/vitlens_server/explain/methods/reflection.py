@@ -41,7 +41,7 @@ from torch import Tensor
 
 from vitlens_server.explain.params import choice, param
 from vitlens_server.explain.records import Recording
-from vitlens_server.explain.registry import MethodOutput, Pass, register_method
+from vitlens_server.explain.registry import ExtraCount, MethodOutput, Pass, register_method
 
 __all__ = [
     "ReflectionParams",
@@ -59,8 +59,9 @@ LogitsFn = Callable[[Tensor], Tensor]
 class ReflectionParams:
     batch_size: int = param(
         256,
-        "Masked images per forward pass; the gh·gw masked images of every explained image are "
-        "flattened into one sequence and classified in chunks of this size.",
+        "Masked images per forward pass, at most (the server's max batch size bounds it too); "
+        "the gh·gw masked images of every explained image are flattened into one sequence and "
+        "classified in chunks of this size.",
         low=1,
         high=8192,
     )
@@ -78,6 +79,7 @@ class ReflectionParams:
     passes=Pass.BACKWARD | Pass.LRP | Pass.EXTRA,
     class_specific=True,
     params=ReflectionParams,
+    extra=lambda _params, tokens: ExtraCount(forwards=tokens),  # one masked image per token
     description="Token reflection (Sago & Hotta, ICPRAM 2024): each patch token's Transformer "
     "Attribution relevance to all tokens masks the image, the masked images are classified, and "
     "the explained class's logits are added to the Transformer Attribution map.",
@@ -97,7 +99,7 @@ def token_reflection(rec: Recording, targets: Tensor, params: ReflectionParams) 
         passes.logits,
         grid=rec.grid,
         num_prefix_tokens=rec.num_prefix_tokens,
-        batch_size=params.batch_size,
+        batch_size=min(params.batch_size, passes.max_rows),
     )  # (B, gh, gw)
     row = rec.readout_map(relevance).to(logits.dtype)  # (B, gh, gw)
     return MethodOutput(combine_maps(logits, row, params.combine))

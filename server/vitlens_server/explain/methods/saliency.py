@@ -9,7 +9,7 @@ from torch import Tensor
 
 from vitlens_server.explain.params import choice, param
 from vitlens_server.explain.records import Recording
-from vitlens_server.explain.registry import MethodOutput, Pass, register_method
+from vitlens_server.explain.registry import ExtraCount, MethodOutput, Pass, register_method
 
 __all__ = ["SaliencyParams", "attribution", "saliency"]
 
@@ -34,12 +34,22 @@ class SaliencyParams:
     )
 
 
+def _extra(params: SaliencyParams, _tokens: int) -> ExtraCount:
+    """One input gradient, or one per SmoothGrad sample / IG step."""
+    if params.mode == "smoothgrad":
+        return ExtraCount(gradients=params.samples)
+    if params.mode == "integrated_gradients":
+        return ExtraCount(gradients=params.steps)
+    return ExtraCount(gradients=1)
+
+
 @register_method(
     "saliency",
     passes=Pass.EXTRA,
     class_specific=True,
     readouts=None,
     params=SaliencyParams,
+    extra=_extra,
     description="Saliency (Simonyan et al. 2014): max over colour channels of |∂y_c/∂x| at input "
     "resolution; options SmoothGrad and Integrated Gradients.",
 )
