@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Dockerfiles' TORCH_VERSION/TORCHVISION_VERSION defaults match; tests/integration/test_lock.py).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint protos clean deploy-check proto-check proto-release oip-venv \
+.PHONY: install demo test lint protos clean deploy-check proto-check proto-release oip-venv peers \
 	node-example promtool
 
 # Both distributions, editable, in one pip call: the SDK `vitlens` from ./client and the server
@@ -27,6 +27,13 @@ demo: install
 test: install deploy-check proto-check oip-venv node-example promtool
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The peers of scripts/bench_peers.py (captum, pytorch-grad-cam, lxt), benchmarks only. lxt 2.1
+# declares bitsandbytes, accelerate and more for its language-model patches; its AttnLRP rules
+# need none of them, so it goes in without its dependencies.
+peers: install
+	$(BIN)/pip install --quiet -e '.[peers]'
+	$(BIN)/pip install --quiet --no-deps 'lxt==2.1'
 
 # Render deploy/k8s (kustomize), validate it against Kubernetes schemas, hadolint the Dockerfiles.
 deploy-check: install

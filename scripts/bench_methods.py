@@ -23,14 +23,14 @@ from vitlens_server.bench.methods import MethodsReport, measure_methods, profile
 from vitlens_server.bench.report import replace_section
 from vitlens_server.explain import Explainer
 from vitlens_server.models import LoadedModel, ModelSpec, load_model
-from vitlens_server.models.default import demo_spec
+from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(model: str, device: str) -> LoadedModel:
     """The demo model, else a timm architecture with seeded random weights."""
-    if model == "demo":
+    if model in ("demo", DEMO_MODEL_NAME):
         return load_model(demo_spec(device))
     return load_model(ModelSpec(name=model, architecture=model, device=device))
 

@@ -38,6 +38,7 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +51,23 @@ from vitlens_server.bench.report import replace_section
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
 from vitlens_server.explain.params import parse_params
 from vitlens_server.models import LoadedModel, ModelSpec, load_model
-from vitlens_server.models.default import demo_spec
+from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+TA_TASK = "Transformer Attribution (α1β0 LRP + gradients)"
 Run = Callable[[], object]
 
 
 class Normalised(nn.Module):
-    """``module`` on pixels in [0, 1]: what the peers are given, so every contestant starts from
-    the same pixels and normalises them the same way."""
+    """A copy of the model on pixels in [0, 1]: what the peers are given, so every contestant
+    starts from the same pixels and normalises them the same way. The copy's parameters
+    require gradients, as a model fresh from ``timm.create_model`` does (pytorch-grad-cam
+    builds its graph from them; vitlens' copy is frozen)."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, module: nn.Module | None = None) -> None:
         super().__init__()
-        self.module = model.module
+        self.module = copy.deepcopy(model.module if module is None else module)
+        self.module.requires_grad_(True)
         shape = (1, -1, 1, 1)
         self.register_buffer("mean", torch.tensor(model.mean, device=model.device).view(shape))
         self.register_buffer("std", torch.tensor(model.std, device=model.device).view(shape))
@@ -87,26 +92,25 @@ def lxt_rules() -> types.ModuleType:
 
 
 def attnlrp_model(model: nn.Module) -> nn.Module:
-    """A copy of the timm ViT with lxt's CP-LRP rules: stop-gradient on q and k (lxt's
-    ``cp_multi_head_attention_forward``, here for timm's attention, still fused), lxt's
-    ``layer_norm_forward`` and ``non_linear_forward`` on every LayerNorm and GELU."""
+    """A copy of the timm ViT with lxt's CP-LRP rules: no gradient through q and k (lxt's
+    ``cp_multi_head_attention_forward``, here after timm's ``q_norm``/``k_norm``, so timm's own
+    fused attention runs), lxt's ``layer_norm_forward`` and ``non_linear_forward`` on every
+    LayerNorm and GELU."""
     patches = lxt_rules()
     from timm.layers import Attention
 
+    class StopGradient(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Tensor) -> Tensor:
+            return patches.stop_gradient(self.inner(x))
+
     lrp = copy.deepcopy(model)
-
-    def attention(self: Attention, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = patches.stop_gradient(q), patches.stop_gradient(k)
-        x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(b, n, c))))
-
-    for module in lrp.modules():
+    for module in list(lrp.modules()):
         if isinstance(module, Attention):
-            module.forward = types.MethodType(attention, module)
+            module.q_norm, module.k_norm = StopGradient(module.q_norm), StopGradient(module.k_norm)
         elif isinstance(module, nn.LayerNorm):
             module.forward = types.MethodType(patches.layer_norm_forward, module)
         elif isinstance(module, nn.GELU):
@@ -128,121 +132,140 @@ def vitlens_call(explainer: Explainer, pixels: Tensor, method: str, options: dic
     return lambda: explainer.explain_batch([job])
 
 
-def grpc_call(client: vitlens.Client, images: list, method: str, options: dict) -> Run:
-    return lambda: client.explain(images, method=method, method_options=options or None)
+def grpc_call(client: vitlens.Client, model: str, images: list, method: str, options: dict) -> Run:
+    return lambda: client.explain(
+        images, model=model, method=method, method_options=options or None
+    )
 
 
-def tasks(
-    model: LoadedModel,
-    pixels: Tensor,
-    explainer: Explainer,
-    client: vitlens.Client | None,
-    steps: int,
-) -> dict[str, dict[str, Run]]:
-    """Per task: contestant → a call explaining ``pixels`` for their predicted classes."""
-    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+@dataclass(frozen=True)
+class Case:
+    """What every contestant explains: ``pixels`` (B, C, H, W) in [0, 1] and their predicted
+    ``targets`` (B,), the model wrapped for the peers, and the images as the SDK sends them."""
+
+    model: LoadedModel
+    pixels: Tensor
+    targets: Tensor
+    wrapped: Normalised
+    images: list[np.ndarray]
+
+
+def gradcam_peers(case: Case) -> dict[str, Run]:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    wrapped = Normalised(model).eval()
-    with torch.no_grad():
-        targets = wrapped(pixels).argmax(1)
-    images = [
-        np.ascontiguousarray(p)
-        for p in (pixels * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    ]
-    geometry = model.geometry
+    geometry = case.model.geometry
     cam = GradCAM(
-        model=wrapped,
-        target_layers=[model.module.blocks[-1].norm1],
+        model=case.wrapped,
+        target_layers=[case.wrapped.module.blocks[-1].norm1],
         reshape_transform=lambda t: vit_reshape(t, geometry.grid, geometry.num_prefix_tokens),
     )
-    cam_targets = [ClassifierOutputTarget(int(t)) for t in targets]
-    ig = IntegratedGradients(wrapped)
-    black = torch.zeros_like(pixels)
-    rows = explainer.max_pass_rows
-    smooth = NoiseTunnel(Saliency(wrapped))
-    lrp = attnlrp_model(model.module)
-    lrp_wrapped = Normalised(model)
-    lrp_wrapped.module = lrp
-
-    def attnlrp() -> Tensor:
-        x = pixels.detach().requires_grad_(True)
-        logits = lrp_wrapped(x)
-        (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x)
-        return (x * grad).sum(1)  # (B, H, W) relevance, lxt's input x gradient
-
-    ig_options = {"mode": "integrated_gradients", "steps": steps}
-    sg_options = {"mode": "smoothgrad", "samples": 25, "noise": 0.15}
-    plan: dict[str, dict[str, Run]] = {
-        "Grad-CAM": {
-            "pytorch-grad-cam GradCAM": lambda: cam(input_tensor=pixels, targets=cam_targets),
-            "vitlens gradcam": vitlens_call(explainer, pixels, "gradcam", {}),
-        },
-        f"Integrated Gradients ({steps} steps)": {
-            "captum IntegratedGradients": lambda: ig.attribute(
-                pixels, black, target=targets, n_steps=steps, method="riemann_right"
-            ),
-            f"captum IntegratedGradients, internal_batch_size={rows}": lambda: ig.attribute(
-                pixels,
-                black,
-                target=targets,
-                n_steps=steps,
-                method="riemann_right",
-                internal_batch_size=rows,
-            ),
-            "vitlens saliency (integrated_gradients)": vitlens_call(
-                explainer, pixels, "saliency", ig_options
-            ),
-        },
-        "SmoothGrad (25 samples)": {
-            "captum NoiseTunnel(Saliency)": lambda: smooth.attribute(
-                pixels, nt_type="smoothgrad", nt_samples=25, stdevs=0.15, target=targets
-            ),
-            "vitlens saliency (smoothgrad)": vitlens_call(
-                explainer, pixels, "saliency", sg_options
-            ),
-        },
-        "LRP": {
-            "lxt AttnLRP (CP-LRP)": attnlrp,
-            "vitlens transformer_attribution": vitlens_call(
-                explainer, pixels, "transformer_attribution", {}
-            ),
-        },
-    }
-    if client is not None:
-        plan["Grad-CAM"]["vitlens gradcam, gRPC"] = grpc_call(client, images, "gradcam", {})
-        plan[f"Integrated Gradients ({steps} steps)"][
-            "vitlens saliency (integrated_gradients), gRPC"
-        ] = grpc_call(client, images, "saliency", ig_options)
-        plan["SmoothGrad (25 samples)"]["vitlens saliency (smoothgrad), gRPC"] = grpc_call(
-            client, images, "saliency", sg_options
-        )
-        plan["LRP"]["vitlens transformer_attribution, gRPC"] = grpc_call(
-            client, images, "transformer_attribution", {}
-        )
-    return plan
+    targets = [ClassifierOutputTarget(int(t)) for t in case.targets]
+    return {"pytorch-grad-cam GradCAM": lambda: cam(input_tensor=case.pixels, targets=targets)}
 
 
-def ig_agreement(model: LoadedModel, pixels: Tensor, explainer: Explainer, steps: int) -> float:
-    """Largest |vitlens − captum| of the IG maps (max over channels of |attribution|), relative
-    to the largest map value: the two compute the same thing."""
+def ig_peers(case: Case, steps: int, rows: int) -> dict[str, Run]:
     from captum.attr import IntegratedGradients
 
-    wrapped = Normalised(model).eval()
-    with torch.no_grad():
-        targets = wrapped(pixels).argmax(1)
-    attr = IntegratedGradients(wrapped).attribute(
-        pixels, torch.zeros_like(pixels), target=targets, n_steps=steps, method="riemann_right"
+    ig = IntegratedGradients(case.wrapped)
+    black = torch.zeros_like(case.pixels)
+
+    def attribute(batch: int | None) -> Run:
+        return lambda: ig.attribute(
+            case.pixels,
+            black,
+            target=case.targets,
+            n_steps=steps,
+            method="riemann_right",
+            internal_batch_size=batch,
+        )
+
+    return {
+        "captum IntegratedGradients": attribute(None),
+        f"captum IntegratedGradients, internal_batch_size={rows}": attribute(rows),
+    }
+
+
+def smoothgrad_peers(case: Case) -> dict[str, Run]:
+    from captum.attr import NoiseTunnel, Saliency
+
+    smooth = NoiseTunnel(Saliency(case.wrapped))
+    return {
+        "captum NoiseTunnel(Saliency)": lambda: smooth.attribute(
+            case.pixels, nt_type="smoothgrad", nt_samples=25, stdevs=0.15, target=case.targets
+        )
+    }
+
+
+def lxt_peers(case: Case) -> dict[str, Run]:
+    lrp = Normalised(case.model, attnlrp_model(case.model.module))
+
+    def attnlrp() -> Tensor:
+        x = case.pixels.detach().requires_grad_(True)
+        logits = lrp(x)
+        (grad,) = torch.autograd.grad(logits.gather(1, case.targets[:, None]).sum(), x)
+        return (x * grad).sum(1)  # (B, H, W) relevance, lxt's input x gradient
+
+    return {"lxt AttnLRP (CP-LRP)": attnlrp}
+
+
+def tasks(
+    case: Case, explainer: Explainer, client: vitlens.Client | None, steps: int
+) -> tuple[dict[str, dict[str, Run]], dict[str, str]]:
+    """Per task: contestant → a call explaining the case for its predicted classes; and per
+    task, the peers that could not be imported (the task then runs vitlens alone)."""
+    ig_options = {"mode": "integrated_gradients", "steps": steps}
+    sg_options = {"mode": "smoothgrad", "samples": 25, "noise": 0.15}
+    rows = explainer.max_pass_rows
+    peers: dict[str, tuple[Callable[[], dict[str, Run]], str, dict]] = {
+        "Grad-CAM": (lambda: gradcam_peers(case), "gradcam", {}),
+        f"Integrated Gradients ({steps} steps)": (
+            lambda: ig_peers(case, steps, rows),
+            "saliency",
+            ig_options,
+        ),
+        "SmoothGrad (25 samples)": (lambda: smoothgrad_peers(case), "saliency", sg_options),
+        "LRP in one forward + one backward": (lambda: lxt_peers(case), "generic", {}),
+        TA_TASK: (dict, "transformer_attribution", {}),
+    }
+    plan: dict[str, dict[str, Run]] = {}
+    missing: dict[str, str] = {}
+    for task, (build, method, options) in peers.items():
+        try:
+            runs = build()
+        except ImportError as err:  # that library is not installed: vitlens alone
+            runs, missing[task] = {}, str(err)
+        label = f"vitlens {method}" + (f" ({options['mode']})" if "mode" in options else "")
+        runs[label] = vitlens_call(explainer, case.pixels, method, options)
+        if client is not None:
+            runs[f"{label}, gRPC"] = grpc_call(
+                client, case.model.name, case.images, method, options
+            )
+        plan[task] = runs
+    return plan, missing
+
+
+def ig_agreement(case: Case, explainer: Explainer, steps: int) -> float | None:
+    """Largest |vitlens − captum| of the IG maps (max over channels of |attribution|), relative
+    to the largest map value: the two compute the same thing. None without captum."""
+    try:
+        from captum.attr import IntegratedGradients
+    except ImportError:
+        return None
+    attr = IntegratedGradients(case.wrapped).attribute(
+        case.pixels,
+        torch.zeros_like(case.pixels),
+        target=case.targets,
+        n_steps=steps,
+        method="riemann_right",
     )
-    theirs = attr.abs().amax(1)
+    theirs = attr.abs().amax(1).cpu()
     spec = get_method("saliency")
-    params = parse_params(
-        spec.params, {"mode": "integrated_gradients", "steps": steps}, method="saliency"
-    )
-    job = ExplainJob(pixels=pixels, method=spec, params=params, target=TargetSpec(), grid="native")
+    options = {"mode": "integrated_gradients", "steps": steps}
+    params = parse_params(spec.params, options, method="saliency")
+    job = ExplainJob(case.pixels, spec, params, TargetSpec(), grid="native")
     ours = torch.from_numpy(explainer.explain(job).heatmaps[:, 0])
-    return float((ours - theirs.cpu()).abs().max() / theirs.abs().max())
+    return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
 def measure(plan: dict[str, dict[str, Run]], rounds: int, device: torch.device) -> dict:
@@ -267,7 +290,9 @@ def measure(plan: dict[str, dict[str, Run]], rounds: int, device: torch.device) 
     return seconds
 
 
-def markdown(seconds: dict, batch: int, env: str, agreement: float) -> str:
+def markdown(
+    seconds: dict, batch: int, env: str, agreement: float | None, missing: dict[str, str]
+) -> str:
     lines = [
         f"{env}. B = {batch} images a call, each explained for its predicted class; seconds are "
         "medians over the rounds; \"vitlens x\" is the peer's seconds ÷ vitlens' seconds in the "
@@ -290,15 +315,18 @@ def markdown(seconds: dict, batch: int, env: str, agreement: float) -> str:
             lines.append(
                 f"| {task} | {name} | {median:.3f} | {rate:.2f} | {cells[0]} | {cells[1]} |"
             )
-    lines.append(
-        "| Transformer Attribution | Chefer et al.'s code | not run: no PyPI package "
-        "(GitHub only) | | | |"
-    )
-    lines += [
-        "",
-        f"vitlens' and captum's Integrated Gradients maps agree to {agreement:.1e} of the largest "
-        "map value (the same right Riemann sum from the black image).",
-    ]
+        if task in missing:
+            lines.append(f"| {task} | peer not run: {missing[task]} | | | | |")
+        if task == TA_TASK:
+            lines.append(
+                f"| {task} | Chefer et al.'s code | not run: no PyPI package (GitHub only) | | | |"
+            )
+    if agreement is not None:
+        lines += [
+            "",
+            f"vitlens' and captum's Integrated Gradients maps agree to {agreement:.1e} of the "
+            "largest map value (the same right Riemann sum from the black image).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -325,7 +353,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    if args.model == "demo":
+    if args.model in ("demo", DEMO_MODEL_NAME):
         model = load_model(demo_spec(args.device))
     else:
         model = load_model(ModelSpec(name=args.model, architecture=args.model, device=args.device))
@@ -338,25 +366,25 @@ def main() -> None:
     stem = f"{model.device.type}-{model.name}"
     server = None
     if not args.no_grpc:
-        flags = [
-            "serve",
-            "--cache-mb",
-            "0",
-            "--device",
-            args.device,
-            "--max-batch-size",
-            str(args.max_batch_size),
-        ]
-        if args.model != "demo":
-            flags += ["--model", f"{args.model}={args.model}"]
+        flags = ["--cache-mb", "0", "--device", args.device]
+        flags += ["--max-batch-size", str(args.max_batch_size)]
+        if args.threads:
+            flags += ["--threads", str(args.threads)]
+        if args.model not in ("demo", DEMO_MODEL_NAME):
+            flags += ["--model", f"{model.name}={args.model}:random"]
         server = ServeProcess.start(flags, log=args.out / f"{stem}-serve.log")
     try:
         client = None
         if server is not None:
             server.wait_serving(timeout_s=600)
             client = vitlens.Client(server.address, timeout_s=600)
-        plan = tasks(model, pixels, explainer, client, args.steps)
-        agreement = ig_agreement(model, pixels, explainer, args.steps)
+        wrapped = Normalised(model).eval()
+        with torch.no_grad():
+            targets = wrapped(pixels).argmax(1)
+        wire = (pixels * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        case = Case(model, pixels, targets, wrapped, [np.ascontiguousarray(p) for p in wire])
+        plan, missing = tasks(case, explainer, client, args.steps)
+        agreement = ig_agreement(case, explainer, args.steps)
         seconds = measure(plan, args.rounds, model.device)
     finally:
         if server is not None:
@@ -367,7 +395,7 @@ def main() -> None:
         + (f", {torch.cuda.get_device_name()}" if model.device.type == "cuda" else "")
         + f"; {args.rounds} interleaved rounds"
     )
-    body = markdown(seconds, args.batch, env, agreement)
+    body = markdown(seconds, args.batch, env, agreement, missing)
     print(body)
     (args.out / f"{stem}.json").write_text(
         json.dumps(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every measurement and test that needs a GPU, in one command (about 9 minutes on one H100/H200):
+# Every measurement and test that needs a GPU, in one command (about 11 minutes on one H100/H200):
 #
 #   bash scripts/gpu_checks.sh [OUT_DIR]          # OUT_DIR defaults to gpu_out/
 #
@@ -24,13 +24,20 @@
 # 9. DETR (issue #18): DETR_STEPS steps of the exemplar detector's schedule (`detr_train
 #    --device`, whose log gives images/s), and scripts/bench_detr.py: K detections per image
 #    explained by one vectorised backward pass, by K passes and by B·K separate calls.
+# 10. Methods ÷ roof (issue #19): every method's explanations/s over the roof of the passes it
+#    declares, and Predict over the fused forward, scripts/bench_methods.py on MODEL (section in
+#    BENCHMARKS.md, files in OUT_DIR/methods_roof/).
+# 11. Peers (issue #19): vitlens in process and over gRPC against captum, lxt and (where OpenCV
+#    is installed) pytorch-grad-cam, scripts/bench_peers.py (section in BENCHMARKS.md).
 #
 # DEVICE, MODEL, CONCURRENCY, DURATION, ROOF_MAX_BATCH, REFLECTION_MODEL, REFLECTION_IMAGES,
-# REPEATS, TRAIN_STEPS, IMAGES, TEXTS, CLIP_STEPS, VQA_STEPS and DETR_STEPS override the defaults. A CPU smoke
+# REPEATS, TRAIN_STEPS, IMAGES, TEXTS, CLIP_STEPS, VQA_STEPS, DETR_STEPS, ROOF_BATCHES, ROOF_ROUNDS
+# and PEER_BATCH override the defaults. A CPU smoke
 # run of the script itself:
 #   DEVICE=cpu MODEL=vitlens-demo CONCURRENCY=1,4 DURATION=3 ROOF_MAX_BATCH=4 \
 #   REFLECTION_MODEL=demo REFLECTION_IMAGES=1 REPEATS=1 TRAIN_STEPS=12 IMAGES=2 TEXTS=2 CLIP_STEPS=4 \
-#   VQA_STEPS=4 DETR_STEPS=4 bash scripts/gpu_checks.sh /tmp/smoke
+#   VQA_STEPS=4 DETR_STEPS=4 ROOF_BATCHES='1 2' ROOF_ROUNDS=1 PEER_BATCH=2 \
+#   bash scripts/gpu_checks.sh /tmp/smoke
 # Logs, the updated BENCHMARKS.md and a summary go to OUT_DIR; paste the figures into
 # benchmarks/token_reflection.md and the README. Needs the packages of `pip install -e ./client -e
 # '.[dev]'`. On the device tool's H100/H200 image, which lacks some of them, carry wheels
@@ -67,6 +74,12 @@ step() { # step NAME COMMAND...: run, log to OUT/NAME.log, remember a failure, g
 cat "$OUT/summary.txt"
 
 step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_gpu.py
+# issue #19 first: the methods ÷ roof and peer tables (steps 10 and 11 above)
+ROOF_MODEL=${MODEL%%:*}
+step methods_roof "$PY" scripts/bench_methods.py --model "$ROOF_MODEL" --device "$DEVICE" \
+    --batch-sizes ${ROOF_BATCHES:-1 8 32 64} --rounds "${ROOF_ROUNDS:-3}" --out "$OUT/methods_roof"
+step peers "$PY" scripts/bench_peers.py --model "$ROOF_MODEL" --device "$DEVICE" \
+    --batch "${PEER_BATCH:-16}" --max-batch-size 64 --rounds "${ROOF_ROUNDS:-3}" --out "$OUT/peers"
 step serving "$PY" scripts/bench_serving.py --model "$MODEL" --device "$DEVICE" \
     --precision bf16 --methods generic,rollout --concurrency "$CONCURRENCY" --requests 20000 \
     --duration "$DURATION" --max-batch-size 128 --max-delay-ms 0 --roof-max-batch "${ROOF_MAX_BATCH:-256}" \

@@ -143,27 +143,29 @@ def test_interruption_between_method_calls_of_jobs(explainer: Explainer) -> None
 
 @pytest.mark.parametrize(
     ("options", "passes"),
-    [({"mode": "smoothgrad", "samples": 6}, 6), ({"mode": "integrated_gradients", "steps": 5}, 5)],
+    [({"mode": "smoothgrad", "samples": 6}, 3), ({"mode": "integrated_gradients", "steps": 5}, 3)],
 )
-def test_interruption_stops_saliency_within_one_step(
-    explainer: Explainer, options: dict, passes: int
-) -> None:
-    """Each SmoothGrad sample or IG step is one input-gradient pass; interrupted after the
-    second, no third pass runs."""
+def test_interruption_stops_saliency_within_one_pass(options: dict, passes: int) -> None:
+    """SmoothGrad samples / IG steps of the batch run two copies (4 images, max_pass_rows) to
+    an input-gradient pass, the last pass taking the rest; interrupted after the second pass,
+    no third runs."""
+    explainer = Explainer(tiny_loaded(seed=4, dtype=torch.float64), max_pass_rows=4)
     job = _job("saliency", options, TargetSpec(), 2, seed=3)
-    forwards = [0]
+    forwards: list[int] = []
     hook = explainer.model.module.register_forward_hook(
-        lambda *_: forwards.__setitem__(0, forwards[0] + 1)
+        lambda _m, inputs, _o: forwards.append(inputs[0].shape[0])
     )
     try:
         with pytest.raises(Interrupted):
-            explainer.explain_batch([job], interrupted=lambda: forwards[0] >= 1 + 2)
-        assert forwards[0] == 1 + 2
-        forwards[0] = 0
+            explainer.explain_batch([job], interrupted=lambda: len(forwards) >= 1 + 2)
+        assert forwards == [2, 4, 4]  # the recording's forward, then two passes of two copies
+        forwards.clear()
         explainer.explain_batch([job])
-        assert forwards[0] == 1 + passes
+        assert len(forwards) == 1 + passes
+        assert sum(forwards[1:]) == 2 * options.get("samples", options.get("steps"))
     finally:
         hook.remove()
+        explainer.close()
 
 
 def test_out_of_memory_splits_the_batch_and_a_poisoned_request_fails_alone() -> None:

@@ -10,9 +10,10 @@ and class, is the sum of the passes its `MethodSpec` declares:
 
     recording forward   t_f, or t_fb with `Pass.BACKWARD` (the backward to the attention
                         outputs costs what one to the input costs)
-    Pass.LRP            + 2 (t_fb − t_f): the α1β0 rule (Chefer et al.) splits every Linear
-                        into its positive and negative parts, so its relevance propagation is
-                        two backward-shaped sweeps
+    Pass.LRP            + (t_fb − t_f): one backward-shaped sweep, what LRP costs when it is
+                        a gradient (lxt's AttnLRP); the α1β0 rule of Chefer et al. needs four
+                        matrix products a Linear where a backward needs one, so methods using
+                        it stay under this roof (BENCHMARKS.md profiles them)
     Pass.EXTRA          + forwards · t_f + gradients · t_fb (`MethodSpec.extra_count`)
 
 A method's rate is explanations/s of `Explainer.explain_batch` on B images (tokens grid, the
@@ -58,7 +59,7 @@ def roof_seconds(spec: MethodSpec, params: object, tokens: int, prims: Primitive
     t_f, t_fb = prims.forward, prims.forward_backward
     seconds = t_fb if Pass.BACKWARD in spec.passes else t_f
     if Pass.LRP in spec.passes:
-        seconds += 2 * (t_fb - t_f)
+        seconds += t_fb - t_f
     extra = spec.extra_count(params, tokens)
     return seconds + extra.forwards * t_f + extra.gradients * t_fb
 
@@ -112,6 +113,18 @@ def _job(model: LoadedModel, name: str, batch: int) -> ExplainJob:
     )
 
 
+def _passes(spec: MethodSpec, params: object, tokens: int) -> str:
+    """The declared passes in words, e.g. ``forward + extra (32 gradients)``."""
+    words = " + ".join(spec.pass_names)
+    extra = spec.extra_count(params, tokens)
+    counts = [
+        f"{n} {kind}"
+        for n, kind in ((extra.forwards, "forwards"), (extra.gradients, "gradients"))
+        if n
+    ]
+    return f"{words} ({', '.join(counts)})" if counts else words
+
+
 def measure_methods(
     model: LoadedModel,
     methods: Sequence[str],
@@ -161,7 +174,7 @@ def measure_methods(
     report = MethodsReport(model.name, str(device), tuple(batch_sizes), rounds)
     for name in methods:
         job = _job(model, name, 1)
-        report.passes[name] = " + ".join(job.method.pass_names)
+        report.passes[name] = _passes(job.method, job.params, tokens)
         estimate = roof_seconds(job.method, job.params, tokens, first)
         fitting = [b for b in batch_sizes if b * estimate * 1.5 <= max_call_s] or [batch_sizes[0]]
         for b in fitting:

@@ -75,13 +75,14 @@ def capture(
         x: (B, C, H, W) the model's input (already normalised).
         lrp: also keep the activations LRP reads (`Recording.lrp`).
         gradients: build the autograd graph from ``x`` for `Capture.gradients`; otherwise the
-            pass runs without one.
+            pass runs under ``torch.inference_mode`` (its tensors are inference tensors: the
+            methods read them, never change them in place).
         autocast: context around the forward pass (e.g. bfloat16 autocast); None: none.
         pixels, passes: stored in the recording (`Recording.pixels`, `Recording.passes`).
     """
     with (
         hooks.record(lrp, pixels=pixels, passes=passes) as rec,
-        torch.set_grad_enabled(gradients),
+        torch.enable_grad() if gradients else torch.inference_mode(),
         autocast or contextlib.nullcontext(),
     ):
         logits = hooks.module(x.detach().requires_grad_(gradients))  # (B, classes)
