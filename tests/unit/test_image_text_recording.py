@@ -261,10 +261,21 @@ def test_recording_leaves_no_trace(open_clip_vit) -> None:
 def test_close_removes_every_hook(tmp_path) -> None:
     write_open_clip_dir(tmp_path / "m", VIT_CFG, build_open_clip_module(VIT_CFG))
     model = load_image_text_model(f"open_clip:{tmp_path / 'm'}")
-    assert any(m._forward_pre_hooks for m in model.module.modules())
+
+    def hooks() -> int:
+        modules = model.module.modules()
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+
+    assert hooks() == 0  # on the towers only while recording: Predict runs them bare
+    with model.record():
+        attention = hooks()
+        assert attention > 0
+    with model.record(lrp=True):
+        assert hooks() > attention  # the LRP taps join recordings that ask for them
+    assert hooks() == 0
     model.close()
-    for module in model.module.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
+    with model.record():
+        assert hooks() == 0  # closed: nothing attaches again
 
 
 def test_threads_record_their_own_passes(open_clip_vit) -> None:

@@ -27,23 +27,21 @@ The active recording is per thread: two threads may each record their own passes
 same model at the same time, and a thread that is not recording leaves no trace in the other's
 (while another thread records, its passes run the hooks, which find no recording of theirs and
 keep nothing). The hooks are attached when the first recording starts and removed when the last
-one ends, under a lock; each group (attention, LRP) counts its own recordings.
+one ends (`vitlens_server.models.hook_scope.HookScope`); the attention and the LRP hooks are two
+scopes, the LRP one attached only for recordings that ask for it.
 `vitlens_server.explain.recording` runs the forward (and backward) passes under the hooks.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from vitlens_server.explain.records import (
     AttentionRecord,
@@ -52,6 +50,7 @@ from vitlens_server.explain.records import (
     ModelPasses,
     Recording,
 )
+from vitlens_server.models.hook_scope import HookScope
 from vitlens_server.models.loading import READOUTS, readout_kind
 
 __all__ = ["AttentionHooks", "UnsupportedModel"]
@@ -59,43 +58,6 @@ __all__ = ["AttentionHooks", "UnsupportedModel"]
 
 class UnsupportedModel(TypeError):
     """The model's attention modules are not of a layout the hooks understand."""
-
-
-@dataclass
-class _HookGroup:
-    """Hooks attached to their modules while at least one recording uses them.
-
-    ``hooks``: (module, "forward" or "pre", hook) triples; `acquire` attaches them on the first
-    use, `release` removes them after the last; the caller holds the owner's lock.
-    """
-
-    hooks: list[tuple[nn.Module, Literal["forward", "pre"], Callable]] = field(default_factory=list)
-    users: int = 0
-    handles: list[RemovableHandle] = field(default_factory=list)
-
-    def add(self, module: nn.Module, kind: Literal["forward", "pre"], hook: Callable) -> None:
-        self.hooks.append((module, kind, hook))
-
-    def acquire(self) -> None:
-        if self.users == 0:
-            self.handles = [
-                module.register_forward_hook(hook)
-                if kind == "forward"
-                else module.register_forward_pre_hook(hook)
-                for module, kind, hook in self.hooks
-            ]
-        self.users += 1
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            self.remove()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        self.users = 0
 
 
 class AttentionHooks:
@@ -117,15 +79,14 @@ class AttentionHooks:
         self._readout = _readout_weights(model)
         self._dtype = next(model.parameters()).dtype
         self._local = threading.local()  # .recording: this thread's active `Recording`
-        self._lock = threading.Lock()  # guards both groups' attach/remove
-        self._attention = _HookGroup()
+        self._attention = HookScope()
         for index, attn in enumerate(self._attns):
-            self._attention.add(attn.qkv, "forward", self._on_qkv(index, attn))
-            self._attention.add(attn.q_norm, "forward", self._on_tensor(index, "q"))
-            self._attention.add(attn.k_norm, "forward", self._on_tensor(index, "k"))
-            self._attention.add(attn.norm, "pre", self._on_out(index))
-        self._attention.add(model.norm, "forward", self._on_tokens())
-        self._lrp = _HookGroup()
+            self._attention.forward_hook(attn.qkv, self._on_qkv(index, attn))
+            self._attention.forward_hook(attn.q_norm, self._on_tensor(index, "q"))
+            self._attention.forward_hook(attn.k_norm, self._on_tensor(index, "k"))
+            self._attention.pre_hook(attn.norm, self._on_out(index))
+        self._attention.forward_hook(model.norm, self._on_tokens())
+        self._lrp = HookScope()
         self.lrp_problem = _lrp_problem(model)
         if self.lrp_problem is None:
             self._add_lrp_hooks(model)
@@ -168,23 +129,20 @@ class AttentionHooks:
             passes=passes,
             lrp=self._new_lrp_record() if lrp else None,
         )
-        groups = [self._attention, self._lrp] if lrp else [self._attention]
-        with self._lock:
-            for group in groups:
-                group.acquire()
-        self._local.recording = recording
-        try:
-            yield recording
-        finally:
-            self._local.recording = None
-            with self._lock:
-                for group in groups:
-                    group.release()
+        with ExitStack() as scopes:
+            scopes.enter_context(self._attention.attached())
+            if lrp:
+                scopes.enter_context(self._lrp.attached())
+            self._local.recording = recording
+            try:
+                yield recording
+            finally:
+                self._local.recording = None
 
     @property
     def attached(self) -> bool:
         """Whether any hook is on the model now (a recording is active in some thread)."""
-        return bool(self._attention.handles or self._lrp.handles)
+        return self._attention.is_attached or self._lrp.is_attached
 
     @property
     def _active(self) -> Recording | None:
@@ -193,9 +151,8 @@ class AttentionHooks:
 
     def close(self) -> None:
         """Remove all hooks, even those of recordings still active."""
-        with self._lock:
-            self._attention.remove()
-            self._lrp.remove()
+        self._attention.close()
+        self._lrp.close()
 
     def _keep(self, tensor: Tensor) -> Tensor:
         """A captured activation in the weights' dtype: under bf16 autocast the methods still
@@ -240,17 +197,17 @@ class AttentionHooks:
         """Hooks keeping `LrpRecord` tensors; they return None, so outputs are unchanged."""
         lrp = self._lrp
         for index, block in enumerate(model.blocks):
-            lrp.add(block, "pre", self._lrp_input(index, "x"))
-            lrp.add(block.attn.qkv, "pre", self._lrp_input(index, "qkv_in"))
-            lrp.add(block.attn.proj, "pre", self._lrp_input(index, "proj_in"))
-            lrp.add(block.ls1, "forward", self._lrp_output(index, "attn_branch"))
-            lrp.add(block.mlp.fc1, "pre", self._lrp_input(index, "fc1_in"))
-            lrp.add(block.mlp.fc2, "pre", self._lrp_input(index, "fc2_in"))
-            lrp.add(block.ls2, "forward", self._lrp_output(index, "mlp_branch"))
+            lrp.pre_hook(block, self._lrp_input(index, "x"))
+            lrp.pre_hook(block.attn.qkv, self._lrp_input(index, "qkv_in"))
+            lrp.pre_hook(block.attn.proj, self._lrp_input(index, "proj_in"))
+            lrp.forward_hook(block.ls1, self._lrp_output(index, "attn_branch"))
+            lrp.pre_hook(block.mlp.fc1, self._lrp_input(index, "fc1_in"))
+            lrp.pre_hook(block.mlp.fc2, self._lrp_input(index, "fc2_in"))
+            lrp.forward_hook(block.ls2, self._lrp_output(index, "mlp_branch"))
         for index, head in enumerate(_heads(model)):
-            lrp.add(head, "forward", self._lrp_head(index))
+            lrp.forward_hook(head, self._lrp_head(index))
         if readout_kind(model) == "avg":
-            lrp.add(model.fc_norm, "pre", self._lrp_pooled())
+            lrp.pre_hook(model.fc_norm, self._lrp_pooled())
 
     def _new_lrp_record(self) -> LrpRecord:
         model = self._model

@@ -30,6 +30,7 @@ walk. Arithmetic in float32 at least.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class DetrTape:
     """What one forward pass kept: per module path, its inputs (Linear: its input; attention:
     its keyword inputs) and its output."""
 
+    thread: int = 0  # the recording thread: the hooks ignore passes of any other
     linear_in: dict[str, Tensor] = field(default_factory=dict)
     linear_out: dict[str, Tensor] = field(default_factory=dict)
     attention_in: dict[str, dict[str, Tensor | None]] = field(default_factory=dict)
@@ -62,9 +64,9 @@ class DetrTape:
 
 @contextmanager
 def record_detr_lrp(detector: DetrDetector) -> Iterator[DetrTape]:
-    """Record, for the forward passes inside the block, what LRP reads; the hooks live only for
-    the block."""
-    tape = DetrTape()
+    """Record, for the forward passes this thread runs inside the block, what LRP reads; the
+    hooks live only for the block, and passes of other threads meanwhile leave no trace."""
+    tape = DetrTape(thread=threading.get_ident())
     module = detector.module
     handles = []
     for path, sub in module.named_modules():
@@ -84,6 +86,8 @@ def record_detr_lrp(detector: DetrDetector) -> Iterator[DetrTape]:
 
 def _linear_hook(tape: DetrTape, path: str):
     def on_linear(_m: nn.Module, args: tuple, output: Tensor) -> None:
+        if threading.get_ident() != tape.thread:
+            return
         tape.linear_in[path], tape.linear_out[path] = args[0].detach(), output.detach()
 
     return on_linear
@@ -91,6 +95,8 @@ def _linear_hook(tape: DetrTape, path: str):
 
 def _attention_hook(tape: DetrTape, path: str):
     def on_attention(_m: nn.Module, args: tuple, kwargs: dict, _output) -> None:
+        if threading.get_ident() != tape.thread:
+            return
         names = ("hidden_states", "position_embeddings", "key_value_states")
         found = dict(zip(names, args, strict=False))
         found.update({k: v for k, v in kwargs.items() if isinstance(v, Tensor) or v is None})

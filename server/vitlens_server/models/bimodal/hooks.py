@@ -2,8 +2,9 @@
 
 One hook per attention ``nn.Dropout`` named by the graph's edge labels (`graphs`): its output is
 the edge's map A (B, h, q, k). A module labelled on several edges (LXMERT's shared co-attention)
-fills them in call order. The hooks are installed once per loaded model and do nothing unless
-the calling thread records (`MapHooks.record`); `MapHooks.close` removes them all.
+fills them in call order. The hooks are declared once per loaded model and are on the modules
+only while some thread records (`MapHooks.record`, a `vitlens_server.models.hook_scope.HookScope`:
+Predict runs the bare model); `MapHooks.close` removes them all.
 
 When the pass builds a graph but nothing before a map requires grad (the frozen weights never
 do, and LXMERT's language encoder never sees the image inputs), the hook hands the model an
@@ -18,10 +19,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from vitlens_server.explain.graph.declare import AttentionGraph
 from vitlens_server.models.bimodal.records import BimodalRecording
+from vitlens_server.models.hook_scope import HookScope
 
 __all__ = ["MapHooks"]
 
@@ -38,21 +39,15 @@ class MapHooks:
         """
         self.graph = graph
         self._local = threading.local()  # .recording: this thread's active recording
-        self._handles: list[RemovableHandle] = []
+        self._scope = HookScope()
         calls: dict[str, list[int]] = {}  # path → its edges, in call order
         for index, edge in enumerate(graph.edges):
             calls.setdefault(edge.label, []).append(index)
-        try:
-            for path, edges in calls.items():
-                module = model.get_submodule(path)
-                if not isinstance(module, nn.Dropout):
-                    raise TypeError(
-                        f"{path} is a {type(module).__name__}, not the attention dropout"
-                    )
-                self._handles.append(module.register_forward_hook(_map_hook(self, tuple(edges))))
-        except BaseException:
-            self.close()
-            raise
+        for path, edges in calls.items():
+            module = model.get_submodule(path)
+            if not isinstance(module, nn.Dropout):
+                raise TypeError(f"{path} is a {type(module).__name__}, not the attention dropout")
+            self._scope.forward_hook(module, _map_hook(self, tuple(edges)))
 
     @property
     def active(self) -> BimodalRecording | None:
@@ -61,7 +56,8 @@ class MapHooks:
 
     @property
     def num_hooks(self) -> int:
-        return len(self._handles)
+        """Hooks declared (one per hooked module); on the model only while recording."""
+        return self._scope.declared
 
     @contextmanager
     def record(self) -> Iterator[BimodalRecording]:
@@ -69,17 +65,16 @@ class MapHooks:
         if self.active is not None:
             raise RuntimeError("a recording of this model is already active in this thread")
         recording = BimodalRecording(self.graph)
-        self._local.recording = recording
-        try:
-            yield recording
-        finally:
-            self._local.recording = None
+        with self._scope.attached():
+            self._local.recording = recording
+            try:
+                yield recording
+            finally:
+                self._local.recording = None
 
     def close(self) -> None:
         """Remove every hook."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._scope.close()
 
 
 def _map_hook(

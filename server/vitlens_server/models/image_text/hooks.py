@@ -1,7 +1,9 @@
 """Hooks that record one tower's attention while the libraries keep their fused attention.
 
-`TowerHooks` goes on every attention module of a tower once per loaded model and does nothing
-unless the calling thread records (`TowerHooks.record`). One tap per attention kind:
+`TowerHooks` declares hooks on every attention module of a tower once per loaded model; they
+are on the modules only while some thread records (`TowerHooks.record`, a
+`vitlens_server.models.hook_scope.HookScope`), so Predict runs the bare towers. One tap per
+attention kind:
 
 * `TimmAttentionTap` (``timm.layers.Attention``, timm image towers): q and k from ``q_norm`` /
   ``k_norm``, v from ``qkv``, O from the input of ``attn.norm``; the mask from the call's
@@ -26,9 +28,10 @@ inputs of its linear layers, its residual branches and the final norm's output (
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from vitlens_server.models.hook_scope import HookScope
 from vitlens_server.models.image_text.lrp_taps import LrpTaps, install_lrp
 from vitlens_server.models.image_text.records import (
     AttentionRecord,
@@ -64,9 +68,9 @@ class AttentionTap(Protocol):
 class TowerHooks:
     """Recording hooks on every attention layer of one tower.
 
-    Install once per loaded model; inert outside `record()`. Each thread may have one recording
-    active per tower, and a hook fills only the recording of the thread running the pass.
-    `close()` removes every hook.
+    Declare once per loaded model; the hooks are on the tower only during `record()`. Each
+    thread may have one recording active per tower, and a hook fills only the recording of the
+    thread running the pass. `close()` removes every hook.
     """
 
     def __init__(
@@ -86,17 +90,16 @@ class TowerHooks:
         self.has_inputs = inputs is not None
         self.lrp = lrp
         self._local = threading.local()  # .recording: this thread's active `TowerRecording`
-        self._handles: list[RemovableHandle] = []
-        try:
-            for index, tap in enumerate(taps):
-                self._handles += tap.install(self, index)
-            if inputs is not None:
-                self._handles.append(inputs.register_forward_hook(_inputs_hook(self)))
-            if lrp is not None:
-                self._handles += install_lrp(self, lrp)
-        except BaseException:
-            self.close()
-            raise
+        self._scope = HookScope()
+        for index, tap in enumerate(taps):
+            self._scope.add(functools.partial(tap.install, self, index))
+        if inputs is not None:
+            self._scope.forward_hook(inputs, _inputs_hook(self))
+        self._lrp_scope = HookScope()  # attached only for recordings with lrp=True
+        if lrp is not None:
+            self._lrp_scope.add(functools.partial(install_lrp, self, lrp))
+        with self._scope.attached(), self._lrp_scope.attached():
+            pass  # a layout the taps cannot hook fails here, at load time
 
     @property
     def active(self) -> TowerRecording | None:
@@ -121,11 +124,12 @@ class TowerHooks:
             record_lrp=lrp,
             blocks=[BlockRecord() for _ in range(self.graph.num_layers)] if lrp else None,
         )
-        self._local.recording = recording
-        try:
-            yield recording
-        finally:
-            self._local.recording = None
+        with self._scope.attached(), self._lrp_scope.attached() if lrp else nullcontext():
+            self._local.recording = recording
+            try:
+                yield recording
+            finally:
+                self._local.recording = None
 
     def layer(self, index: int) -> AttentionRecord | None:
         """Layer ``index`` of the active recording (created on first use), or None."""
@@ -144,9 +148,8 @@ class TowerHooks:
 
     def close(self) -> None:
         """Remove all hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._scope.close()
+        self._lrp_scope.close()
 
 
 def _anchor(tensor: Tensor) -> Tensor:
