@@ -164,6 +164,14 @@ class Recording:
             raise RuntimeError("this model has no fixed readout row (checked before queueing)")
         return self.readout.to(dtype).expand(batch, 1, -1)
 
+    @staticmethod
+    def row_times(row: Tensor, matrix: Tensor) -> Tensor:
+        """(B, 1, N) row · (B, N, N) matrix → (B, 1, N), as a broadcast product summed over
+        the rows: each entry's sum runs in the same order for every image, so equal images
+        get bitwise-equal maps wherever they sit in the batch (a batched matrix-vector product
+        does not promise that: its kernel depends on each operand's memory alignment)."""
+        return (row.transpose(1, 2) * matrix).sum(dim=1, keepdim=True)
+
     def row_map(self, row: Tensor) -> Tensor:
         """(B, 1, N) readout row of a relevance matrix → its (B, gh, gw) map over the patches."""
         return row[:, 0, self.num_prefix_tokens :].reshape(row.shape[0], *self.grid)

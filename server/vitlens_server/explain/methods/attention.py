@@ -80,7 +80,7 @@ def rollout(rec: Recording, _targets: Tensor, params: RolloutParams) -> MethodOu
             augmented = augmented_attention(rec, layer, params)
             if row is None:
                 row = rec.readout_weights(augmented.shape[0], augmented.dtype)
-            row = row @ augmented
+            row = rec.row_times(row, augmented)
         return MethodOutput(rec.row_map(row))
     result: Tensor | None = None
     for layer in layers:

@@ -80,5 +80,5 @@ def _readout_row(rec: Recording, targets: Tensor) -> Tensor:
     ]
     row = rec.readout_weights(weighted[0].shape[0], weighted[0].dtype)
     for step in reversed(weighted):
-        row = row + row @ step
+        row = row + rec.row_times(row, step)
     return row
