@@ -36,12 +36,16 @@ def build(model: str, device: str) -> LoadedModel:
 
 
 def explainable(model: LoadedModel) -> list[str]:
-    """The methods Explain accepts for ``model``, but the reference rows (random)."""
+    """The methods Explain accepts for ``model``, but the reference rows (random), and
+    saliency's SmoothGrad and Integrated Gradients modes as rows of their own."""
     explainer = Explainer(model)
     try:
-        return [s.name for s in explainer.supported_methods() if s.name != "random"]
+        names = [s.name for s in explainer.supported_methods() if s.name != "random"]
     finally:
         explainer.close()
+    if "saliency" in names:
+        names += ["saliency:smoothgrad", "saliency:integrated_gradients"]
+    return names
 
 
 def markdown(report: MethodsReport, target: float, profiles: dict[str, str], env: str) -> str:
@@ -51,7 +55,9 @@ def markdown(report: MethodsReport, target: float, profiles: dict[str, str], env
         f"{', '.join(map(str, report.batch_sizes))}; {report.rounds} interleaved rounds.",
         "",
         f"Roof primitives at their best batch size: fused forward {1 / prims.forward:.1f} "
-        f"images/s, fused forward+backward {1 / prims.forward_backward:.1f} images/s.",
+        f"images/s, fused forward+backward {1 / prims.forward_backward:.1f} images/s; for "
+        f"reference, timm's unfused forward (the one that forms the attention maps) "
+        f"{max(report.unfused_forward.values()):.1f} images/s.",
         "",
         "| Predict | " + " | ".join(f"B = {b}" for b in report.batch_sizes) + " |",
         "|---|" + "---|" * len(report.batch_sizes),
@@ -85,7 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="demo, or a timm architecture name")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", nargs="*", help="default: every method Explain accepts")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        help="methods, or method:mode (saliency:integrated_gradients); default: every method "
+        "Explain accepts and saliency's two other modes",
+    )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="timed calls a round")
@@ -127,6 +138,7 @@ def main() -> None:
         "forward": report.forward,
         "forward_backward": report.forward_backward,
         "predict": report.predict,
+        "unfused_forward": report.unfused_forward,
         "methods": report.methods,
         "roofs": report.roofs,
         "ratios": {m: report.ratio(m) for m in report.methods},

@@ -11,7 +11,7 @@ import torch
 from tests.tiny import tiny_loaded, tiny_vit, unfused_attention_and_grads
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
 from vitlens_server.explain.capture import AttentionHooks, UnsupportedModel
-from vitlens_server.explain.params import NoParams
+from vitlens_server.explain.params import NoParams, parse_params
 from vitlens_server.explain.recording import capture, record
 
 
@@ -49,7 +49,8 @@ def test_hooks_are_on_the_model_only_while_a_recording_is_active() -> None:
     assert _hook_count(model) == 0 and not hooks.attached
     with hooks.record():
         attention_only = _hook_count(model)
-        assert attention_only == 4 * len(model.blocks) + 1 and hooks.attached
+        # q, k, v, O and the map of each block (the map only when formed), the final tokens
+        assert attention_only == 5 * len(model.blocks) + 1 and hooks.attached
     assert _hook_count(model) == 0
     with hooks.record(lrp=True):
         assert _hook_count(model) > attention_only
@@ -72,6 +73,39 @@ def test_hooks_are_on_the_model_only_while_a_recording_is_active() -> None:
         leave.set()
         thread.join()
     assert _hook_count(model) == 0
+    hooks.close()
+
+
+def test_a_recording_with_maps_keeps_the_maps_its_pass_formed() -> None:
+    """maps=True: this thread runs timm's unfused attention and keeps each A_l as formed (equal
+    to the rebuilt softmax(scale q kᵀ)); a pass of another thread meanwhile stays fused; the
+    flag is timm's plain bool again after, and a copy made meanwhile gets the plain value."""
+    model = tiny_vit(seed=5, dtype=torch.float64)
+    hooks = AttentionHooks(model)
+    assert hooks.forms_maps
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with hooks.record() as plain, torch.no_grad():
+        model(x)
+    assert all(layer.attn is None for layer in plain.layers)
+    seen: list[bool] = []
+
+    def other_thread() -> None:
+        seen.append(bool(model.blocks[0].attn.fused_attn))
+
+    with hooks.record(maps=True) as rec, torch.no_grad():
+        assert not model.blocks[0].attn.fused_attn  # this thread: unfused
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        copied = copy.deepcopy(model)
+        model(x)
+    assert seen == [True]
+    assert all(type(b.attn.fused_attn) is bool and b.attn.fused_attn for b in copied.blocks)
+    assert all(type(b.attn.fused_attn) is bool and b.attn.fused_attn for b in model.blocks)
+    for layer in range(rec.num_layers):
+        assert rec.layers[layer].attn is not None
+        torch.testing.assert_close(rec.attention(layer), plain.attention(layer))
+        torch.testing.assert_close(rec.attention(layer), rec.scores(layer).softmax(-1))
     hooks.close()
 
 
@@ -202,3 +236,23 @@ def test_explaining_leaves_no_gradients_and_keeps_the_fused_path() -> None:
     assert all(block.attn.fused_attn for block in loaded.module.blocks)
     explainer.close()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.module.modules())
+
+
+def test_the_engine_forms_maps_in_forward_only_cpu_passes_only() -> None:
+    """On CPU in fp32 a forward-only batch runs timm's unfused attention (its attn_drop is
+    called); a batch with gradients keeps the fused kernel; both give the reference maps."""
+    loaded = tiny_loaded(seed=6)
+    explainer = Explainer(loaded)
+    calls = []
+    spy = loaded.module.blocks[0].attn.attn_drop.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(2, 3, 32, 32)
+    try:
+        for name, formed in (("rollout", True), ("generic", False)):
+            calls.clear()
+            spec = get_method(name)
+            job = ExplainJob(x, spec, parse_params(spec.params, {}, method=name), TargetSpec())
+            explainer.explain(job)
+            assert bool(calls) is formed, name
+    finally:
+        spy.remove()
+        explainer.close()

@@ -16,6 +16,11 @@ and class, is the sum of the passes its `MethodSpec` declares:
                         it stay under this roof (BENCHMARKS.md profiles them)
     Pass.EXTRA          + forwards · t_f + gradients · t_fb (`MethodSpec.extra_count`)
 
+timm's unfused forward (the path that forms each A_l, as code without vitlens' recording must
+run to read attention maps) is timed too, for reference: forward-only methods that read every
+layer's map (rollout) rebuild A_l = softmax(q kᵀ) after the fused pass, and the unfused forward
+is the other way to get them.
+
 A method's rate is explanations/s of `Explainer.explain_batch` on B images (tokens grid, the
 default options, the predicted class) at its best B; ratio = rate ÷ (1 / roof). Predict is
 `Explainer.predict` (normalisation, forward, top-k, host copy) against t_f at each B.
@@ -27,6 +32,7 @@ all its timed calls. A method runs only the batch sizes whose estimated call fit
 
 from __future__ import annotations
 
+import copy
 import cProfile
 import io
 import pstats
@@ -75,6 +81,7 @@ class MethodsReport:
     forward: dict[int, float] = field(default_factory=dict)
     forward_backward: dict[int, float] = field(default_factory=dict)
     predict: dict[int, float] = field(default_factory=dict)
+    unfused_forward: dict[int, float] = field(default_factory=dict)  # for reference only
     methods: dict[str, dict[int, float]] = field(default_factory=dict)
     roofs: dict[str, float] = field(default_factory=dict)  # method → roof explanations/s
     passes: dict[str, str] = field(default_factory=dict)  # method → its declared passes
@@ -103,11 +110,14 @@ def _timed(run: Callable[[], object], device: torch.device) -> float:
 
 
 def _job(model: LoadedModel, name: str, batch: int) -> ExplainJob:
-    method = get_method(name)
+    """A job of ``batch`` images for ``name``: a method, or ``method:mode`` for one of its
+    modes (``saliency:integrated_gradients``), with the defaults of its other options."""
+    key, _, mode = name.partition(":")
+    method = get_method(key)
     pixels = torch.rand(
         (batch, *model.geometry.input_size), generator=torch.Generator().manual_seed(batch)
     )
-    params = parse_params(method.params, {}, method=name)
+    params = parse_params(method.params, {"mode": mode} if mode else {}, method=key)
     return ExplainJob(
         pixels=pixels.to(model.device), method=method, params=params, target=TargetSpec()
     )
@@ -118,7 +128,7 @@ def _passes(spec: MethodSpec, params: object, tokens: int) -> str:
     words = " + ".join(spec.pass_names)
     extra = spec.extra_count(params, tokens)
     counts = [
-        f"{n} {kind}"
+        f"{n} {kind if n > 1 else kind[:-1]}"
         for n, kind in ((extra.forwards, "forwards"), (extra.gradients, "gradients"))
         if n
     ]
@@ -146,9 +156,14 @@ def measure_methods(
     }
     pixels = {b: torch.rand((b, *model.geometry.input_size), device=device) for b in batch_sizes}
 
-    def forward(b: int) -> object:
+    unfused = copy.deepcopy(module)  # timm's unfused attention: the forward that forms A_l
+    for block in unfused.modules():
+        if hasattr(block, "fused_attn"):
+            block.fused_attn = False
+
+    def forward(b: int, net: torch.nn.Module = module) -> object:
         with torch.inference_mode():
-            return module(inputs[b])
+            return net(inputs[b])
 
     def forward_backward(b: int) -> object:
         with torch.enable_grad():
@@ -162,6 +177,7 @@ def measure_methods(
         calls["forward", b] = lambda b=b: forward(b)
         calls["forward_backward", b] = lambda b=b: forward_backward(b)
         calls["predict", b] = lambda b=b: explainer.predict(pixels[b], top_k=5)
+        calls["unfused_forward", b] = lambda b=b: forward(b, unfused)
     times: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
     for key, run in calls.items():  # warm-up, and the primitives' first estimate
         run()
@@ -194,6 +210,7 @@ def measure_methods(
         "forward": report.forward,
         "forward_backward": report.forward_backward,
         "predict": report.predict,
+        "unfused_forward": report.unfused_forward,
     }
     for (name, b), seconds in times.items():
         rates = primitives[name] if name in primitives else report.methods.setdefault(name, {})

@@ -43,6 +43,7 @@ from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from vitlens_server.explain.attention_maps import add_map_taps
 from vitlens_server.explain.records import (
     AttentionRecord,
     BlockRecord,
@@ -86,6 +87,8 @@ class AttentionHooks:
             self._attention.forward_hook(attn.k_norm, self._on_tensor(index, "k"))
             self._attention.pre_hook(attn.norm, self._on_out(index))
         self._attention.forward_hook(model.norm, self._on_tokens())
+        # recordings with maps=True: timm's unfused path in that thread, A_l kept as formed
+        self.forms_maps = add_map_taps(self._attention, self._attns, self._local, self._on_map)
         self._lrp = HookScope()
         self.lrp_problem = _lrp_problem(model)
         if self.lrp_problem is None:
@@ -103,6 +106,7 @@ class AttentionHooks:
         *,
         pixels: Tensor | None = None,
         passes: ModelPasses | None = None,
+        maps: bool = False,
     ) -> Iterator[Recording]:
         """Record, for this thread, the passes it runs inside the ``with`` block.
 
@@ -112,6 +116,8 @@ class AttentionHooks:
         ``lrp``: also keep the activations layer-wise relevance propagation reads
         (`Recording.lrp`); raises `UnsupportedModel` where the model's layout has no LRP rules.
         ``pixels`` (B, C, H, W) in [0, 1] and ``passes`` are stored in the recording as given.
+        ``maps``: run timm's unfused attention in this thread and keep each A_l as the pass
+        forms it (`vitlens_server.explain.attention_maps`; ignored where `forms_maps` is False).
         """
         if self._active is not None:
             raise RuntimeError("a recording is already active on this model in this thread")
@@ -134,10 +140,12 @@ class AttentionHooks:
             if lrp:
                 scopes.enter_context(self._lrp.attached())
             self._local.recording = recording
+            self._local.maps = maps and self.forms_maps
             try:
                 yield recording
             finally:
                 self._local.recording = None
+                self._local.maps = False
 
     @property
     def attached(self) -> bool:
@@ -174,6 +182,14 @@ class AttentionHooks:
             rec = self._active
             if rec is not None:
                 setattr(rec.layers[index], name, self._keep(output))  # (B, H, N, D)
+
+        return hook
+
+    def _on_map(self, index: int):
+        def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            rec = self._active
+            if rec is not None:
+                rec.layers[index].attn = self._keep(output)  # (B, H, N, N)
 
         return hook
 

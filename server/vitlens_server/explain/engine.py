@@ -53,6 +53,10 @@ class Explainer:
         the SmoothGrad samples / IG steps run together, `ExtraPasses.max_rows`)."""
         self.model = model
         self.max_pass_rows = max_pass_rows
+        # Forward-only passes form the attention maps on timm's unfused path where that costs
+        # nothing: on CPU, in fp32 (benchmarks/methods_roof: the unfused forward runs as fast
+        # as the fused one there); elsewhere the fused kernel runs and the maps are rebuilt.
+        self._maps_in_pass = model.device.type == "cpu" and model.spec.precision != "bf16"
         self.hooks = AttentionHooks(model.module)
         self._dtype = next(model.module.parameters()).dtype
         shape = (1, -1, 1, 1)
@@ -188,14 +192,16 @@ class Explainer:
         """One forward pass of every job's images under the hooks."""
         pixels = batch.pixels.to(self.model.device)
         passes = self.extra_passes(pixels, interrupted) if Pass.EXTRA in batch.passes else None
+        gradients = bool(batch.gradient_jobs)
         captured = capture(
             self.hooks,
             self.normalize(batch.pixels),
             lrp=Pass.LRP in batch.passes,
-            gradients=bool(batch.gradient_jobs),
+            gradients=gradients,
             autocast=self.autocast(),
             pixels=pixels,
             passes=passes,
+            maps=not gradients and self._maps_in_pass,
         )
         scores = captured.logits.detach().float()
         targets = tuple(

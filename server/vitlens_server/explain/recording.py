@@ -67,6 +67,7 @@ def capture(
     autocast: AbstractContextManager | None = None,
     pixels: Tensor | None = None,
     passes: ModelPasses | None = None,
+    maps: bool = False,
 ) -> Capture:
     """One forward pass of ``x`` through ``hooks.module`` with the hooks recording.
 
@@ -79,9 +80,11 @@ def capture(
             methods read them, never change them in place).
         autocast: context around the forward pass (e.g. bfloat16 autocast); None: none.
         pixels, passes: stored in the recording (`Recording.pixels`, `Recording.passes`).
+        maps: form the attention maps in the pass (timm's unfused path) and keep them, rather
+            than rebuild them after it (`vitlens_server.explain.attention_maps`).
     """
     with (
-        hooks.record(lrp, pixels=pixels, passes=passes) as rec,
+        hooks.record(lrp, pixels=pixels, passes=passes, maps=maps) as rec,
         torch.enable_grad() if gradients else torch.inference_mode(),
         autocast or contextlib.nullcontext(),
     ):

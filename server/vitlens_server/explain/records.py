@@ -128,8 +128,10 @@ class Recording:
         return (rec.q * rec.scale) @ rec.k.transpose(-2, -1)
 
     def attention(self, layer: int) -> Tensor:
-        """Attention A_l = softmax(S_l), (B, H, N, N); rows sum to 1."""
-        return self.scores(layer).softmax(dim=-1)
+        """Attention A_l = softmax(S_l), (B, H, N, N); rows sum to 1. The map the pass formed
+        when it was recorded with ``maps=True``, else rebuilt from q and k."""
+        formed = self.layers[layer].attn
+        return formed if formed is not None else self.scores(layer).softmax(dim=-1)
 
     def attention_grad(self, layer: int) -> Tensor:
         """∂y/∂A_l for the targets of this recording's backward pass, (B, H, N, N)."""

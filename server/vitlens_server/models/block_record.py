@@ -30,6 +30,8 @@ class AttentionRecord:
             ``out`` is O_l.
         out_grad: (B, N, E) ∂y/∂out of one backward pass (``with_gradients`` of the recording).
         scale: the factor of q kᵀ (head_dim ** -0.5 in every supported tower).
+        attn: (B, h, N, N) the attention map A itself, where the pass formed it (timm's unfused
+            path, `explain.attention_maps`); None: rebuilt from q and k.
     """
 
     q: Tensor | None = None
@@ -39,6 +41,7 @@ class AttentionRecord:
     out_weight: Tensor | None = None
     out_grad: Tensor | None = None
     scale: float = 1.0
+    attn: Tensor | None = None
 
     def narrow(self, rows: slice | Tensor) -> AttentionRecord:
         """The record of the batch items ``rows`` (views, no copies; ``out_weight`` is shared)."""
@@ -47,7 +50,7 @@ class AttentionRecord:
         )
 
 
-_BATCH_FIRST = ("q", "k", "v", "out", "out_grad")  # AttentionRecord's (B, ...) fields
+_BATCH_FIRST = ("q", "k", "v", "out", "out_grad", "attn")  # AttentionRecord's (B, ...) fields
 
 
 def narrow_rows(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:

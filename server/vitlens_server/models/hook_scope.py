@@ -12,15 +12,23 @@ so the hooks cost nothing there (benchmarks/methods_roof measures Predict ÷ fus
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookScope"]
+__all__ = ["Handle", "HookScope"]
 
-Installer = Callable[[], list[RemovableHandle]]
+
+class Handle(Protocol):
+    """What an installer returns for each thing it put on the model (a hook's
+    ``RemovableHandle``, or any undo with ``remove()``)."""
+
+    def remove(self) -> None: ...
+
+
+Installer = Callable[[], Sequence[Handle]]
 
 
 class HookScope:
@@ -28,7 +36,7 @@ class HookScope:
 
     def __init__(self) -> None:
         self._installers: list[Installer] = []
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[Handle] = []
         self._users = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -61,7 +69,7 @@ class HookScope:
         with self._lock:
             closed = self._closed
             if not closed and self._users == 0:
-                handles: list[RemovableHandle] = []
+                handles: list[Handle] = []
                 try:
                     for install in self._installers:
                         handles += install()
