@@ -7,9 +7,11 @@
 
 One explanation = forward + backward + LRP (Transformer Attribution) + gh·gw forwards of masked
 images. Transformer Attribution alone is timed the same way, and so are the gh·gw plain forwards
-per image alone (`Explainer.predict` on batch·gh·gw images in chunks of --reflection-batch), the
-floor the masked forwards cannot beat. Warm-up calls are excluded. Models without local weights
-run with seeded random weights (the output says so): throughput does not depend on the weights.
+per image alone (`Explainer.predict` on batch·gh·gw images in the same chunks), the floor the
+masked forwards cannot beat. A chunk is min(--reflection-batch, --max-pass-rows) images: the
+method's batch_size, bounded by the explainer's rows a pass (a server's --max-batch-size).
+Warm-up calls are excluded. Models without local weights run with seeded random weights (the
+output says so): throughput does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def main() -> None:
     parser.add_argument(
         "--reflection-batch", type=int, default=256, help="masked images per forward (batch_size)"
     )
+    parser.add_argument(
+        "--max-pass-rows", type=int, default=64, help="the explainer's images a further pass"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (at least 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -115,11 +120,12 @@ def main() -> None:
         f"{geometry.input_size[1]} px, {gh}x{gw} grid, {geometry.num_classes} classes), "
         f"{weights}; {where}; torch {torch.__version__}"
     )
+    chunk = min(args.reflection_batch, args.max_pass_rows)
     print(
         f"batch {args.batch} images, {args.batch * gh * gw} masked images per call in chunks of "
-        f"{args.reflection_batch}; warm-up {args.warmup}, {args.repeats} timed calls"
+        f"{chunk}; warm-up {args.warmup}, {args.repeats} timed calls"
     )
-    explainer = Explainer(loaded)
+    explainer = Explainer(loaded, max_pass_rows=args.max_pass_rows)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(args.batch, *geometry.input_size, generator=generator).to(loaded.device)
     target = TargetSpec()
@@ -137,9 +143,7 @@ def main() -> None:
     try:
         for name, job in jobs.items():
             report(name, rate(explainer, job, warmup=args.warmup, repeats=args.repeats))
-        timing = forward_rate(
-            explainer, pixels, gh * gw, args.reflection_batch, repeats=args.repeats
-        )
+        timing = forward_rate(explainer, pixels, gh * gw, chunk, repeats=args.repeats)
         report(f"{gh * gw} plain forwards only", timing)
     finally:
         explainer.close()
