@@ -22,6 +22,7 @@ import torch
 from vitlens_server.bench.methods import MethodsReport, measure_methods, profile_method
 from vitlens_server.bench.report import replace_section
 from vitlens_server.explain import Explainer
+from vitlens_server.host_memory import keep_freed_memory
 from vitlens_server.models import LoadedModel, ModelSpec, load_model
 from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
 
@@ -46,6 +47,9 @@ def explainable(model: LoadedModel) -> list[str]:
     if "saliency" in names:
         names += ["saliency:smoothgrad", "saliency:integrated_gradients"]
     return names
+
+
+MALLOC_MODE = {False: "keeping freed memory (as vitlens serve)", True: "at glibc's defaults"}
 
 
 def markdown(report: MethodsReport, target: float, profiles: dict[str, str], env: str) -> str:
@@ -105,7 +109,14 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9, help="profile methods under it")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "methods_roof")
     parser.add_argument("--no-benchmarks-md", action="store_true")
+    parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="glibc malloc's defaults instead of vitlens serve's (host_memory)",
+    )
     args = parser.parse_args()
+    if not args.return_freed_memory:
+        keep_freed_memory()  # as vitlens serve does
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build(args.model, args.device)
@@ -124,6 +135,7 @@ def main() -> None:
     env = f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads" + (
         f", {torch.cuda.get_device_name()}" if model.device.type == "cuda" else ""
     )
+    env += f", host malloc {MALLOC_MODE[args.return_freed_memory]}"
     body = markdown(report, args.target, profiles, env)
     print(body)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import torch
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
 from vitlens_server.explain.methods.reflection import ReflectionParams
 from vitlens_server.explain.params import NoParams
+from vitlens_server.host_memory import keep_freed_memory
 from vitlens_server.models import LoadedModel, ModelSpec, load_model
 from vitlens_server.models.default import demo_spec
 from vitlens_server.models.loading import ModelLoadError
@@ -101,7 +102,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (at least 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="glibc malloc's defaults instead of vitlens serve's (host_memory)",
+    )
     args = parser.parse_args()
+    if not args.return_freed_memory:
+        keep_freed_memory()  # as vitlens serve does
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.threads:

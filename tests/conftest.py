@@ -13,8 +13,11 @@ from tests.report import REPORT
 from tests.tiny import tiny_loaded
 from vitlens_server.app import VitlensServer
 from vitlens_server.config import ServerConfig
+from vitlens_server.host_memory import keep_freed_memory
 from vitlens_server.models import ModelRegistry, load_model
 from vitlens_server.models.default import demo_spec
+
+keep_freed_memory()  # the servers below run in this process, as `vitlens serve` runs them
 
 
 @dataclass

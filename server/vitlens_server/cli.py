@@ -204,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="leave glibc malloc's defaults: freed host memory goes back to the kernel, and every "
+        "CPU pass faults its pages in again (default: kept in the process, see host_memory)",
+    )
+    parser.add_argument(
         "--default-deadline-s",
         type=float,
         help="deadline for Explain/Predict calls that set none (default: none)",
@@ -256,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if not args.return_freed_memory:
+        from vitlens_server.host_memory import keep_freed_memory
+
+        if not keep_freed_memory():
+            log.info("host malloc left as it is: no glibc mallopt here")
     from vitlens_server.models.loading import ModelLoadError
 
     try:

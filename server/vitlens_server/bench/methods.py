@@ -49,7 +49,14 @@ from vitlens_server.explain.params import parse_params
 from vitlens_server.explain.registry import MethodSpec, Pass
 from vitlens_server.models import LoadedModel
 
-__all__ = ["MethodsReport", "Primitives", "measure_methods", "profile_method", "roof_seconds"]
+__all__ = [
+    "MethodsReport",
+    "Primitives",
+    "measure_methods",
+    "method_job",
+    "profile_method",
+    "roof_seconds",
+]
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ def _timed(run: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _job(model: LoadedModel, name: str, batch: int) -> ExplainJob:
+def method_job(model: LoadedModel, name: str, batch: int) -> ExplainJob:
     """A job of ``batch`` images for ``name``: a method, or ``method:mode`` for one of its
     modes (``saliency:integrated_gradients``), with the defaults of its other options."""
     key, _, mode = name.partition(":")
@@ -189,12 +196,12 @@ def measure_methods(
     tokens = model.geometry.grid[0] * model.geometry.grid[1]
     report = MethodsReport(model.name, str(device), tuple(batch_sizes), rounds)
     for name in methods:
-        job = _job(model, name, 1)
+        job = method_job(model, name, 1)
         report.passes[name] = _passes(job.method, job.params, tokens)
         estimate = roof_seconds(job.method, job.params, tokens, first)
         fitting = [b for b in batch_sizes if b * estimate * 1.5 <= max_call_s] or [batch_sizes[0]]
         for b in fitting:
-            batch_job = _job(model, name, b)
+            batch_job = method_job(model, name, b)
             calls[name, b] = lambda job=batch_job: explainer.explain_batch([job])
             calls[name, b]()  # warm-up
             times[name, b] = []
@@ -217,7 +224,7 @@ def measure_methods(
         rates[b] = b / statistics.median(seconds)
     prims = report.primitives
     for name in methods:
-        job = _job(model, name, 1)
+        job = method_job(model, name, 1)
         report.roofs[name] = 1 / roof_seconds(job.method, job.params, tokens, prims)
     return report
 
@@ -226,7 +233,7 @@ def profile_method(model: LoadedModel, name: str, batch: int, *, top: int = 8) -
     """cProfile of one `explain_batch` call (after a warm-up): the ``top`` functions by own
     time, as pstats prints them."""
     explainer = Explainer(model, max_pass_rows=batch)
-    job = _job(model, name, batch)
+    job = method_job(model, name, batch)
     try:
         explainer.explain_batch([job])
         profiler = cProfile.Profile()
