@@ -356,7 +356,8 @@ def main() -> None:
     parser.add_argument(
         "--return-freed-memory",
         action="store_true",
-        help="glibc malloc's defaults instead of vitlens serve's (host_memory)",
+        help="glibc malloc's defaults instead of vitlens serve's (host_memory); written to "
+        "files of their own (STEM-glibc-malloc), not to BENCHMARKS.md",
     )
     args = parser.parse_args()
     if not args.return_freed_memory:
@@ -375,6 +376,8 @@ def main() -> None:
     explainer = Explainer(model, max_pass_rows=args.max_batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{model.device.type}-{model.name}"
+    if args.return_freed_memory:  # its own files, beside the table of what the server runs
+        stem += "-glibc-malloc"
     server = None
     if not args.no_grpc:
         flags = ["--cache-mb", "0", "--device", args.device]
@@ -419,7 +422,7 @@ def main() -> None:
         + "\n"
     )
     (args.out / f"{stem}.md").write_text(f"# vitlens and its peers: {stem}\n\n{body}")
-    if not args.no_benchmarks_md:
+    if not (args.no_benchmarks_md or args.return_freed_memory):
         path = ROOT / "BENCHMARKS.md"
         command = (
             "Command: `PYTHONPATH=client:server:. python scripts/bench_peers.py "
