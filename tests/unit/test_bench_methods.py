@@ -81,10 +81,10 @@ def test_the_server_never_imports_the_peer_libraries() -> None:
 
 
 def test_a_method_mode_is_a_row_of_its_own() -> None:
-    from vitlens_server.bench.methods import _job, _passes
+    from vitlens_server.bench.methods import _passes, method_job
 
-    job = _job(tiny_loaded(), "saliency:integrated_gradients", 2)
+    job = method_job(tiny_loaded(), "saliency:integrated_gradients", 2)
     assert job.params.mode == "integrated_gradients" and job.pixels.shape[0] == 2
     assert _passes(job.method, job.params, 16) == "forward + extra (32 gradients)"
-    plain = _job(tiny_loaded(), "saliency", 1)
+    plain = method_job(tiny_loaded(), "saliency", 1)
     assert _passes(plain.method, plain.params, 16) == "forward + extra (1 gradient)"
