@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from vitlens_server.bench.malloc import add_malloc_flag, apply_malloc_flag
 from vitlens_server.bench.methods import MethodsReport, measure_methods, profile_method
 from vitlens_server.bench.report import replace_section
 from vitlens_server.explain import Explainer
-from vitlens_server.host_memory import keep_freed_memory
 from vitlens_server.models import LoadedModel, ModelSpec, load_model
 from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
 
@@ -47,9 +47,6 @@ def explainable(model: LoadedModel) -> list[str]:
     if "saliency" in names:
         names += ["saliency:smoothgrad", "saliency:integrated_gradients"]
     return names
-
-
-MALLOC_MODE = {False: "keeping freed memory (as vitlens serve)", True: "at glibc's defaults"}
 
 
 def markdown(report: MethodsReport, target: float, profiles: dict[str, str], env: str) -> str:
@@ -109,14 +106,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9, help="profile methods under it")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "methods_roof")
     parser.add_argument("--no-benchmarks-md", action="store_true")
-    parser.add_argument(
-        "--return-freed-memory",
-        action="store_true",
-        help="glibc malloc's defaults instead of vitlens serve's (host_memory)",
-    )
+    add_malloc_flag(parser)
     args = parser.parse_args()
-    if not args.return_freed_memory:
-        keep_freed_memory()  # as vitlens serve does
+    malloc = apply_malloc_flag(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build(args.model, args.device)
@@ -135,7 +127,7 @@ def main() -> None:
     env = f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads" + (
         f", {torch.cuda.get_device_name()}" if model.device.type == "cuda" else ""
     )
-    env += f", host malloc {MALLOC_MODE[args.return_freed_memory]}"
+    env += f", host malloc {malloc}"
     body = markdown(report, args.target, profiles, env)
     print(body)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -46,11 +46,11 @@ import torch
 from torch import Tensor, nn
 
 import vitlens
+from vitlens_server.bench.malloc import add_malloc_flag, apply_malloc_flag
 from vitlens_server.bench.process import ServeProcess
 from vitlens_server.bench.report import replace_section
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
 from vitlens_server.explain.params import parse_params
-from vitlens_server.host_memory import keep_freed_memory
 from vitlens_server.models import LoadedModel, ModelSpec, load_model
 from vitlens_server.models.default import DEMO_MODEL_NAME, demo_spec
 
@@ -336,9 +336,6 @@ def _ratios(peer: list[float], ours: list[float]) -> str:
     return f"**{statistics.median(ratios):.2f}x** [{min(ratios):.2f}, {max(ratios):.2f}]"
 
 
-MALLOC_MODE = {False: "keeping freed memory (as vitlens serve)", True: "at glibc's defaults"}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="demo, or a timm architecture name")
@@ -353,15 +350,11 @@ def main() -> None:
     parser.add_argument("--no-grpc", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "peers")
     parser.add_argument("--no-benchmarks-md", action="store_true")
-    parser.add_argument(
-        "--return-freed-memory",
-        action="store_true",
-        help="glibc malloc's defaults instead of vitlens serve's (host_memory); written to "
-        "files of their own (STEM-glibc-malloc), not to BENCHMARKS.md",
+    add_malloc_flag(
+        parser, "; written to files of their own (STEM-glibc-malloc), not to BENCHMARKS.md"
     )
     args = parser.parse_args()
-    if not args.return_freed_memory:
-        keep_freed_memory()  # as vitlens serve does
+    malloc = apply_malloc_flag(args)
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -409,7 +402,7 @@ def main() -> None:
         f"Model {model.name} ({model.spec.architecture}) on {model.device}; "
         f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if model.device.type == "cuda" else "")
-        + f", host malloc {MALLOC_MODE[args.return_freed_memory]}"
+        + f", host malloc {malloc}"
         + f"; {args.rounds} interleaved rounds"
     )
     body = markdown(seconds, args.batch, env, agreement, missing)

@@ -22,10 +22,10 @@ import time
 
 import torch
 
+from vitlens_server.bench.malloc import add_malloc_flag, apply_malloc_flag
 from vitlens_server.explain import Explainer, ExplainJob, TargetSpec, get_method
 from vitlens_server.explain.methods.reflection import ReflectionParams
 from vitlens_server.explain.params import NoParams
-from vitlens_server.host_memory import keep_freed_memory
 from vitlens_server.models import LoadedModel, ModelSpec, load_model
 from vitlens_server.models.default import demo_spec
 from vitlens_server.models.loading import ModelLoadError
@@ -102,14 +102,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (at least 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument(
-        "--return-freed-memory",
-        action="store_true",
-        help="glibc malloc's defaults instead of vitlens serve's (host_memory)",
-    )
+    add_malloc_flag(parser)
     args = parser.parse_args()
-    if not args.return_freed_memory:
-        keep_freed_memory()  # as vitlens serve does
+    malloc = apply_malloc_flag(args)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.threads:
@@ -126,7 +121,7 @@ def main() -> None:
     print(
         f"{args.model} ({loaded.spec.architecture}, {geometry.num_layers} blocks, "
         f"{geometry.input_size[1]} px, {gh}x{gw} grid, {geometry.num_classes} classes), "
-        f"{weights}; {where}; torch {torch.__version__}"
+        f"{weights}; {where}; torch {torch.__version__}; host malloc {malloc}"
     )
     chunk = min(args.reflection_batch, args.max_pass_rows)
     print(

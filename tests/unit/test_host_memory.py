@@ -66,3 +66,29 @@ def test_keep_freed_memory_does_nothing_without_glibc(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
     assert host_memory.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "kept"),
+    [
+        ([], {}, True),
+        (["--return-freed-memory"], {}, False),
+        ([], {"VITLENS_RETURN_FREED_MEMORY": "1"}, False),
+    ],
+)
+def test_vitlens_serve_keeps_freed_memory_unless_told(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], environ: dict[str, str], kept: bool
+) -> None:
+    from vitlens_server import cli, host_memory
+
+    calls: list[str] = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append("kept") or True)
+
+    async def no_serve(config: object) -> None:
+        calls.append("served")
+
+    monkeypatch.setattr(cli, "serve", no_serve)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["--port", "0", *argv]) == 0
+    assert calls == (["kept", "served"] if kept else ["served"])
