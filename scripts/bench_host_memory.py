@@ -7,16 +7,14 @@ script, one with glibc's defaults and one with `keep_freed_memory` (which `vitle
 start), in alternating order. Each child times ``Explainer.explain_batch`` of every method (and
 ``Explainer.predict``) on the same images as a server's mixed traffic: --warmup rounds of every
 call, then --repeats rounds of every call in turn, reporting each call's median ms and minor page
-faults (``/proc/self/stat``). The report gives the
-median over rounds of each and the speed-up glibc ms ÷ kept ms; it is printed and written to
-benchmarks/host_memory.md.
+faults (``/proc/self/stat``). The report gives the median over rounds of each and the speed-up
+glibc ms ÷ kept ms; it is printed and written to benchmarks/host_memory.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -41,17 +39,11 @@ DEFAULT_METHODS = [
 ]
 
 
-def minor_faults() -> int:
-    """This process's minor page faults so far (Linux)."""
-    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[7])
-
-
 def child(args: argparse.Namespace) -> None:
     """Time every method in this process, one JSON line {name: [ms, faults]} on stdout."""
     from vitlens_server.bench.methods import method_job
     from vitlens_server.explain import Explainer
-    from vitlens_server.host_memory import keep_freed_memory
+    from vitlens_server.host_memory import keep_freed_memory, minor_page_faults
     from vitlens_server.models import load_model
     from vitlens_server.models.default import demo_spec
 
@@ -73,10 +65,10 @@ def child(args: argparse.Namespace) -> None:
     faults: dict[str, list[int]] = {name: [] for name in calls}
     for _ in range(args.repeats):  # mixed traffic: each call after all the others
         for name, run in calls.items():
-            before, start = minor_faults(), time.perf_counter()
+            before, start = minor_page_faults(), time.perf_counter()
             run()
             seconds[name].append(time.perf_counter() - start)
-            faults[name].append(minor_faults() - before)
+            faults[name].append(minor_page_faults() - before)
     out = {
         name: [statistics.median(seconds[name]) * 1e3, statistics.median(faults[name])]
         for name in calls
@@ -91,7 +83,6 @@ def run_child(mode: str, argv: list[str]) -> dict[str, list[float]]:
         check=True,
         capture_output=True,
         text=True,
-        env=os.environ,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

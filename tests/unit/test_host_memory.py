@@ -15,23 +15,20 @@ SERVER = Path(__file__).resolve().parents[2] / "server"
 # minor page faults a repetition takes once warm.
 PROGRAM = f"""
 import sys
-from pathlib import Path
 import numpy as np
 sys.path.insert(0, {str(SERVER)!r})
-from vitlens_server.host_memory import keep_freed_memory
+from vitlens_server.host_memory import keep_freed_memory, minor_page_faults
 if sys.argv[1] == "kept" and not keep_freed_memory():
     raise SystemExit("mallopt refused")
-def faults():
-    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
 def step():
     live = [np.ones(n) for n in (2**18, 2**19, 2**20, 2**18, 2**20)]
     del live
 for _ in range(3):
     step()
-before = faults()
+before = minor_page_faults()
 for _ in range(20):
     step()
-print((faults() - before) / 20)
+print((minor_page_faults() - before) / 20)
 """
 
 glibc_only = pytest.mark.skipif(
